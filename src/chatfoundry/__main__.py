@@ -1,0 +1,5 @@
+import sys
+
+from chatfoundry.cli import main
+
+sys.exit(main())

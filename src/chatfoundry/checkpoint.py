@@ -1,0 +1,110 @@
+"""Checkpoint folders: Hugging Face's layout, written atomically.
+
+    run/checkpoint/
+      config.json              HF field names (+ our full config under "chatfoundry")
+      model.safetensors        weights; transformers loads GPT-2- and Llama-shaped ones as they are
+      tokenizer.json           Hugging Face tokenizers
+      tokenizer_config.json    special tokens and the chat template
+      generation_config.json
+      trainer_state.pt         optimizer, RNG, step, data position (tensors and plain types only)
+
+A save writes `checkpoint.tmp/`, fsyncs it, then swaps it in with two renames. A kill at any
+moment leaves either `checkpoint/` or, between the renames, `checkpoint.old/`: both complete,
+and `resolve_checkpoint` finds whichever is there. Weights are never pickled; trainer state is
+read back with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from chatfoundry.errors import UserError
+from chatfoundry.models.decoder import DecoderConfig, DecoderLM
+from chatfoundry.models.hf import from_hf_config, state_dict_from_hf, state_dict_to_hf, to_hf_config
+from chatfoundry.tokenizer import load_tokenizer, save_tokenizer, special_id
+
+CHECKPOINT = "checkpoint"
+TRAINER_STATE = "trainer_state.pt"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | Path, model: DecoderLM, tokenizer, trainer_state: dict[str, Any] | None = None,
+                    generation: dict[str, Any] | None = None) -> Path:
+    """Write the folder at `path` (replacing an older one) so that a kill never leaves it half-written."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cfg = model.config
+    special = {name: special_id(tokenizer, name) for name in ("bos", "eos", "pad")}
+    (tmp / "config.json").write_text(json.dumps(to_hf_config(cfg, special), indent=2))
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_file(state_dict_to_hf(weights, cfg), tmp / "model.safetensors", metadata={"format": "pt"})
+    save_tokenizer(tokenizer, tmp, model_max_length=cfg.block_size)
+    gen = {"bos_token_id": special["bos"], "eos_token_id": special["eos"], "pad_token_id": special["pad"],
+           "max_length": cfg.block_size, **(generation or {})}
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, given it or the run folder holding it; recovers from a kill mid-swap."""
+    path = Path(path)
+    full = path.resolve()  # "." and ".." have no name to put ".old" after
+    old = full.with_name(full.name + ".old") if full.name else full  # "/" has no sibling
+    for candidate in (path, path / CHECKPOINT, old, path / (CHECKPOINT + ".old")):
+        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
+            return candidate
+    if not path.exists():
+        raise UserError(f"{path}: no such checkpoint folder")
+    raise UserError(f"{path}: not a checkpoint (no config.json and model.safetensors here or in {CHECKPOINT}/)")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[DecoderLM, Any]:
+    """(model in eval mode, tokenizer) from a checkpoint folder or run folder."""
+    ckpt = resolve_checkpoint(path)
+    try:
+        cfg = from_hf_config(json.loads((ckpt / "config.json").read_text()))
+        cfg.validate()
+    except (ValueError, TypeError, json.JSONDecodeError, UserError) as e:
+        raise UserError(f"{ckpt / 'config.json'}: {e}") from None
+    model = DecoderLM(cfg)
+    model.load_state_dict(state_dict_from_hf(load_file(ckpt / "model.safetensors"), cfg))
+    return model.to(device).eval(), load_tokenizer(ckpt)
+
+
+def load_trainer_state(path: str | Path) -> dict[str, Any]:
+    ckpt = resolve_checkpoint(path)
+    state_file = ckpt / TRAINER_STATE
+    if not state_file.is_file():
+        raise UserError(f"{ckpt}: no {TRAINER_STATE} to resume from")
+    return torch.load(state_file, map_location="cpu", weights_only=True)
+
+
+def model_config(path: str | Path) -> DecoderConfig:
+    return from_hf_config(json.loads((resolve_checkpoint(path) / "config.json").read_text()))

@@ -1,0 +1,217 @@
+"""The `chatfoundry` command. Each subcommand parses its flags and calls one module.
+
+Errors a user can cause print one line and exit with status 2; with `--json` the last line of
+standard output is a JSON summary that scripts (and later stages) read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from chatfoundry.config import ArgumentParser, add_config_args, load_yaml, resolve_config
+from chatfoundry.errors import UserError
+
+
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last line")
+
+
+# ---------------------------------------------------------------- pretrain
+
+
+def _pretrain_parser(sub) -> None:
+    from chatfoundry.train.pretrain import PretrainConfig
+
+    p = sub.add_parser("pretrain", help="pretrain a decoder LM (causal LM) on text or the built-in corpus",
+                       description="Train a tokenizer (unless one is given), tokenize the text into cached "
+                                   "shards and pretrain a GPT- or Llama-flavoured decoder. Run under "
+                                   "`torchrun --nproc_per_node N` for data-parallel training.")
+    add_config_args(p, PretrainConfig, aliases={"--data": "data.files", "--tokenizer": "tokenizer.path"})
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    _json_flag(p)
+    p.set_defaults(func=_pretrain)
+
+
+def _pretrain(args) -> dict:
+    from chatfoundry.train.pretrain import PretrainConfig, run
+
+    base = None
+    if args.resume:
+        saved = Path(getattr(args, "out", PretrainConfig().out)) / "config.yaml"
+        if not saved.is_file():
+            raise UserError(f"{saved}: no run to resume here")
+        base = load_yaml(saved)
+    cfg = resolve_config(PretrainConfig, args, base)
+    return run(cfg, resume=args.resume, overwrite=args.overwrite)
+
+
+# ---------------------------------------------------------------- sample
+
+
+def _sample_parser(sub) -> None:
+    p = sub.add_parser("sample", help="print continuations of a prompt from a checkpoint")
+    p.add_argument("--ckpt", required=True, help="checkpoint folder (or the run folder holding it)")
+    p.add_argument("--prompt", default="", help="text to continue (default: start a fresh document)")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=40, help="0: no top-k filter")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    _json_flag(p)
+    p.set_defaults(func=_sample)
+
+
+def _sample(args) -> dict:
+    from chatfoundry.checkpoint import load_model
+    from chatfoundry.train.pretrain import generate_text
+
+    for name in ("num_samples", "max_new_tokens", "top_k"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')}: must be >= 0")
+    if args.temperature < 0:
+        raise UserError("--temperature: must be >= 0")
+    model, tokenizer = load_model(args.ckpt, args.device)
+    texts = generate_text(model, tokenizer, args.prompt, args.num_samples, args.max_new_tokens, args.temperature,
+                          args.top_k, args.seed)
+    for i, text in enumerate(texts):
+        print(f"--- sample {i + 1} ---\n{args.prompt}{text}")
+    return {"prompt": args.prompt, "samples": texts}
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def _tokenizer_parser(sub) -> None:
+    from chatfoundry.tokenizer import KINDS
+
+    p = sub.add_parser("tokenizer", help="train, encode and decode with a tokenizer")
+    tsub = p.add_subparsers(dest="action", required=True, parser_class=ArgumentParser)
+    t = tsub.add_parser("train", help="train a tokenizer on text files (default: the built-in corpus)")
+    t.add_argument("files", nargs="*", help="text files or folders")
+    t.add_argument("--kind", choices=KINDS, default="bpe", help="bpe is byte-level BPE (GPT-2); char is characters")
+    t.add_argument("--vocab-size", type=int, default=2048)
+    t.add_argument("--out", required=True, help="folder for tokenizer.json and tokenizer_config.json")
+    _json_flag(t)
+    t.set_defaults(func=_tokenizer_train)
+    e = tsub.add_parser("encode", help="text -> token ids")
+    e.add_argument("--tokenizer", required=True, help="tokenizer.json or a folder with one")
+    e.add_argument("--text", required=True)
+    _json_flag(e)
+    e.set_defaults(func=_tokenizer_encode)
+    d = tsub.add_parser("decode", help="token ids -> text")
+    d.add_argument("--tokenizer", required=True, help="tokenizer.json or a folder with one")
+    d.add_argument("ids", nargs="+", type=int)
+    d.add_argument("--skip-special", action="store_true", help="drop special tokens from the text")
+    _json_flag(d)
+    d.set_defaults(func=_tokenizer_decode)
+
+
+def _tokenizer_train(args) -> dict:
+    from chatfoundry.data import corpus
+    from chatfoundry.data.shards import read_documents, resolve_inputs
+    from chatfoundry.tokenizer import save_tokenizer, train_tokenizer
+
+    if args.files:
+        docs = read_documents(resolve_inputs(args.files))
+    else:
+        docs = iter(corpus.generate_corpus().split("\n\n"))
+    tok = train_tokenizer(docs, args.kind, args.vocab_size)
+    save_tokenizer(tok, args.out)
+    print(f"{args.kind} tokenizer with {tok.get_vocab_size()} tokens written to {args.out}/tokenizer.json")
+    return {"path": str(Path(args.out) / "tokenizer.json"), "kind": args.kind, "vocab_size": tok.get_vocab_size()}
+
+
+def _tokenizer_encode(args) -> dict:
+    from chatfoundry.tokenizer import load_tokenizer
+
+    enc = load_tokenizer(args.tokenizer).encode(args.text, add_special_tokens=False)
+    if not args.json:
+        print(" ".join(map(str, enc.ids)))
+    return {"ids": enc.ids, "tokens": enc.tokens}
+
+
+def _tokenizer_decode(args) -> dict:
+    from chatfoundry.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    bad = [i for i in args.ids if not 0 <= i < tok.get_vocab_size()]
+    if bad:
+        raise UserError(f"ids: {bad[0]} is outside the vocabulary (0..{tok.get_vocab_size() - 1})")
+    text = tok.decode(args.ids, skip_special_tokens=args.skip_special)
+    if not args.json:
+        print(text)
+    return {"text": text}
+
+
+# ---------------------------------------------------------------- presets
+
+
+def _presets_parser(sub) -> None:
+    p = sub.add_parser("presets", help="list the model size presets with parameters and FLOPs per token")
+    p.add_argument("--vocab-size", type=int, default=2048)
+    _json_flag(p)
+    p.set_defaults(func=_presets)
+
+
+def _presets(args) -> list:
+    import torch
+
+    from chatfoundry.models.decoder import FLAVOURS, PRESETS, DecoderConfig, DecoderLM, flops_per_token, num_params
+
+    if args.vocab_size <= 0:
+        raise UserError("--vocab-size: must be > 0")
+    rows = []
+    print(f"{'preset':8} {'flavour':8} {'layers':>6} {'heads':>5} {'kv':>3} {'embd':>5} {'block':>5} "
+          f"{'params':>10} {'train GFLOPs/token':>18}")
+    for name in PRESETS:
+        for flavour in FLAVOURS:
+            cfg = DecoderConfig.from_preset(name, flavour)
+            cfg.vocab_size = args.vocab_size
+            with torch.device("meta"):
+                params = num_params(DecoderLM(cfg))
+            flops = flops_per_token(cfg)
+            rows.append({"preset": name, "flavour": flavour, "params": params, "flops_per_token": flops})
+            print(f"{name:8} {flavour:8} {cfg.n_layer:6} {cfg.n_head:5} {cfg.n_kv_head:3} {cfg.n_embd:5} "
+                  f"{cfg.block_size:5} {params:10,} {flops / 1e9:18.4f}")
+    return rows
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="chatfoundry", allow_abbrev=False,
+                            description="The ChatGPT recipe, small enough to read and run on a laptop.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    for add in (_pretrain_parser, _sample_parser, _tokenizer_parser, _presets_parser):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from chatfoundry.train.loop import TrainingDiverged
+
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except UserError as e:
+        print(f"chatfoundry {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"chatfoundry {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"chatfoundry {args.command}: interrupted", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False):
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Dataclass configs from a YAML file plus dotted command-line overrides.
+
+Every stage's config is a tree of dataclasses. `add_config_args` turns each leaf field into a
+flag (`--train.lr 3e-4`), `resolve_config` layers defaults < YAML file < flags, converts and
+type-checks every value, runs each section's `validate()` and returns the tree: all before any
+heavy work, so a typo costs a second, not a run. Errors are one `UserError` line naming the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from chatfoundry.errors import UserError
+
+_SUPPRESS = argparse.SUPPRESS
+
+
+# ---------------------------------------------------------------- fields and values
+
+
+def leaf_fields(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Map dotted name -> type for every non-dataclass field of a dataclass tree."""
+    out: dict[str, Any] = {}
+    for f, tp in _fields(cls):
+        name = prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            out.update(leaf_fields(tp, name + "."))
+        else:
+            out[name] = tp
+    return out
+
+
+def _fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def convert(name: str, tp: Any, value: Any) -> Any:
+    """Convert a YAML value or a command-line string to the field's type, or raise naming the field."""
+    if _is_union(tp):  # Optional[X]: None or X
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return convert(name, args[0], value)
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise UserError(f"{name}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin is list:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise UserError(f"{name}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [convert(name, item_tp, v) for v in items if v != ""]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise UserError(f"{name}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise UserError(f"{name}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)  # accept 1e4 and "2000" alike, but not 2.5
+        except (TypeError, ValueError):
+            raise UserError(f"{name}: expected an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise UserError(f"{name}: expected an integer, got {value!r}")
+        return int(as_float)
+    if tp is float:
+        if isinstance(value, bool):
+            raise UserError(f"{name}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{name}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise UserError(f"{name}: expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    raise TypeError(f"unsupported config type {tp} for {name}")
+
+
+def set_dotted(cfg: Any, name: str, value: Any) -> None:
+    *path, leaf = name.split(".")
+    obj = cfg
+    for part in path:
+        obj = getattr(obj, part)
+    setattr(obj, leaf, value)
+
+
+def get_dotted(cfg: Any, name: str) -> Any:
+    obj = cfg
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# ---------------------------------------------------------------- command line
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (with a suggestion) and exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        known = [s for a in self._actions for s in a.option_strings]
+        if message.startswith("unrecognized arguments:"):
+            bad = message.split(":", 1)[1].split()
+            flags = [b for b in bad if b.startswith("--")]
+            if flags:
+                hint = difflib.get_close_matches(flags[0].split("=")[0], known, n=1)
+                message = f"unknown option {flags[0]}" + (f" (did you mean {hint[0]}?)" if hint else "")
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, aliases: dict[str, str] | None = None) -> None:
+    """One flag per leaf field, named by its dotted path; defaults stay in the dataclass."""
+    parser.add_argument("--config", metavar="YAML", help="YAML file with any of the fields below")
+    aliases = aliases or {}
+    group = parser.add_argument_group("config fields (YAML keys or --dotted.flags)")
+    defaults = cls()
+    for name, tp in leaf_fields(cls).items():
+        flags = [f"--{name}"] + [a for a, target in aliases.items() if target == name]
+        default = get_dotted(defaults, name)
+        help_text = f"default: {default!r}"
+        choices = _choices(tp)
+        if choices:
+            help_text += f"; one of {', '.join(map(str, choices))}"
+        if tp is bool:
+            group.add_argument(*flags, dest=name, nargs="?", const="true", default=_SUPPRESS,
+                               metavar="BOOL", help=help_text)
+        elif typing.get_origin(tp) is list:
+            group.add_argument(*flags, dest=name, nargs="+", default=_SUPPRESS, metavar="VALUE", help=help_text)
+        else:
+            group.add_argument(*flags, dest=name, default=_SUPPRESS, metavar=_metavar(tp), help=help_text)
+
+
+def _choices(tp: Any) -> tuple | None:
+    if _is_union(tp):
+        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+
+
+def _metavar(tp: Any) -> str:
+    if _is_union(tp):
+        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+    return {int: "INT", float: "FLOAT", str: "STR"}.get(tp, "VALUE")
+
+
+def cli_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The dotted fields the user actually gave on the command line."""
+    return {name: getattr(args, name) for name in leaf_fields(cls) if hasattr(args, name)}
+
+
+# ---------------------------------------------------------------- resolution
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: config file not found")
+    try:
+        tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        line = f":{where.line + 1}" if where is not None else ""
+        raise UserError(f"{p}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{p}: expected a mapping of config fields at the top level")
+    return flatten(tree)
+
+
+def build_config(cls: type, layers: list[tuple[str, dict[str, Any]]]) -> Any:
+    """Apply (source, {dotted: value}) layers in order onto cls's defaults, then validate.
+
+    A section may define `from_preset(**named)`: its `preset`-like keys (listed in
+    `PRESET_KEYS`) are applied first from all layers together, so `--model.n_layer 8` refines a
+    preset whichever layer names the preset.
+    """
+    known = leaf_fields(cls)
+    merged: dict[str, tuple[str, Any]] = {}
+    for source, values in layers:
+        for name, value in values.items():
+            if name not in known:
+                hint = difflib.get_close_matches(name, known, n=1)
+                raise UserError(f"{source}: unknown config key '{name}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+            merged[name] = (source, value)
+    cfg = cls()
+    for f, tp in _fields(cls):
+        keys = getattr(tp, "PRESET_KEYS", ())
+        if keys:
+            named = {k: convert(f"{f.name}.{k}", known[f"{f.name}.{k}"], merged.pop(f"{f.name}.{k}")[1])
+                     for k in keys if f"{f.name}.{k}" in merged}
+            setattr(cfg, f.name, tp.from_preset(**named))
+    for name, (source, value) in merged.items():
+        set_dotted(cfg, name, convert(name, known[name], value))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Any) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value)
+    check = getattr(cfg, "validate", None)
+    if callable(check):
+        check()
+
+
+def resolve_config(cls: type, args: argparse.Namespace, base: dict[str, Any] | None = None) -> Any:
+    """defaults < base (e.g. a resumed run's config.yaml) < --config YAML < command-line flags."""
+    layers = []
+    if base:
+        layers.append(("saved config", base))
+    if getattr(args, "config", None):
+        layers.append((str(args.config), load_yaml(args.config)))
+    layers.append(("command line", cli_overrides(args, cls)))
+    return build_config(cls, layers)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def require(ok: bool, field: str, message: str) -> None:
+    """Validation helper: `require(lr > 0, "train.lr", f"must be > 0, got {lr}")`."""
+    if not ok:
+        raise UserError(f"{field}: {message}")

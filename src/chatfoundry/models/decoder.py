@@ -1,0 +1,214 @@
+"""The decoder-only Transformer (GPT): one module, two flavours.
+
+GPT-2 flavour: learned positions, LayerNorm, GELU MLP, biases, tied embeddings.
+Llama flavour: rotary positions, RMSNorm, SwiGLU, no biases, grouped-query attention.
+Every choice is a field of `DecoderConfig`, so the flavours are just presets and any mix
+(sinusoidal positions with RMSNorm, multi-query GPT-2, ...) is one override away.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from chatfoundry.config import require
+from chatfoundry.models.layers import MLP, Attention, KVCache, make_norm, rotary_tables, sinusoidal_table
+
+FLAVOURS = {
+    "gpt2": dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True, norm_eps=1e-5),
+    "llama": dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=True, norm_eps=1e-6),
+}
+
+# Sizes by name: (n_layer, n_head, n_embd, block_size). Parameter counts depend on the vocabulary.
+PRESETS = {
+    "tiny": (4, 4, 128, 128),     # ~1M parameters with a 2k vocabulary: the CPU default
+    "mini": (6, 8, 256, 256),     # ~7M: the throughput benchmark's size
+    "small": (8, 8, 512, 512),    # ~30M
+    "gpt2": (12, 12, 768, 1024),  # 124M with GPT-2's 50257 vocabulary
+}
+
+
+@dataclass
+class DecoderConfig:
+    """Everything that shapes the network. Defaults are the `tiny` GPT-2-flavour preset."""
+
+    PRESET_KEYS = ("preset", "flavour")  # applied before other overrides (see config.build_config)
+
+    preset: str = "tiny"
+    flavour: Literal["gpt2", "llama"] = "gpt2"
+    vocab_size: int = 0  # 0: the tokenizer's size
+    block_size: int = 128  # the longest context the model handles
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4  # < n_head: grouped-query attention; 1: multi-query
+    n_embd: int = 128
+    intermediate_size: int = 0  # 0: 4 * n_embd for GELU, ~8/3 * n_embd for SwiGLU (same parameter count)
+    pos: Literal["learned", "sinusoidal", "rope"] = "learned"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    @classmethod
+    def from_preset(cls, preset: str = "tiny", flavour: str = "gpt2") -> "DecoderConfig":
+        require(preset in PRESETS, "model.preset", f"unknown preset {preset!r}; one of {', '.join(PRESETS)}")
+        require(flavour in FLAVOURS, "model.flavour", f"unknown flavour {flavour!r}; one of {', '.join(FLAVOURS)}")
+        n_layer, n_head, n_embd, block = PRESETS[preset]
+        # Llama flavour: two query heads share each key/value head (grouped-query attention).
+        n_kv_head = n_head // 2 if flavour == "llama" else n_head
+        return cls(preset=preset, flavour=flavour, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
+                   n_embd=n_embd, block_size=block, **FLAVOURS[flavour])
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.intermediate_size:
+            return self.intermediate_size
+        if self.mlp == "swiglu":
+            return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        return 4 * self.n_embd
+
+    def validate(self) -> None:
+        for name in ("block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            require(getattr(self, name) > 0, f"model.{name}", f"must be > 0, got {getattr(self, name)}")
+        require(self.vocab_size >= 0, "model.vocab_size", f"must be >= 0, got {self.vocab_size}")
+        require(self.intermediate_size >= 0, "model.intermediate_size", "must be >= 0")
+        require(self.n_embd % self.n_head == 0, "model.n_embd",
+                f"{self.n_embd} is not divisible by model.n_head {self.n_head}")
+        require(self.n_head % self.n_kv_head == 0, "model.n_kv_head",
+                f"{self.n_kv_head} does not divide model.n_head {self.n_head}")
+        require(self.pos != "rope" or self.head_dim % 2 == 0, "model.pos", "rope needs an even head dimension")
+        require(self.pos != "sinusoidal" or self.n_embd % 2 == 0, "model.pos", "sinusoidal needs an even n_embd")
+        require(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+        require(self.rope_theta > 0, "model.rope_theta", "must be > 0")
+        require(self.norm_eps > 0, "model.norm_eps", "must be > 0")
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.input_layernorm = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
+        self.self_attn = Attention(cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.bias, cfg.dropout)
+        self.post_attention_layernorm = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
+        self.mlp = MLP(cfg.n_embd, cfg.ffn_dim, cfg.mlp, cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, cache=None, layer=0):
+        x = x + self.drop(self.self_attn(self.input_layernorm(x), rope, cache, layer))
+        return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
+
+
+class DecoderLM(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, vocab); a softmax away from probabilities."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        assert cfg.vocab_size > 0, "set vocab_size (the tokenizer's size) before building the model"
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.pos == "learned":
+            self.embed_positions = nn.Embedding(cfg.block_size, cfg.n_embd)
+        elif cfg.pos == "sinusoidal":
+            self.register_buffer("sinusoids", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
+        else:
+            cos, sin = rotary_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: each residual branch adds to the stream, so shrink its output
+        # projection by sqrt(2 * n_layer) to keep the stream's variance flat with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for every position; with targets also the mean cross-entropy (ignore_index -100).
+
+        With a cache, `idx` holds the positions [cache.pos, cache.pos + T); the caller advances
+        cache.pos afterwards.
+        """
+        T = idx.shape[1]
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        x = self.embed_tokens(idx)
+        rope = None
+        if self.config.pos == "learned":
+            x = x + self.embed_positions(torch.arange(start, start + T, device=idx.device))
+        elif self.config.pos == "sinusoidal":
+            x = x + self.sinusoids[start:start + T]
+        else:
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        x = self.drop(x)
+        for i, block in enumerate(self.layers):
+            x = block(x, rope, cache, i)
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        p = self.lm_head.weight
+        cfg = self.config
+        return KVCache.allocate(cfg.n_layer, batch, cfg.n_kv_head, max_len or cfg.block_size, cfg.head_dim,
+                                p.device, p.dtype)
+
+
+# ---------------------------------------------------------------- size and cost
+
+
+def num_params(model: nn.Module) -> int:
+    """Unique parameters (a tied embedding counts once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(cfg: DecoderConfig, seq_len: int | None = None) -> int:
+    """Training FLOPs per token (forward + backward), the PaLM appendix B way.
+
+    6 per weight of every matmul (2 forward, 4 backward), the LM head included, plus the
+    attention scores and weighted sum, 12 * n_layer * n_embd * T at sequence length T.
+    Embedding lookups and norms are not matmuls and are left out.
+    """
+    d, f, T = cfg.n_embd, cfg.ffn_dim, seq_len or cfg.block_size
+    kv = cfg.n_kv_head * cfg.head_dim
+    attn = d * d * 2 + d * kv * 2  # q, o and k, v projections
+    mlp = d * f * (3 if cfg.mlp == "swiglu" else 2)
+    matmul_weights = cfg.n_layer * (attn + mlp) + d * cfg.vocab_size
+    return 6 * matmul_weights + 12 * cfg.n_layer * d * T
+
+
+def describe(cfg: DecoderConfig, model: nn.Module | None = None) -> dict:
+    model = model if model is not None else DecoderLM(cfg)
+    return {"params": num_params(model), "flops_per_token": flops_per_token(cfg)}
+
+
+def with_vocab(cfg: DecoderConfig, vocab_size: int) -> DecoderConfig:
+    return replace(cfg, vocab_size=max(cfg.vocab_size, vocab_size))

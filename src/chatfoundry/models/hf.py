@@ -1,0 +1,125 @@
+"""Hugging Face names for our decoder: config.json fields and weight keys.
+
+A checkpoint whose choices match GPT-2 (learned positions, LayerNorm, GELU, biases, tied, no GQA)
+is written as `GPT2LMHeadModel`; one that matches Llama (rotary, RMSNorm, SwiGLU) as
+`LlamaForCausalLM`; `transformers` then loads our folder as it is. Other mixes (sinusoidal
+positions, say) are written under our own model_type. Our full config always rides along under
+the `chatfoundry` key, so loading our own folders never guesses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, fields
+
+import torch
+
+from chatfoundry.models.decoder import DecoderConfig, DecoderLM
+
+
+def hf_architecture(cfg: DecoderConfig) -> str | None:
+    if (cfg.pos, cfg.norm, cfg.mlp) == ("learned", "layernorm", "gelu") and cfg.bias and cfg.tie_embeddings \
+            and cfg.n_kv_head == cfg.n_head:
+        return "gpt2"
+    if (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu"):
+        return "llama"
+    return None
+
+
+def to_hf_config(cfg: DecoderConfig, special: dict[str, int | None] | None = None) -> dict:
+    special = special or {}
+    ids = {"bos_token_id": special.get("bos"), "eos_token_id": special.get("eos"), "pad_token_id": special.get("pad")}
+    arch = hf_architecture(cfg)
+    if arch == "gpt2":
+        hf = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+              "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+              "n_inner": cfg.ffn_dim, "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
+              "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+              "scale_attn_weights": True, "tie_word_embeddings": True}
+    elif arch == "llama":
+        hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+              "hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layer,
+              "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
+              "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
+              "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+              "attention_bias": cfg.bias, "mlp_bias": cfg.bias, "attention_dropout": cfg.dropout,
+              "tie_word_embeddings": cfg.tie_embeddings}
+    else:
+        hf = {"architectures": ["ChatfoundryDecoderLM"], "model_type": "chatfoundry", "vocab_size": cfg.vocab_size,
+              "tie_word_embeddings": cfg.tie_embeddings}
+    return {**hf, **ids, "torch_dtype": "float32", "chatfoundry": asdict(cfg)}
+
+
+def from_hf_config(hf: dict) -> DecoderConfig:
+    """Our config from a config.json we wrote (the `chatfoundry` entry)."""
+    ours = hf.get("chatfoundry")
+    if not isinstance(ours, dict):
+        raise ValueError("config.json has no 'chatfoundry' entry (importing foreign checkpoints: chatfoundry convert)")
+    known = {f.name for f in fields(DecoderConfig)}
+    return DecoderConfig(**{k: v for k, v in ours.items() if k in known})
+
+
+_GPT2_RENAMES = [("embed_tokens", "wte"), ("embed_positions", "wpe"), ("layers.", "h."),
+                 ("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2"),
+                 ("self_attn.o_proj", "attn.c_proj"), ("mlp.up_proj", "mlp.c_fc"), ("mlp.down_proj", "mlp.c_proj")]
+# GPT-2's Conv1D stores (in, out): the transpose of nn.Linear's weight.
+_GPT2_CONV = ("o_proj.weight", "up_proj.weight", "down_proj.weight")
+
+
+def _gpt2_key(name: str) -> str:
+    if name.startswith("lm_head"):
+        return name
+    if name.startswith("norm."):
+        return "transformer.ln_f." + name.removeprefix("norm.")
+    for ours, theirs in _GPT2_RENAMES:
+        name = name.replace(ours, theirs)
+    return "transformer." + name
+
+
+def state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
+    """Our weights under the architecture's names; a tied head is left out, as transformers does."""
+    sd = {k: v for k, v in sd.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    arch = hf_architecture(cfg)
+    if arch == "llama":
+        return {(k if k.startswith("lm_head") else "model." + k): v.contiguous() for k, v in sd.items()}
+    if arch != "gpt2":
+        return {k: v.contiguous() for k, v in sd.items()}
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if ".self_attn.q_proj." in k:  # GPT-2 fuses q, k, v into one c_attn
+            layer, kind = k.split(".self_attn.q_proj.")
+            fused = torch.cat([sd[f"{layer}.self_attn.{p}_proj.{kind}"] for p in "qkv"], dim=0)
+            out[_gpt2_key(layer) + f".attn.c_attn.{kind}"] = fused.t().contiguous() if kind == "weight" else fused
+        elif ".self_attn.k_proj." not in k and ".self_attn.v_proj." not in k:
+            out[_gpt2_key(k)] = v.t().contiguous() if k.endswith(_GPT2_CONV) else v
+    return out
+
+
+def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
+    """Inverse of `state_dict_to_hf`; a tied head is restored from the embedding."""
+    arch = hf_architecture(cfg)
+    if arch == "llama":
+        sd = {k.removeprefix("model."): v for k, v in hf_sd.items()}
+    elif arch == "gpt2":
+        ours_by_hf = {_gpt2_key(k): k for k in _param_names(cfg)}
+        sd = {}
+        for k, v in hf_sd.items():
+            if ".attn.c_attn." in k:
+                layer, kind = k.split(".attn.c_attn.")
+                layer = ours_by_hf[layer + ".ln_1.weight"].removesuffix(".input_layernorm.weight")
+                w = v.t() if kind == "weight" else v
+                for p, part in zip("qkv", w.split(cfg.n_embd, dim=0)):
+                    sd[f"{layer}.self_attn.{p}_proj.{kind}"] = part.contiguous()
+            elif k in ours_by_hf:
+                ours = ours_by_hf[k]
+                sd[ours] = v.t().contiguous() if ours.endswith(_GPT2_CONV) else v
+    else:
+        sd = dict(hf_sd)
+    if cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd["embed_tokens.weight"]
+    return sd
+
+
+def _param_names(cfg: DecoderConfig) -> list[str]:
+    """Our weight names for cfg, from a model built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return list(DecoderLM(cfg).state_dict())

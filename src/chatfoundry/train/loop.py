@@ -1,0 +1,211 @@
+"""The training loop every stage shares: device and DDP set-up, AdamW, warmup + cosine schedule,
+gradient accumulation, clipping, bf16 autocast, a NaN guard, metrics, progress and checkpoints.
+
+A stage supplies what differs: how to draw this process's micro-batches, the loss of one, an
+evaluation and how to save. Everything else reads top to bottom in `fit`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from chatfoundry.config import require
+from chatfoundry.errors import UserError
+from chatfoundry.metrics import MetricsLog
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600  # optimizer steps
+    batch_size: int = 32  # sequences per optimizer step, summed over all processes
+    micro_batch_size: int = 0  # sequences per forward pass and process; 0: batch_size / processes
+    block_size: int = 0  # training sequence length; 0: the model's block_size
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0: off
+    eval_every: int = 100
+    eval_batches: int = 10
+    save_every: int = 200  # also saved at the end
+    log_every: int = 10
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "eval_batches", "save_every", "log_every"):
+            require(getattr(self, name) > 0, f"train.{name}", f"must be > 0, got {getattr(self, name)}")
+        for name in ("micro_batch_size", "block_size", "warmup_steps", "weight_decay", "grad_clip"):
+            require(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
+        require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        require(0 <= self.beta1 < 1, "train.beta1", f"must be in [0, 1), got {self.beta1}")
+        require(0 <= self.beta2 < 1, "train.beta2", f"must be in [0, 1), got {self.beta2}")
+
+
+# ---------------------------------------------------------------- runtime: device, dtype, processes
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: str  # "fp32" or "bf16"
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def autocast(self):
+        """bf16 autocast for matmuls (weights and optimizer stay fp32); a no-op in fp32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bf16")
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def setup_runtime(device: str = "auto", dtype: str = "fp32") -> Runtime:
+    """Pick the device; under torchrun, join the process group (nccl on GPUs, gloo on CPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device: {device} requested but CUDA is not available")
+    dev = torch.device(device)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: fp32 range, tensor-core speed
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Runtime(dev, dtype, rank, world)
+
+
+def teardown(rt: Runtime) -> None:
+    if rt.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def accumulation(cfg: TrainConfig, rt: Runtime) -> tuple[int, int]:
+    """(micro_batch_size, accumulation steps) that make up batch_size across rt.world processes."""
+    micro = cfg.micro_batch_size or cfg.batch_size // rt.world
+    if micro <= 0 or cfg.batch_size % (micro * rt.world):
+        raise UserError(f"train.batch_size: {cfg.batch_size} is not a multiple of train.micro_batch_size "
+                        f"{micro} x {rt.world} processes")
+    return micro, cfg.batch_size // (micro * rt.world)
+
+
+# ---------------------------------------------------------------- optimizer and schedule
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: biases, norms and 1-D gains are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to lr, then a cosine down to lr * min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, cfg: TrainConfig, *,
+        micro_batches: Callable[[], list[Any]], loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+        evaluate: Callable[[int], dict[str, float]], save: Callable[[int], None], log: MetricsLog,
+        tokens_per_step: int, start_step: int = 0, desc: str = "train") -> dict[str, float]:
+    """Run optimizer steps start_step .. cfg.steps; returns the last logged and evaluated metrics.
+
+    `model` may be wrapped (DDP, torch.compile); `micro_batches()` returns this process's share
+    of one optimizer step; `loss_fn` returns a mean loss; `save(step)` writes a checkpoint.
+    """
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel) or isinstance(
+        getattr(model, "_orig_mod", None), nn.parallel.DistributedDataParallel)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    last: dict[str, float] = {}
+    bar = tqdm(total=cfg.steps, initial=start_step, desc=desc, disable=not rt.is_main, dynamic_ncols=True,
+               unit="step", mininterval=1.0)
+    window_t, window_steps = time.perf_counter(), 0
+    model.train()
+    for step in range(start_step, cfg.steps):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches = micro_batches()
+        loss_sum = torch.zeros((), device=rt.device)
+        for i, batch in enumerate(batches):
+            # Sync gradients across processes only on the last micro-batch of the step.
+            sync = not ddp or i == len(batches) - 1
+            with (contextlib.nullcontext() if sync else model.no_sync()), rt.autocast():
+                loss = loss_fn(model, batch) / len(batches)
+            loss.backward()
+            loss_sum += loss.detach()
+        if rt.distributed:
+            dist.all_reduce(loss_sum)  # gloo has no AVG
+            loss_sum /= rt.world
+        loss_value = loss_sum.item()
+        if not math.isfinite(loss_value):
+            bar.close()
+            raise TrainingDiverged(f"loss became {loss_value} at step {step + 1}; stopped without saving "
+                                   "(the last good checkpoint is kept; try a lower train.lr)")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        window_steps += 1
+        bar.update(1)
+
+        if done % cfg.log_every == 0 or done == cfg.steps or done == start_step + 1:
+            elapsed = time.perf_counter() - window_t
+            last.update(step=done, loss=loss_value, lr=lr, grad_norm=float(grad_norm),
+                        tokens_per_s=tokens_per_step * window_steps / max(elapsed, 1e-9))
+            log.write({k: last[k] for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s")})
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            window_t, window_steps = time.perf_counter(), 0
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            model.eval()
+            with rt.autocast():
+                scores = evaluate(done)
+            model.train()
+            last.update(scores)
+            log.write({"step": done, **scores})
+            if rt.is_main:
+                bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+            window_t = time.perf_counter()  # evaluation time is not training throughput
+        if done % cfg.save_every == 0 or done == cfg.steps:
+            save(done)
+            window_t = time.perf_counter()
+    bar.close()
+    return last

@@ -1,0 +1,285 @@
+"""Stage 1, pretraining: next-token prediction (causal LM) on raw text.
+
+    text files or the built-in corpus
+      -> tokenizer (given, or trained here and cached)
+      -> token shards (cached memmaps) -> random blocks of block_size + 1 tokens
+      -> DecoderLM trained with cross-entropy on every position
+      -> run/checkpoint/, run/metrics.jsonl, run/loss.png, run/samples.txt
+
+Every check a user can fail runs before the output folder is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from chatfoundry import checkpoint as ckpt
+from chatfoundry.config import require, save_config
+from chatfoundry.data import corpus
+from chatfoundry.data.shards import (BlockSampler, build_shards, default_cache_dir, files_key, read_documents,
+                                     resolve_inputs)
+from chatfoundry.errors import UserError
+from chatfoundry.generation import sample
+from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
+from chatfoundry.models.decoder import DecoderConfig, DecoderLM, flops_per_token, num_params
+from chatfoundry.tokenizer import KINDS, SPECIAL_TOKENS, load_tokenizer, save_tokenizer, special_id, train_tokenizer
+from chatfoundry.train.loop import Runtime, TrainConfig, accumulation, fit, make_optimizer, setup_runtime, teardown
+
+
+@dataclass
+class DataConfig:
+    files: list[str] = field(default_factory=list)  # text files or folders; empty: the built-in corpus
+    corpus_chars: int = corpus.DEFAULT_CHARS  # size of the built-in corpus
+    corpus_seed: int = corpus.DEFAULT_SEED
+    val_fraction: float = 0.05  # the corpus's tail held out for validation
+    cache_dir: str = ""  # token shards and trained tokenizers; empty: ~/.cache/chatfoundry
+
+    def validate(self) -> None:
+        require(self.corpus_chars > 0, "data.corpus_chars", f"must be > 0, got {self.corpus_chars}")
+        require(0 < self.val_fraction < 0.5, "data.val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
+
+
+@dataclass
+class TokenizerConfig:
+    path: str = ""  # a tokenizer.json or a folder with one; empty: train one on the data
+    kind: Literal["bpe", "wordpiece", "unigram", "char"] = "bpe"
+    vocab_size: int = 2048  # ignored by kind=char, whose vocabulary is the corpus's characters
+
+    def validate(self) -> None:
+        floor = len(SPECIAL_TOKENS) + (256 if self.kind == "bpe" else 0)
+        require(self.path or self.kind == "char" or self.vocab_size > floor, "tokenizer.vocab_size",
+                f"{self.vocab_size} is too small: {self.kind} needs more than {floor} "
+                f"({len(SPECIAL_TOKENS)} special tokens" + (" + 256 bytes)" if self.kind == "bpe" else ")"))
+
+
+@dataclass
+class SampleConfig:
+    prompt: str = ""  # empty: start a fresh document
+    num_samples: int = 3
+    max_new_tokens: int = 100
+    temperature: float = 0.8
+    top_k: int = 40
+
+    def validate(self) -> None:
+        require(self.num_samples >= 0, "sample.num_samples", "must be >= 0")
+        require(self.max_new_tokens > 0, "sample.max_new_tokens", "must be > 0")
+        require(self.temperature >= 0, "sample.temperature", "must be >= 0")
+        require(self.top_k >= 0, "sample.top_k", "must be >= 0")
+
+
+@dataclass
+class PretrainConfig:
+    out: str = "runs/pretrain"
+    seed: int = 1337
+    device: str = "auto"  # auto: cuda if present, else cpu
+    dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls, fp32 weights
+    compile: bool = False  # torch.compile the model
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: DecoderConfig = field(default_factory=DecoderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self) -> None:
+        require(self.train.block_size <= self.model.block_size, "train.block_size",
+                f"{self.train.block_size} exceeds model.block_size {self.model.block_size} (the model's maximum context)")
+        require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
+                f"unknown device {self.device!r}; auto, cpu, cuda or cuda:N")
+
+    @property
+    def block_size(self) -> int:
+        return self.train.block_size or self.model.block_size
+
+
+# ---------------------------------------------------------------- data and tokenizer
+
+
+def _source(cfg: PretrainConfig):
+    """(cache key, documents()) for the configured text; validates paths without reading them all."""
+    if cfg.data.files:
+        files = resolve_inputs(cfg.data.files)
+        return "files:" + files_key(files), lambda: read_documents(files)
+    key = f"builtin:{corpus.corpus_version()}:{cfg.data.corpus_chars}:{cfg.data.corpus_seed}"
+    return key, lambda: iter(corpus.generate_corpus(cfg.data.corpus_chars, cfg.data.corpus_seed).split("\n\n"))
+
+
+def _tokenizer(cfg: PretrainConfig, rt: Runtime, key: str, documents, cache: Path):
+    """The configured tokenizer, or one trained on the data (once: cached by data and settings)."""
+    if cfg.tokenizer.path:
+        return load_tokenizer(cfg.tokenizer.path)
+    folder = cache / "tokenizers" / _digest(f"{key}|{cfg.tokenizer.kind}|{cfg.tokenizer.vocab_size}")
+    if rt.is_main and not (folder / "tokenizer.json").is_file():
+        tok = train_tokenizer(documents(), cfg.tokenizer.kind, cfg.tokenizer.vocab_size)
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_tokenizer(tok, tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    rt.barrier()
+    return load_tokenizer(folder)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def check_output(out: Path, resume: bool, overwrite: bool) -> None:
+    has_run = (out / "config.yaml").exists() or (out / ckpt.CHECKPOINT).exists()
+    if resume:
+        ckpt.resolve_checkpoint(out)  # raises naming the folder if there is nothing to resume
+    elif has_run and not overwrite:
+        raise UserError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it")
+    elif out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+
+
+def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
+    """Pretrain as configured; returns the summary that `--json` prints."""
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    check_output(out, resume, overwrite)
+    key, documents = _source(cfg)
+    rt = setup_runtime(cfg.device, cfg.dtype)
+    try:
+        return _run(cfg, rt, out, key, documents, resume, overwrite, log, t0)
+    finally:
+        teardown(rt)
+
+
+def _run(cfg, rt, out, key, documents, resume, overwrite, log, t0) -> dict:
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+    tokenizer = load_tokenizer(ckpt.resolve_checkpoint(out)) if resume else _tokenizer(cfg, rt, key, documents, cache)
+    if rt.is_main:
+        build_shards(tokenizer, key, documents, cfg.data.val_fraction, cache)
+    rt.barrier()
+    shards = build_shards(tokenizer, key, documents, cfg.data.val_fraction, cache)
+    block = cfg.block_size
+    for name, data in (("training", shards.train), ("validation", shards.val)):
+        if len(data) <= block + 1:
+            raise UserError(f"data: the {name} split has {len(data)} tokens, too few for block size {block}; "
+                            "give more text or a smaller train.block_size")
+
+    vocab = tokenizer.get_vocab_size()
+    require(cfg.model.vocab_size == 0 or cfg.model.vocab_size >= vocab, "model.vocab_size",
+            f"{cfg.model.vocab_size} is smaller than the tokenizer's {vocab} tokens")
+    cfg.model = replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab)
+    micro, accum = accumulation(cfg.train, rt)
+    model = DecoderLM(cfg.model).to(rt.device)
+    optimizer = make_optimizer(model, cfg.train, rt.device)
+    # All processes draw the same windows (same seed) and keep their own slice of each step.
+    sampler = BlockSampler(shards.train, block, cfg.seed)
+    start_step = 0
+    if resume:
+        state = ckpt.load_trainer_state(out)
+        loaded, _ = ckpt.load_model(out)
+        model.load_state_dict(loaded.state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.set_state(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        start_step = int(state["step"])
+
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume and overwrite:
+            shutil.rmtree(out / ckpt.CHECKPOINT, ignore_errors=True)
+            for stale in ("metrics.jsonl", "samples.txt", "loss.png"):
+                (out / stale).unlink(missing_ok=True)
+        save_config(cfg, out / "config.yaml")
+    metrics = MetricsLog(out / "metrics.jsonl", start_step if resume else None, enabled=rt.is_main)
+    params, flops = num_params(model), flops_per_token(cfg.model, block)
+    if rt.is_main:
+        log(f"model: {cfg.model.flavour} flavour, {params / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs/token "
+            f"(training); tokens: {len(shards.train):,} train / {len(shards.val):,} val; "
+            f"batch {cfg.train.batch_size} x {block} = {micro} x {accum} steps x {rt.world} processes; device {rt.device}")
+
+    train_model: nn.Module = model
+    if rt.distributed:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    def micro_batches():
+        batch = sampler.sample(cfg.train.batch_size)
+        mine = batch[rt.rank * micro * accum:(rt.rank + 1) * micro * accum]
+        return [mine[i * micro:(i + 1) * micro].to(rt.device, non_blocking=True) for i in range(accum)]
+
+    def loss_fn(m, batch):
+        return m(batch[:, :-1], batch[:, 1:])[1]
+
+    eval_sampler_seed = cfg.seed + 1  # fixed validation windows: curves compare like with like
+
+    @torch.no_grad()
+    def evaluate(step: int):
+        ev = BlockSampler(shards.val, block, eval_sampler_seed)
+        losses = [model(b[:, :-1].to(rt.device), b[:, 1:].to(rt.device))[1].item()
+                  for b in (ev.sample(micro) for _ in range(cfg.train.eval_batches))]
+        val = float(np.mean(losses))
+        scores = {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+        if rt.is_main:  # one sample per evaluation, to watch the text improve
+            text = generate_text(model, tokenizer, cfg.sample.prompt, 1, 60, cfg.sample.temperature, cfg.sample.top_k,
+                                 seed=cfg.seed)[0]
+            with (out / "samples.txt").open("a") as f:
+                f.write(f"--- step {step} (val loss {val:.3f}) ---\n{text}\n\n")
+        return scores
+
+    def save(step: int):
+        if rt.is_main:
+            state = {"step": step, "optimizer": optimizer.state_dict(), "sampler": sampler.state(),
+                     "torch_rng": torch.get_rng_state()}
+            ckpt.save_checkpoint(out / ckpt.CHECKPOINT, model, tokenizer, state)
+        rt.barrier()
+
+    train_start = time.perf_counter()
+    last = fit(train_model, optimizer, rt, cfg.train, micro_batches=micro_batches, loss_fn=loss_fn,
+               evaluate=evaluate, save=save, log=metrics, tokens_per_step=cfg.train.batch_size * block,
+               start_step=start_step, desc="pretrain")
+    train_s = time.perf_counter() - train_start
+
+    summary = {"out": str(out), "checkpoint": str(out / ckpt.CHECKPOINT), "steps": cfg.train.steps,
+               "params": params, "flops_per_token": flops, "train_loss": last.get("loss"),
+               "val_loss": last.get("val_loss"), "val_ppl": last.get("val_ppl"),
+               "tokens_per_s": last.get("tokens_per_s"), "train_s": round(train_s, 2)}
+    if rt.is_main:
+        records = read_metrics(out / "metrics.jsonl")
+        plot_curves(records, out / "loss.png", {"loss": "train loss", "val_loss": "validation loss"},
+                    title=f"pretraining ({params / 1e6:.2f}M parameters)", ylabel="cross-entropy (nats/token)")
+        samples = generate_text(model, tokenizer, cfg.sample.prompt, cfg.sample.num_samples,
+                                cfg.sample.max_new_tokens, cfg.sample.temperature, cfg.sample.top_k, seed=cfg.seed)
+        for i, text in enumerate(samples):
+            log(f"--- sample {i + 1} ---\n{cfg.sample.prompt}{text}")
+        summary["samples"] = samples
+    summary["wall_s"] = round(time.perf_counter() - t0, 2)
+    return summary
+
+
+def generate_text(model: DecoderLM, tokenizer, prompt: str, n: int, max_new_tokens: int, temperature: float,
+                  top_k: int, seed: int) -> list[str]:
+    """Continuations of `prompt` (empty: a fresh document, started from the end-of-text token)."""
+    if n == 0:
+        return []
+    eos = special_id(tokenizer, "eos")
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
+    if not ids:
+        ids = [eos if eos is not None else 0]
+    if len(ids) >= model.config.block_size:
+        raise UserError(f"prompt: {len(ids)} tokens leaves no room in the model's context of {model.config.block_size}")
+    gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    outs = sample(model, ids, max_new_tokens, n, temperature, top_k or None, eos, gen)
+    model.train(was_training)
+    return [tokenizer.decode(o, skip_special_tokens=True) for o in outs]

@@ -1,0 +1,46 @@
+"""Shared test set-up: a private cache, tiny run settings and a helper to call the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# A run small enough for a test: ~100k-parameter model, 60k characters of built-in corpus.
+TINY = ["--data.corpus_chars", "60000", "--tokenizer.kind", "char", "--model.n_layer", "2",
+        "--model.n_embd", "32", "--model.n_head", "2", "--model.n_kv_head", "2", "--model.block_size", "32",
+        "--train.batch_size", "8", "--train.steps", "12", "--train.warmup_steps", "2", "--train.eval_every", "6",
+        "--train.eval_batches", "2", "--train.save_every", "6", "--train.log_every", "2",
+        "--sample.num_samples", "1", "--sample.max_new_tokens", "8", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Token shards and trained tokenizers go to a per-session cache, never ~/.cache."""
+    os.environ["CHATFOUNDRY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run `chatfoundry ARGV` in this process: (exit code, stdout, stderr)."""
+    from chatfoundry.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse errors and --help
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def cli_subprocess_cmd() -> list[str]:
+    return [sys.executable, "-m", "chatfoundry"]
