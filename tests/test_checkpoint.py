@@ -394,8 +394,6 @@ def test_resolve_checkpoint_errors_name_the_path(tmp_path, tok):
         resolve_checkpoint(tmp_path / "run")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: resolve_checkpoint('.') raises ValueError (Path('.').with_name) "
-                   "instead of finding ./checkpoint")
 def test_resolve_checkpoint_of_the_current_folder(tmp_path, tok, monkeypatch):
     model = tiny_model(tok)
     save_checkpoint(tmp_path / "checkpoint", model, tok)
