@@ -30,6 +30,17 @@ def snapshot(folder) -> dict[str, bytes] | None:
     return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else b"<dir>") for p in folder.rglob("*")}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread, and a busy 2-core machine makes two spin-wait."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------- --help
 
 
@@ -270,6 +281,32 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == sorted(set(steps)) and max(steps) == 6
     assert yaml.safe_load((out_dir / "config.yaml").read_text())["train"]["steps"] == 6
+
+
+@pytest.fixture
+def finished_run(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    code, out, err = run_cli(["pretrain", *TINY, "--out", str(out_dir)], capsys)
+    assert code == 0, err
+    return out_dir
+
+
+def test_resume_with_a_different_model_is_refused(finished_run, capsys):
+    before = snapshot(finished_run)
+    code, out, err = run_cli(["pretrain", *TINY, "--model.n_layer", "3", "--train.steps", "18",
+                              "--out", str(finished_run), "--resume"], capsys)
+    assert code == 2
+    assert "model.n_layer" in one_error_line(err, "pretrain")
+    assert snapshot(finished_run) == before
+
+
+def test_resume_with_fewer_steps_than_done_is_refused(finished_run, capsys):
+    before = snapshot(finished_run)
+    code, out, err = run_cli(["pretrain", *TINY, "--train.steps", "6", "--out", str(finished_run), "--resume"],
+                             capsys)
+    assert code == 2
+    assert "train.steps" in one_error_line(err, "pretrain")
+    assert snapshot(finished_run) == before
 
 
 def test_resume_without_a_run(tmp_path, capsys):

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -59,6 +60,17 @@ def val_records(out_dir) -> list[dict]:
 
 def tensors_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread, and a busy 2-core machine makes two spin-wait."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -150,16 +162,18 @@ def test_gpt2_checkpoint_loads_in_transformers(tiny_run):
 # ---------------------------------------------------------------- learning
 
 
-# Measured (char vocabulary of 83, ln 83 = 4.42): val_loss 2.97 after 80 steps at lr 3e-3 (0.67 ln V);
-# the untrained model starts at ~4.43. The threshold leaves room for platform differences.
-LEARN_RATIO = 0.75
+# Measured with a char vocabulary of 83 (ln 83 = 4.42; the untrained model starts at ~4.42): after 160
+# steps at lr 3e-3, val_loss 2.71-2.77 over seeds 1337, 1, 2, 3 (0.61-0.63 ln V), below the corpus's
+# unigram character entropy of 3.14 nats, so the model uses context. Thresholds keep ~0.3 nats of margin.
+LEARN_RATIO = 0.7
 
 
 def test_pretraining_learns(tmp_path, capsys):
     out = tmp_path / "run"
-    code, stdout, err = run_cli(["pretrain", *TINY, "--train.steps", "80", "--train.lr", "3e-3",
-                                 "--train.eval_every", "40", "--train.save_every", "80", "--train.log_every", "10",
-                                 "--out", str(out), "--json"], capsys)
+    code, stdout, err = run_cli(["pretrain", *TINY, "--train.steps", "160", "--train.lr", "3e-3",
+                                 "--train.warmup_steps", "10", "--train.eval_every", "80", "--train.eval_batches", "8",
+                                 "--train.save_every", "160", "--train.log_every", "20", "--out", str(out), "--json"],
+                                capsys)
     assert code == 0, err
     summary = last_json(stdout)
     vocab = load_tokenizer(out / "checkpoint").get_vocab_size()
@@ -167,6 +181,13 @@ def test_pretraining_learns(tmp_path, capsys):
     assert first == pytest.approx(math.log(vocab), abs=0.15)  # an untrained model is ~uniform
     assert summary["val_loss"] < LEARN_RATIO * math.log(vocab), (summary["val_loss"], math.log(vocab))
     assert summary["train_loss"] < LEARN_RATIO * math.log(vocab)
+
+    text = generate_corpus(60_000)
+    counts = Counter(text)
+    unigram = -sum(c / len(text) * math.log(c / len(text)) for c in counts.values())
+    assert summary["val_loss"] < unigram - 0.15, (summary["val_loss"], unigram)
+    vals = [r["val_loss"] for r in val_records(out)]
+    assert vals == sorted(vals, reverse=True)
 
 
 # ---------------------------------------------------------------- determinism and resume
@@ -201,7 +222,9 @@ def _resume_args(out) -> list[str]:
 
 @pytest.mark.slow
 def test_resume_after_kill_is_bit_exact(tmp_path):
-    env = dict(os.environ)  # CHATFOUNDRY_CACHE: the session's private cache
+    # CHATFOUNDRY_CACHE: the session's private cache. One thread per process: fast on a busy
+    # 2-core machine, and the same arithmetic in all three runs.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     a, b = tmp_path / "a", tmp_path / "b"
     done = subprocess.run([*cli_subprocess_cmd(), "pretrain", *_resume_args(a)], env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
@@ -218,6 +241,7 @@ def test_resume_after_kill_is_bit_exact(tmp_path):
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "run B ended before it could be killed"
     killed_at = int(ckpt.load_trainer_state(b)["step"])
+    print(f"killed at step {killed_at}")
     assert killed_at % 6 == 0 and 0 < killed_at < RESUME_STEPS
 
     resumed = subprocess.run([*cli_subprocess_cmd(), "pretrain", *_resume_args(b), "--resume", "--json"], env=env,
@@ -309,7 +333,7 @@ def _sample(run, capsys, *extra) -> list[str]:
 def test_sample_json(tiny_run, capsys):
     out, _ = tiny_run
     samples = _sample(out, capsys, "--num-samples", "3")
-    assert len(samples) == 3 and all(isinstance(s, str) and s for s in samples)
+    assert len(samples) == 3 and all(isinstance(s, str) for s in samples)  # "" if eos came first
     # The checkpoint folder itself works as well as the run folder.
     assert _sample(out / "checkpoint", capsys, "--num-samples", "3") == samples
 
@@ -385,6 +409,14 @@ def test_folder_of_text_files_with_bpe_and_cached_shards(tmp_path, capsys, monke
     assert train_bin.stat().st_mtime_ns == mtime  # reused, not rebuilt
     assert sorted(p.name for p in (cache / "tokenizers").iterdir()) == tokenizers_before
     assert last_json(stdout)["val_loss"] == summary["val_loss"]
+
+    # Editing an input makes a new cache entry; the old one is left alone.
+    with (docs / "b.txt").open("a", encoding="utf-8") as f:
+        f.write("\n\nOne more document, added later.\n")
+    code, stdout, err = run_cli([*argv, "--out", str(tmp_path / "r3")], capsys)
+    assert code == 0, err
+    assert len([d for d in (cache / "shards").iterdir() if d.is_dir()]) == 2
+    assert train_bin.stat().st_mtime_ns == mtime
 
 
 # ---------------------------------------------------------------- flavours and dtypes

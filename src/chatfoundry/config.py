@@ -127,8 +127,12 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line (with a suggestion) and exit status 2."""
 
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # subcommand parsers too: --train.ste is not --train.steps
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> typing.NoReturn:
-        known = [s for a in self._actions for s in a.option_strings]
+        known = sorted(_option_strings(self))
         if message.startswith("unrecognized arguments:"):
             bad = message.split(":", 1)[1].split()
             flags = [b for b in bad if b.startswith("--")]
@@ -136,6 +140,17 @@ class ArgumentParser(argparse.ArgumentParser):
                 hint = difflib.get_close_matches(flags[0].split("=")[0], known, n=1)
                 message = f"unknown option {flags[0]}" + (f" (did you mean {hint[0]}?)" if hint else "")
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    """Every flag of `parser` and of its subcommands (unknown flags are reported by the top parser)."""
+    out: set[str] = set()
+    for action in parser._actions:
+        out.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out |= _option_strings(sub)
+    return out
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type, aliases: dict[str, str] | None = None) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from chatfoundry.errors import UserError
-from chatfoundry.tokenizer import special_id, tokenizer_hash
+from chatfoundry.tokenizer import encode_batch_ids, special_id, tokenizer_hash
 
 CHUNK_CHARS = 1 << 16  # encode in ~64 KB pieces cut at line ends: parallel in Rust, bounded memory
 
@@ -83,8 +83,7 @@ def tokenize_documents(tokenizer, documents: Iterator[str]) -> np.ndarray:
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
     parts: list[np.ndarray] = []
     for doc in documents:
-        for enc in tokenizer.encode_batch(_chunks(doc), add_special_tokens=False):
-            parts.append(np.asarray(enc.ids, dtype=dtype))
+        parts.extend(np.asarray(ids, dtype=dtype) for ids in encode_batch_ids(tokenizer, _chunks(doc)))
         if eos is not None:
             parts.append(np.asarray([eos], dtype=dtype))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)

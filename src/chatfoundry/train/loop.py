@@ -52,7 +52,7 @@ class TrainConfig:
             require(getattr(self, name) > 0, f"train.{name}", f"must be > 0, got {getattr(self, name)}")
         for name in ("micro_batch_size", "block_size", "warmup_steps", "weight_decay", "grad_clip"):
             require(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
-        require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        require(0 < self.lr < math.inf, "train.lr", f"must be a number > 0, got {self.lr}")
         require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         require(0 <= self.beta1 < 1, "train.beta1", f"must be in [0, 1), got {self.beta1}")
         require(0 <= self.beta2 < 1, "train.beta2", f"must be in [0, 1), got {self.beta2}")

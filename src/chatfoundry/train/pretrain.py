@@ -15,7 +15,7 @@ import hashlib
 import math
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -186,6 +186,14 @@ def _run(cfg, rt, out, key, documents, resume, overwrite, log, t0) -> dict:
     if resume:
         state = ckpt.load_trainer_state(out)
         loaded, _ = ckpt.load_model(out)
+        changed = [f.name for f in fields(DecoderConfig) if f.name != "dropout"
+                   and getattr(loaded.config, f.name) != getattr(cfg.model, f.name)]
+        if changed:
+            name = changed[0]
+            raise UserError(f"model.{name}: {getattr(cfg.model, name)!r} differs from the checkpoint's "
+                            f"{getattr(loaded.config, name)!r}; a resumed run keeps its model")
+        require(cfg.train.steps >= int(state["step"]), "train.steps",
+                f"{cfg.train.steps} is below the checkpoint's step {state['step']}")
         model.load_state_dict(loaded.state_dict())
         optimizer.load_state_dict(state["optimizer"])
         sampler.set_state(state["sampler"])
