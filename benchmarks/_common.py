@@ -46,16 +46,17 @@ def machine_info(threads: int) -> dict:
     return info
 
 
-def matmul_peak(sizes=(1024, 2048, 3072), repeats: int = 5, budget_s: float = 20.0) -> dict:
-    """fp32 square matmul FLOP/s at each size (best of `repeats`); peak = the best of all sizes.
+def matmul_peak(sizes=(1024, 2048, 3072), repeats: int = 10, budget_s: float = 30.0,
+                dtype: torch.dtype = torch.float32) -> dict:
+    """Square matmul FLOP/s at each size (best of `repeats`); peak = the best of all sizes.
 
     Uses the current torch.get_num_threads(). 2*n^3 FLOPs per n x n @ n x n product.
     """
     per_size = {}
     start = time.perf_counter()
     for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        out = torch.empty(n, n)
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        out = torch.empty(n, n, dtype=dtype)
         torch.mm(a, b, out=out)  # warm-up: thread pool, page faults
         best = float("inf")
         for _ in range(repeats):
@@ -109,6 +110,18 @@ def hf_loss(model, x, y):
     return model(input_ids=x, labels=y, shift_labels=y).loss
 
 
+def autocast_loss(loss_fn, dtype: str):
+    """loss_fn under CPU bf16 autocast (matmuls in bf16, weights and optimizer fp32), or as it is."""
+    if dtype == "fp32":
+        return loss_fn
+
+    def wrapped(model, x, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return loss_fn(model, x, y)
+
+    return wrapped
+
+
 def adamw_like_ours(model: torch.nn.Module, tc: TrainConfig, **kw) -> torch.optim.AdamW:
     """torch AdamW with make_optimizer's hyperparameters and decay split (matrices decayed, 1-D not)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -136,3 +149,41 @@ def make_step(model, optimizer, loss_fn, x, y, clip: float = 1.0):
         return loss.detach()
 
     return step
+
+
+def gemm_ceiling(cfg, tokens: int, repeats: int = 3, dtype: torch.dtype = torch.float32) -> dict:
+    """FLOP/s of the model's own weight matmuls, timed alone at the step's shapes.
+
+    For every nn.Linear of a layer (and the LM head) at M = tokens rows: the forward product
+    X W^T and the backward pair dX = dY W, dW = dY^T X (6 FLOPs per weight per token, as
+    flops_per_token counts them). Attention scores, norms, activations and the optimizer are
+    left out, so this is the most a train step could reach if everything else were free: the
+    shape-limited ceiling on MFU, usually below the square-matmul peak.
+    """
+    d, f, kv = cfg.n_embd, cfg.ffn_dim, cfg.n_kv_head * cfg.head_dim
+    # (in, out) of each Linear in a layer: q, k, v, o; up (and gate for SwiGLU), down.
+    shapes = [(d, d), (d, kv), (d, kv), (d, d), (d, f)] + ([(d, f)] if cfg.mlp == "swiglu" else []) + [(f, d)]
+    g = torch.Generator().manual_seed(0)
+    mats = {}
+    for i, o in set(shapes + [(d, cfg.vocab_size)]):
+        mats[(i, o)] = (torch.randn(tokens, i, generator=g).to(dtype), torch.randn(o, i, generator=g).to(dtype),
+                        torch.randn(tokens, o, generator=g).to(dtype))
+
+    def run_all():
+        for layer_shapes, times in ((shapes, cfg.n_layer), ([(d, cfg.vocab_size)], 1)):
+            for _ in range(times):
+                for key in layer_shapes:
+                    x, w, dy = mats[key]
+                    torch.mm(x, w.t())  # forward
+                    torch.mm(dy, w)  # grad of the input
+                    torch.mm(dy.t(), x)  # grad of the weight
+
+    run_all()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run_all()
+        best = min(best, time.perf_counter() - t)
+    weights = cfg.n_layer * sum(i * o for i, o in shapes) + d * cfg.vocab_size
+    flops = 6 * weights * tokens
+    return {"flops": flops / best, "ms": best * 1e3, "matmul_flops_per_step": flops}

@@ -13,7 +13,8 @@ Sections (pick with --sections, default all):
     python benchmarks/profile_train.py --flavour llama
     python benchmarks/profile_train.py --sections optim,attention --batch-size 2 --seq-len 64   # quick
 
-Timings are medians of repeats; run on an idle machine for figures worth quoting.
+Timings are the fastest of --repeats (load only adds time); run on an idle machine for figures
+worth quoting.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -62,7 +62,8 @@ def category(op: str) -> str:
     return "other"
 
 
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
+def best_time(fn, repeats: int, warmup: int = 1) -> float:
+    """Fastest of `repeats` calls: background load only ever adds time."""
     for _ in range(warmup):
         fn()
     ts = []
@@ -70,7 +71,7 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
         t = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return min(ts)
 
 
 def ms(s: float) -> str:
@@ -81,7 +82,7 @@ def ms(s: float) -> str:
 
 
 def phases(args, cfg, ours, theirs, x, y) -> dict:
-    """Median time of each part of a train step, ours and transformers, steps interleaved."""
+    """Each part of a train step (fastest of the repeats), ours and transformers, steps interleaved."""
     tc = TrainConfig()
     opt_o = make_optimizer(ours, tc, torch.device("cpu"))
     opt_h = adamw_like_ours(theirs, tc, fused=False)
@@ -105,7 +106,7 @@ def phases(args, cfg, ours, theirs, x, y) -> dict:
             if i >= args.warmup:
                 for p, d in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
                     rec[name][p].append(d)
-    out = {n: {p: statistics.median(v) for p, v in r.items()} for n, r in rec.items()}
+    out = {n: {p: min(v) for p, v in r.items()} for n, r in rec.items()}
     print(f"  {'part':16} {'ours':>11} {'share':>6} {'transformers':>14} {'share':>6}")
     tot = {n: sum(v.values()) for n, v in out.items()}
     for p in parts:
@@ -166,7 +167,7 @@ def optim(args, cfg, ours, theirs, x, y) -> dict:
         except (RuntimeError, ValueError) as e:
             print(f"  AdamW {name:34} unavailable: {e}")
             continue
-        out[name] = median_time(opt.step, args.repeats * 4, warmup=1)
+        out[name] = best_time(opt.step, args.repeats * 4, warmup=1)
         m2 = copy.deepcopy(model)  # one step from the same start, to compare the results
         for n, p in m2.named_parameters():
             p.grad = grads[n].clone()
@@ -180,10 +181,11 @@ def optim(args, cfg, ours, theirs, x, y) -> dict:
         print(f"    {name:40} max |param diff| vs default after one step: {diff:.1e}")
     params = list(model.parameters())
     for foreach in (False, True):
-        t = median_time(lambda: torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=foreach), args.repeats * 4)
+        t = best_time(lambda: torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=foreach), args.repeats * 4)
         out[f"clip_grad_norm_ foreach={foreach}"] = t
         print(f"  clip_grad_norm_ foreach={foreach!s:5}            {ms(t)}")
-    print(f"  make_optimizer's defaults on CPU: {make_optimizer(model, tc, torch.device('cpu')).defaults}")
+    d = make_optimizer(model, tc, torch.device("cpu")).defaults
+    print(f"  make_optimizer on CPU: fused={d['fused']}, foreach={d['foreach']} (None: torch picks; on CPU the for-loop)")
     return out
 
 
@@ -226,8 +228,8 @@ def attention(args, cfg, ours, theirs, x, y) -> dict:
                 t.grad = None
             fn().backward(dy)
 
-        out[name] = {"fwd_ms": median_time(lambda fn=fn: fn(), args.repeats * 4) * 1e3,
-                     "fwd_bwd_ms": median_time(fwd_bwd, args.repeats * 4) * 1e3, "max_err_vs_explicit": err}
+        out[name] = {"fwd_ms": best_time(lambda fn=fn: fn(), args.repeats * 4) * 1e3,
+                     "fwd_bwd_ms": best_time(fwd_bwd, args.repeats * 4) * 1e3, "max_err_vs_explicit": err}
         print(f"  {name:34} forward {out[name]['fwd_ms']:7.2f} ms, forward+backward {out[name]['fwd_bwd_ms']:7.2f} ms "
               f"(max err {err:.1e})")
     return out
@@ -252,7 +254,7 @@ def compiled(args, cfg, ours, theirs, x, y) -> dict:
             t = time.perf_counter()
             steps[n]()
             rec[n].append(time.perf_counter() - t)
-    out = {n: statistics.median(v) for n, v in rec.items()}
+    out = {n: min(v) for n, v in rec.items()}
     print(f"  first compiled step (compilation) {compile_s:.1f} s")
     for n, v in out.items():
         print(f"  {n:16} {ms(v)} per step")
@@ -272,7 +274,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=0, help="default: the preset's block_size")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (the fastest counts)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--profile-steps", type=int, default=3, help="steps under torch.profiler (section ops)")
     p.add_argument("--top", type=int, default=15, help="ops listed (section ops)")

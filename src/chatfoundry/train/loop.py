@@ -31,7 +31,7 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    steps: int = 600  # optimizer steps
+    steps: int = 500  # optimizer steps
     batch_size: int = 32  # sequences per optimizer step, summed over all processes
     micro_batch_size: int = 0  # sequences per forward pass and process; 0: batch_size / processes
     block_size: int = 0  # training sequence length; 0: the model's block_size
@@ -127,7 +127,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    # Fused: one kernel over all tensors (CPU too since torch 2.4; ~5x faster there than the
+    # per-tensor loop torch otherwise picks on CPU).
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cuda", "cpu"))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -195,6 +197,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, cfg: Tr
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
             window_t, window_steps = time.perf_counter(), 0
         if done % cfg.eval_every == 0 or done == cfg.steps:
+            paused = time.perf_counter()
             model.eval()
             with rt.autocast():
                 scores = evaluate(done)
@@ -203,9 +206,10 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, cfg: Tr
             log.write({"step": done, **scores})
             if rt.is_main:
                 bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-            window_t = time.perf_counter()  # evaluation time is not training throughput
+            window_t += time.perf_counter() - paused  # evaluation time is not training throughput
         if done % cfg.save_every == 0 or done == cfg.steps:
+            paused = time.perf_counter()
             save(done)
-            window_t = time.perf_counter()
+            window_t += time.perf_counter() - paused
     bar.close()
     return last
