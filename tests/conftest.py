@@ -26,6 +26,17 @@ def _private_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and a busy 2-core machine makes two spin-wait."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
     """Run `chatfoundry ARGV` in this process: (exit code, stdout, stderr)."""
     from chatfoundry.cli import main

@@ -13,6 +13,8 @@ from chatfoundry.data.corpus import generate_corpus
 
 from conftest import TINY, last_json, run_cli
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def one_error_line(err: str, command: str | None = None) -> str:
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
@@ -28,17 +30,6 @@ def snapshot(folder) -> dict[str, bytes] | None:
     if not folder.exists():
         return None
     return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else b"<dir>") for p in folder.rglob("*")}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run fastest on one thread, and a busy 2-core machine makes two spin-wait."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- --help

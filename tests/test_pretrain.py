@@ -28,6 +28,8 @@ from chatfoundry.train.pretrain import PretrainConfig
 
 from conftest import TINY, cli_subprocess_cmd, last_json, run_cli
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CKPT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
               "generation_config.json", "trainer_state.pt")
 
@@ -60,17 +62,6 @@ def val_records(out_dir) -> list[dict]:
 
 def tensors_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run fastest on one thread, and a busy 2-core machine makes two spin-wait."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
