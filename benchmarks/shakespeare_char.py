@@ -59,7 +59,7 @@ def pretrain_command(data: Path, flavour: str, iters: int, out: Path, args) -> l
            "--train.eval_every", str(min(c["eval_every"], iters)), "--train.eval_batches", str(c["eval_batches"]),
            "--train.save_every", str(iters),  # one checkpoint, at the end
            "--train.log_every", "10",
-           "--sample.num_samples", "1", "--sample.max_new_tokens", str(c["block_size"] - 1),  # generation stops at the context
+           "--sample.num_samples", "1", "--sample.max_new_tokens", "300",  # past the 64-token context the window slides
            "--device", "cpu", "--seed", str(args.seed), "--out", str(out), "--overwrite", "--json"]
     if flavour == "llama" and args.llama_kv_heads:
         cmd += ["--model.n_kv_head", str(args.llama_kv_heads)]

@@ -24,16 +24,23 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None) -
 def sample(model: DecoderLM, prompt: list[int], max_new_tokens: int, num_samples: int = 1,
            temperature: float = 1.0, top_k: int | None = None, eos_id: int | None = None,
            generator: torch.Generator | None = None) -> list[list[int]]:
-    """`num_samples` continuations of one prompt; each stops at eos_id (kept) or the context's end."""
+    """`num_samples` continuations of one prompt; each stops at eos_id (kept) or after max_new_tokens.
+
+    Past the model's context the window slides, as nanoGPT does: the cache restarts from the
+    last half-context of tokens, so generation can run on as long as asked.
+    """
     if not prompt:
         raise ValueError("prompt must hold at least one token")
     device = model.lm_head.weight.device
-    max_new_tokens = min(max_new_tokens, model.config.block_size - len(prompt))
-    cache = model.new_cache(num_samples, len(prompt) + max(max_new_tokens, 0))
-    idx = torch.tensor([prompt] * num_samples, device=device)
+    context = model.config.block_size
+    seqs = torch.tensor([prompt[-context:]] * num_samples, device=device)
+    cache = model.new_cache(num_samples)
+    idx = seqs
     out = [[] for _ in range(num_samples)]
     done = torch.zeros(num_samples, dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
+        if cache.pos + idx.shape[1] > context:  # full: re-read the recent half-context
+            idx, cache.pos = seqs[:, -(context // 2):], 0
         logits, _ = model(idx, cache=cache)
         cache.pos += idx.shape[1]
         logits = logits[:, -1, :].float()
@@ -50,4 +57,5 @@ def sample(model: DecoderLM, prompt: list[int], max_new_tokens: int, num_samples
             if bool(done.all()):
                 break
         idx = nxt[:, None]
+        seqs = torch.cat([seqs[:, -(context - 1):], idx], dim=1)
     return out
