@@ -173,6 +173,9 @@ def _run(cfg, rt, out, key, documents, resume, overwrite, log, t0) -> dict:
             raise UserError(f"data: the {name} split has {len(data)} tokens, too few for block size {block}; "
                             "give more text or a smaller train.block_size")
 
+    prompt_len = len(tokenizer.encode(cfg.sample.prompt, add_special_tokens=False).ids)
+    require(prompt_len < cfg.model.block_size, "sample.prompt",
+            f"{prompt_len} tokens leave no room in the model's context of {cfg.model.block_size}")
     vocab = tokenizer.get_vocab_size()
     require(cfg.model.vocab_size == 0 or cfg.model.vocab_size >= vocab, "model.vocab_size",
             f"{cfg.model.vocab_size} is smaller than the tokenizer's {vocab} tokens")
