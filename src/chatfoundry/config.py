@@ -50,10 +50,9 @@ def _is_union(tp: Any) -> bool:
 def convert(name: str, tp: Any, value: Any) -> Any:
     """Convert a YAML value or a command-line string to the field's type, or raise naming the field."""
     if _is_union(tp):  # Optional[X]: None or X
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return convert(name, args[0], value)
+        return convert(name, _non_optional(tp), value)
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -175,16 +174,17 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, aliases: dict[st
             group.add_argument(*flags, dest=name, default=_SUPPRESS, metavar=_metavar(tp), help=help_text)
 
 
+def _non_optional(tp: Any) -> Any:
+    return [a for a in typing.get_args(tp) if a is not type(None)][0] if _is_union(tp) else tp
+
+
 def _choices(tp: Any) -> tuple | None:
-    if _is_union(tp):
-        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+    tp = _non_optional(tp)
     return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
 
 
 def _metavar(tp: Any) -> str:
-    if _is_union(tp):
-        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
-    return {int: "INT", float: "FLOAT", str: "STR"}.get(tp, "VALUE")
+    return {int: "INT", float: "FLOAT", str: "STR"}.get(_non_optional(tp), "VALUE")
 
 
 def cli_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
