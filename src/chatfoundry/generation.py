@@ -1,61 +1,359 @@
-"""Decoding on token ids: temperature and top-k sampling (greedy at temperature 0) with a KV cache.
+"""Decoding on token ids: greedy, sampling (temperature, top-k, top-p, min-p, repetition penalty,
+no-repeat n-grams) and beam search, all with a KV cache.
 
 Knows nothing of text. The prompt is run once (prefill), then one token per step reuses the
 cached keys and values of every earlier position.
+
+The logits processors follow `transformers` exactly (same order, same ties, same edge cases), so
+`generate` picks the same tokens as `model.generate` of the identical transformers model:
+
+    processors (always):     repetition_penalty, no_repeat_ngram_size
+    warpers (do_sample only): temperature, top_k, top_p, min_p
+
+Greedy and sampling apply them to the raw logits; beam search applies the processors to the
+log-softmax of the logits (as transformers does) and adds the result to the beam's running score.
+
+Log-probabilities reported per token (`GenerationOutput.token_logprobs`) are those of the model's
+own distribution, log_softmax of the raw logits, before any processor: transformers'
+`output_logits`, not its `output_scores`. They say how likely the model finds the text whatever
+knobs chose it. `GenerationOutput.scores` is their sum for greedy and sampling; for beam search it
+is the beam score as transformers defines it (`sequences_scores`): the sum of the *processed*
+log-probabilities divided by (number of new tokens, EOS included) ** length_penalty.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
 import torch
 
+from chatfoundry.config import require
+from chatfoundry.errors import UserError
 from chatfoundry.models.decoder import DecoderLM
+
+# ---------------------------------------------------------------- logits processors
+#
+# Each takes logits (rows, vocab) and returns a new tensor; `history` (rows, T) holds every token
+# seen so far, prompt included.
+
+
+def repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty on every token already seen: positive logits / penalty, negative * penalty."""
+    seen = torch.gather(logits, 1, history)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return logits.scatter(1, history, seen)
+
+
+def no_repeat_ngram(logits: torch.Tensor, history: torch.Tensor, n: int) -> torch.Tensor:
+    """Ban every token that would complete an n-gram already present in the row's history."""
+    cur_len = history.shape[1]
+    if cur_len < n:
+        return logits
+    banned = torch.zeros_like(logits, dtype=torch.bool)
+    for row, tokens in enumerate(history.tolist()):
+        prefix = tokens[cur_len - n + 1:]  # the n-1 last tokens (none when n == 1)
+        for start in range(cur_len - n + 1):
+            if tokens[start:start + n - 1] == prefix:
+                banned[row, tokens[start + n - 1]] = True
+    return logits.masked_fill(banned, float("-inf"))
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits (all those tied with the k-th too); the rest become -inf."""
+    k = min(k, logits.size(-1))
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float, min_keep: int = 1) -> torch.Tensor:
+    """Nucleus: keep the most likely tokens whose probabilities sum to at least p.
+
+    As transformers: sort ascending, drop the tokens whose cumulative mass is <= 1 - p, and
+    always keep the `min_keep` most likely.
+    """
+    sorted_logits, order = torch.sort(logits, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative <= (1 - p)
+    drop_sorted[..., -min_keep:] = False
+    drop = drop_sorted.scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float, min_keep: int = 1) -> torch.Tensor:
+    """Drop tokens less likely than min_p times the most likely token's probability."""
+    probs = torch.softmax(logits, dim=-1)
+    drop = probs < min_p * probs.amax(dim=-1, keepdim=True)
+    keep = torch.topk(probs, min(min_keep, probs.shape[-1]), dim=-1).indices
+    drop.scatter_(-1, keep, False)
+    return logits.masked_fill(drop, float("-inf"))
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
     """Scale by 1/temperature and keep the top_k largest logits (the rest become -inf)."""
     logits = logits / temperature
     if top_k is not None and 0 < top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = top_k_filter(logits, top_k)
     return logits
 
 
-@torch.no_grad()
-def sample(model: DecoderLM, prompt: list[int], max_new_tokens: int, num_samples: int = 1,
-           temperature: float = 1.0, top_k: int | None = None, eos_id: int | None = None,
-           generator: torch.Generator | None = None) -> list[list[int]]:
-    """`num_samples` continuations of one prompt; each stops at eos_id (kept) or after max_new_tokens.
+# ---------------------------------------------------------------- configuration
 
-    Past the model's context the window slides, as nanoGPT does: the cache restarts from the
-    last half-context of tokens, so generation can run on as long as asked.
+
+@dataclass
+class GenerationConfig:
+    """How to continue a prompt. Defaults: greedy, 32 new tokens, no EOS."""
+
+    max_new_tokens: int = 32
+    do_sample: bool = False  # False: greedy (num_beams 1) or beam search
+    temperature: float = 1.0
+    top_k: int | None = None  # None or 0: off
+    top_p: float = 1.0  # 1.0: off
+    min_p: float | None = None  # None: off
+    repetition_penalty: float = 1.0  # 1.0: off
+    no_repeat_ngram_size: int = 0  # 0: off
+    num_beams: int = 1
+    length_penalty: float = 1.0  # beam score = sum logprobs / len ** length_penalty
+    early_stopping: bool | Literal["never"] = False
+    num_return_sequences: int = 1
+    eos_token_id: int | None = None
+    seed: int | None = None  # None: torch's global generator
+
+    def validate(self) -> None:
+        def req(ok: bool, name: str, message: str) -> None:
+            require(ok, f"generation.{name}", f"{message}, got {getattr(self, name)!r}")
+
+        req(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        req(self.temperature > 0, "temperature", "must be > 0 (greedy: do_sample false)")
+        req(self.top_k is None or self.top_k >= 0, "top_k", "must be >= 0 (0: off)")
+        req(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
+        req(self.min_p is None or 0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]")
+        req(self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
+        req(self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", "must be >= 0 (0: off)")
+        req(self.num_beams >= 1, "num_beams", "must be >= 1")
+        req(not (self.do_sample and self.num_beams > 1), "num_beams",
+            "beam search is deterministic here; use num_beams 1 with do_sample")
+        req(self.early_stopping in (True, False, "never"), "early_stopping", "must be true, false or 'never'")
+        req(self.num_return_sequences >= 1, "num_return_sequences", "must be >= 1")
+        if self.num_beams > 1:
+            req(self.num_return_sequences <= self.num_beams, "num_return_sequences",
+                f"must be <= num_beams ({self.num_beams})")
+        elif not self.do_sample:
+            req(self.num_return_sequences == 1, "num_return_sequences", "greedy decoding returns one sequence")
+        req(self.eos_token_id is None or self.eos_token_id >= 0, "eos_token_id", "must be >= 0")
+
+
+@dataclass
+class GenerationOutput:
+    """Best first for beam search; in row order for sampling. New tokens only (EOS kept)."""
+
+    sequences: list[list[int]] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    token_logprobs: list[list[float]] = field(default_factory=list)
+
+
+def process_logits(logits: torch.Tensor, history: torch.Tensor, cfg: GenerationConfig,
+                   warp: bool = True) -> torch.Tensor:
+    """All processors in transformers' order; the warpers only when sampling (and `warp`)."""
+    if cfg.repetition_penalty != 1.0:
+        logits = repetition_penalty(logits, history, cfg.repetition_penalty)
+    if cfg.no_repeat_ngram_size > 0:
+        logits = no_repeat_ngram(logits, history, cfg.no_repeat_ngram_size)
+    if warp and cfg.do_sample:
+        if cfg.temperature != 1.0:
+            logits = logits / cfg.temperature
+        if cfg.top_k:
+            logits = top_k_filter(logits, cfg.top_k)
+        if cfg.top_p < 1.0:
+            logits = top_p_filter(logits, cfg.top_p)
+        if cfg.min_p is not None:
+            logits = min_p_filter(logits, cfg.min_p)
+    return logits
+
+
+# ---------------------------------------------------------------- greedy and sampling
+
+# Picks the next token of every row: (raw logits (R, V) float32, history (R, T)) -> ids (R,)
+Picker = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def _decode(model: DecoderLM, prompt: list[int], rows: int, max_new_tokens: int, pick: Picker,
+            eos_id: int | None) -> tuple[list[list[int]], list[list[float]]]:
+    """The token-by-token loop shared by greedy and sampling: new tokens and their logprobs.
+
+    Each row stops at eos_id (kept) or after max_new_tokens. Past the model's context the window
+    slides, as nanoGPT does: the cache restarts from the last half-context of tokens, so
+    generation can run on as long as asked.
     """
     if not prompt:
         raise ValueError("prompt must hold at least one token")
     device = model.lm_head.weight.device
     context = model.config.block_size
-    seqs = torch.tensor([prompt[-context:]] * num_samples, device=device)
-    cache = model.new_cache(num_samples)
+    history = torch.tensor([prompt] * rows, device=device)  # everything, for the processors
+    seqs = history[:, -context:]  # what the model can see
+    cache = model.new_cache(rows)
     idx = seqs
-    out = [[] for _ in range(num_samples)]
-    done = torch.zeros(num_samples, dtype=torch.bool, device=device)
+    out: list[list[int]] = [[] for _ in range(rows)]
+    logprobs: list[list[float]] = [[] for _ in range(rows)]
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
         if cache.pos + idx.shape[1] > context:  # full: re-read the recent half-context
             idx, cache.pos = seqs[:, -(context // 2):], 0
         logits, _ = model(idx, cache=cache)
         cache.pos += idx.shape[1]
         logits = logits[:, -1, :].float()
-        if temperature == 0:
-            nxt = logits.argmax(dim=-1)
-        else:
-            probs = torch.softmax(filter_logits(logits, temperature, top_k), dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        for i, t in enumerate(nxt.tolist()):
+        nxt = pick(logits, history)
+        chosen = torch.log_softmax(logits, dim=-1).gather(1, nxt[:, None]).squeeze(1)
+        for i, (t, lp) in enumerate(zip(nxt.tolist(), chosen.tolist())):
             if not done[i]:
                 out[i].append(t)
+                logprobs[i].append(lp)
         if eos_id is not None:
             done |= nxt == eos_id
             if bool(done.all()):
                 break
         idx = nxt[:, None]
         seqs = torch.cat([seqs[:, -(context - 1):], idx], dim=1)
-    return out
+        history = torch.cat([history, idx], dim=1)
+    return out, logprobs
+
+
+def sample(model: DecoderLM, prompt: list[int], max_new_tokens: int, num_samples: int = 1,
+           temperature: float = 1.0, top_k: int | None = None, eos_id: int | None = None,
+           generator: torch.Generator | None = None) -> list[list[int]]:
+    """`num_samples` continuations of one prompt (greedy at temperature 0); each stops at eos_id
+    (kept) or after max_new_tokens. The window slides past the context (see `_decode`)."""
+
+    def pick(logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        if temperature == 0:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(filter_logits(logits, temperature, top_k), dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    return _decode(model, prompt, num_samples, max_new_tokens, pick, eos_id)[0]
+
+
+# ---------------------------------------------------------------- beam search
+
+
+@torch.no_grad()
+def beam_search(model: DecoderLM, prompt: list[int], cfg: GenerationConfig) -> GenerationOutput:
+    """Beam search as transformers does it (`_beam_search`), for one prompt.
+
+    Each step scores all num_beams * vocab continuations (running score + processed logprob) and
+    keeps the best 2 * num_beams. Those ending in EOS, or reaching max_new_tokens, are offered to
+    the pool of finished hypotheses (score / new_len ** length_penalty; only candidates among the
+    top num_beams qualify), the rest continue. The pool keeps the num_beams best. The search
+    stops when no running beam can improve on the pool (early_stopping False: judged at the
+    current length; "never": at the longest length when length_penalty > 0), when the pool is full
+    and early_stopping is True, or when every candidate has stopped.
+    """
+    if not prompt:
+        raise ValueError("prompt must hold at least one token")
+    nb, n_new, lp, eos = cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty, cfg.eos_token_id
+    if len(prompt) + n_new > model.config.block_size:
+        raise UserError(f"generation.max_new_tokens: prompt ({len(prompt)}) + {n_new} new tokens exceed the "
+                        f"model's context ({model.config.block_size}); beam search does not slide the window")
+    device = model.lm_head.weight.device
+    keep = 2 * nb  # enough candidates that num_beams survive even if num_beams of them end in EOS
+    NEG = -1.0e9
+    top_nb = torch.arange(keep, device=device) < nb
+
+    # running beams: new tokens, their raw logprobs, score; beam 0 alone at the start (others -1e9)
+    running = torch.zeros(nb, n_new, dtype=torch.long, device=device)
+    running_lp = torch.zeros(nb, n_new, device=device)
+    running_scores = torch.full((nb,), NEG, device=device)
+    running_scores[0] = 0.0
+    # finished pool: the num_beams best hypotheses so far (empty slots score -1e9)
+    done = running.clone()
+    done_lp = running_lp.clone()
+    done_len = torch.zeros(nb, dtype=torch.long, device=device)
+    done_scores = torch.full((nb,), NEG, device=device)
+    done_real = torch.zeros(nb, dtype=torch.bool, device=device)
+    can_improve = True
+
+    prompt_ids = torch.tensor([prompt] * nb, device=device)
+    cache = model.new_cache(nb, len(prompt) + n_new)
+    logits, _ = model(prompt_ids, cache=cache)
+    cache.pos += len(prompt)
+    for step in range(n_new):
+        logits = logits[:, -1, :].float()
+        raw = torch.log_softmax(logits, dim=-1)
+        history = torch.cat([prompt_ids, running[:, :step]], dim=1)
+        logprobs = process_logits(raw, history, cfg, warp=False)
+        vocab = logprobs.shape[-1]
+
+        # the best `keep` continuations over all beams
+        cand_scores, flat = torch.topk((logprobs + running_scores[:, None]).view(-1), keep)
+        src, tok = flat // vocab, flat % vocab
+        cand = running[src].clone()
+        cand[:, step] = tok
+        cand_lp = running_lp[src].clone()
+        cand_lp[:, step] = raw[src, tok]
+        stopped = torch.full((keep,), step + 1 == n_new, device=device)
+        if eos is not None:
+            stopped |= tok == eos
+
+        # the best num_beams candidates that did not stop run on
+        run_scores = cand_scores + stopped.float() * NEG
+        nxt = torch.topk(run_scores, nb).indices
+        running, running_lp, running_scores, beam_src = cand[nxt], cand_lp[nxt], run_scores[nxt], src[nxt]
+
+        # stopped candidates among the top num_beams compete for the finished pool
+        just_done = stopped & top_nb
+        offer = cand_scores / ((step + 1) ** lp)
+        offer += float(bool(done_real.all()) and cfg.early_stopping is True) * NEG  # pool closed
+        offer += float(not can_improve) * NEG
+        offer += (~just_done).float() * NEG
+        merged = torch.topk(torch.cat([done_scores, offer]), nb).indices
+        done = torch.cat([done, cand])[merged]
+        done_lp = torch.cat([done_lp, cand_lp])[merged]
+        done_len = torch.cat([done_len, torch.full((keep,), step + 1, device=device)])[merged]
+        done_scores = torch.cat([done_scores, offer])[merged]
+        done_real = torch.cat([done_real, just_done])[merged]
+
+        # can a running beam still beat the worst finished one?
+        best_len = n_new if (cfg.early_stopping == "never" and lp > 0.0) else step + 1
+        best_possible = running_scores[0] / (best_len ** lp)
+        worst_done = torch.where(done_real, done_scores.min(), torch.tensor(NEG, device=device))
+        can_improve = can_improve and bool((best_possible > worst_done).any())
+        pool_closed = bool(done_real.all()) and cfg.early_stopping is True
+        if not can_improve or pool_closed or bool(stopped.all()):
+            break
+
+        for i in range(len(cache.k)):  # each beam continues from its parent's keys and values
+            cache.k[i] = cache.k[i].index_select(0, beam_src)
+            cache.v[i] = cache.v[i].index_select(0, beam_src)
+        logits, _ = model(running[:, step:step + 1], cache=cache)
+        cache.pos += 1
+
+    n = cfg.num_return_sequences
+    lengths = done_len[:n].tolist()
+    return GenerationOutput(
+        sequences=[done[i, :lengths[i]].tolist() for i in range(n)],
+        scores=done_scores[:n].tolist(),
+        token_logprobs=[done_lp[i, :lengths[i]].tolist() for i in range(n)],
+    )
+
+
+# ---------------------------------------------------------------- one entry point
+
+
+def generate(model: DecoderLM, prompt: list[int], cfg: GenerationConfig) -> GenerationOutput:
+    """Continue one prompt: beam search when num_beams > 1, else greedy or sampling."""
+    cfg.validate()
+    if cfg.num_beams > 1:
+        return beam_search(model, prompt, cfg)
+    generator = None
+    if cfg.do_sample and cfg.seed is not None:
+        generator = torch.Generator(model.lm_head.weight.device).manual_seed(cfg.seed)
+
+    def pick(logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        scores = process_logits(logits, history, cfg)
+        if not cfg.do_sample:
+            return scores.argmax(dim=-1)
+        return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(-1)
+
+    seqs, logprobs = _decode(model, prompt, cfg.num_return_sequences, cfg.max_new_tokens, pick, cfg.eos_token_id)
+    return GenerationOutput(sequences=seqs, scores=[sum(lp) for lp in logprobs], token_logprobs=logprobs)
