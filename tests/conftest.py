@@ -37,6 +37,50 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+# ---------------------------------------------------------------- tiny random models
+
+
+def tiny_config(flavour: str = "gpt2", **overrides):
+    """A 2-layer, 32-wide decoder config of either flavour; overrides refine it."""
+    from chatfoundry.models.decoder import FLAVOURS, DecoderConfig
+
+    base = dict(preset="tiny", flavour=flavour, vocab_size=61, block_size=32, n_layer=2, n_head=4,
+                n_kv_head=4, n_embd=32, **FLAVOURS[flavour])
+    cfg = DecoderConfig(**{**base, **overrides})
+    cfg.validate()
+    return cfg
+
+
+def randomize(model, seed: int = 0, std: float = 0.15):
+    """Redraw every parameter (norm gains and biases too) so no part of the model is trivial and
+    argmax ties cannot hide a bug (the 0.02 init gives nearly flat logits)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "ln_" in name or name.endswith("layernorm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+    return model
+
+
+def hf_model_for(cfg, **kwargs):
+    """The untrained transformers model of our config's architecture (GPT-2 or Llama)."""
+    import torch
+    import transformers
+
+    from chatfoundry.models import hf
+
+    fields = hf.to_hf_config(cfg)
+    for key in ("chatfoundry", "architectures", "torch_dtype"):
+        fields.pop(key, None)
+    config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, **kwargs).eval()
+
+
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
     """Run `chatfoundry ARGV` in this process: (exit code, stdout, stderr)."""
     from chatfoundry.cli import main

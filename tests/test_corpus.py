@@ -95,7 +95,7 @@ def test_every_arithmetic_statement_is_correct(text):
                   + text.count("The difference between") + text.count("The product of")
                   + text.count(" more, so ") + text.count(" away, so "))
     assert statements == checked
-    assert re.search(rf" = -\d+\.| (?:is|equals) -\d+\.", text), "some subtraction results are negative"
+    assert re.search(r" = -\d+\.| (?:is|equals) -\d+\.", text), "some subtraction results are negative"
 
 
 def test_every_country_statement_matches_the_table(text, facts_by_country):

@@ -8,50 +8,29 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 
 from chatfoundry.errors import UserError
 from chatfoundry.generation import (GenerationConfig, generate, min_p_filter, no_repeat_ngram, process_logits,
                                     repetition_penalty, sample, top_k_filter, top_p_filter)
 from chatfoundry.models import hf
-from chatfoundry.models.decoder import FLAVOURS, DecoderConfig, DecoderLM
+from chatfoundry.models.decoder import DecoderLM
 
 transformers = pytest.importorskip("transformers")
 from transformers import (MinPLogitsWarper, NoRepeatNGramLogitsProcessor,  # noqa: E402
                           RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
                           TopPLogitsWarper)
 
+from conftest import hf_model_for, randomize, tiny_config  # noqa: E402
+
 VOCAB = 61
 PAD = VOCAB - 1  # only a filler for transformers' padded outputs; lengths come from beam_indices
 
 
-def tiny_config(flavour: str, **overrides) -> DecoderConfig:
-    base = dict(preset="tiny", flavour=flavour, vocab_size=VOCAB, block_size=48, n_layer=2, n_head=4,
-                n_kv_head=2 if flavour == "llama" else 4, n_embd=32, **FLAVOURS[flavour])
-    cfg = DecoderConfig(**{**base, **overrides})
-    cfg.validate()
-    return cfg
-
-
-def randomize(model: nn.Module, seed: int = 0, std: float = 0.3) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "ln_" in name or name.endswith("layernorm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=g))
-    return model
-
-
 def hf_twin(model: DecoderLM):
-    cfg = model.config
-    d = hf.to_hf_config(cfg)
-    d.pop("chatfoundry")
-    hf_cfg = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
-    theirs = transformers.AutoModelForCausalLM.from_config(hf_cfg)
-    theirs.load_state_dict(hf.state_dict_to_hf(model.state_dict(), cfg), strict=False)
-    if cfg.tie_embeddings:
+    """The transformers model computing the same function as ours (same weights)."""
+    theirs = hf_model_for(model.config)
+    theirs.load_state_dict(hf.state_dict_to_hf(model.state_dict(), model.config), strict=False)
+    if model.config.tie_embeddings:
         theirs.tie_weights()
     return theirs.eval()
 
@@ -62,7 +41,8 @@ _PAIRS: dict[str, tuple] = {}
 def pair(flavour: str):
     if flavour not in _PAIRS:
         torch.manual_seed(0)
-        ours = randomize(DecoderLM(tiny_config(flavour)), seed=1 if flavour == "gpt2" else 2).eval()
+        cfg = tiny_config(flavour, vocab_size=VOCAB, block_size=48, n_kv_head=2 if flavour == "llama" else 4)
+        ours = randomize(DecoderLM(cfg), seed=1 if flavour == "gpt2" else 2, std=0.3).eval()
         _PAIRS[flavour] = (ours, hf_twin(ours))
     return _PAIRS[flavour]
 

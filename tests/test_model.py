@@ -22,27 +22,9 @@ from chatfoundry.models.layers import apply_rotary, rotary_tables, sinusoidal_ta
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import hf_model_for as conftest_hf_model_for, randomize, tiny_config  # noqa: E402
+
 VOCAB = 61
-
-
-def tiny_config(flavour: str = "gpt2", **overrides) -> DecoderConfig:
-    base = dict(preset="tiny", flavour=flavour, vocab_size=VOCAB, block_size=32, n_layer=2, n_head=4,
-                n_kv_head=4, n_embd=32, **FLAVOURS[flavour])
-    cfg = DecoderConfig(**{**base, **overrides})
-    cfg.validate()
-    return cfg
-
-
-def randomize(model: nn.Module, seed: int = 0, std: float = 0.15) -> nn.Module:
-    """Redraw every parameter (norm gains and biases too) so no part of the model is trivial."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "ln_" in name or name.endswith("layernorm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=g))
-    return model
 
 
 def build(cfg: DecoderConfig, seed: int = 0) -> DecoderLM:
@@ -116,14 +98,7 @@ def test_causality(flavour, pos):
 
 
 def hf_model_for(cfg: DecoderConfig):
-    fields = hf.to_hf_config(cfg)
-    fields.pop("chatfoundry")
-    fields.pop("architectures")
-    fields.pop("torch_dtype", None)
-    model_type = fields.pop("model_type")
-    config = transformers.AutoConfig.for_model(model_type, **fields)
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    return conftest_hf_model_for(cfg, attn_implementation="eager")
 
 
 HF_CASES = {

@@ -32,7 +32,7 @@ from chatfoundry.errors import UserError
 from chatfoundry.generation import sample
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.models.decoder import DecoderConfig, DecoderLM, flops_per_token, num_params
-from chatfoundry.tokenizer import KINDS, SPECIAL_TOKENS, load_tokenizer, save_tokenizer, special_id, train_tokenizer
+from chatfoundry.tokenizer import SPECIAL_TOKENS, load_tokenizer, save_tokenizer, special_id, train_tokenizer
 from chatfoundry.train.loop import Runtime, TrainConfig, accumulation, fit, make_optimizer, setup_runtime, teardown
 
 
