@@ -31,7 +31,7 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    steps: int = 500  # optimizer steps
+    steps: int = 400  # optimizer steps
     batch_size: int = 32  # sequences per optimizer step, summed over all processes
     micro_batch_size: int = 0  # sequences per forward pass and process; 0: batch_size / processes
     block_size: int = 0  # training sequence length; 0: the model's block_size
