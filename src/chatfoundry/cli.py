@@ -84,6 +84,118 @@ def _sample(args) -> dict:
     return {"prompt": args.prompt, "samples": texts}
 
 
+# ---------------------------------------------------------------- generate and decode-compare
+
+
+def _generation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="checkpoint folder (or the run folder holding it)")
+    p.add_argument("--prompt", default="", help="text to continue (default: start a fresh document)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    _json_flag(p)
+
+
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="decode a prompt: greedy, beam search or sampling (top-k, top-p, min-p)",
+                       description="Continue a prompt with one decoding strategy. With --json the last line "
+                                   "holds text, prompt_token_ids, token_ids (the new tokens) and logprobs "
+                                   "(one per new token, under the model's own distribution).")
+    _generation_flags(p)
+    p.add_argument("--strategy", choices=("greedy", "beam", "sample"), default="greedy")
+    p.add_argument("--num-beams", type=int, default=4, help="beam: beams kept")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam: score = logprob / length ** this")
+    p.add_argument("--early-stopping", choices=("true", "false", "never"), default="false")
+    p.add_argument("--num-return-sequences", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=1.0, help="sample: logits / temperature")
+    p.add_argument("--top-k", type=int, default=0, help="sample: keep the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample: nucleus mass in (0, 1] (1: off)")
+    p.add_argument("--min-p", type=float, default=None, help="sample: drop tokens below min_p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    p.set_defaults(func=_generate)
+
+
+def _prompt_ids(tokenizer, prompt: str, context: int) -> list[int]:
+    from chatfoundry.tokenizer import special_id
+
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
+    ids = ids or [special_id(tokenizer, "eos") or 0]  # an empty prompt starts a fresh document
+    if len(ids) >= context:
+        raise UserError(f"--prompt: {len(ids)} tokens leave no room in the model's context of {context}")
+    return ids
+
+
+def _decode_result(tokenizer, prompt_ids: list[int], out) -> dict:
+    """The --json shape: the first (best) sequence at the top level, every sequence in `sequences`."""
+    seqs = [{"text": tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids, "logprobs": lps,
+             "score": score} for ids, lps, score in zip(out.sequences, out.token_logprobs, out.scores)]
+    return {**{k: seqs[0][k] for k in ("text", "token_ids", "logprobs")}, "prompt_token_ids": prompt_ids,
+            "sequences": seqs}
+
+
+def _generate(args) -> dict:
+    from chatfoundry.checkpoint import load_model
+    from chatfoundry.generation import GenerationConfig, generate
+    from chatfoundry.tokenizer import special_id
+
+    model, tokenizer = load_model(args.ckpt, args.device)
+    if args.temperature < 0:
+        raise UserError(f"--temperature: must be >= 0, got {args.temperature}")
+    sampling = args.strategy == "sample" and args.temperature > 0  # temperature 0: greedy
+    cfg = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, do_sample=sampling, temperature=args.temperature if sampling else 1.0,
+        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size, num_beams=args.num_beams if args.strategy == "beam" else 1,
+        length_penalty=args.length_penalty, num_return_sequences=args.num_return_sequences,
+        early_stopping={"true": True, "false": False}.get(args.early_stopping, "never"),
+        eos_token_id=special_id(tokenizer, "eos"), seed=args.seed)
+    prompt_ids = _prompt_ids(tokenizer, args.prompt, model.config.block_size)
+    result = _decode_result(tokenizer, prompt_ids, generate(model, prompt_ids, cfg))
+    for i, seq in enumerate(result["sequences"]):
+        print(f"--- {args.strategy} {i + 1} (total logprob {sum(seq['logprobs']):.2f}) ---\n{args.prompt}{seq['text']}")
+    return result
+
+
+# The strategies the talk contrasts, from most to least conservative.
+COMPARE = {
+    "greedy": dict(),
+    "beam (4)": dict(num_beams=4),
+    "sample (T=1)": dict(do_sample=True),
+    "top-k (k=10)": dict(do_sample=True, top_k=10),
+    "top-p (p=0.9)": dict(do_sample=True, top_p=0.9),
+    "top-p (p=0.9, T=0.7)": dict(do_sample=True, top_p=0.9, temperature=0.7),
+}
+
+
+def _compare_parser(sub) -> None:
+    p = sub.add_parser("decode-compare", help="each decoding strategy's output side by side with its total logprob")
+    _generation_flags(p)
+    p.set_defaults(func=_compare)
+
+
+def _compare(args) -> list:
+    from chatfoundry.checkpoint import load_model
+    from chatfoundry.generation import GenerationConfig, generate
+    from chatfoundry.tokenizer import special_id
+
+    model, tokenizer = load_model(args.ckpt, args.device)
+    prompt_ids = _prompt_ids(tokenizer, args.prompt, model.config.block_size)
+    rows = []
+    for name, knobs in COMPARE.items():
+        cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, eos_token_id=special_id(tokenizer, "eos"),
+                               seed=args.seed, **knobs)
+        out = _decode_result(tokenizer, prompt_ids, generate(model, prompt_ids, cfg))
+        rows.append({"strategy": name, "text": out["text"], "logprob": sum(out["logprobs"]),
+                     "tokens": len(out["token_ids"])})
+    width = max(len(r["strategy"]) for r in rows)
+    print(f"prompt: {args.prompt!r}")
+    for r in rows:
+        print(f"{r['strategy']:<{width}}  logprob {r['logprob']:8.2f} ({r['tokens']:3} tokens)  "
+              f"{r['text']!r}")
+    return rows
+
+
 # ---------------------------------------------------------------- tokenizer
 
 
@@ -189,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="chatfoundry", allow_abbrev=False,
                             description="The ChatGPT recipe, small enough to read and run on a laptop.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-    for add in (_pretrain_parser, _sample_parser, _tokenizer_parser, _presets_parser):
+    for add in (_pretrain_parser, _sample_parser, _generate_parser, _compare_parser, _tokenizer_parser,
+                _presets_parser):
         add(sub)
     return parser
 
