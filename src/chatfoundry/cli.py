@@ -196,6 +196,27 @@ def _compare(args) -> list:
     return rows
 
 
+# ---------------------------------------------------------------- convert
+
+
+def _convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="import a Hugging Face GPT-2/Llama/Mistral folder, or export ours for transformers")
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-hf", metavar="SRC", help="a local transformers model folder to import")
+    way.add_argument("--to-hf", metavar="SRC", help="our checkpoint (or run folder) to export")
+    p.add_argument("--out", required=True, help="folder to write")
+    _json_flag(p)
+    p.set_defaults(func=_convert)
+
+
+def _convert(args) -> dict:
+    from chatfoundry.convert import from_hf, to_hf
+
+    result = from_hf(args.from_hf, args.out) if args.from_hf else to_hf(args.to_hf, args.out)
+    print(f"wrote {result['out']} ({result['architecture'] or 'chatfoundry'} layout)")
+    return result
+
+
 # ---------------------------------------------------------------- tokenizer
 
 
@@ -301,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="chatfoundry", allow_abbrev=False,
                             description="The ChatGPT recipe, small enough to read and run on a laptop.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-    for add in (_pretrain_parser, _sample_parser, _generate_parser, _compare_parser, _tokenizer_parser,
-                _presets_parser):
+    for add in (_pretrain_parser, _sample_parser, _generate_parser, _compare_parser, _convert_parser,
+                _tokenizer_parser, _presets_parser):
         add(sub)
     return parser
 

@@ -123,3 +123,44 @@ def _param_names(cfg: DecoderConfig) -> list[str]:
     """Our weight names for cfg, from a model built on the meta device (no memory)."""
     with torch.device("meta"):
         return list(DecoderLM(cfg).state_dict())
+
+
+# ---------------------------------------------------------------- importing transformers' checkpoints
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> DecoderConfig:
+    """Our config for a transformers GPT-2, Llama or Mistral config.json (fields as they name them)."""
+    kind = hf.get("model_type")
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(f"{source}: {what}")
+
+    if kind == "gpt2":
+        need(hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
+             f"activation_function {hf.get('activation_function')!r} is not GPT-2's tanh GELU")
+        n_embd = hf["n_embd"]
+        return DecoderConfig(preset="imported", flavour="gpt2", vocab_size=hf["vocab_size"],
+                             block_size=hf["n_positions"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+                             n_kv_head=hf["n_head"], n_embd=n_embd, intermediate_size=hf.get("n_inner") or 4 * n_embd,
+                             pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True,
+                             norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+    if kind in ("llama", "mistral"):
+        heads = hf["num_attention_heads"]
+        need(hf.get("hidden_act", "silu") == "silu", f"hidden_act {hf.get('hidden_act')!r} is not SwiGLU's silu")
+        need(hf.get("head_dim") in (None, hf["hidden_size"] // heads), "head_dim != hidden_size / num_attention_heads")
+        need(bool(hf.get("attention_bias", False)) == bool(hf.get("mlp_bias", False)),
+             "attention_bias and mlp_bias differ (one bias setting covers both here)")
+        need((hf.get("rope_scaling") or {}).get("rope_type", "default") == "default",
+             "scaled rotary embeddings (rope_scaling) are not supported")
+        window = hf.get("sliding_window")
+        need(window is None or window >= hf["max_position_embeddings"], "sliding-window attention is not supported")
+        theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
+        return DecoderConfig(preset="imported", flavour="llama", vocab_size=hf["vocab_size"],
+                             block_size=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
+                             n_head=heads, n_kv_head=hf.get("num_key_value_heads") or heads, n_embd=hf["hidden_size"],
+                             intermediate_size=hf["intermediate_size"], pos="rope", norm="rmsnorm", mlp="swiglu",
+                             bias=bool(hf.get("attention_bias", False)),
+                             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                             rope_theta=float(theta), norm_eps=hf.get("rms_norm_eps", 1e-6))
+    raise ValueError(f"{source}: model_type {kind!r} is not supported (gpt2, llama, mistral)")

@@ -1,0 +1,73 @@
+"""`chatfoundry convert`: Hugging Face folders in and out.
+
+In: a local transformers folder (config.json; model.safetensors, sharded safetensors with their
+index, or pytorch_model.bin read with weights_only=True; tokenizer.json) of a GPT-2, Llama or
+Mistral model becomes one of our checkpoints. Out: our checkpoint written for transformers;
+GPT-2- and Llama-shaped models already are, so the export checks the shape and leaves the
+trainer state behind.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from chatfoundry.checkpoint import load_model, save_checkpoint
+from chatfoundry.errors import UserError
+from chatfoundry.models.decoder import DecoderLM
+from chatfoundry.models.hf import config_from_hf, hf_architecture, state_dict_from_hf
+from chatfoundry.tokenizer import load_tokenizer
+
+
+def _hf_weights(src: Path) -> dict[str, torch.Tensor]:
+    index = src / "model.safetensors.index.json"
+    if (src / "model.safetensors").is_file():
+        return load_file(src / "model.safetensors")
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(src / shard).items()}
+    if (src / "pytorch_model.bin").is_file():
+        return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise UserError(f"{src}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def from_hf(src: str | Path, out: str | Path) -> dict:
+    """Import a transformers folder as our checkpoint at `out`; returns a summary."""
+    src = Path(src)
+    if not (src / "config.json").is_file():
+        raise UserError(f"{src}: no config.json (a Hugging Face model folder is expected)")
+    try:
+        cfg = config_from_hf(json.loads((src / "config.json").read_text()), str(src / "config.json"))
+        cfg.validate()
+    except (ValueError, KeyError) as e:
+        raise UserError(str(e) if isinstance(e, ValueError) else f"{src / 'config.json'}: missing field {e}") from None
+    tokenizer = load_tokenizer(src)
+    weights = _hf_weights(src)
+    with torch.device("meta"):
+        expected = set(DecoderLM(cfg).state_dict())
+    ours = state_dict_from_hf(weights, cfg)
+    missing = sorted(expected - set(ours))
+    if missing:
+        raise UserError(f"{src}: weights missing for {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    model = DecoderLM(cfg)
+    try:
+        model.load_state_dict({k: ours[k] for k in expected})
+    except RuntimeError as e:
+        raise UserError(f"{src}: weights do not match config.json ({str(e).splitlines()[-1].strip()})") from None
+    save_checkpoint(Path(out), model, tokenizer)
+    return {"out": str(out), "architecture": hf_architecture(cfg), "params": sum(p.numel() for p in model.parameters())}
+
+
+def to_hf(src: str | Path, out: str | Path) -> dict:
+    """Write our checkpoint at `src` as a folder transformers loads with from_pretrained."""
+    model, tokenizer = load_model(src)
+    arch = hf_architecture(model.config)
+    if arch is None:
+        c = model.config
+        raise UserError(f"{src}: no transformers architecture has this model's choices "
+                        f"(pos={c.pos}, norm={c.norm}, mlp={c.mlp}, bias={c.bias}); GPT-2 and Llama shapes export")
+    save_checkpoint(Path(out), model, tokenizer)
+    return {"out": str(out), "architecture": arch}
