@@ -410,3 +410,17 @@ def test_invalid_config_json_is_a_user_error(tmp_path, tok):
     with pytest.raises(UserError) as info:
         load_model(out)
     assert "config.json" in str(info.value) and "n_kv_head" in str(info.value)
+
+
+def test_missing_or_mismatched_weights_name_the_keys(tmp_path, tok):
+    from safetensors.torch import load_file, save_file
+
+    out = save_checkpoint(tmp_path / "checkpoint", tiny_model(tok), tok)
+    weights = load_file(out / "model.safetensors")
+    name = next(k for k in weights if k.endswith("mlp.c_fc.weight"))
+    save_file({k: v for k, v in weights.items() if k != name}, out / "model.safetensors")
+    with pytest.raises(UserError, match=r"missing weights layers\.\d\.mlp\.up_proj\.weight"):
+        load_model(out)
+    save_file({**weights, name: weights[name][:, :-1].contiguous()}, out / "model.safetensors")
+    with pytest.raises(UserError, match="does not match config.json.*up_proj"):
+        load_model(out)

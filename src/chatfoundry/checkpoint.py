@@ -94,7 +94,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[De
     except (ValueError, TypeError, json.JSONDecodeError, UserError) as e:
         raise UserError(f"{ckpt / 'config.json'}: {e}") from None
     model = DecoderLM(cfg)
-    model.load_state_dict(state_dict_from_hf(load_file(ckpt / "model.safetensors"), cfg))
+    weights = state_dict_from_hf(load_file(ckpt / "model.safetensors"), cfg)
+    missing = [k for k in model.state_dict() if k not in weights]
+    if missing:
+        raise UserError(f"{ckpt / 'model.safetensors'}: missing weights {', '.join(missing[:5])}"
+                        + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # shapes that disagree with config.json, or unknown keys
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise UserError(f"{ckpt / 'model.safetensors'}: does not match config.json: {detail}") from None
     return model.to(device).eval(), load_tokenizer(ckpt)
 
 

@@ -200,7 +200,7 @@ def _compare(args) -> list:
 
 
 def _convert_parser(sub) -> None:
-    p = sub.add_parser("convert", help="import a Hugging Face GPT-2/Llama/Mistral folder, or export ours for transformers")
+    p = sub.add_parser("convert", help="import a Hugging Face GPT-2/Llama/Mistral/Qwen2 folder, or export ours for transformers")
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--from-hf", metavar="SRC", help="a local transformers model folder to import")
     way.add_argument("--to-hf", metavar="SRC", help="our checkpoint (or run folder) to export")

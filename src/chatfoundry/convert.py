@@ -1,8 +1,8 @@
 """`chatfoundry convert`: Hugging Face folders in and out.
 
 In: a local transformers folder (config.json; model.safetensors, sharded safetensors with their
-index, or pytorch_model.bin read with weights_only=True; tokenizer.json) of a GPT-2, Llama or
-Mistral model becomes one of our checkpoints. Out: our checkpoint written for transformers;
+index, or pytorch_model.bin read with weights_only=True; tokenizer.json) of a GPT-2, Llama,
+Mistral or Qwen2 model becomes one of our checkpoints. Out: our checkpoint written for transformers;
 GPT-2- and Llama-shaped models already are, so the export checks the shape and leaves the
 trainer state behind.
 """

@@ -52,6 +52,7 @@ class DecoderConfig:
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     mlp: Literal["gelu", "swiglu"] = "gelu"
     bias: bool = True
+    qkv_bias: bool = False  # q/k/v projections biased even when `bias` is off (Qwen2)
     tie_embeddings: bool = True
     dropout: float = 0.0
     rope_theta: float = 10000.0
@@ -101,7 +102,7 @@ class Block(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.input_layernorm = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
-        self.self_attn = Attention(cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.bias, cfg.dropout)
+        self.self_attn = Attention(cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.bias, cfg.dropout, qkv_bias=cfg.qkv_bias)
         self.post_attention_layernorm = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
         self.mlp = MLP(cfg.n_embd, cfg.ffn_dim, cfg.mlp, cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)

@@ -2,7 +2,7 @@
 
 A checkpoint whose choices match GPT-2 (learned positions, LayerNorm, GELU, biases, tied, no GQA)
 is written as `GPT2LMHeadModel`; one that matches Llama (rotary, RMSNorm, SwiGLU) as
-`LlamaForCausalLM`; `transformers` then loads our folder as it is. Other mixes (sinusoidal
+`LlamaForCausalLM` (`Qwen2ForCausalLM` when only q/k/v carry biases); `transformers` then loads our folder as it is. Other mixes (sinusoidal
 positions, say) are written under our own model_type. Our full config always rides along under
 the `chatfoundry` key, so loading our own folders never guesses.
 """
@@ -21,7 +21,7 @@ def hf_architecture(cfg: DecoderConfig) -> str | None:
             and cfg.n_kv_head == cfg.n_head:
         return "gpt2"
     if (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu"):
-        return "llama"
+        return "qwen2" if cfg.qkv_bias and not cfg.bias else "llama"
     return None
 
 
@@ -35,14 +35,17 @@ def to_hf_config(cfg: DecoderConfig, special: dict[str, int | None] | None = Non
               "n_inner": cfg.ffn_dim, "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
               "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
               "scale_attn_weights": True, "tie_word_embeddings": True}
-    elif arch == "llama":
-        hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+    elif arch in ("llama", "qwen2"):
+        hf = {"vocab_size": cfg.vocab_size,
               "hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layer,
               "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
               "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
               "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-              "attention_bias": cfg.bias, "mlp_bias": cfg.bias, "attention_dropout": cfg.dropout,
-              "tie_word_embeddings": cfg.tie_embeddings}
+              "attention_dropout": cfg.dropout, "tie_word_embeddings": cfg.tie_embeddings}
+        if arch == "llama":
+            hf.update(architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=cfg.bias, mlp_bias=cfg.bias)
+        else:  # Qwen2: biases on q, k and v only
+            hf.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False)
     else:
         hf = {"architectures": ["ChatfoundryDecoderLM"], "model_type": "chatfoundry", "vocab_size": cfg.vocab_size,
               "tie_word_embeddings": cfg.tie_embeddings}
@@ -79,7 +82,7 @@ def state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[st
     """Our weights under the architecture's names; a tied head is left out, as transformers does."""
     sd = {k: v for k, v in sd.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
     arch = hf_architecture(cfg)
-    if arch == "llama":
+    if arch in ("llama", "qwen2"):
         return {(k if k.startswith("lm_head") else "model." + k): v.contiguous() for k, v in sd.items()}
     if arch != "gpt2":
         return {k: v.contiguous() for k, v in sd.items()}
@@ -97,7 +100,7 @@ def state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[st
 def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
     """Inverse of `state_dict_to_hf`; a tied head is restored from the embedding."""
     arch = hf_architecture(cfg)
-    if arch == "llama":
+    if arch in ("llama", "qwen2"):
         sd = {k.removeprefix("model."): v for k, v in hf_sd.items()}
     elif arch == "gpt2":
         ours_by_hf = {_gpt2_key(k): k for k in _param_names(cfg)}
@@ -145,22 +148,23 @@ def config_from_hf(hf: dict, source: str = "config.json") -> DecoderConfig:
                              n_kv_head=hf["n_head"], n_embd=n_embd, intermediate_size=hf.get("n_inner") or 4 * n_embd,
                              pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True,
                              norm_eps=hf.get("layer_norm_epsilon", 1e-5))
-    if kind in ("llama", "mistral"):
+    if kind in ("llama", "mistral", "qwen2"):
         heads = hf["num_attention_heads"]
         need(hf.get("hidden_act", "silu") == "silu", f"hidden_act {hf.get('hidden_act')!r} is not SwiGLU's silu")
         need(hf.get("head_dim") in (None, hf["hidden_size"] // heads), "head_dim != hidden_size / num_attention_heads")
         need(bool(hf.get("attention_bias", False)) == bool(hf.get("mlp_bias", False)),
              "attention_bias and mlp_bias differ (one bias setting covers both here)")
+        qwen2 = kind == "qwen2"  # Qwen2: q, k and v carry biases, nothing else does
         need((hf.get("rope_scaling") or {}).get("rope_type", "default") == "default",
              "scaled rotary embeddings (rope_scaling) are not supported")
-        window = hf.get("sliding_window")
+        window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
         need(window is None or window >= hf["max_position_embeddings"], "sliding-window attention is not supported")
         theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
         return DecoderConfig(preset="imported", flavour="llama", vocab_size=hf["vocab_size"],
                              block_size=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
                              n_head=heads, n_kv_head=hf.get("num_key_value_heads") or heads, n_embd=hf["hidden_size"],
                              intermediate_size=hf["intermediate_size"], pos="rope", norm="rmsnorm", mlp="swiglu",
-                             bias=bool(hf.get("attention_bias", False)),
+                             bias=bool(hf.get("attention_bias", False)) and not qwen2, qkv_bias=qwen2,
                              tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                              rope_theta=float(theta), norm_eps=hf.get("rms_norm_eps", 1e-6))
-    raise ValueError(f"{source}: model_type {kind!r} is not supported (gpt2, llama, mistral)")
+    raise ValueError(f"{source}: model_type {kind!r} is not supported (gpt2, llama, mistral, qwen2)")

@@ -117,14 +117,15 @@ class Attention(nn.Module):
     kernels where the hardware has them.
     """
 
-    def __init__(self, dim: int, n_head: int, n_kv_head: int, bias: bool, dropout: float, causal: bool = True):
+    def __init__(self, dim: int, n_head: int, n_kv_head: int, bias: bool, dropout: float, causal: bool = True,
+                 qkv_bias: bool = False):
         super().__init__()
         assert dim % n_head == 0 and n_head % n_kv_head == 0
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, dim // n_head
         self.causal, self.dropout = causal, dropout
-        self.q_proj = nn.Linear(dim, n_head * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, n_kv_head * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, n_kv_head * self.head_dim, bias=bias)
+        self.q_proj = nn.Linear(dim, n_head * self.head_dim, bias=bias or qkv_bias)
+        self.k_proj = nn.Linear(dim, n_kv_head * self.head_dim, bias=bias or qkv_bias)
+        self.v_proj = nn.Linear(dim, n_kv_head * self.head_dim, bias=bias or qkv_bias)
         self.o_proj = nn.Linear(n_head * self.head_dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
