@@ -84,3 +84,18 @@ def test_decode_compare_lists_each_strategy_with_its_logprob(ckpt, capsys):
     assert rows[0]["logprob"] == pytest.approx(sum(greedy["logprobs"]))
     for r in rows:
         assert r["strategy"] in out and r["logprob"] <= 0
+
+
+def test_stream_prints_the_same_text_as_json_and_stop_cuts_it(ckpt, capsys):
+    code, out, err = run_cli(["generate", "--ckpt", str(ckpt), "--prompt", "The ", "--max-new-tokens", "20",
+                              "--stream", "--json"], capsys)
+    assert code == 0, err
+    result = last_json(out)
+    assert out.splitlines()[0] == "The " + result["text"].split("\n")[0]
+    full = gen(capsys, ckpt, "--strategy", "greedy", "--max-new-tokens", "20")
+    assert full["text"] == result["text"]
+    stop = full["text"][3:5]
+    cut = gen(capsys, ckpt, "--strategy", "greedy", "--max-new-tokens", "20", "--stop", stop)
+    assert cut["text"] == full["text"][:full["text"].find(stop)]
+    beams = gen(capsys, ckpt, "--strategy", "beam", "--stop", stop)
+    assert all(stop not in s["text"] for s in beams["sequences"])

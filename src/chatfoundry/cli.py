@@ -69,7 +69,7 @@ def _sample_parser(sub) -> None:
 
 def _sample(args) -> dict:
     from chatfoundry.checkpoint import load_model
-    from chatfoundry.train.pretrain import generate_text
+    from chatfoundry.textgen import generate_text
 
     for name in ("num_samples", "max_new_tokens", "top_k"):
         if getattr(args, name) < 0:
@@ -113,23 +113,21 @@ def _generate_parser(sub) -> None:
     p.add_argument("--min-p", type=float, default=None, help="sample: drop tokens below min_p x the top probability")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the text before this string (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print the text as tokens arrive (greedy and sample)")
     p.set_defaults(func=_generate)
 
 
-def _prompt_ids(tokenizer, prompt: str, context: int) -> list[int]:
-    from chatfoundry.tokenizer import special_id
-
-    ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
-    ids = ids or [special_id(tokenizer, "eos") or 0]  # an empty prompt starts a fresh document
-    if len(ids) >= context:
-        raise UserError(f"--prompt: {len(ids)} tokens leave no room in the model's context of {context}")
-    return ids
-
-
-def _decode_result(tokenizer, prompt_ids: list[int], out) -> dict:
+def _decode_result(tokenizer, prompt_ids: list[int], out, stops=()) -> dict:
     """The --json shape: the first (best) sequence at the top level, every sequence in `sequences`."""
-    seqs = [{"text": tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids, "logprobs": lps,
-             "score": score} for ids, lps, score in zip(out.sequences, out.token_logprobs, out.scores)]
+    from chatfoundry.textgen import TextStream
+
+    def text(ids):
+        return TextStream(tokenizer, stops, list(ids)).flush()  # decoded, cut before a stop string
+
+    seqs = [{"text": text(ids), "token_ids": ids, "logprobs": lps, "score": score}
+            for ids, lps, score in zip(out.sequences, out.token_logprobs, out.scores)]
     return {**{k: seqs[0][k] for k in ("text", "token_ids", "logprobs")}, "prompt_token_ids": prompt_ids,
             "sequences": seqs}
 
@@ -137,6 +135,7 @@ def _decode_result(tokenizer, prompt_ids: list[int], out) -> dict:
 def _generate(args) -> dict:
     from chatfoundry.checkpoint import load_model
     from chatfoundry.generation import GenerationConfig, generate
+    from chatfoundry.textgen import prompt_ids, stream_text
     from chatfoundry.tokenizer import special_id
 
     model, tokenizer = load_model(args.ckpt, args.device)
@@ -150,8 +149,29 @@ def _generate(args) -> dict:
         length_penalty=args.length_penalty, num_return_sequences=args.num_return_sequences,
         early_stopping={"true": True, "false": False}.get(args.early_stopping, "never"),
         eos_token_id=special_id(tokenizer, "eos"), seed=args.seed)
-    prompt_ids = _prompt_ids(tokenizer, args.prompt, model.config.block_size)
-    result = _decode_result(tokenizer, prompt_ids, generate(model, prompt_ids, cfg))
+    ids = prompt_ids(tokenizer, args.prompt, model.config.block_size, "--prompt")
+    cfg.validate()
+    if cfg.num_beams == 1 and cfg.num_return_sequences == 1:  # one sequence: stream it, stop strings and all
+        pieces, tokens, logprobs = [], [], []
+        if args.stream:
+            print(args.prompt, end="", flush=True)
+        for piece, token, logprob in stream_text(model, tokenizer, ids, cfg, args.stop):
+            pieces.append(piece)
+            if args.stream:
+                print(piece, end="", flush=True)
+            if token >= 0:
+                tokens.append(token)
+                logprobs.append(logprob)
+        text = "".join(pieces)
+        if args.stream:
+            print()
+        else:
+            print(f"--- {args.strategy} (total logprob {sum(logprobs):.2f}) ---\n{args.prompt}{text}")
+        seq = {"text": text, "token_ids": tokens, "logprobs": logprobs, "score": sum(logprobs)}
+        return {**{k: seq[k] for k in ("text", "token_ids", "logprobs")}, "prompt_token_ids": ids, "sequences": [seq]}
+    if args.stream:
+        raise UserError("--stream: streams one sequence; use --num-return-sequences 1 and no beam search")
+    result = _decode_result(tokenizer, ids, generate(model, ids, cfg), args.stop)
     for i, seq in enumerate(result["sequences"]):
         print(f"--- {args.strategy} {i + 1} (total logprob {sum(seq['logprobs']):.2f}) ---\n{args.prompt}{seq['text']}")
     return result
@@ -177,15 +197,16 @@ def _compare_parser(sub) -> None:
 def _compare(args) -> list:
     from chatfoundry.checkpoint import load_model
     from chatfoundry.generation import GenerationConfig, generate
+    from chatfoundry.textgen import prompt_ids
     from chatfoundry.tokenizer import special_id
 
     model, tokenizer = load_model(args.ckpt, args.device)
-    prompt_ids = _prompt_ids(tokenizer, args.prompt, model.config.block_size)
+    ids = prompt_ids(tokenizer, args.prompt, model.config.block_size, "--prompt")
     rows = []
     for name, knobs in COMPARE.items():
         cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, eos_token_id=special_id(tokenizer, "eos"),
                                seed=args.seed, **knobs)
-        out = _decode_result(tokenizer, prompt_ids, generate(model, prompt_ids, cfg))
+        out = _decode_result(tokenizer, ids, generate(model, ids, cfg))
         rows.append({"strategy": name, "text": out["text"], "logprob": sum(out["logprobs"]),
                      "tokens": len(out["token_ids"])})
     width = max(len(r["strategy"]) for r in rows)

@@ -24,6 +24,7 @@ log-probabilities divided by (number of new tokens, EOS included) ** length_pena
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Callable, Literal
 
 import torch
@@ -177,14 +178,14 @@ def process_logits(logits: torch.Tensor, history: torch.Tensor, cfg: GenerationC
 Picker = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-@torch.no_grad()
-def _decode(model: DecoderLM, prompt: list[int], rows: int, max_new_tokens: int, pick: Picker,
-            eos_id: int | None) -> tuple[list[list[int]], list[list[float]]]:
-    """The token-by-token loop shared by greedy and sampling: new tokens and their logprobs.
+def _steps(model: DecoderLM, prompt: list[int], rows: int, max_new_tokens: int,
+           pick: Picker) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The token-by-token loop shared by greedy, sampling and streaming: yields, per step, every
+    row's next token (R,) and its logprob under the model's own distribution (R,).
 
-    Each row stops at eos_id (kept) or after max_new_tokens. Past the model's context the window
-    slides, as nanoGPT does: the cache restarts from the last half-context of tokens, so
-    generation can run on as long as asked.
+    Past the model's context the window slides, as nanoGPT does: the cache restarts from the last
+    half-context of tokens, so generation can run on as long as asked. The caller stops early by
+    not asking for the next step.
     """
     if not prompt:
         raise ValueError("prompt must hold at least one token")
@@ -194,28 +195,34 @@ def _decode(model: DecoderLM, prompt: list[int], rows: int, max_new_tokens: int,
     seqs = history[:, -context:]  # what the model can see
     cache = model.new_cache(rows)
     idx = seqs
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            if cache.pos + idx.shape[1] > context:  # full: re-read the recent half-context
+                idx, cache.pos = seqs[:, -(context // 2):], 0
+            logits, _ = model(idx, cache=cache)
+            cache.pos += idx.shape[1]
+            logits = logits[:, -1, :].float()
+            nxt = pick(logits, history)
+            yield nxt, torch.log_softmax(logits, dim=-1).gather(1, nxt[:, None]).squeeze(1)
+            idx = nxt[:, None]
+            seqs = torch.cat([seqs[:, -(context - 1):], idx], dim=1)
+            history = torch.cat([history, idx], dim=1)
+
+
+def _decode(model: DecoderLM, prompt: list[int], rows: int, max_new_tokens: int, pick: Picker,
+            eos_id: int | None) -> tuple[list[list[int]], list[list[float]]]:
+    """New tokens and their logprobs per row; each row stops at eos_id (kept) or max_new_tokens."""
     out: list[list[int]] = [[] for _ in range(rows)]
     logprobs: list[list[float]] = [[] for _ in range(rows)]
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        if cache.pos + idx.shape[1] > context:  # full: re-read the recent half-context
-            idx, cache.pos = seqs[:, -(context // 2):], 0
-        logits, _ = model(idx, cache=cache)
-        cache.pos += idx.shape[1]
-        logits = logits[:, -1, :].float()
-        nxt = pick(logits, history)
-        chosen = torch.log_softmax(logits, dim=-1).gather(1, nxt[:, None]).squeeze(1)
+    done = [False] * rows
+    for nxt, chosen in _steps(model, prompt, rows, max_new_tokens, pick):
         for i, (t, lp) in enumerate(zip(nxt.tolist(), chosen.tolist())):
             if not done[i]:
                 out[i].append(t)
                 logprobs[i].append(lp)
-        if eos_id is not None:
-            done |= nxt == eos_id
-            if bool(done.all()):
-                break
-        idx = nxt[:, None]
-        seqs = torch.cat([seqs[:, -(context - 1):], idx], dim=1)
-        history = torch.cat([history, idx], dim=1)
+                done[i] = t == eos_id
+        if all(done):
+            break
     return out, logprobs
 
 
@@ -340,11 +347,8 @@ def beam_search(model: DecoderLM, prompt: list[int], cfg: GenerationConfig) -> G
 # ---------------------------------------------------------------- one entry point
 
 
-def generate(model: DecoderLM, prompt: list[int], cfg: GenerationConfig) -> GenerationOutput:
-    """Continue one prompt: beam search when num_beams > 1, else greedy or sampling."""
-    cfg.validate()
-    if cfg.num_beams > 1:
-        return beam_search(model, prompt, cfg)
+def _picker(model: DecoderLM, cfg: GenerationConfig) -> Picker:
+    """Greedy or sampling from the processed logits, with the config's seed."""
     generator = None
     if cfg.do_sample and cfg.seed is not None:
         generator = torch.Generator(model.lm_head.weight.device).manual_seed(cfg.seed)
@@ -355,5 +359,28 @@ def generate(model: DecoderLM, prompt: list[int], cfg: GenerationConfig) -> Gene
             return scores.argmax(dim=-1)
         return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(-1)
 
+    return pick
+
+
+def generate(model: DecoderLM, prompt: list[int], cfg: GenerationConfig) -> GenerationOutput:
+    """Continue one prompt: beam search when num_beams > 1, else greedy or sampling."""
+    cfg.validate()
+    if cfg.num_beams > 1:
+        return beam_search(model, prompt, cfg)
+    pick = _picker(model, cfg)
     seqs, logprobs = _decode(model, prompt, cfg.num_return_sequences, cfg.max_new_tokens, pick, cfg.eos_token_id)
     return GenerationOutput(sequences=seqs, scores=[sum(lp) for lp in logprobs], token_logprobs=logprobs)
+
+
+def stream(model: DecoderLM, prompt: list[int], cfg: GenerationConfig) -> Iterator[tuple[int, float]]:
+    """Greedy or sampled tokens of one continuation as they come: (token id, logprob), EOS included.
+
+    The same tokens as `generate` with the same config (num_return_sequences 1, no beams).
+    """
+    cfg.validate()
+    require(cfg.num_beams == 1, "generation.num_beams", "streaming decodes one sequence: num_beams must be 1")
+    for nxt, chosen in _steps(model, prompt, 1, cfg.max_new_tokens, _picker(model, cfg)):
+        token = int(nxt[0])
+        yield token, float(chosen[0])
+        if token == cfg.eos_token_id:
+            return

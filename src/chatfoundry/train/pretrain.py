@@ -29,10 +29,10 @@ from chatfoundry.data import corpus
 from chatfoundry.data.shards import (BlockSampler, build_shards, default_cache_dir, files_key, read_documents,
                                      resolve_inputs)
 from chatfoundry.errors import UserError
-from chatfoundry.generation import sample
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.models.decoder import DecoderConfig, DecoderLM, flops_per_token, num_params
-from chatfoundry.tokenizer import SPECIAL_TOKENS, load_tokenizer, save_tokenizer, special_id, train_tokenizer
+from chatfoundry.textgen import generate_text
+from chatfoundry.tokenizer import SPECIAL_TOKENS, load_tokenizer, save_tokenizer, train_tokenizer
 from chatfoundry.train.loop import Runtime, TrainConfig, accumulation, fit, make_optimizer, setup_runtime, teardown
 
 
@@ -275,22 +275,3 @@ def _run(cfg, rt, out, key, documents, resume, overwrite, log, t0) -> dict:
         summary["samples"] = samples
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
     return summary
-
-
-def generate_text(model: DecoderLM, tokenizer, prompt: str, n: int, max_new_tokens: int, temperature: float,
-                  top_k: int, seed: int) -> list[str]:
-    """Continuations of `prompt` (empty: a fresh document, started from the end-of-text token)."""
-    if n == 0:
-        return []
-    eos = special_id(tokenizer, "eos")
-    ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
-    if not ids:
-        ids = [eos if eos is not None else 0]
-    if len(ids) >= model.config.block_size:
-        raise UserError(f"prompt: {len(ids)} tokens leaves no room in the model's context of {model.config.block_size}")
-    gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    outs = sample(model, ids, max_new_tokens, n, temperature, top_k or None, eos, gen)
-    model.train(was_training)
-    return [tokenizer.decode(o, skip_special_tokens=True) for o in outs]

@@ -1,0 +1,114 @@
+"""Text in, text out over `generation` (which works on token ids): streaming and stop strings.
+
+A byte-level token can end in the middle of a UTF-8 character, and the tail of the text can be
+the start of a stop string. So a stream decodes the whole continuation after every token and
+hands out only what is new and safe: it holds back text that ends in an incomplete character
+(decoded as U+FFFD) or that could still grow into a stop string, and ends before a stop string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from chatfoundry.errors import UserError
+from chatfoundry.generation import GenerationConfig, sample, stream
+from chatfoundry.models.decoder import DecoderLM
+from chatfoundry.tokenizer import special_id
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _could_become_stop(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of some stop string."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+@dataclass
+class TextStream:
+    """Token ids in, printable text out: `push(id)` returns the new text that is safe to show."""
+
+    tokenizer: object
+    stops: Sequence[str] = ()
+    ids: list[int] = field(default_factory=list)
+    sent: int = 0  # characters already handed out
+    stopped: bool = False
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self._text()
+        cut = _first_stop(text, self.stops)
+        if cut is not None:
+            self.stopped = True
+            return self._emit(text[:cut])
+        if text.endswith("\ufffd"):  # an incomplete character: wait for its other bytes
+            return ""
+        return self._emit(text[:len(text) - _could_become_stop(text, self.stops)])
+
+    def flush(self) -> str:
+        """What was held back, once generation has ended."""
+        text = self._text()
+        cut = _first_stop(text, self.stops)
+        return self._emit(text if cut is None else text[:cut])
+
+    def _emit(self, upto: str) -> str:
+        new = upto[self.sent:] if len(upto) > self.sent else ""
+        self.sent = max(self.sent, len(upto))
+        return new
+
+
+def prompt_ids(tokenizer, prompt: str, context: int, field_name: str = "prompt") -> list[int]:
+    """The prompt's ids (an empty prompt starts a fresh document after the end-of-text token)."""
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
+    ids = ids or [special_id(tokenizer, "eos") or 0]
+    if len(ids) >= context:
+        raise UserError(f"{field_name}: {len(ids)} tokens leave no room in the model's context of {context}")
+    return ids
+
+
+def stream_text(model: DecoderLM, tokenizer, ids: list[int], cfg: GenerationConfig,
+                stops: Sequence[str] = ()) -> Iterator[tuple[str, int, float]]:
+    """(new text, token id, logprob) per generated token until EOS, a stop string or the limit;
+    a last ("", -1, 0.0) may carry text held back to the end."""
+    text = TextStream(tokenizer, [s for s in stops if s])
+    for token, logprob in stream(model, ids, cfg):
+        yield text.push(token), token, logprob
+        if text.stopped:
+            return
+    rest = text.flush()
+    if rest:
+        yield rest, -1, 0.0
+
+
+def complete(model: DecoderLM, tokenizer, ids: list[int], cfg: GenerationConfig,
+             stops: Sequence[str] = ()) -> dict:
+    """One continuation as `chatfoundry generate --json` reports it; text ends before a stop string."""
+    pieces, tokens, logprobs = [], [], []
+    for piece, token, logprob in stream_text(model, tokenizer, ids, cfg, stops):
+        pieces.append(piece)
+        if token >= 0:
+            tokens.append(token)
+            logprobs.append(logprob)
+    return {"text": "".join(pieces), "prompt_token_ids": ids, "token_ids": tokens, "logprobs": logprobs}
+
+
+def generate_text(model: DecoderLM, tokenizer, prompt: str, n: int, max_new_tokens: int, temperature: float,
+                  top_k: int, seed: int) -> list[str]:
+    """`n` sampled continuations of `prompt` (greedy at temperature 0), as text."""
+    if n == 0:
+        return []
+    ids = prompt_ids(tokenizer, prompt, model.config.block_size)
+    gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    outs = sample(model, ids, max_new_tokens, n, temperature, top_k or None, special_id(tokenizer, "eos"), gen)
+    model.train(was_training)
+    return [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
