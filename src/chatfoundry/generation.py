@@ -178,44 +178,53 @@ def process_logits(logits: torch.Tensor, history: torch.Tensor, cfg: GenerationC
 Picker = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _steps(model: DecoderLM, prompt: list[int], rows: int, max_new_tokens: int,
+def _steps(model: DecoderLM, prompts: list[list[int]], max_new_tokens: int,
            pick: Picker) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The token-by-token loop shared by greedy, sampling and streaming: yields, per step, every
     row's next token (R,) and its logprob under the model's own distribution (R,).
 
-    Past the model's context the window slides, as nanoGPT does: the cache restarts from the last
-    half-context of tokens, so generation can run on as long as asked. The caller stops early by
-    not asking for the next step.
+    Prompts of different lengths are left-padded into one batch; a key mask keeps padding out of
+    attention and out of the positions. Past the model's context the window slides, as nanoGPT
+    does: the cache restarts from the last half-context of tokens, so generation can run on as
+    long as asked. The caller stops early by not asking for the next step.
     """
-    if not prompt:
-        raise ValueError("prompt must hold at least one token")
+    if not prompts or not all(prompts):
+        raise ValueError("every prompt must hold at least one token")
     device = model.lm_head.weight.device
     context = model.config.block_size
-    history = torch.tensor([prompt] * rows, device=device)  # everything, for the processors
-    seqs = history[:, -context:]  # what the model can see
-    cache = model.new_cache(rows)
-    idx = seqs
+    width = max(len(p) for p in prompts)
+    history = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)  # for the processors
+    real = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=device)
+    padded = not bool(real.all())
+    seqs, seqs_real = history[:, -context:], real[:, -context:]  # what the model can see
+    cache = model.new_cache(len(prompts))
+    cached_real = real[:, :0]  # which cached positions hold real tokens
+    idx, idx_real = seqs, seqs_real
     with torch.no_grad():
         for _ in range(max_new_tokens):
             if cache.pos + idx.shape[1] > context:  # full: re-read the recent half-context
-                idx, cache.pos = seqs[:, -(context // 2):], 0
-            logits, _ = model(idx, cache=cache)
+                idx, idx_real = seqs[:, -(context // 2):], seqs_real[:, -(context // 2):]
+                cache.pos, cached_real = 0, real[:, :0]
+            cached_real = torch.cat([cached_real, idx_real], dim=1)
+            logits, _ = model(idx, cache=cache, key_mask=cached_real if padded else None)
             cache.pos += idx.shape[1]
             logits = logits[:, -1, :].float()
             nxt = pick(logits, history)
             yield nxt, torch.log_softmax(logits, dim=-1).gather(1, nxt[:, None]).squeeze(1)
-            idx = nxt[:, None]
+            idx, idx_real = nxt[:, None], torch.ones_like(nxt[:, None], dtype=torch.bool)
             seqs = torch.cat([seqs[:, -(context - 1):], idx], dim=1)
+            seqs_real = torch.cat([seqs_real[:, -(context - 1):], idx_real], dim=1)
             history = torch.cat([history, idx], dim=1)
 
 
-def _decode(model: DecoderLM, prompt: list[int], rows: int, max_new_tokens: int, pick: Picker,
+def _decode(model: DecoderLM, prompts: list[list[int]], max_new_tokens: int, pick: Picker,
             eos_id: int | None) -> tuple[list[list[int]], list[list[float]]]:
-    """New tokens and their logprobs per row; each row stops at eos_id (kept) or max_new_tokens."""
+    """New tokens and their logprobs per prompt; each stops at eos_id (kept) or max_new_tokens."""
+    rows = len(prompts)
     out: list[list[int]] = [[] for _ in range(rows)]
     logprobs: list[list[float]] = [[] for _ in range(rows)]
     done = [False] * rows
-    for nxt, chosen in _steps(model, prompt, rows, max_new_tokens, pick):
+    for nxt, chosen in _steps(model, prompts, max_new_tokens, pick):
         for i, (t, lp) in enumerate(zip(nxt.tolist(), chosen.tolist())):
             if not done[i]:
                 out[i].append(t)
@@ -238,7 +247,7 @@ def sample(model: DecoderLM, prompt: list[int], max_new_tokens: int, num_samples
         probs = torch.softmax(filter_logits(logits, temperature, top_k), dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
-    return _decode(model, prompt, num_samples, max_new_tokens, pick, eos_id)[0]
+    return _decode(model, [prompt] * num_samples, max_new_tokens, pick, eos_id)[0]
 
 
 # ---------------------------------------------------------------- beam search
@@ -368,7 +377,18 @@ def generate(model: DecoderLM, prompt: list[int], cfg: GenerationConfig) -> Gene
     if cfg.num_beams > 1:
         return beam_search(model, prompt, cfg)
     pick = _picker(model, cfg)
-    seqs, logprobs = _decode(model, prompt, cfg.num_return_sequences, cfg.max_new_tokens, pick, cfg.eos_token_id)
+    seqs, logprobs = _decode(model, [prompt] * cfg.num_return_sequences, cfg.max_new_tokens, pick,
+                             cfg.eos_token_id)
+    return GenerationOutput(sequences=seqs, scores=[sum(lp) for lp in logprobs], token_logprobs=logprobs)
+
+
+def generate_batch(model: DecoderLM, prompts: list[list[int]], cfg: GenerationConfig) -> GenerationOutput:
+    """Greedy or sampled continuations of several prompts of any lengths, in one batch: row i
+    continues prompts[i] (left padding and a key mask make each row as if it ran alone)."""
+    cfg.validate()
+    require(cfg.num_beams == 1 and cfg.num_return_sequences == 1, "generation.num_beams",
+            "batched prompts take one greedy or sampled sequence each (num_beams 1, num_return_sequences 1)")
+    seqs, logprobs = _decode(model, prompts, cfg.max_new_tokens, _picker(model, cfg), cfg.eos_token_id)
     return GenerationOutput(sequences=seqs, scores=[sum(lp) for lp in logprobs], token_logprobs=logprobs)
 
 
@@ -379,7 +399,7 @@ def stream(model: DecoderLM, prompt: list[int], cfg: GenerationConfig) -> Iterat
     """
     cfg.validate()
     require(cfg.num_beams == 1, "generation.num_beams", "streaming decodes one sequence: num_beams must be 1")
-    for nxt, chosen in _steps(model, prompt, 1, cfg.max_new_tokens, _picker(model, cfg)):
+    for nxt, chosen in _steps(model, [prompt], cfg.max_new_tokens, _picker(model, cfg)):
         token = int(nxt[0])
         yield token, float(chosen[0])
         if token == cfg.eos_token_id:

@@ -107,8 +107,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.n_embd, cfg.ffn_dim, cfg.mlp, cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, cache=None, layer=0):
-        x = x + self.drop(self.self_attn(self.input_layernorm(x), rope, cache, layer))
+    def forward(self, x, rope=None, cache=None, layer=0, mask=None):
+        x = x + self.drop(self.self_attn(self.input_layernorm(x), rope, cache, layer, mask))
         return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -148,28 +148,40 @@ class DecoderLM(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for every position; with targets also the mean cross-entropy (ignore_index -100).
 
         With a cache, `idx` holds the positions [cache.pos, cache.pos + T); the caller advances
-        cache.pos afterwards.
+        cache.pos afterwards. `key_mask` (B, cache.pos + T) bool marks real tokens in a
+        left-padded batch: positions then count each row's real tokens only, and no query
+        attends to padding.
         """
         T = idx.shape[1]
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        queries = torch.arange(start, start + T, device=idx.device)
+        positions, mask = queries, None
+        if key_mask is not None:
+            positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]
+            keys = torch.arange(start + T, device=idx.device)
+            causal = keys[None, :] <= queries[:, None]
+            itself = keys[None, :] == queries[:, None]
+            # A padding query sees only itself: softmax stays finite, and no real token sees it.
+            mask = ((causal & key_mask[:, None, :]) | itself)[:, None]
         x = self.embed_tokens(idx)
         rope = None
         if self.config.pos == "learned":
-            x = x + self.embed_positions(torch.arange(start, start + T, device=idx.device))
+            x = x + self.embed_positions(positions)
         elif self.config.pos == "sinusoidal":
-            x = x + self.sinusoids[start:start + T]
+            x = x + self.sinusoids[positions]
         else:
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            rope = (cos[:, None], sin[:, None]) if positions.dim() == 2 else (cos, sin)  # (B, 1, T, d): per row
         x = self.drop(x)
         for i, block in enumerate(self.layers):
-            x = block(x, rope, cache, i)
+            x = block(x, rope, cache, i, mask)
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:

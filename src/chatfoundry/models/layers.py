@@ -129,7 +129,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(n_head * self.head_dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask` (B, 1, T, S) bool, optional: which keys each query may see (padded batches)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -137,7 +138,7 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        mask, is_causal = None, self.causal and T > 1
+        is_causal = mask is None and self.causal and T > 1
         if cache is not None:
             start, end = cache.pos, cache.pos + T
             cache.k[layer][:, :, start:end] = k
