@@ -197,10 +197,11 @@ def _steps(model: DecoderLM, prompts: list[list[int]], max_new_tokens: int,
     real = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=device)
     padded = not bool(real.all())
     seqs, seqs_real = history[:, -context:], real[:, -context:]  # what the model can see
-    cache = model.new_cache(len(prompts))
+    need = seqs.shape[1] + max_new_tokens  # a cache for the positions this call uses, not the whole block
+    cache = model.new_cache(len(prompts), need if need <= context else None)
     cached_real = real[:, :0]  # which cached positions hold real tokens
     idx, idx_real = seqs, seqs_real
-    with torch.no_grad():
+    with torch.inference_mode():
         for _ in range(max_new_tokens):
             if cache.pos + idx.shape[1] > context:  # full: re-read the recent half-context
                 idx, idx_real = seqs[:, -(context // 2):], seqs_real[:, -(context // 2):]
