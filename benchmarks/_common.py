@@ -5,6 +5,7 @@ Not part of the package: run the scripts from the repository root (`python bench
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from pathlib import Path
@@ -187,3 +188,10 @@ def gemm_ceiling(cfg, tokens: int, repeats: int = 3, dtype: torch.dtype = torch.
     weights = cfg.n_layer * sum(i * o for i, o in shapes) + d * cfg.vocab_size
     flops = 6 * weights * tokens
     return {"flops": flops / best, "ms": best * 1e3, "matmul_flops_per_step": flops}
+
+
+def write_report(report: dict, path: str | Path) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwritten {out}")

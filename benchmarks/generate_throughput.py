@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, build_pair, machine_info  # noqa: E402
+from _common import REPO, build_pair, machine_info, write_report  # noqa: E402
 
 from chatfoundry.generation import GenerationConfig, generate  # noqa: E402
 from chatfoundry.models.decoder import PRESETS, num_params  # noqa: E402
@@ -427,10 +427,7 @@ def main(argv=None) -> int:
               "cases": {c: {"rows": CASES[c][0], "do_sample": CASES[c][1]} for c in args.case_list},
               "sampling": {"top_p": TOP_P, "temperature": TEMPERATURE, "top_k": None},
               "targets_batch1_ratio": TARGETS, "results": results}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwritten {out}")
+    write_report(report, args.out)
     return 0
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -41,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (REPO, adamw_like_ours, autocast_loss, build_pair, gemm_ceiling, hf_loss,  # noqa: E402
-                     machine_info, make_step, matmul_peak, our_loss, random_batch)
+                     machine_info, make_step, matmul_peak, our_loss, random_batch, write_report)
 
 from chatfoundry.models.decoder import PRESETS, flops_per_token, num_params  # noqa: E402
 from chatfoundry.train.loop import TrainConfig, make_optimizer  # noqa: E402
@@ -224,10 +223,7 @@ def main(argv=None) -> int:
               "settings": {k: v for k, v in vars(args).items() if k != "out"},
               "targets": {"ratio_ours_over_transformers": TARGET_RATIO, "mfu": TARGET_MFU},
               "results": results}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwritten {out}")
+    write_report(report, args.out)
     return 0
 
 
