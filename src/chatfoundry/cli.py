@@ -135,7 +135,7 @@ def _decode_result(tokenizer, prompt_ids: list[int], out, stops=()) -> dict:
 def _generate(args) -> dict:
     from chatfoundry.checkpoint import load_model
     from chatfoundry.generation import GenerationConfig, generate
-    from chatfoundry.textgen import prompt_ids, stream_text
+    from chatfoundry.textgen import complete, prompt_ids
     from chatfoundry.tokenizer import special_id
 
     model, tokenizer = load_model(args.ckpt, args.device)
@@ -152,23 +152,16 @@ def _generate(args) -> dict:
     ids = prompt_ids(tokenizer, args.prompt, model.config.block_size, "--prompt")
     cfg.validate()
     if cfg.num_beams == 1 and cfg.num_return_sequences == 1:  # one sequence: stream it, stop strings and all
-        pieces, tokens, logprobs = [], [], []
         if args.stream:
             print(args.prompt, end="", flush=True)
-        for piece, token, logprob in stream_text(model, tokenizer, ids, cfg, args.stop):
-            pieces.append(piece)
-            if args.stream:
-                print(piece, end="", flush=True)
-            if token >= 0:
-                tokens.append(token)
-                logprobs.append(logprob)
-        text = "".join(pieces)
+        show = (lambda piece: print(piece, end="", flush=True)) if args.stream else None
+        result = complete(model, tokenizer, ids, cfg, args.stop, on_text=show)
         if args.stream:
             print()
         else:
-            print(f"--- {args.strategy} (total logprob {sum(logprobs):.2f}) ---\n{args.prompt}{text}")
-        seq = {"text": text, "token_ids": tokens, "logprobs": logprobs, "score": sum(logprobs)}
-        return {**{k: seq[k] for k in ("text", "token_ids", "logprobs")}, "prompt_token_ids": ids, "sequences": [seq]}
+            print(f"--- {args.strategy} (total logprob {sum(result['logprobs']):.2f}) ---\n{args.prompt}{result['text']}")
+        seq = {k: result[k] for k in ("text", "token_ids", "logprobs")}
+        return {**result, "sequences": [{**seq, "score": sum(result["logprobs"])}]}
     if args.stream:
         raise UserError("--stream: streams one sequence; use --num-return-sequences 1 and no beam search")
     result = _decode_result(tokenizer, ids, generate(model, ids, cfg), args.stop)

@@ -240,15 +240,9 @@ def sample(model: DecoderLM, prompt: list[int], max_new_tokens: int, num_samples
            temperature: float = 1.0, top_k: int | None = None, eos_id: int | None = None,
            generator: torch.Generator | None = None) -> list[list[int]]:
     """`num_samples` continuations of one prompt (greedy at temperature 0); each stops at eos_id
-    (kept) or after max_new_tokens. The window slides past the context (see `_decode`)."""
-
-    def pick(logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-        if temperature == 0:
-            return logits.argmax(dim=-1)
-        probs = torch.softmax(filter_logits(logits, temperature, top_k), dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-    return _decode(model, [prompt] * num_samples, max_new_tokens, pick, eos_id)[0]
+    (kept) or after max_new_tokens. The window slides past the context (see `_steps`)."""
+    cfg = GenerationConfig(do_sample=temperature > 0, temperature=temperature or 1.0, top_k=top_k)
+    return _decode(model, [prompt] * num_samples, max_new_tokens, _picker(model, cfg, generator), eos_id)[0]
 
 
 # ---------------------------------------------------------------- beam search
@@ -357,10 +351,9 @@ def beam_search(model: DecoderLM, prompt: list[int], cfg: GenerationConfig) -> G
 # ---------------------------------------------------------------- one entry point
 
 
-def _picker(model: DecoderLM, cfg: GenerationConfig) -> Picker:
-    """Greedy or sampling from the processed logits, with the config's seed."""
-    generator = None
-    if cfg.do_sample and cfg.seed is not None:
+def _picker(model: DecoderLM, cfg: GenerationConfig, generator: torch.Generator | None = None) -> Picker:
+    """Greedy or sampling from the processed logits, drawing from `generator` or the config's seed."""
+    if generator is None and cfg.do_sample and cfg.seed is not None:
         generator = torch.Generator(model.lm_head.weight.device).manual_seed(cfg.seed)
 
     def pick(logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ hands out only what is new and safe: it holds back text that ends in an incomple
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -89,11 +89,14 @@ def stream_text(model: DecoderLM, tokenizer, ids: list[int], cfg: GenerationConf
 
 
 def complete(model: DecoderLM, tokenizer, ids: list[int], cfg: GenerationConfig,
-             stops: Sequence[str] = ()) -> dict:
-    """One continuation as `chatfoundry generate --json` reports it; text ends before a stop string."""
+             stops: Sequence[str] = (), on_text: Callable[[str], None] | None = None) -> dict:
+    """One continuation as `chatfoundry generate --json` reports it; text ends before a stop string.
+    `on_text` receives each new piece of text as it is decoded (for streaming to a terminal)."""
     pieces, tokens, logprobs = [], [], []
     for piece, token, logprob in stream_text(model, tokenizer, ids, cfg, stops):
         pieces.append(piece)
+        if on_text is not None:
+            on_text(piece)
         if token >= 0:
             tokens.append(token)
             logprobs.append(logprob)

@@ -93,7 +93,6 @@ def tokenize_documents(tokenizer, documents: Iterator[str]) -> np.ndarray:
 class Shards:
     train: np.ndarray
     val: np.ndarray
-    folder: Path
 
 
 def build_shards(tokenizer, source_key: str, documents: "callable", val_fraction: float,
@@ -128,7 +127,7 @@ def build_shards(tokenizer, source_key: str, documents: "callable", val_fraction
             return np.zeros(0, dtype=meta["dtype"])
         return np.memmap(folder / f"{name}.bin", dtype=meta["dtype"], mode="r", shape=(n,))
 
-    return Shards(load("train"), load("val"), folder)
+    return Shards(load("train"), load("val"))
 
 
 def files_key(files: list[Path]) -> str:

@@ -9,7 +9,7 @@ Every choice is a field of `DecoderConfig`, so the flavours are just presets and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -216,12 +216,3 @@ def flops_per_token(cfg: DecoderConfig, seq_len: int | None = None) -> int:
     mlp = d * f * (3 if cfg.mlp == "swiglu" else 2)
     matmul_weights = cfg.n_layer * (attn + mlp) + d * cfg.vocab_size
     return 6 * matmul_weights + 12 * cfg.n_layer * d * T
-
-
-def describe(cfg: DecoderConfig, model: nn.Module | None = None) -> dict:
-    model = model if model is not None else DecoderLM(cfg)
-    return {"params": num_params(model), "flops_per_token": flops_per_token(cfg)}
-
-
-def with_vocab(cfg: DecoderConfig, vocab_size: int) -> DecoderConfig:
-    return replace(cfg, vocab_size=max(cfg.vocab_size, vocab_size))
