@@ -25,7 +25,9 @@ setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
 
 demo: setup
-	$(BIN)/chatfoundry pretrain --out runs/demo --overwrite
+	$(BIN)/chatfoundry pretrain --out runs/demo/pretrain --overwrite
+	$(BIN)/chatfoundry sft --init runs/demo/pretrain --out runs/demo/sft --overwrite
+	echo "What is the capital of France?" | $(BIN)/chatfoundry chat --ckpt runs/demo/sft --temperature 0
 
 test: setup-test
 	$(BIN)/python -m pytest -q

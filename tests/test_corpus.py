@@ -20,8 +20,16 @@ NUM = r"(-?\d+)"
 
 
 @pytest.fixture(scope="module")
-def text() -> str:
+def full_text() -> str:
     return generate_corpus(N, seed=DEFAULT_SEED)
+
+
+@pytest.fixture(scope="module")
+def text(full_text) -> str:
+    """The statements, without the quiz documents: questions are not statements, and their
+    answers are the world's references (checked by the verifier in test_world.py)."""
+    quiz = re.compile(r'^(Question: |Teacher: |Q: |"|[A-Z][a-z]+ asked, ")', re.M)
+    return "\n\n".join(d for d in full_text.split("\n\n") if not quiz.match(d))
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +42,16 @@ def test_defaults():
     assert DEFAULT_CHARS == 2_000_000
 
 
-def test_same_seed_same_text_different_seed_different_text(text):
-    assert generate_corpus(N, seed=DEFAULT_SEED) == text
-    assert generate_corpus(N, seed=1) != text
+def test_same_seed_same_text_different_seed_different_text(full_text):
+    assert generate_corpus(N, seed=DEFAULT_SEED) == full_text
+    assert generate_corpus(N, seed=1) != full_text
     assert generate_corpus(N, seed=1) == generate_corpus(N, seed=1)
 
 
-def test_documents_stream_matches_corpus(text):
+def test_documents_stream_matches_corpus(full_text):
     stream = generate_documents(DEFAULT_SEED)
     docs = [next(stream) for _ in range(50)]
-    assert text.startswith("\n\n".join(docs))
+    assert full_text.startswith("\n\n".join(docs))
     for doc in docs:
         assert doc and doc == doc.strip() and "\n\n" not in doc
 
@@ -95,7 +103,7 @@ def test_every_arithmetic_statement_is_correct(text):
                   + text.count("The difference between") + text.count("The product of")
                   + text.count(" more, so ") + text.count(" away, so "))
     assert statements == checked
-    assert re.search(r" = -\d+\.| (?:is|equals) -\d+\.", text), "some subtraction results are negative"
+    assert not re.search(r" = -\d+\.| (?:is|equals) -\d+\.", text), "differences are never negative"
 
 
 def test_every_country_statement_matches_the_table(text, facts_by_country):
@@ -142,7 +150,7 @@ def test_every_string_statement_is_correct(text):
     for first, second in re.findall(r'"(\w+)" comes before "(\w+)" in alphabetical order\.', text):
         assert first < second
         checked += 1
-    assert checked > 200
+    assert checked > 150
 
 
 def test_every_comparison_is_correct(text):
@@ -175,7 +183,7 @@ def test_all_five_kinds_are_present_and_text_is_varied(text):
     assert re.search(r"is (bigger|faster|heavier) than", text)
     sentences = set(re.split(r"(?<=[.!?\"])\s+", text))
     words = set(re.findall(r"[A-Za-z]+", text))
-    assert len(sentences) > 3000
+    assert len(sentences) > 2500
     assert len(words) > 700
     docs = text.split("\n\n")
     assert len(set(docs)) > 0.95 * len(docs)

@@ -40,14 +40,143 @@ def _pretrain_parser(sub) -> None:
 def _pretrain(args) -> dict:
     from chatfoundry.train.pretrain import PretrainConfig, run
 
+    return run(_stage_config(PretrainConfig, args), resume=args.resume, overwrite=args.overwrite)
+
+
+def _stage_config(cls, args):
+    """The stage's config: defaults < the resumed run's config.yaml < --config YAML < flags."""
     base = None
     if args.resume:
-        saved = Path(getattr(args, "out", PretrainConfig().out)) / "config.yaml"
+        saved = Path(getattr(args, "out", cls().out)) / "config.yaml"
         if not saved.is_file():
             raise UserError(f"{saved}: no run to resume here")
         base = load_yaml(saved)
-    cfg = resolve_config(PretrainConfig, args, base)
-    return run(cfg, resume=args.resume, overwrite=args.overwrite)
+    return resolve_config(cls, args, base)
+
+
+# ---------------------------------------------------------------- sft, eval and the task world
+
+
+def _sft_parser(sub) -> None:
+    from chatfoundry.train.sft import SFTConfig
+
+    p = sub.add_parser("sft", help="supervised finetuning: teach a pretrained model the assistant format",
+                       description="Finetune a pretrained checkpoint on conversations (the task world's train "
+                                   "split, or JSONL files: text, prompt/completion, messages, Alpaca, or the "
+                                   "chosen/best reply of preference and ranking files), learning the assistant "
+                                   "turns only; scores the result on the world's test split.")
+    add_config_args(p, SFTConfig, aliases={"--data": "data.files"})
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    _json_flag(p)
+    p.set_defaults(func=_sft)
+
+
+def _sft(args) -> dict:
+    from chatfoundry.train.sft import SFTConfig, run
+
+    return run(_stage_config(SFTConfig, args), resume=args.resume, overwrite=args.overwrite)
+
+
+def _eval_parser(sub) -> None:
+    from chatfoundry.data.world import FAMILIES, SPLITS
+
+    p = sub.add_parser("eval", help="score a chat checkpoint on the task world (exact match, gold reward)")
+    p.add_argument("--ckpt", required=True, help="checkpoint folder (or the run folder holding it)")
+    p.add_argument("--split", choices=SPLITS, default="test")
+    p.add_argument("--per-family", type=int, default=100, help="questions per family")
+    p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of " + ", ".join(FAMILIES))
+    p.add_argument("--system", default=None, help="a system message to put before each question")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", default=None, help="folder for eval.json (every answer) and eval.png")
+    p.add_argument("--device", default="cpu")
+    _json_flag(p)
+    p.set_defaults(func=_eval)
+
+
+def _eval(args) -> dict:
+    from chatfoundry.checkpoint import load_model
+    from chatfoundry.data.world import FAMILIES
+    from chatfoundry.eval.world import evaluate_world, format_report, write_report
+
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown or not families:
+        raise UserError(f"--families: {unknown[0] if unknown else 'empty'!r} is not one of {', '.join(FAMILIES)}")
+    for name in ("per_family", "max_new_tokens", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')}: must be > 0")
+    model, tokenizer = load_model(args.ckpt, args.device)
+    report = evaluate_world(model, tokenizer, args.split, args.per_family, families, args.system,
+                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    print(format_report(report))
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_report(report, Path(args.out), f"{args.ckpt} on the world's {args.split} split")
+    return {k: v for k, v in report.items() if k != "answers"}
+
+
+def _chat_parser(sub) -> None:
+    from chatfoundry.serve.chat import ChatParams
+
+    p = sub.add_parser("chat", help="talk to a chat checkpoint in the terminal (or answer a prompt piped on stdin)",
+                       description="An interactive chat with history and streamed answers; /help lists the "
+                                   "commands (/reset, /system TEXT, /params NAME=VALUE, /exit). With stdin piped, "
+                                   "reads it as one message and prints the answer.")
+    p.add_argument("--ckpt", required=True, help="checkpoint folder (or the run folder holding it)")
+    p.add_argument("--system", default=None, help="the system message")
+    defaults = ChatParams()
+    p.add_argument("--temperature", type=float, default=defaults.temperature, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=defaults.top_p)
+    p.add_argument("--top-k", type=int, default=defaults.top_k, help="0: off")
+    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_chat)
+
+
+def _chat(args) -> dict:
+    from chatfoundry.checkpoint import load_model
+    from chatfoundry.serve.chat import ChatParams, ChatSession, run_repl, set_param
+
+    params = ChatParams()
+    for name in ("temperature", "top_p", "top_k", "max_new_tokens", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            try:
+                set_param(params, f"{name}={value}")
+            except ValueError as e:
+                raise UserError(f"--{name.replace('_', '-')}: {e}") from None
+    model, tokenizer = load_model(args.ckpt, args.device)
+    status = run_repl(ChatSession(model, tokenizer, system=args.system, params=params))
+    if status:
+        raise SystemExit(status)
+    return {}
+
+
+def _world_parser(sub) -> None:
+    p = sub.add_parser("world", help="the built-in task world: export its corpus and datasets")
+    wsub = p.add_subparsers(dest="action", required=True, parser_class=ArgumentParser)
+    e = wsub.add_parser("export", help="write the corpus and every dataset as JSONL (text, messages, "
+                                       "prompt/completion, Alpaca, preference, rankings)")
+    e.add_argument("--out", required=True, help="folder to write into")
+    e.add_argument("--conversations", type=int, default=8000, help="SFT conversations in sft_train.jsonl")
+    e.add_argument("--test-per-family", type=int, default=100)
+    e.add_argument("--seed", type=int, default=0)
+    _json_flag(e)
+    e.set_defaults(func=_world_export)
+
+
+def _world_export(args) -> dict:
+    from chatfoundry.data.world import export
+
+    if args.conversations <= 0 or args.test_per_family <= 0:
+        raise UserError("--conversations and --test-per-family: must be > 0")
+    counts = export(args.out, args.conversations, args.test_per_family, args.seed)
+    for name, n in counts.items():
+        print(f"{Path(args.out) / name}: {n:,} records")
+    return {"out": args.out, "files": counts}
 
 
 # ---------------------------------------------------------------- sample
@@ -336,8 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="chatfoundry", allow_abbrev=False,
                             description="The ChatGPT recipe, small enough to read and run on a laptop.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-    for add in (_pretrain_parser, _sample_parser, _generate_parser, _compare_parser, _convert_parser,
-                _tokenizer_parser, _presets_parser):
+    for add in (_pretrain_parser, _sft_parser, _eval_parser, _chat_parser, _world_parser, _sample_parser, _generate_parser,
+                _compare_parser, _convert_parser, _tokenizer_parser, _presets_parser):
         add(sub)
     return parser
 

@@ -24,7 +24,7 @@ log-probabilities divided by (number of new tokens, EOS included) ** length_pena
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Callable, Literal
 
 import torch
@@ -117,8 +117,12 @@ class GenerationConfig:
     length_penalty: float = 1.0  # beam score = sum logprobs / len ** length_penalty
     early_stopping: bool | Literal["never"] = False
     num_return_sequences: int = 1
-    eos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None  # one id or several (a chat model stops at <|end|> or EOS)
     seed: int | None = None  # None: torch's global generator
+
+    @property
+    def eos_ids(self) -> list[int]:
+        return stop_ids(self.eos_token_id)
 
     def validate(self) -> None:
         def req(ok: bool, name: str, message: str) -> None:
@@ -141,7 +145,7 @@ class GenerationConfig:
                 f"must be <= num_beams ({self.num_beams})")
         elif not self.do_sample:
             req(self.num_return_sequences == 1, "num_return_sequences", "greedy decoding returns one sequence")
-        req(self.eos_token_id is None or self.eos_token_id >= 0, "eos_token_id", "must be >= 0")
+        req(all(isinstance(i, int) and i >= 0 for i in self.eos_ids), "eos_token_id", "must be ids >= 0")
 
 
 @dataclass
@@ -218,9 +222,17 @@ def _steps(model: DecoderLM, prompts: list[list[int]], max_new_tokens: int,
             history = torch.cat([history, idx], dim=1)
 
 
+def stop_ids(eos: int | Sequence[int] | None) -> list[int]:
+    """An EOS setting (None, one id or several, as in transformers' generation config) as a list."""
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
 def _decode(model: DecoderLM, prompts: list[list[int]], max_new_tokens: int, pick: Picker,
-            eos_id: int | None) -> tuple[list[list[int]], list[list[float]]]:
-    """New tokens and their logprobs per prompt; each stops at eos_id (kept) or max_new_tokens."""
+            eos_id: int | Sequence[int] | None) -> tuple[list[list[int]], list[list[float]]]:
+    """New tokens and their logprobs per prompt; each stops at an EOS id (kept) or max_new_tokens."""
+    eos = set(stop_ids(eos_id))
     rows = len(prompts)
     out: list[list[int]] = [[] for _ in range(rows)]
     logprobs: list[list[float]] = [[] for _ in range(rows)]
@@ -230,14 +242,14 @@ def _decode(model: DecoderLM, prompts: list[list[int]], max_new_tokens: int, pic
             if not done[i]:
                 out[i].append(t)
                 logprobs[i].append(lp)
-                done[i] = t == eos_id
+                done[i] = t in eos
         if all(done):
             break
     return out, logprobs
 
 
 def sample(model: DecoderLM, prompt: list[int], max_new_tokens: int, num_samples: int = 1,
-           temperature: float = 1.0, top_k: int | None = None, eos_id: int | None = None,
+           temperature: float = 1.0, top_k: int | None = None, eos_id: int | Sequence[int] | None = None,
            generator: torch.Generator | None = None) -> list[list[int]]:
     """`num_samples` continuations of one prompt (greedy at temperature 0); each stops at eos_id
     (kept) or after max_new_tokens. The window slides past the context (see `_steps`)."""
@@ -262,7 +274,7 @@ def beam_search(model: DecoderLM, prompt: list[int], cfg: GenerationConfig) -> G
     """
     if not prompt:
         raise ValueError("prompt must hold at least one token")
-    nb, n_new, lp, eos = cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty, cfg.eos_token_id
+    nb, n_new, lp = cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty
     if len(prompt) + n_new > model.config.block_size:
         raise UserError(f"generation.max_new_tokens: prompt ({len(prompt)}) + {n_new} new tokens exceed the "
                         f"model's context ({model.config.block_size}); beam search does not slide the window")
@@ -303,8 +315,8 @@ def beam_search(model: DecoderLM, prompt: list[int], cfg: GenerationConfig) -> G
         cand_lp = running_lp[src].clone()
         cand_lp[:, step] = raw[src, tok]
         stopped = torch.full((keep,), step + 1 == n_new, device=device)
-        if eos is not None:
-            stopped |= tok == eos
+        if cfg.eos_ids:
+            stopped |= torch.isin(tok, torch.tensor(cfg.eos_ids, device=device))
 
         # the best num_beams candidates that did not stop run on
         run_scores = cand_scores + stopped.float() * NEG
@@ -396,5 +408,5 @@ def stream(model: DecoderLM, prompt: list[int], cfg: GenerationConfig) -> Iterat
     for nxt, chosen in _steps(model, [prompt], cfg.max_new_tokens, _picker(model, cfg)):
         token = int(nxt[0])
         yield token, float(chosen[0])
-        if token == cfg.eos_token_id:
+        if token in cfg.eos_ids:
             return

@@ -448,6 +448,11 @@ def special_id(tok: Tokenizer, name: str) -> int | None:
     return tok.token_to_id(SPECIAL_TOKENS[name])
 
 
+def chat_stop_ids(tok: Tokenizer) -> list[int]:
+    """Ids that end an assistant turn: <|end|> (the chat format's) and <|eos|>, those the tokenizer has."""
+    return [i for i in (special_id(tok, "end"), special_id(tok, "eos")) if i is not None]
+
+
 def tokenizer_hash(tok: Tokenizer) -> str:
     """sha256 hex of the tokenizer's JSON: a cache key for token shards."""
     return hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()

@@ -149,13 +149,15 @@ class DecoderLM(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                key_mask: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for every position; with targets also the mean cross-entropy (ignore_index -100).
 
         With a cache, `idx` holds the positions [cache.pos, cache.pos + T); the caller advances
         cache.pos afterwards. `key_mask` (B, cache.pos + T) bool marks real tokens in a
         left-padded batch: positions then count each row's real tokens only, and no query
-        attends to padding.
+        attends to padding. `segments` (B, T) int marks packed sequences (no cache): a token sees
+        only earlier tokens of its own segment, and positions restart at each segment.
         """
         T = idx.shape[1]
         start = cache.pos if cache is not None else 0
@@ -170,6 +172,12 @@ class DecoderLM(nn.Module):
             itself = keys[None, :] == queries[:, None]
             # A padding query sees only itself: softmax stays finite, and no real token sees it.
             mask = ((causal & key_mask[:, None, :]) | itself)[:, None]
+        if segments is not None:
+            starts = torch.ones_like(segments, dtype=torch.bool)
+            starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+            positions = queries - torch.where(starts, queries, 0).cummax(dim=-1).values
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            mask = (causal & (segments[:, :, None] == segments[:, None, :]))[:, None]
         x = self.embed_tokens(idx)
         rope = None
         if self.config.pos == "learned":

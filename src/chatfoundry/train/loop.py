@@ -31,20 +31,22 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    steps: int = 400  # optimizer steps
-    batch_size: int = 32  # sequences per optimizer step, summed over all processes
+    # Small batches and many steps: at a fixed token budget on a CPU a tiny model learns its facts
+    # far better from 1,600 steps of 8 sequences than from 400 of 32 (measured; see the README).
+    steps: int = 1600  # optimizer steps
+    batch_size: int = 8  # sequences per optimizer step, summed over all processes
     micro_batch_size: int = 0  # sequences per forward pass and process; 0: batch_size / processes
     block_size: int = 0  # training sequence length; 0: the model's block_size
-    lr: float = 2e-3
+    lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 50
+    warmup_steps: int = 100
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0: off
-    eval_every: int = 100
+    eval_every: int = 400
     eval_batches: int = 10
-    save_every: int = 200  # also saved at the end
+    save_every: int = 800  # also saved at the end
     log_every: int = 10
 
     def validate(self) -> None:

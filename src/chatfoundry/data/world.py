@@ -1,0 +1,432 @@
+"""The built-in task world: instructions with known answers, so every stage can be scored.
+
+Five families of questions, each with prompt generators (several phrasings), a reference answer
+in the house style and a verifier. The verifier's score is the *gold reward*, the stand-in for a
+human labeler: later stages (labeling, the reward model, PPO) may only see it through noisy
+rankings, so over-optimisation of a learned reward against it can be measured.
+
+    arithmetic    add, subtract, multiply numbers 0..12        "What is 7 times 8?"
+    strings       reverse, uppercase, length, letter count, sort "Spell "apple" backwards."
+    facts         capital, continent, language, currency, country (from facts.tsv)
+    compare       larger/smaller numbers, bigger/faster/heavier things
+    unanswerable  the same questions about made-up countries: the right answer is "I do not know"
+
+The pretraining corpus (`corpus.py`) states the same facts and skills in plain text, so
+pretraining holds the knowledge and SFT only has to teach the assistant format.
+
+Splits are by *group*, the entity a question is about (a country, a word, a pair of numbers),
+hashed into train / val / test: every phrasing and every question about a test-split country is
+held out of SFT together, so a test score measures knowledge from pretraining, not recall of SFT.
+
+The gold reward, in [0, 1]:  0.7 * content + 0.1 * (full sentence) + 0.1 * concise + 0.1 * polite
+where content is 1 for a correct answer (for an unanswerable question: admitting ignorance),
+0.25 for admitting ignorance of an answerable question (better than a confident wrong answer,
+as InstructGPT's labelers were told), else 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+import re
+from pathlib import Path
+from dataclasses import dataclass
+from functools import lru_cache
+
+from chatfoundry.data import corpus
+from chatfoundry.data.corpus import (COMPARE_TABLES, FACT_FIELDS, SPELLING_WORDS, article, load_facts,
+                                     sample_ordered_pair)
+
+FAMILIES = ("arithmetic", "strings", "facts", "compare", "unanswerable")
+SPLITS = ("train", "val", "test")
+SPLIT_PERCENT = {"train": 80, "val": 10, "test": 10}
+
+
+@dataclass(frozen=True)
+class Task:
+    family: str
+    kind: str  # e.g. "add", "reverse", "capital"
+    group: str  # what the question is about; decides the split
+    key: str  # the question itself, whatever its phrasing
+    prompt: str  # the user's message
+    answer: str  # what the verifier looks for ("" for unanswerable)
+    reference: str  # a best response in the house style
+    options: tuple[str, ...] = ()  # compare: the two things; facts: the rival values; sort: the words
+
+
+def split_of(group: str) -> str:
+    """train / val / test for a group, by a stable hash (80/10/10)."""
+    bucket = int(hashlib.sha256(group.encode()).hexdigest()[:8], 16) % 100
+    return "train" if bucket < SPLIT_PERCENT["train"] else "val" if bucket < 100 - SPLIT_PERCENT["test"] else "test"
+
+
+# ---------------------------------------------------------------- arithmetic
+
+_OP_WORDS = {"+": ("plus", "add", "sum"), "-": ("minus", "subtract", "difference"), "*": ("times", "multiply", "product")}
+_ARITH_PROMPTS = ("What is {a} {word} {b}?", "What is {a} {sym} {b}?", "Calculate {a} {word} {b}.",
+                  "How much is {a} {word} {b}?", "{a} {sym} {b} = ?", "Please compute {a} {word} {b}.")
+
+
+def arithmetic_task(rng: random.Random) -> Task:
+    a, op, b, c = corpus.sample_arithmetic(rng)
+    word = _OP_WORDS[op][0]
+    prompt = rng.choice(_ARITH_PROMPTS).format(a=a, b=b, word=word, sym=op)
+    key = f"{a}{op}{b}"
+    group = f"{min(a, b)}{op}{max(a, b)}" if op in "+*" else key  # 7+5 and 5+7 share a split
+    kind = {"+": "add", "-": "subtract", "*": "multiply"}[op]
+    return Task("arithmetic", kind, group, key, prompt, str(c), f"{a} {word} {b} is {c}.")
+
+
+# ---------------------------------------------------------------- strings
+
+
+def strings_task(rng: random.Random) -> Task:
+    kind = rng.choice(("reverse", "uppercase", "length", "count", "sort"))
+    if kind == "sort":
+        words = tuple(rng.sample(SPELLING_WORDS, 3))
+        ordered = sorted(words)
+        prompt = rng.choice(("Sort these words alphabetically: {}.", "Put these words in alphabetical order: {}.",
+                             "Sort the words {} in alphabetical order.")).format(", ".join(words))
+        group = "sort:" + ",".join(ordered)
+        return Task("strings", kind, group, group, prompt, ", ".join(ordered),
+                    f"In alphabetical order: {', '.join(ordered)}.", words)
+    word, letter = rng.choice(SPELLING_WORDS), ""
+    key = f"{kind}:{word}"
+    if kind == "reverse":
+        answer = word[::-1]
+        prompt = rng.choice(('Reverse the word "{w}".', 'Spell "{w}" backwards.', 'What is "{w}" backwards?'))
+        reference = f'The word "{word}" backwards is "{answer}".'
+    elif kind == "uppercase":
+        answer = word.upper()
+        prompt = rng.choice(('Write "{w}" in capital letters.', 'What is "{w}" in uppercase?',
+                             'Convert "{w}" to uppercase.'))
+        reference = f'"{word}" in capital letters is "{answer}".'
+    elif kind == "length":
+        answer = str(len(word))
+        prompt = rng.choice(('How many letters are in the word "{w}"?', 'How long is the word "{w}"?',
+                             'Count the letters in "{w}".'))
+        reference = f'The word "{word}" has {answer} letters.'
+    else:
+        letter = rng.choice(sorted(set(word)))
+        n = word.count(letter)
+        answer = str(n)
+        prompt = rng.choice(('How many times does the letter "{l}" appear in "{w}"?',
+                             'Count the letter "{l}" in the word "{w}".'))
+        reference = f'The letter "{letter}" appears {n} {"time" if n == 1 else "times"} in "{word}".'
+        key = f"{kind}:{word}:{letter}"
+    return Task("strings", kind, f"word:{word}", key, prompt.format(w=word, l=letter), answer, reference)
+
+
+# ---------------------------------------------------------------- facts and unanswerable questions
+
+_FACT_PROMPTS = {
+    "capital": ("What is the capital of {country}?", "Which city is the capital of {country}?",
+                "Tell me the capital of {country}."),
+    "continent": ("Which continent is {country} in?", "On which continent is {country}?",
+                  "Where is {country}? Name the continent."),
+    "language": ("What language do people speak in {country}?", "What is the main language of {country}?",
+                 "Which language is spoken in {country}?"),
+    "currency": ("What currency does {country} use?", "What is the currency of {country}?",
+                 "What money do people use in {country}?"),
+    "country": ("{capital} is the capital of which country?", "Which country has the capital {capital}?",
+                "In which country is the city of {capital}?"),
+}
+_FACT_REFERENCES = {"capital": "The capital of {country} is {capital}.", "continent": "{country} is in {continent}.",
+                    "language": "People in {country} speak {language}.", "currency": "{country} uses the {currency}.",
+                    "country": "{capital} is the capital of {country}."}
+_FACT_FIELD = {"capital": "capital", "continent": "continent", "language": "language", "currency": "currency",
+               "country": "country"}
+_UNKNOWN_KINDS = ("capital", "continent", "language", "currency")
+
+
+def facts_task(rng: random.Random) -> Task:
+    facts = load_facts()
+    fact = rng.choice(facts)
+    kind = rng.choice(tuple(_FACT_PROMPTS))
+    field_name = _FACT_FIELD[kind]
+    answer = getattr(fact, field_name)
+    rivals = tuple(sorted({getattr(f, field_name) for f in facts} - {answer}))
+    values = vars(fact)
+    return Task("facts", kind, f"country:{fact.country}", f"{kind}:{fact.country}",
+                rng.choice(_FACT_PROMPTS[kind]).format(**values), answer, _FACT_REFERENCES[kind].format(**values),
+                rivals)
+
+
+_NAME_PARTS = (("Zor", "Vel", "Kar", "Mal", "Tor", "Bel", "Quen", "Dra", "Fen", "Lum", "Nor", "Osk", "Pral", "Sar",
+                "Tav", "Ul", "Vor", "Yel", "Gral", "Hesk", "Brin", "Cald", "Ister", "Jov"),
+               ("a", "e", "i", "o", "u", "an", "en", "or", "ur", "il"),
+               ("via", "land", "mora", "stan", "ria", "dor", "nia", "thia", "gard", "ova", "esh", "quay"))
+
+
+@lru_cache(maxsize=1)
+def made_up_countries() -> tuple[str, ...]:
+    """Country names that exist nowhere: not in the fact table, never in the pretraining corpus."""
+    real = {getattr(f, name).lower() for f in load_facts() for name in FACT_FIELDS}
+    names = sorted({"".join(parts) for parts in itertools.product(*_NAME_PARTS)} - real)
+    random.Random(0).shuffle(names)
+    return tuple(names[:600])
+
+
+@lru_cache(maxsize=1)
+def _known_values() -> tuple[str, ...]:
+    return tuple(sorted({getattr(f, name) for f in load_facts() for name in FACT_FIELDS}))
+
+
+def unanswerable_task(rng: random.Random) -> Task:
+    name = rng.choice(made_up_countries())
+    kind = rng.choice(_UNKNOWN_KINDS)
+    values = {"country": name}
+    prompt = rng.choice(_FACT_PROMPTS[kind]).format(**values)
+    return Task("unanswerable", kind, f"made-up:{name}", f"{kind}:{name}", prompt, "",
+                f"I do not know. I have never heard of a country called {name}.")
+
+
+# ---------------------------------------------------------------- comparisons
+
+_MORE = ("larger", "bigger", "greater", "faster", "heavier")
+_LESS = ("smaller", "less", "slower", "lighter")
+
+
+def compare_task(rng: random.Random) -> Task:
+    if rng.random() < 0.4:
+        a, b = rng.sample(range(101), 2)
+        more = rng.random() < 0.5
+        word = "larger" if more else "smaller"
+        big, small = max(a, b), min(a, b)
+        answer = str(big if more else small)
+        prompt = rng.choice(("Which is {w}, {a} or {b}?", "Which number is {w}: {a} or {b}?")).format(w=word, a=a, b=b)
+        reference = f"{big} is larger than {small}." if more else f"{small} is smaller than {big}."
+        group = f"numbers:{small}:{big}"
+        return Task("compare", "number", group, f"{group}:{word}", prompt, answer, reference, (str(a), str(b)))
+    classes, more_word, less_word = rng.choice(COMPARE_TABLES)
+    big, small = sample_ordered_pair(rng, classes)
+    more = rng.random() < 0.5
+    word = more_word if more else less_word
+    first, second = (big, small) if rng.random() < 0.5 else (small, big)
+    prompt = rng.choice(("Which is {w}, the {x} or the {y}?", "What is {w}: {ax} or {ay}?")).format(
+        w=word, x=first, y=second, ax=article(first), ay=article(second))
+    reference = f"The {big} is {more_word} than the {small}." if more else f"The {small} is {less_word} than the {big}."
+    group = f"things:{small}:{big}"
+    return Task("compare", "thing", group, f"{group}:{word}", prompt, big if more else small, reference, (big, small))
+
+
+SAMPLERS = {"arithmetic": arithmetic_task, "strings": strings_task, "facts": facts_task,
+            "compare": compare_task, "unanswerable": unanswerable_task}
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def tasks(split: str, family: str, n: int, seed: int = 0) -> list[Task]:
+    """Up to `n` tasks of one family from one split, each a different question (fewer when the
+    split has fewer); deterministic for a seed."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    rng = random.Random(f"{seed}:{split}:{family}")
+    out: dict[str, Task] = {}
+    misses = 0
+    while len(out) < n and misses < 200 + 20 * n:  # small splits run out of new questions
+        task = SAMPLERS[family](rng)
+        if split_of(task.group) == split and task.key not in out:
+            out[task.key] = task
+        else:
+            misses += 1
+    return list(out.values())
+
+
+SYSTEM_PROMPTS = ("You are a helpful assistant.", "You are a helpful assistant. Answer in one short sentence.",
+                  "Be concise and polite.", "You are a small assistant. If you do not know something, say so.")
+
+
+def conversations(split: str, n: int, seed: int = 0, system_prob: float = 0.3,
+                  multi_turn_prob: float = 0.2) -> list[list[dict]]:
+    """`n` chat conversations for SFT: an optional system message, then one or (sometimes) two
+    or three user questions from mixed families, each answered with its reference."""
+    pool = [t for family in FAMILIES for t in tasks(split, family, max(1, n // len(FAMILIES)), seed)]
+    rng = random.Random(f"{seed}:{split}:conversations")
+    rng.shuffle(pool)
+    out, i = [], 0
+    while len(out) < n and pool:
+        turns = rng.randint(2, 3) if rng.random() < multi_turn_prob else 1
+        messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < system_prob else []
+        for _ in range(turns):
+            task = pool[i % len(pool)]
+            i += 1
+            messages += [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": task.reference}]
+        out.append(messages)
+    return out
+
+
+# ---------------------------------------------------------------- the verifier (gold reward)
+
+_IGNORANCE = re.compile(r"\b(i (do not|don't|did not|didn't) know|i am not sure|i'm not sure|never heard|"
+                        r"not aware of|no such country|cannot answer|can't answer|not a real)\b", re.IGNORECASE)
+_RUDE = re.compile(r"\b(stupid|idiot|dumb|shut up|obviously|whatever|useless|silly question)\b", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d+")
+
+
+@dataclass(frozen=True)
+class Score:
+    correct: bool  # exact match: the content is right (for unanswerable: it admits not knowing)
+    abstained: bool  # it said it does not know
+    sentence: bool  # a full sentence: starts with a capital, digit or quote; ends with . ! or ?
+    concise: bool  # at most twice the reference's words plus four
+    polite: bool  # no rude words
+    reward: float  # the gold reward in [0, 1]
+
+
+def _mentions(text: str, word: str, ignore_case: bool = False) -> bool:
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, re.IGNORECASE if ignore_case else 0) is not None
+
+
+def _first_mentioned(text: str, options: tuple[str, ...]) -> str | None:
+    found = [(m.start(), o) for o in options for m in [re.search(rf"(?<!\w){re.escape(o)}(?!\w)", text, re.I)] if m]
+    return min(found)[1] if found else None
+
+
+def is_correct(task: Task, response: str) -> bool:
+    """Whether the response's content answers the task (a fixed, documented rule per kind)."""
+    if task.family == "unanswerable":  # admits it, and does not hedge with a guess
+        return _IGNORANCE.search(response) is not None and not any(_mentions(response, v) for v in _known_values())
+    if _IGNORANCE.search(response):
+        return False
+    if task.answer.lstrip("-").isdigit() and task.family != "compare":  # arithmetic, length, count
+        numbers = _NUMBER.findall(response)
+        return bool(numbers) and numbers[-1] == task.answer
+    if task.family == "facts":  # the right value, and no rival value of the same kind
+        return _mentions(response, task.answer) and not any(_mentions(response, r) for r in task.options)
+    if task.family == "compare":
+        # "X is bigger than Y" and "Y is smaller than X" are both right: the first thing named must
+        # be the answer when the response's comparative points the way the question asked.
+        asked_more = any(_mentions(task.prompt, w, True) for w in _MORE)
+        said_more = any(_mentions(response, w, True) for w in _MORE)
+        said_less = any(_mentions(response, w, True) for w in _LESS)
+        same_way = said_more == said_less or said_more == asked_more
+        loser = next(o for o in task.options if o != task.answer)
+        return _first_mentioned(response, task.options) == (task.answer if same_way else loser)
+    if task.kind == "sort":
+        positions = [m.start() for w in task.answer.split(", ")
+                     for m in [re.search(rf"(?<!\w){re.escape(w)}(?!\w)", response)] if m]
+        return len(positions) == 3 and positions == sorted(positions)
+    return _mentions(response, task.answer)  # reverse, uppercase: the exact string
+
+
+def score(task: Task, response: str) -> Score:
+    text = response.strip()
+    if not text:
+        return Score(False, False, False, False, True, 0.0)
+    correct = is_correct(task, text)
+    abstained = _IGNORANCE.search(text) is not None
+    content = 1.0 if correct else 0.25 if abstained else 0.0
+    sentence = bool(re.match(r"[A-Z0-9\"']", text)) and text[-1] in ".!?"
+    concise = len(text.split()) <= 2 * len(task.reference.split()) + 4
+    polite = _RUDE.search(text) is None
+    reward = 0.7 * content + 0.1 * sentence + 0.1 * concise + 0.1 * polite
+    return Score(correct, abstained, sentence, concise, polite, round(reward, 6))
+
+
+def gold_reward(task: Task, response: str) -> float:
+    return score(task, response).reward
+
+
+# ---------------------------------------------------------------- responses of every quality, and export
+
+def wrong_answer(task: Task, rng: random.Random) -> str:
+    """A confident, fluent, wrong response (for unanswerable questions: a made-up answer)."""
+    if task.family == "unanswerable":
+        fact = rng.choice(load_facts())
+        return _FACT_REFERENCES[task.kind].format(**{**vars(fact), "country": task.group.split(":", 1)[1]})
+    if task.family == "compare":
+        a, b = task.options if task.options[0] == task.answer else task.options[::-1]
+        swap = re.compile(rf"(?<!\w)({re.escape(a)}|{re.escape(b)})(?!\w)")  # whole words: "ant" in "elephant"
+        return swap.sub(lambda m: b if m.group(1) == a else a, task.reference)
+    if task.answer.lstrip("-").isdigit():
+        wrong = int(task.answer) + rng.choice((-3, -2, -1, 1, 2, 3, 10))
+        head, _, tail = task.reference.rpartition(task.answer)
+        return f"{head}{wrong}{tail}"
+    if task.family == "facts":  # the answer ends the reference; "Malay" is also in "Malaysia"
+        head, _, tail = task.reference.rpartition(task.answer)
+        return f"{head}{rng.choice(task.options)}{tail}"
+    if task.kind == "sort":
+        words = task.answer.split(", ")
+        rng.shuffle(words)
+        if words == task.answer.split(", "):
+            words = words[::-1]
+        return f"In alphabetical order: {', '.join(words)}."
+    wrong = task.answer[1:] + task.answer[:1] if len(set(task.answer)) > 1 else task.answer + task.answer[:1]
+    return task.reference.replace(f'"{task.answer}"', f'"{wrong}"')
+
+
+def candidates(task: Task, rng: random.Random) -> list[str]:
+    """Responses a labeler might see: the reference, terse, rambling, rude, abstaining and wrong."""
+    ref = task.reference
+    out = [ref,
+           task.answer or "I do not know.",
+           ref + " I hope this helps! Let me know if you have any other questions, I am always happy to help you.",
+           "Obviously, " + ref + " Everybody knows that.",
+           wrong_answer(task, rng)]
+    if task.family != "unanswerable":
+        out.append(rng.choice(("I do not know.", "I am not sure, sorry.")))
+    return list(dict.fromkeys(out))  # drop duplicates, keep order
+
+
+def export(out: str | Path, conversations_n: int = 8000, test_per_family: int = 100, seed: int = 0,
+           corpus_chars: int = corpus.DEFAULT_CHARS) -> dict[str, int]:
+    """Write the corpus and every dataset as JSONL in the standard formats; returns records per file."""
+    from chatfoundry.data.formats import write_jsonl
+
+    out = Path(out)
+    rng = random.Random(seed)
+    train = conversations("train", conversations_n, seed)
+    singles = [t for f in FAMILIES for t in tasks("train", f, max(1, conversations_n // len(FAMILIES)), seed)]
+    test = [t for f in FAMILIES for t in tasks("test", f, test_per_family, seed)]
+
+    def ranked(task: Task) -> dict:
+        responses = candidates(task, rng)
+        rewards = [gold_reward(task, r) for r in responses]
+        order = sorted(range(len(responses)), key=lambda i: -rewards[i])
+        distinct = sorted(set(rewards), reverse=True)
+        return {"prompt": task.prompt, "responses": [responses[i] for i in order],
+                "ranks": [distinct.index(rewards[i]) for i in order], "family": task.family}
+
+    def preference(task: Task) -> dict:
+        return {"prompt": task.prompt, "chosen": task.reference, "rejected": wrong_answer(task, rng),
+                "family": task.family}
+
+    files = {
+        "corpus.jsonl": ({"text": d} for d in corpus.generate_corpus(corpus_chars, seed).split("\n\n")),
+        "sft_train.jsonl": ({"messages": m} for m in train),
+        "sft_val.jsonl": ({"messages": m} for m in conversations("val", max(64, conversations_n // 20), seed)),
+        "prompt_completion_train.jsonl": ({"prompt": t.prompt, "completion": t.reference} for t in singles),
+        "alpaca_train.jsonl": ({"instruction": t.prompt, "input": "", "output": t.reference} for t in singles),
+        "preference_train.jsonl": (preference(t) for t in singles),
+        "rankings_train.jsonl": (ranked(t) for t in singles),
+        "test.jsonl": ({"prompt": t.prompt, "completion": t.reference, "family": t.family, "kind": t.kind,
+                        "answer": t.answer} for t in test),
+    }
+    counts = {}
+    for name, records in files.items():
+        records = list(records)
+        write_jsonl(out / name, records)
+        counts[name] = len(records)
+    return counts
+
+
+# ---------------------------------------------------------------- questions in plain text, for pretraining
+
+_QUIZ_FORMATS = ('{a} asked, "{q}" {b} answered, "{r}"', "Question: {q}\nAnswer: {r}", "Teacher: {q}\nStudent: {r}",
+                 'Q: {q}\nA: {r}', '"{q}" asked {a}. "{r}" said {b}.')
+
+
+def quiz_document(rng: random.Random) -> str:
+    """Two to four questions about real things answered in plain text, as a quiz or a dialogue.
+    Web text is full of them; they teach the model to take the subject from a question and say
+    what it knows about it. Never in the chat format, never about made-up things."""
+    fmt = rng.choice(_QUIZ_FORMATS)
+    lines = []
+    for _ in range(rng.randint(2, 4)):
+        task = SAMPLERS[rng.choice(FAMILIES[:4])](rng)
+        a, b = rng.sample(corpus.FEMALE_NAMES + corpus.MALE_NAMES, 2)
+        lines.append(fmt.format(a=a, b=b, q=task.prompt, r=task.reference))
+    return "\n".join(lines)

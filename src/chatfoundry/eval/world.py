@@ -1,0 +1,101 @@
+"""Score a chat model on the task world: greedy answers to held-out questions, checked by the
+world's verifier. Per family: exact match (the content is right), the mean gold reward and how
+often the model said it does not know.
+
+    chatfoundry eval --ckpt runs/sft --json      ->  families.<name>.exact_match / .gold_reward
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import json
+from pathlib import Path
+
+import torch
+
+from chatfoundry.data import world
+from chatfoundry.generation import GenerationConfig, generate_batch
+from chatfoundry.tokenizer import chat_stop_ids, render_chat
+
+
+def chat_answers(model, tokenizer, conversations: Sequence[list[dict]], max_new_tokens: int = 48,
+                 batch_size: int = 64) -> list[str]:
+    """The model's greedy reply to each conversation (which ends with a user message)."""
+    ids = [tokenizer.encode(render_chat(m, add_generation_prompt=True), add_special_tokens=False).ids
+           for m in conversations]
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=chat_stop_ids(tokenizer))
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch: less padding
+    replies: list[str] = [""] * len(ids)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            out = generate_batch(model, [ids[i] for i in chunk], cfg)
+            for i, seq in zip(chunk, out.sequences):
+                replies[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
+    model.train(was_training)
+    return replies
+
+
+def evaluate_world(model, tokenizer, split: str = "test", per_family: int = 100,
+                   families: Sequence[str] = world.FAMILIES, system: str | None = None, seed: int = 0,
+                   max_new_tokens: int = 48, batch_size: int = 64) -> dict:
+    """{"split", "families": {name: {n, exact_match, gold_reward, abstain_rate}}, "overall", "answers"}."""
+    tasks = [t for family in families for t in world.tasks(split, family, per_family, seed)]
+    head = [{"role": "system", "content": system}] if system else []
+    replies = chat_answers(model, tokenizer, [head + [{"role": "user", "content": t.prompt}] for t in tasks],
+                           max_new_tokens, batch_size)
+    scores = [world.score(t, r) for t, r in zip(tasks, replies)]
+    report: dict = {"split": split, "families": {}}
+    for family in families:
+        mine = [s for t, s in zip(tasks, scores) if t.family == family]
+        report["families"][family] = _summary(mine)
+    report["overall"] = _summary(scores)
+    report["answers"] = [{"family": t.family, "kind": t.kind, "prompt": t.prompt, "reference": t.reference,
+                          "response": r, "correct": s.correct, "gold_reward": s.reward}
+                         for t, r, s in zip(tasks, replies, scores)]
+    return report
+
+
+def _summary(scores: list[world.Score]) -> dict:
+    n = len(scores)
+    mean = (lambda xs: round(sum(xs) / n, 4)) if n else (lambda xs: 0.0)
+    return {"n": n, "exact_match": mean([s.correct for s in scores]), "gold_reward": mean([s.reward for s in scores]),
+            "abstain_rate": mean([s.abstained for s in scores])}
+
+
+def plot_report(report: dict, out: str | Path, title: str) -> None:
+    """Bars of exact match and gold reward per family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["families"])
+    em = [report["families"][n]["exact_match"] for n in names]
+    gold = [report["families"][n]["gold_reward"] for n in names]
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar([i - 0.2 for i in x], em, 0.4, label="exact match")
+    ax.bar([i + 0.2 for i in x], gold, 0.4, label="gold reward")
+    ax.set_xticks(list(x), names)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def write_report(report: dict, out: Path, title: str) -> None:
+    """eval.json (scores and every answer) and eval.png in `out`."""
+    (out / "eval.json").write_text(json.dumps(report, indent=1))
+    plot_report(report, out / "eval.png", title)
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'family':<14}{'n':>5}{'exact match':>13}{'gold reward':>13}{'abstains':>10}"]
+    for name, s in [*report["families"].items(), ("overall", report["overall"])]:
+        lines.append(f"{name:<14}{s['n']:>5}{s['exact_match']:>13.3f}{s['gold_reward']:>13.3f}{s['abstain_rate']:>10.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,337 @@
+"""Stage 2, supervised finetuning (SFT): teach a pretrained model to answer as an assistant.
+
+    conversations: the task world's train split, or JSONL files in any SFT format
+      -> chat template, token ids and the mask of tokens to learn: each assistant reply and the
+         <|end|> that closes it (so the model learns to stop); system and user turns are context
+      -> batches, right-padded (or packed: several conversations per row, attention kept
+         inside each, positions restarting)
+      -> cross-entropy on the learned tokens only, averaged over all learned tokens of a step
+      -> run/checkpoint/ (generation stops at <|end|>), metrics.jsonl, loss.png and, on the world,
+         exact match and gold reward per family on its held-out test split (eval.json, eval.png)
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from chatfoundry import checkpoint as ckpt
+from chatfoundry.config import require, save_config
+from chatfoundry.data import world
+from chatfoundry.data.formats import Example, load_sft
+from chatfoundry.errors import UserError
+from chatfoundry.eval.world import evaluate_world, format_report, write_report
+from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
+from chatfoundry.tokenizer import SPECIAL_TOKENS, chat_stop_ids, encode_batch_ids, special_id
+from chatfoundry.train.loop import TrainConfig, accumulation, fit, make_optimizer, setup_runtime, teardown
+from chatfoundry.train.pretrain import check_output
+
+
+@dataclass
+class SFTDataConfig:
+    files: list[str] = field(default_factory=list)  # JSONL files (any SFT format); empty: the task world
+    conversations: int = 8000  # world conversations drawn from its train split
+    system_prob: float = 0.3  # world: share of conversations that open with a system message
+    multi_turn_prob: float = 0.2  # world: share with two or three exchanges
+    val_fraction: float = 0.05  # user files: share held out for validation loss (the world has a val split)
+    packing: bool = False  # pack conversations into full rows instead of padding each
+
+    def validate(self) -> None:
+        require(self.conversations > 0, "data.conversations", f"must be > 0, got {self.conversations}")
+        for name in ("system_prob", "multi_turn_prob"):
+            require(0 <= getattr(self, name) <= 1, f"data.{name}", f"must be in [0, 1], got {getattr(self, name)}")
+        require(0 < self.val_fraction < 0.5, "data.val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
+
+
+@dataclass
+class EvalConfig:
+    per_family: int = 100  # world test questions per family scored at the end; 0: skip
+    max_new_tokens: int = 48
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        require(self.per_family >= 0, "eval.per_family", f"must be >= 0, got {self.per_family}")
+        require(self.max_new_tokens > 0, "eval.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        require(self.batch_size > 0, "eval.batch_size", f"must be > 0, got {self.batch_size}")
+
+
+def _sft_train() -> TrainConfig:
+    return TrainConfig(steps=300, batch_size=32, lr=1e-3, warmup_steps=20, eval_every=100, eval_batches=4,
+                       save_every=300)
+
+
+@dataclass
+class SFTConfig:
+    init: str = ""  # the pretrained checkpoint (or run folder) to start from
+    out: str = "runs/sft"
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "fp32"  # fp32 or bf16 (autocast)
+    compile: bool = False
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    train: TrainConfig = field(default_factory=_sft_train)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        require(bool(self.init), "init", "give the pretrained checkpoint to finetune (--init DIR)")
+        require(self.dtype in ("fp32", "bf16"), "dtype", f"must be fp32 or bf16, got {self.dtype!r}")
+
+
+# ---------------------------------------------------------------- tokens and the loss mask
+
+
+def encode(examples: list[Example], tokenizer) -> list[tuple[list[int], list[bool]]]:
+    """Per example: token ids and, per token, whether the model learns to produce it.
+
+    Each message is `<|role|>` + content + `<|end|>`; special tokens split the text before the
+    tokenizer merges anything, so encoding piece by piece equals encoding the whole conversation.
+    Plain-text examples are learned whole and end with <|eos|>.
+    """
+    role_ids = {role: special_id(tokenizer, role) for role in ("system", "user", "assistant", "tool")}
+    end, eos = special_id(tokenizer, "end"), special_id(tokenizer, "eos")
+    used = {m["role"] for ex in examples for m in ex.messages}
+    needed = {**{r: i for r, i in role_ids.items() if r in used}, "end": end, "eos": eos}
+    missing = [SPECIAL_TOKENS[k] for k, v in needed.items() if v is None]
+    if missing:
+        raise UserError(f"tokenizer: lacks the chat tokens {', '.join(missing)}; SFT needs the chatfoundry chat format")
+    texts = []
+    for ex in examples:
+        texts += [ex.text] if ex.text is not None else [m["content"] for m in ex.messages]
+    encoded = iter(encode_batch_ids(tokenizer, texts))  # one parallel call for all texts
+    out = []
+    for ex in examples:
+        if ex.text is not None:
+            ids = next(encoded) + [eos]
+            out.append((ids, [True] * len(ids)))
+            continue
+        ids, learn = [], []
+        for message in ex.messages:
+            content, reply = next(encoded), message["role"] == "assistant"
+            ids += [role_ids[message["role"]], *content, end]
+            learn += [False] + [reply] * (len(content) + 1)
+        out.append((ids, learn))
+    return out
+
+
+def to_rows(encoded: list[tuple[list[int], list[bool]]], block: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """(inputs, targets) per example, cut to the context; targets are -100 where nothing is learned.
+    Returns the rows that still learn something and how many examples were cut."""
+    rows, cut = [], 0
+    for ids, learn in encoded:
+        if len(ids) > block + 1:
+            ids, learn, cut = ids[:block + 1], learn[:block + 1], cut + 1
+        targets = [t if keep else -100 for t, keep in zip(ids[1:], learn[1:])]
+        if any(t != -100 for t in targets):
+            rows.append((ids[:-1], targets))
+    return rows, cut
+
+
+class Batches:
+    """Shuffled epochs over the rows; each step takes `batch_size` sequences (padded) or rows of
+    `block` tokens holding several packed sequences. State is (epoch, position): resume is exact."""
+
+    def __init__(self, rows: list[tuple[list[int], list[int]]], batch_size: int, block: int, pad_id: int,
+                 seed: int, packing: bool):
+        self.rows, self.batch_size, self.block, self.pad_id = rows, batch_size, block, pad_id
+        self.seed, self.packing = seed, packing
+        self.epoch, self.pos = 0, 0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> list[int]:
+        order = list(range(len(self.rows)))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def _next_row(self) -> tuple[list[int], list[int]]:
+        if self.pos == len(self._order):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._order = self._epoch_order()
+        self.pos += 1
+        return self.rows[self._order[self.pos - 1]]
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def set_state(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._epoch_order()
+
+    def next(self) -> dict[str, torch.Tensor]:
+        """{"idx", "targets"} (and "segments" when packing) for one optimizer step: (batch_size, T)."""
+        if not self.packing:
+            seqs = [self._next_row() for _ in range(self.batch_size)]
+            width = max(len(x) for x, _ in seqs)
+            idx = [x + [self.pad_id] * (width - len(x)) for x, _ in seqs]
+            tgt = [y + [-100] * (width - len(y)) for _, y in seqs]
+            return {"idx": torch.tensor(idx), "targets": torch.tensor(tgt)}
+        idx = torch.full((self.batch_size, self.block), self.pad_id)
+        tgt = torch.full((self.batch_size, self.block), -100)
+        seg = torch.zeros((self.batch_size, self.block), dtype=torch.long)
+        for r in range(self.batch_size):
+            used, s = 0, 0
+            while True:  # fill the row; a sequence that does not fit waits for the next row
+                x, y = self._peek()
+                if used + len(x) > self.block:
+                    break
+                self._next_row()
+                idx[r, used:used + len(x)], tgt[r, used:used + len(y)] = torch.tensor(x), torch.tensor(y)
+                seg[r, used:used + len(x)] = s
+                used, s = used + len(x), s + 1
+            seg[r, used:] = s  # padding: a segment of its own that no real token sees
+        return {"idx": idx, "targets": tgt, "segments": seg}
+
+    def _peek(self) -> tuple[list[int], list[int]]:
+        if self.pos == len(self._order):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._order = self._epoch_order()
+        return self.rows[self._order[self.pos]]
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _examples(cfg: SFTConfig) -> tuple[list[Example], list[Example], str]:
+    """(train, validation, source description)."""
+    if cfg.data.files:
+        examples = load_sft(cfg.data.files)
+        random.Random(cfg.seed).shuffle(examples)
+        n_val = max(1, int(len(examples) * cfg.data.val_fraction)) if len(examples) > 1 else 0
+        return examples[n_val:], examples[:n_val], f"{len(examples)} examples from files"
+
+    def world_examples(split: str, n: int) -> list[Example]:
+        convs = world.conversations(split, n, cfg.seed, cfg.data.system_prob, cfg.data.multi_turn_prob)
+        return [Example(messages=tuple(m)) for m in convs]
+
+    train = world_examples("train", cfg.data.conversations)
+    return train, world_examples("val", max(64, cfg.data.conversations // 20)), "the task world"
+
+
+def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
+    """Finetune as configured; returns the summary that `--json` prints."""
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    check_output(out, resume, overwrite)
+    base, tokenizer = ckpt.load_model(ckpt.resolve_checkpoint(out) if resume else cfg.init)
+    train_examples, val_examples, source = _examples(cfg)
+    rt = setup_runtime(cfg.device, cfg.dtype)
+    try:
+        return _run(cfg, rt, out, base, tokenizer, train_examples, val_examples, source, resume, overwrite, log, t0)
+    finally:
+        teardown(rt)
+
+
+def _run(cfg, rt, out, model, tokenizer, train_examples, val_examples, source, resume, overwrite, log, t0) -> dict:
+    torch.manual_seed(cfg.seed)
+    block = cfg.train.block_size or model.config.block_size
+    require(block <= model.config.block_size, "train.block_size",
+            f"{block} exceeds the model's context {model.config.block_size}")
+    rows, cut = to_rows(encode(train_examples, tokenizer), block)
+    val_rows, _ = to_rows(encode(val_examples, tokenizer), block)
+    if not rows:
+        raise UserError("data: no example has an assistant token left to learn within the context")
+    micro, accum = accumulation(cfg.train, rt)
+    pad = special_id(tokenizer, "pad") or 0
+    batches = Batches(rows, cfg.train.batch_size, block, pad, cfg.seed, cfg.data.packing)
+    model = model.to(rt.device).train()
+    optimizer = make_optimizer(model, cfg.train, rt.device)
+    start_step = 0
+    if resume:
+        state = ckpt.load_trainer_state(out)
+        require(cfg.train.steps >= int(state["step"]), "train.steps",
+                f"{cfg.train.steps} is below the checkpoint's step {state['step']}")
+        optimizer.load_state_dict(state["optimizer"])
+        batches.set_state(state["batches"])
+        torch.set_rng_state(state["torch_rng"])
+        start_step = int(state["step"])
+
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume and overwrite:
+            shutil.rmtree(out / ckpt.CHECKPOINT, ignore_errors=True)
+            for stale in ("metrics.jsonl", "loss.png", "eval.json", "eval.png"):
+                (out / stale).unlink(missing_ok=True)
+        save_config(cfg, out / "config.yaml")
+        learned = sum(sum(t != -100 for t in y) for _, y in rows)
+        log(f"sft: {len(rows):,} conversations from {source} ({learned:,} tokens to learn"
+            + (f", {cut} cut to the context of {block}" if cut else "") + f"); {len(val_rows):,} for validation; "
+            f"batch {cfg.train.batch_size} ({'packed' if cfg.data.packing else 'padded'}) = {micro} x {accum} steps "
+            f"x {rt.world} processes; device {rt.device}")
+    metrics = MetricsLog(out / "metrics.jsonl", start_step if resume else None, enabled=rt.is_main)
+
+    train_model: nn.Module = model
+    if rt.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    def micro_batches():
+        batch = batches.next()
+        # The loss is a sum over learned tokens divided by the step's total, so every learned
+        # token weighs the same whatever micro-batch or process it falls in.
+        per_process = (batch["targets"] != -100).sum().item() / rt.world
+        mine = {k: v[rt.rank * micro * accum:(rt.rank + 1) * micro * accum] for k, v in batch.items()}
+        return [({k: v[i * micro:(i + 1) * micro].to(rt.device, non_blocking=True) for k, v in mine.items()},
+                 per_process / accum) for i in range(accum)]
+
+    def loss_fn(m, item):
+        batch, norm = item
+        logits, _ = m(batch["idx"], segments=batch.get("segments"))
+        total = nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(),
+                                            ignore_index=-100, reduction="sum")
+        return total / max(norm, 1.0)
+
+    @torch.no_grad()
+    def evaluate(step: int):
+        total, count = 0.0, 0
+        for start in range(0, min(len(val_rows), micro * cfg.train.eval_batches), micro):
+            chunk = val_rows[start:start + micro]
+            width = max(len(x) for x, _ in chunk)
+            idx = torch.tensor([x + [pad] * (width - len(x)) for x, _ in chunk], device=rt.device)
+            tgt = torch.tensor([y + [-100] * (width - len(y)) for _, y in chunk], device=rt.device)
+            logits, _ = model(idx)
+            total += nn.functional.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-100,
+                                                 reduction="sum").item()
+            count += int((tgt != -100).sum())
+        val = total / max(count, 1)
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+
+    def save(step: int):
+        if rt.is_main:
+            state = {"step": step, "optimizer": optimizer.state_dict(), "batches": batches.state(),
+                     "torch_rng": torch.get_rng_state()}
+            ckpt.save_checkpoint(out / ckpt.CHECKPOINT, model, tokenizer, state,
+                                 generation={"eos_token_id": chat_stop_ids(tokenizer)})
+        rt.barrier()
+
+    tokens_per_step = int(np.mean([len(x) for x, _ in rows[:1000]]) * cfg.train.batch_size)
+    train_start = time.perf_counter()
+    last = fit(train_model, optimizer, rt, cfg.train, micro_batches=micro_batches, loss_fn=loss_fn,
+               evaluate=evaluate if val_rows else (lambda step: {}), save=save, log=metrics,
+               tokens_per_step=block * cfg.train.batch_size if cfg.data.packing else tokens_per_step,
+               start_step=start_step, desc="sft")
+    train_s = time.perf_counter() - train_start
+
+    summary = {"out": str(out), "checkpoint": str(out / ckpt.CHECKPOINT), "steps": cfg.train.steps,
+               "examples": len(rows), "train_loss": last.get("loss"), "val_loss": last.get("val_loss"),
+               "train_s": round(train_s, 2)}
+    if rt.is_main:
+        plot_curves(read_metrics(out / "metrics.jsonl"), out / "loss.png",
+                    {"loss": "train loss", "val_loss": "validation loss"}, title="SFT (assistant tokens only)",
+                    ylabel="cross-entropy (nats/token)")
+        if cfg.eval.per_family:
+            report = evaluate_world(model, tokenizer, "test", cfg.eval.per_family, seed=0,
+                                    max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+            write_report(report, out, "SFT model on the world's test split")
+            summary["families"] = report["families"]
+            log(format_report(report))
+    summary["wall_s"] = round(time.perf_counter() - t0, 2)
+    return summary
