@@ -20,6 +20,12 @@ def _json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last line")
 
 
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    _json_flag(p)
+
+
 # ---------------------------------------------------------------- pretrain
 
 
@@ -31,9 +37,7 @@ def _pretrain_parser(sub) -> None:
                                    "shards and pretrain a GPT- or Llama-flavoured decoder. Run under "
                                    "`torchrun --nproc_per_node N` for data-parallel training.")
     add_config_args(p, PretrainConfig, aliases={"--data": "data.files", "--tokenizer": "tokenizer.path"})
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    _json_flag(p)
+    _run_flags(p)
     p.set_defaults(func=_pretrain)
 
 
@@ -66,9 +70,7 @@ def _sft_parser(sub) -> None:
                                    "chosen/best reply of preference and ranking files), learning the assistant "
                                    "turns only; scores the result on the world's test split.")
     add_config_args(p, SFTConfig, aliases={"--data": "data.files"})
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    _json_flag(p)
+    _run_flags(p)
     p.set_defaults(func=_sft)
 
 

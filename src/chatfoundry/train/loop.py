@@ -31,9 +31,10 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    # Small batches and many steps: at a fixed token budget on a CPU a tiny model learns its facts
-    # far better from 1,600 steps of 8 sequences than from 400 of 32 (measured; see the README).
-    steps: int = 1600  # optimizer steps
+    # Small batches, many steps: on the built-in corpus the 1M-parameter default completes "The
+    # capital of X is" right for 2% of countries after 400 steps of 32 sequences, 52% after 800
+    # of 16, 96% after 2,400 of 8 (and 76% of "a times b is"): knowledge arrives late.
+    steps: int = 2400  # optimizer steps
     batch_size: int = 8  # sequences per optimizer step, summed over all processes
     micro_batch_size: int = 0  # sequences per forward pass and process; 0: batch_size / processes
     block_size: int = 0  # training sequence length; 0: the model's block_size

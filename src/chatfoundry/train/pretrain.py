@@ -146,6 +146,16 @@ def check_output(out: Path, resume: bool, overwrite: bool) -> None:
         raise UserError(f"{out}: exists and is not a folder")
 
 
+def prepare_output(out: Path, cfg, resume: bool, overwrite: bool, artifacts: tuple[str, ...]) -> None:
+    """Create the run folder, clear an overwritten run's checkpoint and artifacts, save the config."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume and overwrite:
+        shutil.rmtree(out / ckpt.CHECKPOINT, ignore_errors=True)
+        for stale in artifacts:
+            (out / stale).unlink(missing_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+
 def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
     """Pretrain as configured; returns the summary that `--json` prints."""
     t0 = time.perf_counter()
@@ -204,12 +214,7 @@ def _run(cfg, rt, out, key, documents, resume, overwrite, log, t0) -> dict:
         start_step = int(state["step"])
 
     if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume and overwrite:
-            shutil.rmtree(out / ckpt.CHECKPOINT, ignore_errors=True)
-            for stale in ("metrics.jsonl", "samples.txt", "loss.png"):
-                (out / stale).unlink(missing_ok=True)
-        save_config(cfg, out / "config.yaml")
+        prepare_output(out, cfg, resume, overwrite, ("metrics.jsonl", "samples.txt", "loss.png"))
     metrics = MetricsLog(out / "metrics.jsonl", start_step if resume else None, enabled=rt.is_main)
     params, flops = num_params(model), flops_per_token(cfg.model, block)
     if rt.is_main:

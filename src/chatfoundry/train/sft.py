@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from chatfoundry import checkpoint as ckpt
-from chatfoundry.config import require, save_config
+from chatfoundry.config import require
 from chatfoundry.data import world
 from chatfoundry.data.formats import Example, load_sft
 from chatfoundry.errors import UserError
@@ -32,7 +31,7 @@ from chatfoundry.eval.world import evaluate_world, format_report, write_report
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.tokenizer import SPECIAL_TOKENS, chat_stop_ids, encode_batch_ids, special_id
 from chatfoundry.train.loop import TrainConfig, accumulation, fit, make_optimizer, setup_runtime, teardown
-from chatfoundry.train.pretrain import check_output
+from chatfoundry.train.pretrain import check_output, prepare_output
 
 
 @dataclass
@@ -253,12 +252,7 @@ def _run(cfg, rt, out, model, tokenizer, train_examples, val_examples, source, r
         start_step = int(state["step"])
 
     if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume and overwrite:
-            shutil.rmtree(out / ckpt.CHECKPOINT, ignore_errors=True)
-            for stale in ("metrics.jsonl", "loss.png", "eval.json", "eval.png"):
-                (out / stale).unlink(missing_ok=True)
-        save_config(cfg, out / "config.yaml")
+        prepare_output(out, cfg, resume, overwrite, ("metrics.jsonl", "loss.png", "eval.json", "eval.png"))
         learned = sum(sum(t != -100 for t in y) for _, y in rows)
         log(f"sft: {len(rows):,} conversations from {source} ({learned:,} tokens to learn"
             + (f", {cut} cut to the context of {block}" if cut else "") + f"); {len(val_rows):,} for validation; "
