@@ -122,7 +122,7 @@ class GenerationConfig:
 
     @property
     def eos_ids(self) -> list[int]:
-        return stop_ids(self.eos_token_id)
+        return _as_ids(self.eos_token_id)
 
     def validate(self) -> None:
         def req(ok: bool, name: str, message: str) -> None:
@@ -222,7 +222,7 @@ def _steps(model: DecoderLM, prompts: list[list[int]], max_new_tokens: int,
             history = torch.cat([history, idx], dim=1)
 
 
-def stop_ids(eos: int | Sequence[int] | None) -> list[int]:
+def _as_ids(eos: int | Sequence[int] | None) -> list[int]:
     """An EOS setting (None, one id or several, as in transformers' generation config) as a list."""
     if eos is None:
         return []
@@ -232,7 +232,7 @@ def stop_ids(eos: int | Sequence[int] | None) -> list[int]:
 def _decode(model: DecoderLM, prompts: list[list[int]], max_new_tokens: int, pick: Picker,
             eos_id: int | Sequence[int] | None) -> tuple[list[list[int]], list[list[float]]]:
     """New tokens and their logprobs per prompt; each stops at an EOS id (kept) or max_new_tokens."""
-    eos = set(stop_ids(eos_id))
+    eos = set(_as_ids(eos_id))
     rows = len(prompts)
     out: list[list[int]] = [[] for _ in range(rows)]
     logprobs: list[list[float]] = [[] for _ in range(rows)]

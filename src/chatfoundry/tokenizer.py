@@ -483,3 +483,8 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> st
     if add_generation_prompt:
         parts.append(SPECIAL_TOKENS["assistant"])
     return "".join(parts)
+
+
+def encode_chat(tok: Tokenizer, messages: list[dict]) -> list[int]:
+    """Ids of the conversation in the chat format, ending with the generation prompt."""
+    return tok.encode(render_chat(messages, add_generation_prompt=True), add_special_tokens=False).ids

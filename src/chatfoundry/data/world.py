@@ -135,8 +135,6 @@ _FACT_PROMPTS = {
 _FACT_REFERENCES = {"capital": "The capital of {country} is {capital}.", "continent": "{country} is in {continent}.",
                     "language": "People in {country} speak {language}.", "currency": "{country} uses the {currency}.",
                     "country": "{capital} is the capital of {country}."}
-_FACT_FIELD = {"capital": "capital", "continent": "continent", "language": "language", "currency": "currency",
-               "country": "country"}
 _UNKNOWN_KINDS = ("capital", "continent", "language", "currency")
 
 
@@ -144,9 +142,8 @@ def facts_task(rng: random.Random) -> Task:
     facts = load_facts()
     fact = rng.choice(facts)
     kind = rng.choice(tuple(_FACT_PROMPTS))
-    field_name = _FACT_FIELD[kind]
-    answer = getattr(fact, field_name)
-    rivals = tuple(sorted({getattr(f, field_name) for f in facts} - {answer}))
+    answer = getattr(fact, kind)  # each kind is named after the field it asks for
+    rivals = tuple(sorted({getattr(f, kind) for f in facts} - {answer}))
     values = vars(fact)
     return Task("facts", kind, f"country:{fact.country}", f"{kind}:{fact.country}",
                 rng.choice(_FACT_PROMPTS[kind]).format(**values), answer, _FACT_REFERENCES[kind].format(**values),
@@ -239,11 +236,16 @@ SYSTEM_PROMPTS = ("You are a helpful assistant.", "You are a helpful assistant. 
                   "Be concise and polite.", "You are a small assistant. If you do not know something, say so.")
 
 
+def mixed_tasks(split: str, n: int, seed: int = 0) -> list[Task]:
+    """About `n` tasks of one split, an equal share from each family (family by family)."""
+    return [t for family in FAMILIES for t in tasks(split, family, max(1, n // len(FAMILIES)), seed)]
+
+
 def conversations(split: str, n: int, seed: int = 0, system_prob: float = 0.3,
                   multi_turn_prob: float = 0.2) -> list[list[dict]]:
     """`n` chat conversations for SFT: an optional system message, then one or (sometimes) two
     or three user questions from mixed families, each answered with its reference."""
-    pool = [t for family in FAMILIES for t in tasks(split, family, max(1, n // len(FAMILIES)), seed)]
+    pool = mixed_tasks(split, n, seed)
     rng = random.Random(f"{seed}:{split}:conversations")
     rng.shuffle(pool)
     out, i = [], 0
@@ -276,12 +278,17 @@ class Score:
     reward: float  # the gold reward in [0, 1]
 
 
+def _find(text: str, word: str, ignore_case: bool = False) -> re.Match | None:
+    """`word` as a whole word (not inside a longer one) in `text`."""
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, re.IGNORECASE if ignore_case else 0)
+
+
 def _mentions(text: str, word: str, ignore_case: bool = False) -> bool:
-    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, re.IGNORECASE if ignore_case else 0) is not None
+    return _find(text, word, ignore_case) is not None
 
 
 def _first_mentioned(text: str, options: tuple[str, ...]) -> str | None:
-    found = [(m.start(), o) for o in options for m in [re.search(rf"(?<!\w){re.escape(o)}(?!\w)", text, re.I)] if m]
+    found = [(m.start(), o) for o in options if (m := _find(text, o, True))]
     return min(found)[1] if found else None
 
 
@@ -306,8 +313,7 @@ def is_correct(task: Task, response: str) -> bool:
         loser = next(o for o in task.options if o != task.answer)
         return _first_mentioned(response, task.options) == (task.answer if same_way else loser)
     if task.kind == "sort":
-        positions = [m.start() for w in task.answer.split(", ")
-                     for m in [re.search(rf"(?<!\w){re.escape(w)}(?!\w)", response)] if m]
+        positions = [m.start() for w in task.answer.split(", ") if (m := _find(response, w))]
         return len(positions) == 3 and positions == sorted(positions)
     return _mentions(response, task.answer)  # reverse, uppercase: the exact string
 
@@ -379,7 +385,7 @@ def export(out: str | Path, conversations_n: int = 8000, test_per_family: int = 
     out = Path(out)
     rng = random.Random(seed)
     train = conversations("train", conversations_n, seed)
-    singles = [t for f in FAMILIES for t in tasks("train", f, max(1, conversations_n // len(FAMILIES)), seed)]
+    singles = mixed_tasks("train", conversations_n, seed)
     test = [t for f in FAMILIES for t in tasks("test", f, test_per_family, seed)]
 
     def ranked(task: Task) -> dict:

@@ -7,22 +7,21 @@ often the model said it does not know.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from chatfoundry.data import world
 from chatfoundry.generation import GenerationConfig, generate_batch
-from chatfoundry.tokenizer import chat_stop_ids, render_chat
+from chatfoundry.tokenizer import chat_stop_ids, encode_chat
 
 
 def chat_answers(model, tokenizer, conversations: Sequence[list[dict]], max_new_tokens: int = 48,
                  batch_size: int = 64) -> list[str]:
     """The model's greedy reply to each conversation (which ends with a user message)."""
-    ids = [tokenizer.encode(render_chat(m, add_generation_prompt=True), add_special_tokens=False).ids
-           for m in conversations]
+    ids = [encode_chat(tokenizer, m) for m in conversations]
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=chat_stop_ids(tokenizer))
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch: less padding
     replies: list[str] = [""] * len(ids)

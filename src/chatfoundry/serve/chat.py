@@ -25,8 +25,9 @@ import torch
 
 from chatfoundry.errors import UserError
 from chatfoundry.generation import GenerationConfig
+from chatfoundry.models.decoder import num_params
 from chatfoundry.textgen import stream_text
-from chatfoundry.tokenizer import chat_stop_ids, render_chat
+from chatfoundry.tokenizer import chat_stop_ids, encode_chat
 
 COMMANDS = ("/reset", "/system", "/params", "/help", "/exit", "/quit")
 
@@ -97,10 +98,6 @@ def show_params(params: ChatParams) -> str:
     return "\n".join(f"  {f.name} = {getattr(params, f.name)}" for f in fields(params))
 
 
-def _encode(tokenizer, messages: list[dict]) -> list[int]:
-    return tokenizer.encode(render_chat(messages, add_generation_prompt=True), add_special_tokens=False).ids
-
-
 def chat_prompt_ids(tokenizer, messages: list[dict], context: int, max_new_tokens: int = 1) -> list[int]:
     """The messages in the chat format with the generation prompt, as ids that fit the context.
 
@@ -115,7 +112,7 @@ def chat_prompt_ids(tokenizer, messages: list[dict], context: int, max_new_token
     # where the kept part may start: its first message, or any user message (the last one at the latest)
     starts = sorted({0} | {i for i, m in enumerate(rest) if m.get("role") == "user"})
     for start in starts:
-        ids = _encode(tokenizer, head + rest[start:])
+        ids = encode_chat(tokenizer, head + rest[start:])
         if len(ids) <= budget:
             return ids
     raise UserError(f"prompt: {len(ids)} tokens leave no room in the model's context of {context}")
@@ -175,7 +172,7 @@ def _size(n: int) -> str:
 
 
 def _banner(session: ChatSession) -> str:
-    n = sum(p.numel() for p in session.model.parameters())
+    n = num_params(session.model)
     return (f"chatfoundry chat: {_size(n)}-parameter model, context {session.model.config.block_size} tokens; "
             f"/help for commands, /exit or Ctrl-D to quit")
 
@@ -238,14 +235,19 @@ def _reader(stdin, stdout) -> Callable[[str], str | None]:
     return read
 
 
-def _interactive(session: ChatSession, stdin, stdout) -> int:
-    print(_banner(session), file=stdout)
-    read = _reader(stdin, stdout)
-
+def _writer(stdout) -> Callable[[str], None]:
+    """Writes each streamed piece at once (a terminal shows text as it comes)."""
     def show(piece: str) -> None:
         stdout.write(piece)
         stdout.flush()
 
+    return show
+
+
+def _interactive(session: ChatSession, stdin, stdout) -> int:
+    print(_banner(session), file=stdout)
+    read = _reader(stdin, stdout)
+    show = _writer(stdout)
     while True:
         try:
             line = read("you> ")
@@ -288,12 +290,8 @@ def run_repl(session: ChatSession, stdin=None, stdout=None, interactive: bool | 
     if not text:
         print("chatfoundry chat: error: no input: pipe the user message on standard input", file=sys.stderr)
         return 2
-    def show(piece: str) -> None:
-        stdout.write(piece)
-        stdout.flush()
-
     try:
-        session.reply(text, show)
+        session.reply(text, _writer(stdout))
     except UserError as e:
         print(f"chatfoundry chat: error: {e}", file=sys.stderr)
         return 2

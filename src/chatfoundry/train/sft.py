@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -133,6 +132,19 @@ def to_rows(encoded: list[tuple[list[int], list[bool]]], block: int) -> tuple[li
     return rows, cut
 
 
+def pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """{"idx", "targets"}: the rows right-padded to the longest (targets with -100)."""
+    width = max(len(x) for x, _ in rows)
+    return {"idx": torch.tensor([x + [pad_id] * (width - len(x)) for x, _ in rows]),
+            "targets": torch.tensor([y + [-100] * (width - len(y)) for _, y in rows])}
+
+
+def summed_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over the learned tokens (targets -100 are skipped)."""
+    return nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                       reduction="sum")
+
+
 class Batches:
     """Shuffled epochs over the rows; each step takes `batch_size` sequences (padded) or rows of
     `block` tokens holding several packed sequences. State is (epoch, position): resume is exact."""
@@ -149,12 +161,17 @@ class Batches:
         random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
         return order
 
-    def _next_row(self) -> tuple[list[int], list[int]]:
+    def _peek(self) -> tuple[list[int], list[int]]:
+        """The next row, starting a new shuffled epoch when this one is used up."""
         if self.pos == len(self._order):
             self.epoch, self.pos = self.epoch + 1, 0
             self._order = self._epoch_order()
+        return self.rows[self._order[self.pos]]
+
+    def _next_row(self) -> tuple[list[int], list[int]]:
+        row = self._peek()
         self.pos += 1
-        return self.rows[self._order[self.pos - 1]]
+        return row
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
@@ -166,11 +183,7 @@ class Batches:
     def next(self) -> dict[str, torch.Tensor]:
         """{"idx", "targets"} (and "segments" when packing) for one optimizer step: (batch_size, T)."""
         if not self.packing:
-            seqs = [self._next_row() for _ in range(self.batch_size)]
-            width = max(len(x) for x, _ in seqs)
-            idx = [x + [self.pad_id] * (width - len(x)) for x, _ in seqs]
-            tgt = [y + [-100] * (width - len(y)) for _, y in seqs]
-            return {"idx": torch.tensor(idx), "targets": torch.tensor(tgt)}
+            return pad([self._next_row() for _ in range(self.batch_size)], self.pad_id)
         idx = torch.full((self.batch_size, self.block), self.pad_id)
         tgt = torch.full((self.batch_size, self.block), -100)
         seg = torch.zeros((self.batch_size, self.block), dtype=torch.long)
@@ -186,12 +199,6 @@ class Batches:
                 used, s = used + len(x), s + 1
             seg[r, used:] = s  # padding: a segment of its own that no real token sees
         return {"idx": idx, "targets": tgt, "segments": seg}
-
-    def _peek(self) -> tuple[list[int], list[int]]:
-        if self.pos == len(self._order):
-            self.epoch, self.pos = self.epoch + 1, 0
-            self._order = self._epoch_order()
-        return self.rows[self._order[self.pos]]
 
 
 # ---------------------------------------------------------------- the stage
@@ -237,8 +244,8 @@ def _run(cfg, rt, out, model, tokenizer, train_examples, val_examples, source, r
     if not rows:
         raise UserError("data: no example has an assistant token left to learn within the context")
     micro, accum = accumulation(cfg.train, rt)
-    pad = special_id(tokenizer, "pad") or 0
-    batches = Batches(rows, cfg.train.batch_size, block, pad, cfg.seed, cfg.data.packing)
+    pad_id = special_id(tokenizer, "pad") or 0
+    batches = Batches(rows, cfg.train.batch_size, block, pad_id, cfg.seed, cfg.data.packing)
     model = model.to(rt.device).train()
     optimizer = make_optimizer(model, cfg.train, rt.device)
     start_step = 0
@@ -279,22 +286,15 @@ def _run(cfg, rt, out, model, tokenizer, train_examples, val_examples, source, r
     def loss_fn(m, item):
         batch, norm = item
         logits, _ = m(batch["idx"], segments=batch.get("segments"))
-        total = nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(),
-                                            ignore_index=-100, reduction="sum")
-        return total / max(norm, 1.0)
+        return summed_loss(logits, batch["targets"]) / max(norm, 1.0)
 
     @torch.no_grad()
     def evaluate(step: int):
         total, count = 0.0, 0
         for start in range(0, min(len(val_rows), micro * cfg.train.eval_batches), micro):
-            chunk = val_rows[start:start + micro]
-            width = max(len(x) for x, _ in chunk)
-            idx = torch.tensor([x + [pad] * (width - len(x)) for x, _ in chunk], device=rt.device)
-            tgt = torch.tensor([y + [-100] * (width - len(y)) for _, y in chunk], device=rt.device)
-            logits, _ = model(idx)
-            total += nn.functional.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-100,
-                                                 reduction="sum").item()
-            count += int((tgt != -100).sum())
+            batch = {k: v.to(rt.device) for k, v in pad(val_rows[start:start + micro], pad_id).items()}
+            total += summed_loss(model(batch["idx"])[0], batch["targets"]).item()
+            count += int((batch["targets"] != -100).sum())
         val = total / max(count, 1)
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
 
@@ -306,7 +306,8 @@ def _run(cfg, rt, out, model, tokenizer, train_examples, val_examples, source, r
                                  generation={"eos_token_id": chat_stop_ids(tokenizer)})
         rt.barrier()
 
-    tokens_per_step = int(np.mean([len(x) for x, _ in rows[:1000]]) * cfg.train.batch_size)
+    sample = rows[:1000]  # the mean padded-batch size, for the tokens/s figure
+    tokens_per_step = sum(len(x) for x, _ in sample) * cfg.train.batch_size // len(sample)
     train_start = time.perf_counter()
     last = fit(train_model, optimizer, rt, cfg.train, micro_batches=micro_batches, loss_fn=loss_fn,
                evaluate=evaluate if val_rows else (lambda step: {}), save=save, log=metrics,
