@@ -49,7 +49,7 @@ REVERSE = Task("strings", "reverse", "word:apple", "reverse:apple", 'Spell "appl
                'The word "apple" backwards is "elppa".')
 NAME = world.made_up_countries()[0]
 UNKNOWN = Task("unanswerable", "capital", f"made-up:{NAME}", f"capital:{NAME}", f"What is the capital of {NAME}?",
-               "", f"I do not know. I have never heard of a country called {NAME}.")
+               "", "I do not know. I have never heard of that country.")
 
 
 # ---------------------------------------------------------------- determinism and splits
@@ -87,7 +87,7 @@ def test_split_proportions_are_about_80_10_10():
 def test_no_test_group_leaks_into_sft(drawn):
     convs = world.conversations("train", 2000)
     users = {m["content"] for c in convs for m in c if m["role"] == "user"}
-    train_by_prompt = {t.prompt: t for f in FAMILIES for t in world.tasks("train", f, 2000 // len(FAMILIES))}
+    train_by_prompt = {t.prompt: t for f in FAMILIES for t in world.tasks("train", f, 2000)}  # the pools
     assert users <= set(train_by_prompt)  # every SFT question is a train task, so of a train group
     test_groups = {t.group for f in FAMILIES for t in drawn["test", f]}
     assert not {train_by_prompt[p].group for p in users} & test_groups
@@ -204,7 +204,7 @@ def test_quiz_documents_are_plain_text_about_real_things():
 def test_conversations_alternate_roles_and_answer_with_references():
     convs = world.conversations("train", 500)
     assert len(convs) == 500
-    by_prompt = {t.prompt: t for f in FAMILIES for t in world.tasks("train", f, 100)}
+    by_prompt = {t.prompt: t for f in FAMILIES for t in world.tasks("train", f, 500)}  # the pools
     assert 0 < sum(c[0]["role"] == "system" for c in convs) < 500
     assert 0 < sum(sum(m["role"] == "user" for m in c) > 1 for c in convs) < 500
     for c in convs:

@@ -176,7 +176,7 @@ def unanswerable_task(rng: random.Random) -> Task:
     values = {"country": name}
     prompt = rng.choice(_FACT_PROMPTS[kind]).format(**values)
     return Task("unanswerable", kind, f"made-up:{name}", f"{kind}:{name}", prompt, "",
-                f"I do not know. I have never heard of a country called {name}.")
+                "I do not know. I have never heard of that country.")
 
 
 # ---------------------------------------------------------------- comparisons
@@ -236,25 +236,31 @@ SYSTEM_PROMPTS = ("You are a helpful assistant.", "You are a helpful assistant. 
                   "Be concise and polite.", "You are a small assistant. If you do not know something, say so.")
 
 
-def mixed_tasks(split: str, n: int, seed: int = 0) -> list[Task]:
-    """About `n` tasks of one split, an equal share from each family (family by family)."""
-    return [t for family in FAMILIES for t in tasks(split, family, max(1, n // len(FAMILIES)), seed)]
+# SFT's mix of families, by questions asked. Fewer unanswerable than real questions: the model
+# must not learn to doubt real countries.
+SHARES = {"arithmetic": 1.0, "strings": 1.0, "facts": 2.5, "compare": 1.0, "unanswerable": 0.5}
 
 
 def conversations(split: str, n: int, seed: int = 0, system_prob: float = 0.3,
                   multi_turn_prob: float = 0.2) -> list[list[dict]]:
     """`n` chat conversations for SFT: an optional system message, then one or (sometimes) two
-    or three user questions from mixed families, each answered with its reference."""
-    pool = mixed_tasks(split, n, seed)
+    or three user questions, each answered with its reference. Families come in proportion to
+    SHARES; a family with few distinct questions repeats them (in new phrasings where drawn so)."""
+    pools = {f: tasks(split, f, min(n, 2000), seed) for f in FAMILIES}
+    families = [f for f in FAMILIES if pools[f]]
+    weights = [SHARES[f] for f in families]
+    used = dict.fromkeys(families, 0)
     rng = random.Random(f"{seed}:{split}:conversations")
-    rng.shuffle(pool)
-    out, i = [], 0
-    while len(out) < n and pool:
+    for f in families:
+        rng.shuffle(pools[f])
+    out = []
+    while len(out) < n and families:
         turns = rng.randint(2, 3) if rng.random() < multi_turn_prob else 1
         messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < system_prob else []
         for _ in range(turns):
-            task = pool[i % len(pool)]
-            i += 1
+            family = rng.choices(families, weights)[0]
+            task = pools[family][used[family] % len(pools[family])]
+            used[family] += 1
             messages += [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": task.reference}]
         out.append(messages)
     return out
@@ -385,7 +391,7 @@ def export(out: str | Path, conversations_n: int = 8000, test_per_family: int = 
     out = Path(out)
     rng = random.Random(seed)
     train = conversations("train", conversations_n, seed)
-    singles = mixed_tasks("train", conversations_n, seed)
+    singles = [t for f in FAMILIES for t in tasks("train", f, max(1, conversations_n // len(FAMILIES)), seed)]
     test = [t for f in FAMILIES for t in tasks("test", f, test_per_family, seed)]
 
     def ranked(task: Task) -> dict:
