@@ -470,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_pretrain_parser, _sft_parser, _eval_parser, _chat_parser, _world_parser, _sample_parser, _generate_parser,
                 _compare_parser, _convert_parser, _tokenizer_parser, _presets_parser):
         add(sub)
+    from chatfoundry.rl.cli import add_rl_parser
+
+    add_rl_parser(sub)  # chatfoundry rl train | compare | play
     return parser
 
 

@@ -92,11 +92,17 @@ def env_name(env_id: str) -> str:
 
 
 def resolve(args, base: dict[str, Any] | None = None) -> RLConfig:
-    """defaults < preset(algo, env) < --config YAML < flags; algo and env may come from any layer."""
+    """The config of `rl train`'s flags: defaults < preset < base < --config YAML < flags."""
     layers = [("saved config", base)] if base else []
     if getattr(args, "config", None):
         layers.append((str(args.config), load_yaml(args.config)))
     layers.append(("command line", cli_overrides(args, RLConfig)))
+    return with_preset(layers)
+
+
+def with_preset(layers: list[tuple[str, dict[str, Any]]]) -> RLConfig:
+    """Build the config from (source, {dotted: value}) layers over the preset of its algorithm and
+    environment (which any layer may name, so the layers are read once to find them)."""
     first = build_config(RLConfig, layers)
     preset = PRESETS.get((first.algo, env_name(resolve_env_id(first.env))), {})
     return build_config(RLConfig, [("preset", preset), *layers])
@@ -104,19 +110,22 @@ def resolve(args, base: dict[str, Any] | None = None) -> RLConfig:
 
 def check_fits(algo: str, env_id: str, obs_space: gym.Space, action_space: gym.Space) -> None:
     """The algorithm can act in this environment, or one line saying which algorithm can."""
+    def kind(space: gym.Space) -> str:
+        return type(space).__name__ + (f" {space.shape}" if isinstance(space, gym.spaces.Box) else "")
+
     discrete = gym.spaces.Discrete
     flat_box = isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 1
     if algo == "qlearning" and not (isinstance(obs_space, discrete) and isinstance(action_space, discrete)):
         raise UserError(f"--algo qlearning: needs Discrete observations and actions (a table); {env_id} has "
-                        f"{obs_space} observations: use dqn or ppo")
+                        f"{kind(obs_space)} observations and {kind(action_space)} actions: use dqn or ppo")
     if algo != "qlearning" and not (flat_box or isinstance(obs_space, discrete)):
-        raise UserError(f"--algo {algo}: {env_id}'s observations {obs_space} are neither a flat Box nor Discrete")
+        raise UserError(f"--algo {algo}: {env_id}'s observations ({kind(obs_space)}) are neither a flat Box nor Discrete")
     if algo in ("qlearning", "dqn") and not isinstance(action_space, discrete):
-        raise UserError(f"--algo {algo}: needs Discrete actions; {env_id} has {action_space}: "
+        raise UserError(f"--algo {algo}: needs Discrete actions; {env_id} has {kind(action_space)} actions: "
                         "use ppo, ppo-kl, trpo or reinforce")
     if not isinstance(action_space, discrete) and not (isinstance(action_space, gym.spaces.Box)
                                                        and len(action_space.shape) == 1):
-        raise UserError(f"--algo {algo}: {env_id}'s actions {action_space} are neither Discrete nor a flat Box")
+        raise UserError(f"--algo {algo}: {env_id}'s actions ({kind(action_space)}) are neither Discrete nor a flat Box")
 
 
 def load_act(folder: str | Path, deterministic: bool = True) -> tuple[dict[str, Any], Callable[[np.ndarray], np.ndarray]]:
