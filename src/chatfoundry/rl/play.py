@@ -6,6 +6,8 @@ reports the returns.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,12 +25,10 @@ def play(ckpt: str | Path, episodes: int = 3, seed: int = 0, out: str | Path | N
     if fps <= 0:
         raise UserError("--fps: must be > 0")
     meta, act = load_act(ckpt, deterministic)
-    if gif:
-        try:
-            import pygame  # noqa: F401  (gymnasium draws rgb_array frames with it)
-        except ImportError:
-            raise UserError("rendering needs pygame: pip install 'chatfoundry[rl-render]' "
-                            "(or pass --no-gif to only print the returns)") from None
+    if gif and importlib.util.find_spec("pygame") is None:  # gymnasium draws rgb_array frames with it
+        raise UserError("rendering needs pygame: pip install 'chatfoundry[rl-render]' "
+                        "(or pass --no-gif to only print the returns)")
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # frames are drawn off-screen: no display needed
     folder = Path(out) if out else Path(ckpt) / "play"
     env = make_env(meta["env"], meta["env_kwargs"], render_mode="rgb_array" if gif else None)
     returns, files = [], []
