@@ -30,6 +30,7 @@ from chatfoundry.rl.common import Run, make_env, mlp, obs_size, obs_tensor, pref
 @dataclass
 class DQNConfig:
     lr: float = 1e-3
+    anneal_lr: bool = False  # linearly to 0 over the run: the late policy stops drifting away from a solution
     gamma: float = 0.99
     buffer_size: int = 50_000
     batch_size: int = 64
@@ -127,6 +128,8 @@ def train(run: Run, cfg: DQNConfig) -> tuple[dict[str, torch.Tensor], dict]:
         obs = next_obs
 
         if step > cfg.learning_starts and step % cfg.train_freq == 0:
+            if cfg.anneal_lr:
+                optimizer.param_groups[0]["lr"] = cfg.lr * (1 - (step - 1) / run.steps)
             for _ in range(cfg.gradient_steps):
                 s, a, r, s2, done = buffer.sample(cfg.batch_size, generator)
                 with torch.no_grad():

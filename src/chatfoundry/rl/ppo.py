@@ -106,26 +106,22 @@ def train(run: Run, cfg: PPOConfig, kl_penalty: bool = False) -> tuple[dict[str,
                     pg_loss, s = core.clipped_surrogate(logp, logp_old[idx], adv[idx], clip, mask[idx])
                 v_loss = core.clipped_value_loss(critic(obs[idx]), v_old[idx], ret[idx], cfg.clip_vf, mask[idx])
                 loss = pg_loss + cfg.vf_coef * v_loss
-                if cfg.ent_coef:  # else keep it out of the graph: the backward pass is most of an update
-                    entropy = core.masked_mean(policy.entropy(dist), mask[idx])
-                    loss = loss - cfg.ent_coef * entropy
-                else:
-                    entropy = core.masked_mean(policy.entropy(dist.detach()), mask[idx])
+                if cfg.ent_coef:  # else leave it out of the graph: backward is most of an update's time
+                    loss = loss - cfg.ent_coef * core.masked_mean(policy.entropy(dist), mask[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
-                for k, v in {**s, "policy_loss": pg_loss.item(), "value_loss": v_loss.item(),
-                             "entropy": entropy.item()}.items():
+                for k, v in {**s, "policy_loss": pg_loss.item(), "value_loss": v_loss.item()}.items():
                     stats.setdefault(k, []).append(v)
             if not kl_penalty and cfg.target_kl is not None and stats["approx_kl"][-1] > cfg.target_kl:
                 break
-        extra = {}
-        if kl_penalty:  # the controller sees the KL of the whole update, old policy -> new
-            with torch.no_grad():
-                logp_new = policy.log_prob(policy(obs), actions)
-            kl = core.masked_mean(core.kl_estimate(logp_old, logp_new, "k3"), mask).item()
-            extra = {"update_kl": kl, "beta": beta.update(kl, batch)}
+        with torch.no_grad():  # how far the whole update moved the policy (the KL controller's input)
+            dist = policy(obs)
+            kl = core.masked_mean(core.kl_estimate(logp_old, policy.log_prob(dist, actions), "k3"), mask).item()
+            extra = {"update_kl": kl, "entropy": core.masked_mean(policy.entropy(dist), mask).item()}
+        if kl_penalty:
+            extra["beta"] = beta.update(kl, batch)
         step = (update + 1) * batch
         run.log(step, runner.take_episodes(), lr=lr,
                 explained_variance=core.explained_variance(v_old, ret, mask),
