@@ -183,9 +183,11 @@ def kl_penalty_surrogate(logp_new: Tensor, logp_old: Tensor, advantages: Tensor,
     return loss, stats
 
 
-def clipped_value_loss(v_new: Tensor, v_old: Tensor, returns: Tensor, clip: float | None = None,
+def clipped_value_loss(v_new: Tensor, v_old: Tensor | None, returns: Tensor, clip: float | None = None,
                        mask: Tensor | None = None) -> Tensor:
     """0.5 * mean squared error of the critic against the returns (the 1/2 as TRL and CleanRL).
+
+    v_old (the values at rollout time) is only read when clipping.
 
     With clip, PPO's pessimistic version: the new value may move at most `clip` from the value
     at rollout time, and the worse of the clipped and unclipped errors counts.
