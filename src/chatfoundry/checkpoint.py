@@ -27,7 +27,9 @@ from safetensors.torch import load_file, save_file
 
 from chatfoundry.errors import UserError
 from chatfoundry.models.decoder import DecoderConfig, DecoderLM
-from chatfoundry.models.hf import from_hf_config, state_dict_from_hf, state_dict_to_hf, to_hf_config
+from chatfoundry.models.heads import RewardModel
+from chatfoundry.models.hf import (from_hf_config, reward_state_dict_from_hf, reward_state_dict_to_hf,
+                                   reward_to_hf_config, state_dict_from_hf, state_dict_to_hf, to_hf_config)
 from chatfoundry.tokenizer import load_tokenizer, save_tokenizer, special_id
 
 CHECKPOINT = "checkpoint"
@@ -42,22 +44,29 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(path: str | Path, model: DecoderLM, tokenizer, trainer_state: dict[str, Any] | None = None,
-                    generation: dict[str, Any] | None = None) -> Path:
-    """Write the folder at `path` (replacing an older one) so that a kill never leaves it half-written."""
+def save_checkpoint(path: str | Path, model: DecoderLM | RewardModel, tokenizer,
+                    trainer_state: dict[str, Any] | None = None, generation: dict[str, Any] | None = None) -> Path:
+    """Write the folder at `path` (replacing an older one) so that a kill never leaves it half-written.
+    A RewardModel is written as transformers' `...ForSequenceClassification`."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     cfg = model.config
     special = {name: special_id(tokenizer, name) for name in ("bos", "eos", "pad")}
-    (tmp / "config.json").write_text(json.dumps(to_hf_config(cfg, special), indent=2))
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_file(state_dict_to_hf(weights, cfg), tmp / "model.safetensors", metadata={"format": "pt"})
+    if isinstance(model, RewardModel):
+        config = reward_to_hf_config(cfg, special, {"offset": model.offset, **model.normalization})
+        weights = reward_state_dict_to_hf(weights, cfg)
+    else:
+        config, weights = to_hf_config(cfg, special), state_dict_to_hf(weights, cfg)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
     save_tokenizer(tokenizer, tmp, model_max_length=cfg.block_size)
-    gen = {"bos_token_id": special["bos"], "eos_token_id": special["eos"], "pad_token_id": special["pad"],
-           "max_length": cfg.block_size, **(generation or {})}
-    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    if not isinstance(model, RewardModel):  # a reward model generates nothing
+        gen = {"bos_token_id": special["bos"], "eos_token_id": special["eos"], "pad_token_id": special["pad"],
+               "max_length": cfg.block_size, **(generation or {})}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
     if trainer_state is not None:
         torch.save(trainer_state, tmp / TRAINER_STATE)
     for f in tmp.iterdir():
@@ -85,16 +94,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise UserError(f"{path}: not a checkpoint (no config.json and model.safetensors here or in {CHECKPOINT}/)")
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[DecoderLM, Any]:
-    """(model in eval mode, tokenizer) from a checkpoint folder or run folder."""
-    ckpt = resolve_checkpoint(path)
+def _read_config(ckpt: Path) -> tuple[dict, DecoderConfig]:
     try:
-        cfg = from_hf_config(json.loads((ckpt / "config.json").read_text()))
+        hf = json.loads((ckpt / "config.json").read_text())
+        cfg = from_hf_config(hf)
         cfg.validate()
     except (ValueError, TypeError, json.JSONDecodeError, UserError) as e:
         raise UserError(f"{ckpt / 'config.json'}: {e}") from None
-    model = DecoderLM(cfg)
-    weights = state_dict_from_hf(load_file(ckpt / "model.safetensors"), cfg)
+    return hf, cfg
+
+
+def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], ckpt: Path) -> None:
+    """Load, naming missing keys and shape mismatches in one line."""
     missing = [k for k in model.state_dict() if k not in weights]
     if missing:
         raise UserError(f"{ckpt / 'model.safetensors'}: missing weights {', '.join(missing[:5])}"
@@ -104,6 +115,34 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[De
     except RuntimeError as e:  # shapes that disagree with config.json, or unknown keys
         detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
         raise UserError(f"{ckpt / 'model.safetensors'}: does not match config.json: {detail}") from None
+
+
+def is_reward_model(path: str | Path) -> bool:
+    return "chatfoundry_reward" in json.loads((resolve_checkpoint(path) / "config.json").read_text())
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[DecoderLM, Any]:
+    """(language model in eval mode, tokenizer) from a checkpoint folder or run folder."""
+    ckpt = resolve_checkpoint(path)
+    hf, cfg = _read_config(ckpt)
+    if "chatfoundry_reward" in hf:
+        raise UserError(f"{ckpt}: a reward model, not a language model (it scores text: chatfoundry score)")
+    model = DecoderLM(cfg)
+    _load_weights(model, state_dict_from_hf(load_file(ckpt / "model.safetensors"), cfg), ckpt)
+    return model.to(device).eval(), load_tokenizer(ckpt)
+
+
+def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[RewardModel, Any]:
+    """(reward model in eval mode, tokenizer) from a checkpoint written by `chatfoundry rm`."""
+    ckpt = resolve_checkpoint(path)
+    hf, cfg = _read_config(ckpt)
+    reward = hf.get("chatfoundry_reward")
+    if not isinstance(reward, dict):
+        raise UserError(f"{ckpt}: a language model, not a reward model (train one: chatfoundry rm --init {path})")
+    model = RewardModel(cfg)
+    _load_weights(model, reward_state_dict_from_hf(load_file(ckpt / "model.safetensors"), cfg), ckpt)
+    model.offset = float(reward.get("offset", 0.0))
+    model.normalization = {k: v for k, v in reward.items() if k != "offset"}
     return model.to(device).eval(), load_tokenizer(ckpt)
 
 

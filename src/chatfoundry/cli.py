@@ -80,6 +80,75 @@ def _sft(args) -> dict:
     return run(_stage_config(SFTConfig, args), resume=args.resume, overwrite=args.overwrite)
 
 
+# ---------------------------------------------------------------- comparisons and the reward model
+
+
+def _label_parser(sub) -> None:
+    from chatfoundry.train.label import LabelConfig
+
+    p = sub.add_parser("label", help="sample K responses per prompt from a chat model and rank them (comparison data)",
+                       description="Sample K responses to each of the task world's prompts from the policy and "
+                                   "have a labeler rank them: a simulated human (gold reward + noise, ties), a "
+                                   "reward model (rm:PATH) or any Python callable (python:MODULE:FUNC). Writes "
+                                   "train.jsonl and held-out val.jsonl in the rankings format `chatfoundry rm` reads.")
+    add_config_args(p, LabelConfig)
+    p.add_argument("--overwrite", action="store_true", help="replace labels already in --out")
+    _json_flag(p)
+    p.set_defaults(func=_label)
+
+
+def _label(args) -> dict:
+    from chatfoundry.train.label import LabelConfig, run
+
+    return run(resolve_config(LabelConfig, args), overwrite=args.overwrite)
+
+
+def _rm_parser(sub) -> None:
+    from chatfoundry.train.reward import RMConfig
+
+    p = sub.add_parser("rm", help="train a reward model on ranked comparisons (K-wise Bradley-Terry)",
+                       description="Start from the SFT checkpoint's body with a scalar head and learn to order "
+                                   "responses as the comparisons do: a `chatfoundry label` folder, or JSONL files "
+                                   "of rankings (prompt, responses, ranks) or pairs (prompt, chosen, rejected). "
+                                   "Reports held-out pairwise accuracy and Spearman correlation with the gold reward.")
+    add_config_args(p, RMConfig, aliases={"--data": "data.files"})
+    _run_flags(p)
+    p.set_defaults(func=_rm)
+
+
+def _rm(args) -> dict:
+    from chatfoundry.train.reward import RMConfig, run
+
+    return run(_stage_config(RMConfig, args), resume=args.resume, overwrite=args.overwrite)
+
+
+def _score_parser(sub) -> None:
+    p = sub.add_parser("score", help="print a reward model's score of a response (or several) to a prompt")
+    p.add_argument("--rm", required=True, help="reward model checkpoint (or the run folder holding it)")
+    p.add_argument("--prompt", required=True, help="the user's message")
+    p.add_argument("--response", required=True, action="append", help="a response to score; repeat for several")
+    p.add_argument("--system", default=None, help="a system message before the prompt")
+    p.add_argument("--device", default="cpu")
+    _json_flag(p)
+    p.set_defaults(func=_score)
+
+
+def _score(args) -> dict:
+    from chatfoundry.checkpoint import load_reward_model
+    from chatfoundry.train.reward import score_texts
+
+    bad = [i for i, r in enumerate(args.response) if not r.strip()]
+    if bad or not args.prompt.strip():
+        raise UserError("--prompt: is empty" if not args.prompt.strip() else f"--response #{bad[0] + 1}: is empty")
+    model, tokenizer = load_reward_model(args.rm, args.device)
+    prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": args.prompt}]
+    rewards = score_texts(model, tokenizer, [prompt] * len(args.response), args.response)
+    for reward, response in zip(rewards, args.response):
+        print(f"{reward:+.4f}  {response}" if len(rewards) > 1 else f"{reward:.4f}")
+    return {"rewards": [round(r, 6) for r in rewards], "reward": round(rewards[0], 6)}
+
+
 def _eval_parser(sub) -> None:
     from chatfoundry.data.world import FAMILIES, SPLITS
 
@@ -358,7 +427,10 @@ def _convert(args) -> dict:
     from chatfoundry.convert import from_hf, to_hf
 
     result = from_hf(args.from_hf, args.out) if args.from_hf else to_hf(args.to_hf, args.out)
-    print(f"wrote {result['out']} ({result['architecture'] or 'chatfoundry'} layout)")
+    kind = " sequence-classification (reward model)" if result.get("reward_model") else ""
+    print(f"wrote {result['out']} ({result['architecture'] or 'chatfoundry'}{kind} layout)")
+    if result.get("note"):
+        print("note: " + result["note"])
     return result
 
 
@@ -467,8 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="chatfoundry", allow_abbrev=False,
                             description="The ChatGPT recipe, small enough to read and run on a laptop.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-    for add in (_pretrain_parser, _sft_parser, _eval_parser, _chat_parser, _world_parser, _sample_parser, _generate_parser,
-                _compare_parser, _convert_parser, _tokenizer_parser, _presets_parser):
+    for add in (_pretrain_parser, _sft_parser, _label_parser, _rm_parser, _score_parser, _eval_parser, _chat_parser,
+                _world_parser, _sample_parser, _generate_parser, _compare_parser, _convert_parser, _tokenizer_parser,
+                _presets_parser):
         add(sub)
     from chatfoundry.rl.cli import add_rl_parser
 

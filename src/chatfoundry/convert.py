@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from chatfoundry.checkpoint import load_model, save_checkpoint
+from chatfoundry.checkpoint import is_reward_model, load_model, load_reward_model, save_checkpoint
 from chatfoundry.errors import UserError
 from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.models.hf import config_from_hf, hf_architecture, state_dict_from_hf
@@ -62,7 +62,10 @@ def from_hf(src: str | Path, out: str | Path) -> dict:
 
 
 def to_hf(src: str | Path, out: str | Path) -> dict:
-    """Write our checkpoint at `src` as a folder transformers loads with from_pretrained."""
+    """Write our checkpoint at `src` as a folder transformers loads with from_pretrained; a reward
+    model becomes `...ForSequenceClassification` (num_labels 1)."""
+    if is_reward_model(src):
+        return _reward_to_hf(src, out)
     model, tokenizer = load_model(src)
     arch = hf_architecture(model.config)
     if arch is None:
@@ -71,3 +74,18 @@ def to_hf(src: str | Path, out: str | Path) -> dict:
                         f"(pos={c.pos}, norm={c.norm}, mlp={c.mlp}, bias={c.bias}); GPT-2 and Llama shapes export")
     save_checkpoint(Path(out), model, tokenizer)
     return {"out": str(out), "architecture": arch}
+
+
+def _reward_to_hf(src: str | Path, out: str | Path) -> dict:
+    model, tokenizer = load_reward_model(src)
+    arch = hf_architecture(model.config)
+    if arch is None:
+        raise UserError(f"{src}: no transformers architecture has this reward model's body; GPT-2 and Llama shapes export")
+    model.fold_offset()  # transformers' `score` has no bias: the normalisation goes into the final norm
+    save_checkpoint(Path(out), model, tokenizer)
+    result = {"out": str(out), "architecture": arch, "reward_model": True}
+    if model.offset:  # an RMSNorm body has no bias to fold it into
+        result["offset"] = model.offset
+        result["note"] = (f"transformers' logits are this model's rewards minus its offset {model.offset:.4f} "
+                          "(config.json: chatfoundry_reward.offset); add it back")
+    return result

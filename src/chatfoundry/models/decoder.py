@@ -113,9 +113,13 @@ class Block(nn.Module):
 
 
 class DecoderLM(nn.Module):
-    """Token ids (B, T) -> next-token logits (B, T, vocab); a softmax away from probabilities."""
+    """Token ids (B, T) -> next-token logits (B, T, vocab); a softmax away from probabilities.
 
-    def __init__(self, cfg: DecoderConfig):
+    With `lm_head=False` it is the body alone, hidden states (B, T, n_embd) through
+    `hidden_states`: what the reward and value models put their scalar head on (models/heads.py).
+    """
+
+    def __init__(self, cfg: DecoderConfig, lm_head: bool = True):
         super().__init__()
         assert cfg.vocab_size > 0, "set vocab_size (the tokenizer's size) before building the model"
         self.config = cfg
@@ -131,8 +135,8 @@ class DecoderLM(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False) if lm_head else None
+        if lm_head and cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.apply(self._init_weights)
         # GPT-2's scaled init: each residual branch adds to the stream, so shrink its output
@@ -152,6 +156,16 @@ class DecoderLM(nn.Module):
                 key_mask: torch.Tensor | None = None,
                 segments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for every position; with targets also the mean cross-entropy (ignore_index -100).
+        The other arguments are those of `hidden_states`."""
+        logits = self.lm_head(self.hidden_states(idx, cache, key_mask, segments))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, key_mask: torch.Tensor | None = None,
+                      segments: torch.Tensor | None = None) -> torch.Tensor:
+        """The final (normed) hidden state of every position, (B, T, n_embd).
 
         With a cache, `idx` holds the positions [cache.pos, cache.pos + T); the caller advances
         cache.pos afterwards. `key_mask` (B, cache.pos + T) bool marks real tokens in a
@@ -190,14 +204,10 @@ class DecoderLM(nn.Module):
         x = self.drop(x)
         for i, block in enumerate(self.layers):
             x = block(x, rope, cache, i, mask)
-        logits = self.lm_head(self.norm(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return self.norm(x)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
-        p = self.lm_head.weight
+        p = self.embed_tokens.weight
         cfg = self.config
         return KVCache.allocate(cfg.n_layer, batch, cfg.n_kv_head, max_len or cfg.block_size, cfg.head_dim,
                                 p.device, p.dtype)

@@ -52,6 +52,35 @@ def to_hf_config(cfg: DecoderConfig, special: dict[str, int | None] | None = Non
     return {**hf, **ids, "torch_dtype": "float32", "chatfoundry": asdict(cfg)}
 
 
+# transformers' sequence-classification class per architecture: the body plus a bias-free `score`.
+_SEQUENCE_CLASSIFICATION = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification",
+                            "qwen2": "Qwen2ForSequenceClassification"}
+
+
+def reward_to_hf_config(cfg: DecoderConfig, special: dict[str, int | None], reward: dict) -> dict:
+    """config.json of a reward model: `...ForSequenceClassification` with one label, and our
+    normalisation (offset, mean, std) under `chatfoundry_reward`, which also marks it as one."""
+    hf = to_hf_config(cfg, special)
+    hf["architectures"] = [_SEQUENCE_CLASSIFICATION.get(hf_architecture(cfg), "ChatfoundryRewardModel")]
+    return {**hf, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}, "chatfoundry_reward": reward}
+
+
+def reward_state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
+    """A RewardModel's weights (`body.*`, `score.weight`) under transformers' names."""
+    body = {k.removeprefix("body."): v for k, v in sd.items() if k.startswith("body.")}
+    return {**state_dict_to_hf(body, cfg), "score.weight": sd["score.weight"].contiguous()}
+
+
+def reward_state_dict_from_hf(hf_sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
+    """Inverse of `reward_state_dict_to_hf`."""
+    body = state_dict_from_hf({k: v for k, v in hf_sd.items() if k != "score.weight"}, cfg)
+    body.pop("lm_head.weight", None)  # restored from the embedding for a tied LM; the body has none
+    out = {"body." + k: v for k, v in body.items()}
+    if "score.weight" in hf_sd:
+        out["score.weight"] = hf_sd["score.weight"]
+    return out
+
+
 def from_hf_config(hf: dict) -> DecoderConfig:
     """Our config from a config.json we wrote (the `chatfoundry` entry)."""
     ours = hf.get("chatfoundry")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,6 +121,43 @@ def accumulation(cfg: TrainConfig, rt: Runtime) -> tuple[int, int]:
         raise UserError(f"train.batch_size: {cfg.batch_size} is not a multiple of train.micro_batch_size "
                         f"{micro} x {rt.world} processes")
     return micro, cfg.batch_size // (micro * rt.world)
+
+
+# ---------------------------------------------------------------- data order
+
+
+class Epochs:
+    """Indices 0 .. n-1, each epoch in a fresh shuffled order. State is (epoch, position), so a
+    resumed run draws exactly what the uninterrupted one would have."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self.epoch, self.pos = 0, 0
+        self._order = self._shuffled()
+
+    def _shuffled(self) -> list[int]:
+        order = list(range(self.n))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def peek(self) -> int:
+        """The next index, starting a new epoch when this one is used up."""
+        if self.pos == self.n:
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._order = self._shuffled()
+        return self._order[self.pos]
+
+    def next(self) -> int:
+        i = self.peek()
+        self.pos += 1
+        return i
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def set_state(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._shuffled()
 
 
 # ---------------------------------------------------------------- optimizer and schedule

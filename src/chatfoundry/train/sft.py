@@ -29,7 +29,7 @@ from chatfoundry.errors import UserError
 from chatfoundry.eval.world import evaluate_world, format_report, write_report
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.tokenizer import SPECIAL_TOKENS, chat_stop_ids, encode_batch_ids, special_id
-from chatfoundry.train.loop import TrainConfig, accumulation, fit, make_optimizer, setup_runtime, teardown
+from chatfoundry.train.loop import Epochs, TrainConfig, accumulation, fit, make_optimizer, setup_runtime, teardown
 from chatfoundry.train.pretrain import check_output, prepare_output
 
 
@@ -157,33 +157,17 @@ class Batches:
     def __init__(self, rows: list[tuple[list[int], list[int]]], batch_size: int, block: int, pad_id: int,
                  seed: int, packing: bool):
         self.rows, self.batch_size, self.block, self.pad_id = rows, batch_size, block, pad_id
-        self.seed, self.packing = seed, packing
-        self.epoch, self.pos = 0, 0
-        self._order = self._epoch_order()
-
-    def _epoch_order(self) -> list[int]:
-        order = list(range(len(self.rows)))
-        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        return order
-
-    def _peek(self) -> tuple[list[int], list[int]]:
-        """The next row, starting a new shuffled epoch when this one is used up."""
-        if self.pos == len(self._order):
-            self.epoch, self.pos = self.epoch + 1, 0
-            self._order = self._epoch_order()
-        return self.rows[self._order[self.pos]]
+        self.packing = packing
+        self.order = Epochs(len(rows), seed)
 
     def _next_row(self) -> tuple[list[int], list[int]]:
-        row = self._peek()
-        self.pos += 1
-        return row
+        return self.rows[self.order.next()]
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
+        return self.order.state()
 
     def set_state(self, state: dict) -> None:
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
-        self._order = self._epoch_order()
+        self.order.set_state(state)
 
     def next(self) -> dict[str, torch.Tensor]:
         """{"idx", "targets"} (and "segments" when packing) for one optimizer step: (batch_size, T)."""
@@ -195,7 +179,7 @@ class Batches:
         for r in range(self.batch_size):
             used, s = 0, 0
             while True:  # fill the row; a sequence that does not fit waits for the next row
-                x, y = self._peek()
+                x, y = self.rows[self.order.peek()]
                 if used + len(x) > self.block:
                     break
                 self._next_row()
