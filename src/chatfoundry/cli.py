@@ -122,6 +122,26 @@ def _rm(args) -> dict:
     return run(_stage_config(RMConfig, args), resume=args.resume, overwrite=args.overwrite)
 
 
+def _ppo_parser(sub) -> None:
+    from chatfoundry.train.ppo import PPOConfig
+
+    p = sub.add_parser("ppo", help="RLHF: optimise a chat model against a reward model with PPO (KL to SFT)",
+                       description="InstructGPT's PPO: the policy and a frozen reference start from the SFT model, "
+                                   "the critic from the reward model; rewards are the RM's score minus beta * KL to "
+                                   "the reference per token; clipped surrogate (or the KL-penalty objective), GAE, "
+                                   "optional PPO-ptx. Scores greedy and sampled answers to the world's held-out test "
+                                   "prompts before and after (gold reward, RM reward, win rates, KL).")
+    add_config_args(p, PPOConfig)
+    _run_flags(p)
+    p.set_defaults(func=_ppo)
+
+
+def _ppo(args) -> dict:
+    from chatfoundry.train.ppo import PPOConfig, run
+
+    return run(_stage_config(PPOConfig, args), resume=args.resume, overwrite=args.overwrite)
+
+
 def _score_parser(sub) -> None:
     p = sub.add_parser("score", help="print a reward model's score of a response (or several) to a prompt")
     p.add_argument("--rm", required=True, help="reward model checkpoint (or the run folder holding it)")
@@ -539,8 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="chatfoundry", allow_abbrev=False,
                             description="The ChatGPT recipe, small enough to read and run on a laptop.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-    for add in (_pretrain_parser, _sft_parser, _label_parser, _rm_parser, _score_parser, _eval_parser, _chat_parser,
-                _world_parser, _sample_parser, _generate_parser, _compare_parser, _convert_parser, _tokenizer_parser,
+    for add in (_pretrain_parser, _sft_parser, _label_parser, _rm_parser, _ppo_parser, _score_parser, _eval_parser,
+                _chat_parser, _world_parser, _sample_parser, _generate_parser, _compare_parser, _convert_parser, _tokenizer_parser,
                 _presets_parser):
         add(sub)
     from chatfoundry.rl.cli import add_rl_parser

@@ -1,0 +1,715 @@
+"""Stage 4, RLHF with PPO: make the SFT model write what the reward model prefers, without
+drifting far from what it was (InstructGPT; Ziegler et al. 2019; Stiennon et al. 2020).
+
+    four models: the policy (actor, trained) and the frozen reference, both initialised from SFT;
+      the critic (value model, trained) and the frozen reward model (RM), the critic initialised
+      from the RM (its head too, or zeroed)
+    each iteration:
+      rollout  train-split prompts -> the policy samples one response each (KV cache, batched,
+               temperature 1 and no top-k/top-p by default: PPO's ratio needs the distribution
+               actually sampled from); a response stops at <|end|> or <|eos|>
+      score    one forward each, no grad: log pi (the sampled distribution), log pi_ref, V, RM
+      reward   per response token t:  r_t = -beta * KL_t  (KL_t = log pi - log pi_ref, "k1")
+               plus, at the last token, the RM's score (minus a penalty if the response never ended)
+      GAE      over response tokens only (gamma 1, lambda 0.95): an episode is one response
+      update   `epochs` passes of minibatches: PPO's clipped surrogate (or the KL-penalty
+               objective), the clipped value loss, optionally + gamma * the pretraining loss
+               (PPO-ptx); an epoch stops early when the approximate KL to the rollout policy
+               passes `ppo.target_kl`
+      beta     fixed, or Ziegler et al.'s controller toward `kl.target` nats per response
+    -> run/checkpoint/ (a chat model: `chatfoundry chat --ckpt run`), run/critic/, metrics.jsonl,
+       ppo.png (rewards and KL per iteration) and eval.json: the gold reward of greedy (and
+       sampled) answers to the world's held-out test prompts, before (SFT) and after PPO.
+
+The advantage, whitening, surrogate, value-loss and KL-controller math is `chatfoundry.rl.core`,
+the same functions CartPole's PPO calls.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from chatfoundry import checkpoint as ckpt
+from chatfoundry.config import require
+from chatfoundry.data import corpus, world
+from chatfoundry.errors import UserError
+from chatfoundry.eval.world import evaluate_world
+from chatfoundry.generation import GenerationConfig, generate_batch, top_k_filter, top_p_filter
+from chatfoundry.metrics import MetricsLog, read_metrics
+from chatfoundry.models.decoder import DecoderLM
+from chatfoundry.models.heads import RewardModel
+from chatfoundry.rl import core
+from chatfoundry.tokenizer import chat_stop_ids, encode_batch_ids, encode_chat, special_id, tokenizer_hash
+from chatfoundry.train.label import prompt_tasks
+from chatfoundry.train.loop import Epochs, setup_runtime, teardown
+from chatfoundry.train.pretrain import check_output, prepare_output
+
+CRITIC = "critic"
+
+
+@dataclass
+class RolloutConfig:
+    batch_size: int = 64  # prompts, and so responses, per iteration
+    max_new_tokens: int = 32
+    # The policy's own distribution by default. Other values sample a warped distribution, and
+    # then the ratio's log-probabilities are taken under that same warped distribution.
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    no_eos_penalty: float = 1.0  # subtracted from the score of a response cut at max_new_tokens
+    prompts: int = 2000  # the pool of world train-split prompts (families in SFT's proportions)
+
+    def validate(self) -> None:
+        for name in ("batch_size", "max_new_tokens", "prompts"):
+            require(getattr(self, name) > 0, f"rollout.{name}", f"must be > 0, got {getattr(self, name)}")
+        require(self.temperature > 0, "rollout.temperature", f"must be > 0, got {self.temperature}")
+        require(self.top_k >= 0, "rollout.top_k", f"must be >= 0 (0: off), got {self.top_k}")
+        require(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
+        require(self.no_eos_penalty >= 0, "rollout.no_eos_penalty", f"must be >= 0, got {self.no_eos_penalty}")
+
+
+@dataclass
+class PPOLossConfig:
+    objective: Literal["clip", "kl_penalty"] = "clip"
+    epochs: int = 4  # passes over each rollout batch
+    minibatch_size: int = 16  # responses per optimizer step
+    lr: float = 3e-5  # policy
+    critic_lr: float = 1e-4  # value model (a separate network: its own rate, no vf_coef needed)
+    clip: float = 0.2  # PPO-clip's epsilon
+    value_clip: float = 0.2  # how far a value may move from its rollout value; 0: unclipped
+    # kl_penalty objective (PPO paper): -r A + beta_pen * KL(old || new), beta_pen doubled or
+    # halved around penalty_target (per-token KL) after each iteration.
+    penalty_beta: float = 1.0
+    penalty_target: float = 0.01
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False  # rescale per-token rewards to unit variance (mean kept), as TRL's option
+    reward_clip: float = 0.0  # clip the RM score to [-c, c]; 0: off
+    target_kl: float = 0.05  # stop an iteration's epochs once the mean approx-KL passes this; 0: off
+    grad_clip: float = 1.0  # per network; 0: off
+    ptx_coef: float = 0.0  # PPO-ptx: + ptx_coef * pretraining loss per step (InstructGPT's gamma)
+    ptx_batch_size: int = 8  # pretraining rows per step when ptx_coef > 0
+
+    def validate(self) -> None:
+        for name in ("epochs", "minibatch_size", "ptx_batch_size"):
+            require(getattr(self, name) > 0, f"ppo.{name}", f"must be > 0, got {getattr(self, name)}")
+        for name in ("lr", "critic_lr", "clip", "penalty_beta", "penalty_target"):
+            require(0 < getattr(self, name) < math.inf, f"ppo.{name}", f"must be > 0, got {getattr(self, name)}")
+        for name in ("value_clip", "reward_clip", "target_kl", "grad_clip", "ptx_coef"):
+            require(getattr(self, name) >= 0, f"ppo.{name}", f"must be >= 0, got {getattr(self, name)}")
+        require(0 <= self.gamma <= 1, "ppo.gamma", f"must be in [0, 1], got {self.gamma}")
+        require(0 <= self.lam <= 1, "ppo.lam", f"must be in [0, 1], got {self.lam}")
+
+
+@dataclass
+class KLConfig:
+    """The KL-to-reference term of the reward, -beta * KL per token."""
+
+    coef: float = 0.05  # beta, initial
+    control: Literal["fixed", "adaptive"] = "adaptive"  # adaptive: Ziegler et al.'s proportional controller
+    target: float = 2.0  # nats per response: the adaptive controller's aim, and the run's KL budget
+    horizon: float = 2000  # responses; smaller reacts faster (Ziegler et al.: 10,000 over far longer runs)
+    estimator: Literal["k1", "k3"] = "k1"  # per-token estimate in the reward (k3: >= 0, lower variance)
+
+    def validate(self) -> None:
+        require(self.coef >= 0, "kl.coef", f"must be >= 0, got {self.coef}")
+        require(self.target > 0, "kl.target", f"must be > 0, got {self.target}")
+        require(self.horizon > 0, "kl.horizon", f"must be > 0, got {self.horizon}")
+
+
+@dataclass
+class PPOEvalConfig:
+    per_family: int = 100  # world test prompts per family, answered before (SFT) and after; 0: skip
+    max_new_tokens: int = 48  # as SFT's eval, so the numbers compare
+    sampled: bool = True  # also one sampled answer per prompt: gold, RM and the held-out KL
+    batch_size: int = 128
+
+    def validate(self) -> None:
+        require(self.per_family >= 0, "eval.per_family", f"must be >= 0, got {self.per_family}")
+        require(self.max_new_tokens > 0, "eval.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        require(self.batch_size > 0, "eval.batch_size", f"must be > 0, got {self.batch_size}")
+
+
+@dataclass
+class PPOConfig:
+    init: str = ""  # the SFT checkpoint (or run folder): the policy's start and the frozen reference
+    rm: str = ""  # the reward model checkpoint, or python:MODULE:FUNC (FUNC(prompts, responses) -> floats)
+    out: str = "runs/ppo"
+    seed: int = 1337
+    device: str = "auto"
+    # Torch threads on CPU. One: these models are so small that a second thread mostly waits,
+    # and on a busy 2-core machine two threads spin against each other (measured ~40x slower).
+    threads: int = 1  # 0: torch's default
+    iterations: int = 40  # rollout + update rounds
+    critic_head: Literal["rm", "zero"] = "rm"  # the value head starts as the RM's head, or at zero
+    save_every: int = 0  # iterations between checkpoints (for --resume); 0: at the end only
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ppo: PPOLossConfig = field(default_factory=PPOLossConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    eval: PPOEvalConfig = field(default_factory=PPOEvalConfig)
+
+    def validate(self) -> None:
+        require(bool(self.init), "init", "give the SFT checkpoint to start from (--init DIR)")
+        require(bool(self.rm), "rm", "give the reward model (--rm DIR, or --rm python:MODULE:FUNC)")
+        require(self.iterations > 0, "iterations", f"must be > 0, got {self.iterations}")
+        require(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")
+        require(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
+        require(self.rollout.batch_size % self.ppo.minibatch_size == 0, "ppo.minibatch_size",
+                f"{self.ppo.minibatch_size} does not divide rollout.batch_size {self.rollout.batch_size}")
+
+
+# ---------------------------------------------------------------- the reward: a model or a callable
+
+
+RewardFn = Callable[[list[list[dict]], list[str]], list[float]]
+
+
+def callable_reward(spec: str) -> RewardFn:
+    """python:MODULE:FUNC -> FUNC(prompt conversations, response texts) -> one float each."""
+    module_name, _, name = spec.removeprefix("python:").rpartition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise UserError(f"rm: cannot import {spec!r} ({e})") from None
+    return fn
+
+
+# ---------------------------------------------------------------- a batch of responses as tensors
+
+
+@dataclass
+class Batch:
+    """B responses to B prompts. Rows are prompt + response, right-padded to one width (so no
+    attention mask is needed: causal attention never looks right). Response token t of row b
+    sits at column start[b] + t and is predicted from column start[b] + t - 1."""
+
+    idx: torch.Tensor  # (B, L) prompt + response token ids
+    pos: torch.Tensor  # (B, R) column of the state before each response token (start - 1 + t)
+    tokens: torch.Tensor  # (B, R) response token ids (pad beyond each row's length)
+    mask: torch.Tensor  # (B, R) float, 1 on real response tokens
+    rm_idx: torch.Tensor  # (B, L') prompt + response content + <|end|>: the chat the RM reads
+    rm_last: torch.Tensor  # (B,) the column of that <|end|>
+    ended: torch.Tensor  # (B,) bool, the response stopped by itself
+
+    def __len__(self) -> int:
+        return self.idx.shape[0]
+
+
+def make_batch(prompts: list[list[int]], responses: list[list[int]], stop_ids: list[int], end_id: int,
+               pad_id: int, device) -> Batch:
+    R = max(len(r) for r in responses)
+    rows = [p + r for p, r in zip(prompts, responses)]
+    L = max(len(x) for x in rows)
+    ended = [bool(r) and r[-1] in stop_ids for r in responses]
+    # The RM reads the response as a finished chat turn: its content, then <|end|> (an <|eos|>
+    # stop becomes <|end|>; a cut response gets one appended), as `reward.encode_responses` does.
+    rm_rows = [p + (r[:-1] if e else r) + [end_id] for p, r, e in zip(prompts, responses, ended)]
+    Lr = max(len(x) for x in rm_rows)
+    t = lambda x, dtype=torch.long: torch.tensor(x, dtype=dtype, device=device)  # noqa: E731
+    pos = [[min(len(p) - 1 + j, L - 1) for j in range(R)] for p in prompts]
+    return Batch(idx=t([x + [pad_id] * (L - len(x)) for x in rows]), pos=t(pos),
+                 tokens=t([r + [pad_id] * (R - len(r)) for r in responses]),
+                 mask=t([[1.0] * len(r) + [0.0] * (R - len(r)) for r in responses], torch.float32),
+                 rm_idx=t([x + [pad_id] * (Lr - len(x)) for x in rm_rows]), rm_last=t([len(x) - 1 for x in rm_rows]),
+                 ended=t(ended, torch.bool))
+
+
+def select(batch: Batch, rows) -> Batch:
+    return Batch(*(getattr(batch, f)[rows] for f in Batch.__dataclass_fields__))
+
+
+def warp(logits: torch.Tensor, cfg: RolloutConfig) -> torch.Tensor:
+    """The logits of the distribution the rollout sampled from (temperature, top-k, top-p, in
+    generation's order); the raw logits when those are off."""
+    if cfg.temperature != 1.0:
+        logits = logits / cfg.temperature
+    if cfg.top_k:
+        logits = top_k_filter(logits, cfg.top_k)
+    if cfg.top_p < 1.0:
+        logits = top_p_filter(logits.reshape(-1, logits.shape[-1]), cfg.top_p).view_as(logits)
+    return logits
+
+
+def response_logits(model: DecoderLM, batch: Batch) -> torch.Tensor:
+    """(B, R, V) the next-token logits before each response token; the vocabulary projection
+    runs on response positions only (the prompt's would be thrown away)."""
+    h = model.hidden_states(batch.idx)
+    h = h.gather(1, batch.pos[..., None].expand(-1, -1, h.shape[-1]))
+    return model.lm_head(h).float()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def values_of(critic: RewardModel, batch: Batch) -> torch.Tensor:
+    """(B, R) V(state before each response token): the critic's output at those positions."""
+    return critic(batch.idx).gather(1, batch.pos)
+
+
+# ---------------------------------------------------------------- rollouts
+
+
+@dataclass
+class Rollout:
+    batch: Batch
+    texts: list[str]
+    logp: torch.Tensor  # (B, R) log pi_old under the sampled distribution: the ratio's denominator
+    logp_raw: torch.Tensor  # (B, R) log pi_old, the model's own distribution (for the KL)
+    logp_ref: torch.Tensor  # (B, R) log pi_ref
+    values: torch.Tensor | None  # (B, R)
+    scores: torch.Tensor  # (B,) the reward model's score (raw, before clip and penalty)
+    entropy: torch.Tensor  # (B, R) the policy's entropy at each response token
+
+
+@torch.no_grad()  # not inference_mode: the minibatches reuse these tensors under autograd
+def rollout(policy: DecoderLM, ref: DecoderLM, critic: RewardModel | None, reward, tok,
+            prompts: list[list[dict]], cfg: RolloutConfig, seed: int, chunk: int,
+            max_new_tokens: int | None = None) -> Rollout:
+    """Sample one response per prompt and score everything in one batched pass per model.
+
+    The forwards run in chunks of `chunk` rows on the full width: the same shapes the first
+    epoch's minibatches use, so the first minibatch's ratio is exactly 1.
+    """
+    stop = chat_stop_ids(tok)
+    prompt_ids = [encode_chat(tok, p) for p in prompts]
+    gen = GenerationConfig(max_new_tokens=max_new_tokens or cfg.max_new_tokens, do_sample=True,
+                           temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
+                           eos_token_id=stop, seed=seed)
+    was_training = policy.training
+    policy.eval()
+    responses = generate_batch(policy, prompt_ids, gen).sequences
+    device = policy.embed_tokens.weight.device
+    batch = make_batch(prompt_ids, responses, stop, special_id(tok, "end"), special_id(tok, "pad") or 0, device)
+    texts = tok.decode_batch(responses, skip_special_tokens=True)
+    texts = [t.strip() for t in texts]
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("logp", "logp_raw", "logp_ref", "values", "entropy")}
+    for start in range(0, len(batch), chunk):
+        part = select(batch, slice(start, start + chunk))
+        logits = response_logits(policy, part)
+        raw = torch.log_softmax(logits, dim=-1)
+        out["logp_raw"].append(raw.gather(-1, part.tokens[..., None]).squeeze(-1))
+        out["entropy"].append(-(raw.exp() * raw).sum(-1))
+        sampled = warp(logits, cfg)
+        out["logp"].append(token_logprobs(sampled, part.tokens) if sampled is not logits else out["logp_raw"][-1])
+        out["logp_ref"].append(token_logprobs(response_logits(ref, part), part.tokens))
+        if critic is not None:
+            out["values"].append(values_of(critic, part))
+    if isinstance(reward, RewardModel):
+        scores = reward.rewards(batch.rm_idx, batch.rm_last)
+    else:
+        scores = torch.tensor([float(s) for s in reward(prompts, texts)], device=device)
+        if scores.shape[0] != len(prompts):
+            raise UserError(f"rm: the reward function returned {scores.shape[0]} scores for {len(prompts)} responses")
+    policy.train(was_training)
+    cat = {k: torch.cat(v) * batch.mask if v else None for k, v in out.items()}
+    return Rollout(batch, texts, cat["logp"], cat["logp_raw"], cat["logp_ref"], cat["values"], scores.float(),
+                   cat["entropy"])
+
+
+def per_token_rewards(ro: Rollout, beta: float, cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rewards (B, R), per-token KL estimate (B, R), the scores actually given (B,)).
+
+    r_t = -beta * KL_t at every response token, plus the (clipped, penalised) score at the last.
+    """
+    mask = ro.batch.mask
+    kl = core.kl_estimate(ro.logp_raw, ro.logp_ref, cfg.kl.estimator) * mask
+    scores = ro.scores
+    if cfg.ppo.reward_clip:
+        scores = scores.clamp(-cfg.ppo.reward_clip, cfg.ppo.reward_clip)
+    scores = scores - cfg.rollout.no_eos_penalty * (~ro.batch.ended).float()
+    rewards = -beta * kl
+    last = mask.sum(1).long() - 1
+    rewards[torch.arange(len(last)), last] += scores
+    if cfg.ppo.whiten_rewards:
+        rewards = core.masked_whiten(rewards, mask, shift_mean=False)
+    return rewards, kl, scores
+
+
+# ---------------------------------------------------------------- PPO-ptx: pretraining rows
+
+
+class PretrainRows:
+    """An endless stream of (block + 1)-token rows of the built-in corpus, for the ptx loss."""
+
+    def __init__(self, tok, block: int, seed: int):
+        self.tok, self.block, self.buffer = tok, block, []
+        self.docs = corpus.generate_documents(seed)
+        self.eos = special_id(tok, "eos")
+        self.drawn = 0  # rows handed out: resume skips as many
+
+    def next(self, n: int) -> torch.Tensor:
+        while len(self.buffer) < n * (self.block + 1):
+            texts = [next(self.docs) for _ in range(32)]
+            for ids in encode_batch_ids(self.tok, texts):
+                self.buffer += ids + ([self.eos] if self.eos is not None else [])
+        take, self.buffer = self.buffer[:n * (self.block + 1)], self.buffer[n * (self.block + 1):]
+        self.drawn += n
+        return torch.tensor(take).view(n, self.block + 1)
+
+
+# ---------------------------------------------------------------- one PPO update
+
+
+def ppo_update(policy: DecoderLM, critic: RewardModel, optimizer: torch.optim.Optimizer, ro: Rollout,
+               advantages: torch.Tensor, returns: torch.Tensor, cfg: PPOConfig, penalty_beta: float,
+               generator: torch.Generator, ptx: PretrainRows | None = None) -> dict[str, float]:
+    """`epochs` passes of minibatches over one rollout batch; returns the means of the stats."""
+    B, mb = len(ro.batch), cfg.ppo.minibatch_size
+    stats: dict[str, list[float]] = {}
+    policy.train()
+    critic.train()
+    device = advantages.device
+    epochs_run = 0
+    for epoch in range(cfg.ppo.epochs):
+        # Epoch 0 keeps the rollout's order (already random prompts): its minibatches are the
+        # chunks `rollout` scored, so the first one's ratio is exactly 1 (tested).
+        order = torch.arange(B) if epoch == 0 else torch.randperm(B, generator=generator)
+        epoch_kl = []
+        for start in range(0, B, mb):
+            rows = order[start:start + mb].to(device)
+            part = select(ro.batch, rows)
+            mask = part.mask
+            logits = response_logits(policy, part)
+            logp = token_logprobs(warp(logits, cfg.rollout), part.tokens)
+            adv = advantages[rows]
+            if cfg.ppo.objective == "clip":
+                pg_loss, s = core.clipped_surrogate(logp, ro.logp[rows], adv, cfg.ppo.clip, mask)
+            else:
+                pg_loss, s = core.kl_penalty_surrogate(logp, ro.logp[rows], adv, penalty_beta, mask)
+                s["clip_fraction"] = core.masked_mean((((logp - ro.logp[rows]).exp() - 1).abs() > cfg.ppo.clip)
+                                                      .float(), mask).item()
+            v_new = values_of(critic, part)
+            v_loss = core.clipped_value_loss(v_new, ro.values[rows], returns[rows], cfg.ppo.value_clip or None, mask)
+            loss = pg_loss + v_loss  # separate networks: each gets its own gradient, at its own rate
+            if ptx is not None and cfg.ppo.ptx_coef:
+                rows_ptx = ptx.next(cfg.ppo.ptx_batch_size).to(device)
+                _, ptx_loss = policy(rows_ptx[:, :-1], targets=rows_ptx[:, 1:])
+                loss = loss + cfg.ppo.ptx_coef * ptx_loss
+                s["ptx_loss"] = ptx_loss.item()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.ppo.grad_clip:
+                nn.utils.clip_grad_norm_(policy.parameters(), cfg.ppo.grad_clip)
+                nn.utils.clip_grad_norm_(critic.parameters(), cfg.ppo.grad_clip)
+            optimizer.step()
+            s.update(policy_loss=pg_loss.item(), value_loss=v_loss.item())
+            if epoch == 0 and start == 0:
+                s["ratio_first"] = s["ratio"]
+            for k, v in s.items():
+                stats.setdefault(k, []).append(v)
+            epoch_kl.append(s["approx_kl"])
+        epochs_run += 1
+        # Early stop (Spinning Up, CleanRL's target_kl): the policy moved far enough from the one
+        # that sampled this batch; more epochs would optimise a stale surrogate.
+        if cfg.ppo.target_kl and float(np.mean(epoch_kl)) > cfg.ppo.target_kl:
+            break
+    out = {k: float(np.mean(v)) for k, v in stats.items() if k not in ("ratio_first", "beta")}
+    out["ratio_first"] = stats["ratio_first"][0]
+    out["epochs"] = epochs_run
+    return out
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _load(cfg: PPOConfig, resume: bool, out: Path, device):
+    """(policy, reference, critic, reward, tokenizer), checked against each other."""
+    ref, tok = ckpt.load_model(cfg.init, device)
+    if not chat_stop_ids(tok) or special_id(tok, "end") is None:
+        raise UserError(f"{cfg.init}: the tokenizer lacks the chat tokens <|end|> and <|eos|>; PPO needs a chat model")
+    if cfg.rm.startswith("python:"):
+        reward = callable_reward(cfg.rm)
+    else:
+        reward, rm_tok = ckpt.load_reward_model(cfg.rm, device)
+        if tokenizer_hash(rm_tok) != tokenizer_hash(tok):
+            raise UserError(f"{cfg.rm}: the reward model's tokenizer differs from the policy's ({cfg.init}); "
+                            "train the RM from this SFT model")
+        if reward.config.block_size < ref.config.block_size:
+            raise UserError(f"{cfg.rm}: the reward model's context ({reward.config.block_size}) is shorter than "
+                            f"the policy's ({ref.config.block_size})")
+        reward.requires_grad_(False)
+    ref.requires_grad_(False)
+    if resume:
+        policy, _ = ckpt.load_model(out, device)
+        critic, _ = ckpt.load_reward_model(out / CRITIC, device)
+    else:
+        policy = copy.deepcopy(ref)
+        if isinstance(reward, RewardModel):
+            critic = copy.deepcopy(reward)  # the RM already reads these chats: a good start for V
+        else:
+            critic = RewardModel.from_lm(ref)  # a callable reward has no body to copy: the policy's
+        if cfg.critic_head == "zero" or not isinstance(reward, RewardModel):
+            nn.init.zeros_(critic.score.weight)
+            critic.offset = 0.0
+    policy.requires_grad_(True)
+    critic.requires_grad_(True)
+    return policy, ref, critic, reward, tok
+
+
+def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
+    """PPO as configured; returns the summary that `--json` prints."""
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    check_output(out, resume, overwrite)
+    rt = setup_runtime(cfg.device)
+    threads = torch.get_num_threads()
+    if cfg.threads and rt.device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
+    try:
+        if rt.distributed:
+            raise UserError("ppo runs in one process (no torchrun)")
+        policy, ref, critic, reward, tok = _load(cfg, resume, out, rt.device)
+        return _run(cfg, rt, out, policy, ref, critic, reward, tok, resume, overwrite, log, t0)
+    finally:
+        torch.set_num_threads(threads)
+        teardown(rt)
+
+
+def _run(cfg, rt, out, policy, ref, critic, reward, tok, resume, overwrite, log, t0) -> dict:
+    torch.manual_seed(cfg.seed)
+    block = policy.config.block_size
+    # Prompts whose chat and longest response fit the context (and the RM's appended <|end|>).
+    pool = [t for t in prompt_tasks("train", cfg.rollout.prompts, cfg.seed)
+            if len(encode_chat(tok, [{"role": "user", "content": t.prompt}])) + cfg.rollout.max_new_tokens < block]
+    if not pool:
+        raise UserError(f"rollout.max_new_tokens: {cfg.rollout.max_new_tokens} leaves no room for a prompt in the "
+                        f"model's context of {block}")
+    order = Epochs(len(pool), cfg.seed)
+    optimizer = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": cfg.ppo.lr},
+                                   {"params": list(critic.parameters()), "lr": cfg.ppo.critic_lr}],
+                                  betas=(0.9, 0.95), weight_decay=0.0, eps=1e-6,
+                                  fused=rt.device.type in ("cuda", "cpu"))
+    kl_ctl = core.AdaptiveKL(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.control == "adaptive" \
+        else core.FixedKL(cfg.kl.coef)
+    penalty = core.DoublingKL(cfg.ppo.penalty_beta, cfg.ppo.penalty_target)
+    ptx = PretrainRows(tok, min(block, 128), cfg.seed + 1) if cfg.ppo.ptx_coef else None
+    start = 0
+    if resume:
+        state = ckpt.load_trainer_state(out)
+        require(cfg.iterations >= int(state["iteration"]), "iterations",
+                f"{cfg.iterations} is below the checkpoint's iteration {state['iteration']}")
+        optimizer.load_state_dict(state["optimizer"])
+        order.set_state(state["order"])
+        kl_ctl.value, penalty.value = float(state["kl_coef"]), float(state["penalty_beta"])
+        start = int(state["iteration"])
+        if ptx is not None and state["ptx_rows"]:
+            ptx.next(int(state["ptx_rows"]))
+
+    prepare_output(out, cfg, resume, overwrite, ("metrics.jsonl", "ppo.png", "eval.json", CRITIC))
+    if not resume and overwrite:
+        import shutil
+
+        shutil.rmtree(out / CRITIC, ignore_errors=True)
+    metrics = MetricsLog(out / "metrics.jsonl", start if resume else None)
+    n_params = sum(p.numel() for p in policy.parameters())
+    log(f"ppo: policy and reference from {cfg.init} ({n_params:,} parameters), reward "
+        f"{'model ' if isinstance(reward, RewardModel) else ''}{cfg.rm}; {cfg.iterations} iterations of "
+        f"{cfg.rollout.batch_size} responses (<= {cfg.rollout.max_new_tokens} tokens) from {len(pool):,} train "
+        f"prompts; {cfg.ppo.objective} objective, {cfg.ppo.epochs} epochs of {cfg.ppo.minibatch_size}; "
+        f"KL coef {cfg.kl.coef} ({cfg.kl.control}, target {cfg.kl.target} nats); device {rt.device}")
+
+    def save(iteration: int):
+        state = {"iteration": iteration, "optimizer": optimizer.state_dict(), "order": order.state(),
+                 "kl_coef": kl_ctl.value, "penalty_beta": penalty.value,
+                 "ptx_rows": ptx.drawn if ptx is not None else 0}
+        ckpt.save_checkpoint(out / CRITIC, critic, tok)
+        ckpt.save_checkpoint(out / ckpt.CHECKPOINT, policy, tok, state,
+                             generation={"eos_token_id": chat_stop_ids(tok)})
+
+    first = last = None
+    bar = tqdm(total=cfg.iterations, initial=start, desc="ppo", unit="iter", dynamic_ncols=True, mininterval=1.0)
+    for it in range(start, cfg.iterations):
+        t_start = time.perf_counter()
+        tasks = [pool[order.next()] for _ in range(cfg.rollout.batch_size)]
+        prompts = [[{"role": "user", "content": t.prompt}] for t in tasks]
+        ro = rollout(policy, ref, critic, reward, tok, prompts, cfg.rollout, seed=cfg.seed * 1_000_003 + it,
+                     chunk=cfg.ppo.minibatch_size)
+        t_rollout = time.perf_counter()
+        beta = kl_ctl.value
+        rewards, kl, scores = per_token_rewards(ro, beta, cfg)
+        mask = ro.batch.mask
+        advantages, returns = core.sequence_gae(rewards, ro.values, mask, cfg.ppo.gamma, cfg.ppo.lam)
+        if cfg.ppo.whiten_advantages:
+            advantages = core.masked_whiten(advantages, mask)
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + it)
+        stats = ppo_update(policy, critic, optimizer, ro, advantages, returns, cfg, penalty.value, g, ptx)
+        t_update = time.perf_counter()
+        # KL per response (sum over its tokens): what the controller steers and the budget bounds.
+        kl_seq = kl.sum(1).mean().item()
+        kl_ctl.update(kl_seq, len(ro.batch))
+        if cfg.ppo.objective == "kl_penalty":
+            penalty.update(stats["approx_kl"])
+        gold = [world.gold_reward(t, r) for t, r in zip(tasks, ro.texts)]
+        record = {"step": it + 1, "rm_reward": ro.scores.mean().item(), "gold_reward": float(np.mean(gold)),
+                  "kl": kl_seq, "kl_coef": beta, "entropy": core.masked_mean(ro.entropy, mask).item(),
+                  "response_length": mask.sum(1).mean().item(), "ended": ro.batch.ended.float().mean().item(),
+                  "score": scores.mean().item(),
+                  "explained_variance": core.explained_variance(ro.values, returns, mask), **stats,
+                  "rollout_s": t_rollout - t_start, "update_s": t_update - t_rollout}
+        if cfg.ppo.objective == "kl_penalty":
+            record["penalty_beta"] = penalty.value
+        metrics.write(record)
+        first = first or record
+        last = record
+        bar.update(1)
+        bar.set_postfix(rm=f"{record['rm_reward']:.3f}", gold=f"{record['gold_reward']:.3f}", kl=f"{kl_seq:.2f}")
+        if cfg.save_every and (it + 1) % cfg.save_every == 0 and it + 1 < cfg.iterations:
+            save(it + 1)
+    bar.close()
+    save(cfg.iterations)
+    train_s = time.perf_counter() - t0
+
+    records = read_metrics(out / "metrics.jsonl")
+    plot_ppo(records, out / "ppo.png", cfg.kl.target)
+    tail = records[-max(1, len(records) // 5):]  # the last fifth of the run
+    summary = {"out": str(out), "checkpoint": str(out / ckpt.CHECKPOINT), "iterations": cfg.iterations,
+               "objective": cfg.ppo.objective, "train_s": round(train_s, 2),
+               "train_rm_reward": {"first": first and round(first["rm_reward"], 4),
+                                   "last_fifth": round(float(np.mean([r["rm_reward"] for r in tail])), 4)},
+               "train_gold_reward": {"first": first and round(first["gold_reward"], 4),
+                                     "last_fifth": round(float(np.mean([r["gold_reward"] for r in tail])), 4)},
+               "train_kl": round(float(np.mean([r["kl"] for r in tail])), 4), "kl_coef": round(kl_ctl.value, 6),
+               "kl_budget": cfg.kl.target}
+    if last is not None:
+        summary["kl"] = summary["train_kl"]
+    if cfg.eval.per_family:
+        report = evaluate(policy, ref, reward, tok, cfg)
+        (out / "eval.json").write_text(json.dumps(report, indent=1))
+        summary.update({k: v for k, v in report.items() if k not in ("answers", "families", "sft_families")})
+        summary["families"] = {f: {"gold_reward": report["families"][f]["gold_reward"],
+                                   "sft_gold_reward": report["sft_families"][f]["gold_reward"]}
+                               for f in report["families"]}
+        log(format_eval(report))
+    summary["kl_within_budget"] = summary.get("kl", 0.0) <= cfg.kl.target
+    summary["wall_s"] = round(time.perf_counter() - t0, 2)
+    return summary
+
+
+# ---------------------------------------------------------------- held-out evaluation
+
+
+def _mean_se(xs) -> tuple[float, float]:
+    xs = np.asarray(xs, dtype=float)
+    return float(xs.mean()), float(xs.std(ddof=1) / math.sqrt(len(xs))) if len(xs) > 1 else 0.0
+
+
+def _wins(a, b) -> float:
+    """Share of prompts where a beats b, ties counting half."""
+    a, b = np.asarray(a), np.asarray(b)
+    return float(((a > b) + 0.5 * (a == b)).mean())
+
+
+def _rm_scores(reward, tok, prompts, responses) -> list[float]:
+    if isinstance(reward, RewardModel):
+        from chatfoundry.train.reward import score_texts
+
+        return score_texts(reward, tok, prompts, responses)
+    return [float(s) for s in reward(prompts, responses)]
+
+
+def evaluate(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: PPOConfig) -> dict:
+    """The world's held-out test prompts, answered by the PPO policy and by SFT (the reference).
+
+    Greedy answers (as `chat` and `eval` give): gold reward (mean and standard error; the
+    difference's standard error is paired, the same prompts), RM reward, win rates. Sampled
+    answers (temperature as in training): gold and RM reward, and the KL to the reference
+    (sum over tokens of log pi - log pi_ref on the policy's own samples, an unbiased estimate).
+    """
+    policy.eval()
+    tasks = [t for f in world.FAMILIES for t in world.tasks("test", f, cfg.eval.per_family, 0)]
+    prompts = [[{"role": "user", "content": t.prompt}] for t in tasks]
+    greedy = {}
+    for name, model in (("ppo", policy), ("sft", ref)):
+        rep = evaluate_world(model, tok, "test", cfg.eval.per_family, seed=0, max_new_tokens=cfg.eval.max_new_tokens,
+                             batch_size=cfg.eval.batch_size)
+        responses = [a["response"] for a in rep["answers"]]
+        greedy[name] = {"report": rep, "gold": [a["gold_reward"] for a in rep["answers"]],
+                        "rm": _rm_scores(reward, tok, prompts, responses)}
+    g, s = greedy["ppo"], greedy["sft"]
+    diff = np.asarray(g["gold"]) - np.asarray(s["gold"])
+    gm, gse = _mean_se(g["gold"])
+    sm, sse = _mean_se(s["gold"])
+    dm, dse = _mean_se(diff)
+    report = {"prompts": len(tasks), "decoding": "greedy",
+              "gold_reward": round(gm, 4), "gold_reward_se": round(gse, 4),
+              "sft_gold_reward": round(sm, 4), "sft_gold_reward_se": round(sse, 4),
+              "gold_gain": round(dm, 4), "gold_gain_se": round(dse, 4),
+              "gold_gain_in_se": round(dm / dse, 2) if dse > 0 else None,
+              "rm_reward": round(float(np.mean(g["rm"])), 4), "sft_rm_reward": round(float(np.mean(s["rm"])), 4),
+              "win_rate_rm": round(_wins(g["rm"], s["rm"]), 4), "win_rate_gold": round(_wins(g["gold"], s["gold"]), 4),
+              "families": g["report"]["families"], "sft_families": s["report"]["families"]}
+    if cfg.eval.sampled:
+        chunk = cfg.ppo.minibatch_size
+        for name, model in (("ppo", policy), ("sft", ref)):
+            golds, rms, kls = [], [], []
+            for start in range(0, len(prompts), cfg.eval.batch_size):
+                part = prompts[start:start + cfg.eval.batch_size]
+                ro = rollout(model, ref, None, reward, tok, part, cfg.rollout, seed=10_000 + start, chunk=chunk,
+                             max_new_tokens=cfg.eval.max_new_tokens)
+                golds += [world.gold_reward(t, r) for t, r in zip(tasks[start:], ro.texts)]
+                rms += ro.scores.tolist()
+                kls += ((ro.logp_raw - ro.logp_ref) * ro.batch.mask).sum(1).tolist()
+            m, se = _mean_se(golds)
+            prefix = "" if name == "ppo" else "sft_"
+            report[f"{prefix}gold_reward_sampled"], report[f"{prefix}gold_reward_sampled_se"] = round(m, 4), round(se, 4)
+            report[f"{prefix}rm_reward_sampled"] = round(float(np.mean(rms)), 4)
+            if name == "ppo":
+                report["kl_heldout"] = round(float(np.mean(kls)), 4)
+    report["answers"] = [{**a, "sft_response": b["response"], "sft_gold_reward": b["gold_reward"], "rm": r1, "sft_rm": r2}
+                         for a, b, r1, r2 in zip(g["report"]["answers"], s["report"]["answers"], g["rm"], s["rm"])]
+    return report
+
+
+def format_eval(report: dict) -> str:
+    lines = [f"held-out test prompts ({report['prompts']}, greedy): gold reward SFT {report['sft_gold_reward']:.3f} -> "
+             f"PPO {report['gold_reward']:.3f} (gain {report['gold_gain']:+.3f} +- {report['gold_gain_se']:.3f}, paired "
+             f"SE); RM reward {report['sft_rm_reward']:+.3f} -> {report['rm_reward']:+.3f}; win rate vs SFT "
+             f"{report['win_rate_rm']:.2f} by RM, {report['win_rate_gold']:.2f} by gold"]
+    if "gold_reward_sampled" in report:
+        lines.append(f"sampled: gold reward SFT {report['sft_gold_reward_sampled']:.3f} -> PPO "
+                     f"{report['gold_reward_sampled']:.3f}; RM {report['sft_rm_reward_sampled']:+.3f} -> "
+                     f"{report['rm_reward_sampled']:+.3f}; KL to SFT {report['kl_heldout']:.3f} nats per response")
+    lines.append(f"{'family':<14}{'SFT gold':>10}{'PPO gold':>10}")
+    for f, s in report["families"].items():
+        lines.append(f"{f:<14}{report['sft_families'][f]['gold_reward']:>10.3f}{s['gold_reward']:>10.3f}")
+    return "\n".join(lines)
+
+
+def plot_ppo(records: list[dict], path: Path, kl_target: float) -> None:
+    """Rewards (RM and gold, per iteration's rollouts) and the KL to the reference with its budget."""
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    a.plot(steps, [r["rm_reward"] for r in records], label="reward model")
+    a.plot(steps, [r["gold_reward"] for r in records], label="gold reward (hidden from PPO)")
+    a.set_xlabel("iteration")
+    a.set_ylabel("mean reward of the batch's responses")
+    a.set_title("Rewards of the rollouts")
+    a.grid(alpha=0.3)
+    a.legend()
+    b.plot(steps, [r["kl"] for r in records], label="KL(policy || reference)")
+    b.axhline(kl_target, color="grey", linestyle="--", label="target (budget)")
+    b.set_xlabel("iteration")
+    b.set_ylabel("nats per response")
+    b.set_title("KL to the SFT model")
+    b.grid(alpha=0.3)
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,278 @@
+"""PPO for the language model: the batch layout, per-token rewards and GAE against a hand
+computation, log-probabilities of the distribution actually sampled, the ratio exactly 1 on the
+first minibatch, the KL controller in a run, a toy-reward learning test ("say the letter a"),
+determinism, resume, the KL-penalty objective, PPO-ptx, and the CLI's errors.
+
+The core math itself (GAE, whitening, surrogates, controllers) is tested in test_rl_core.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from chatfoundry.checkpoint import load_model, save_checkpoint
+from chatfoundry.data import world
+from chatfoundry.generation import GenerationConfig, generate_batch
+from chatfoundry.models.decoder import DecoderLM
+from chatfoundry.models.heads import RewardModel
+from chatfoundry.rl import core
+from chatfoundry.tokenizer import chat_stop_ids, encode_chat, special_id, train_tokenizer
+from chatfoundry.train import ppo
+from chatfoundry.train.ppo import PPOConfig, make_batch, per_token_rewards, rollout
+
+from conftest import last_json, randomize, run_cli, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TOY = "def say_a(prompts, responses):\n    return [r.count('a') / max(len(r), 1) for r in responses]\n"
+FAST = ["--iterations", "3", "--rollout.batch_size", "8", "--rollout.max_new_tokens", "8", "--rollout.prompts", "50",
+        "--ppo.minibatch_size", "4", "--ppo.epochs", "2", "--eval.per_family", "2", "--eval.max_new_tokens", "8",
+        "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    tasks = [t for f in world.FAMILIES for t in world.tasks("train", f, 60, 0)]
+    text = " ".join(t.prompt + " " + t.reference for t in tasks) + " abcdefghijklmnopqrstuvwxyz0123456789"
+    return train_tokenizer(iter([text]), "char", 0)
+
+
+@pytest.fixture(scope="module")
+def models(tok, tmp_path_factory):
+    """A tiny SFT stand-in (random weights), a reward model on its body and the toy reward module."""
+    root = tmp_path_factory.mktemp("ppo_models")
+    torch.manual_seed(0)
+    lm = DecoderLM(tiny_config(vocab_size=tok.get_vocab_size(), block_size=128))
+    save_checkpoint(root / "sft", lm, tok, generation={"eos_token_id": chat_stop_ids(tok)})
+    rm = randomize(RewardModel.from_lm(lm), seed=1, std=0.1)
+    save_checkpoint(root / "rm", rm, tok)
+    (root / "toy_reward.py").write_text(TOY)
+    return root
+
+
+@pytest.fixture
+def toy(models, monkeypatch):
+    monkeypatch.syspath_prepend(str(models))
+    return "python:toy_reward:say_a"
+
+
+def cli_ok(argv: list[str], capsys) -> dict:
+    code, out, err = run_cli([*argv, "--json"], capsys)
+    assert code == 0, err
+    return last_json(out)
+
+
+def close(t: torch.Tensor, expected, atol: float = 1e-6) -> bool:
+    return torch.allclose(t.float(), torch.tensor(expected, dtype=torch.float32), atol=atol, rtol=0)
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- the batch, rewards and advantages
+
+
+def test_batch_layout_puts_each_response_after_its_prompt_and_the_rm_reads_a_closed_turn():
+    end, eos, pad = 7, 2, 0
+    b = make_batch([[5, 11, 6], [5, 12, 13, 14, 6]], [[20, 21, end], [22, 23, 24, 25]], [end, eos], end, pad, "cpu")
+    assert b.idx.tolist() == [[5, 11, 6, 20, 21, end, 0, 0, 0], [5, 12, 13, 14, 6, 22, 23, 24, 25]]
+    assert b.tokens.tolist() == [[20, 21, end, 0], [22, 23, 24, 25]]
+    assert b.mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    # Response token t is predicted at column len(prompt) - 1 + t.
+    assert b.pos.tolist() == [[2, 3, 4, 5], [4, 5, 6, 7]]
+    assert all(b.idx[r, b.pos[r, t] + 1] == b.tokens[r, t] for r in range(2) for t in range(4) if b.mask[r, t])
+    # The RM reads prompt + content + <|end|>: the second response was cut, so <|end|> is appended.
+    assert b.ended.tolist() == [True, False]
+    assert b.rm_idx.tolist() == [[5, 11, 6, 20, 21, end, 0, 0, 0, 0], [5, 12, 13, 14, 6, 22, 23, 24, 25, end]]
+    assert b.rm_last.tolist() == [5, 9]
+    # An <|eos|> stop is read as <|end|> too.
+    b = make_batch([[5, 6]], [[30, eos]], [end, eos], end, pad, "cpu")
+    assert b.rm_idx.tolist() == [[5, 6, 30, end]] and b.ended.tolist() == [True]
+
+
+def test_per_token_rewards_and_gae_equal_a_hand_computation():
+    cfg = PPOConfig(init="x", rm="y")
+    cfg.rollout.no_eos_penalty = 0.5
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    batch = ppo.Batch(idx=None, pos=None, tokens=None, mask=mask, rm_idx=None, rm_last=None,
+                      ended=torch.tensor([False, True]))
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, 0.0]])
+    logp_ref = torch.tensor([[-1.5, -1.0, -0.5], [-2.0, -1.0, 0.0]])
+    values = torch.tensor([[0.2, 0.4, 0.6], [1.0, 0.5, 9.0]])
+    ro = ppo.Rollout(batch, ["", ""], logp, logp, logp_ref, values, torch.tensor([2.0, 1.0]), torch.zeros(2, 3))
+    beta = 0.1
+    rewards, kl, scores = per_token_rewards(ro, beta, cfg)
+    # k1: log pi - log pi_ref per token; the score (minus the no-EOS penalty for row 0) at the last real token.
+    assert close(kl, [[0.5, -1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert close(scores, [1.5, 1.0])
+    assert close(rewards, [[-0.05, 0.1, 1.5], [-0.1, 1.0, 0.0]])
+    adv, ret = core.sequence_gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    # Row 0 by hand: deltas d_t = r_t + V_{t+1} - V_t (no V after the last token), A_t = d_t + 0.95 A_{t+1}.
+    d = [-0.05 + 0.4 - 0.2, 0.1 + 0.6 - 0.4, 1.5 - 0.6]
+    a2 = d[2]
+    a1 = d[1] + 0.95 * a2
+    a0 = d[0] + 0.95 * a1
+    d1 = [-0.1 + 0.5 - 1.0, 1.0 - 0.5]
+    b1 = d1[1]
+    b0 = d1[0] + 0.95 * b1
+    assert close(adv, [[a0, a1, a2], [b0, b1, 0.0]])
+    assert close(ret, [[a0 + 0.2, a1 + 0.4, a2 + 0.6], [b0 + 1.0, b1 + 0.5, 0.0]])
+    # Whitening sees real tokens only: padding stays 0 and the real ones have mean 0.
+    w = core.masked_whiten(adv, mask)
+    assert w[1, 2] == 0 and core.masked_mean(w, mask).item() == pytest.approx(0.0, abs=1e-6)
+    # k3 is offered and never negative.
+    cfg.kl.estimator = "k3"
+    assert (per_token_rewards(ro, beta, cfg)[1] >= 0).all()
+
+
+# ---------------------------------------------------------------- log-probabilities and the ratio
+
+
+def _prompts(n: int) -> list[list[dict]]:
+    return [[{"role": "user", "content": t.prompt}] for t in world.tasks("train", "arithmetic", n, 0)]
+
+
+def test_rollout_logprobs_are_the_sampled_distributions(models):
+    policy, tok = load_model(models / "sft")
+    randomize(policy, seed=3, std=0.1)  # peaked logits, so a temperature visibly changes them
+    prompts = _prompts(6)
+    cfg = PPOConfig(init="x", rm="y").rollout
+    cfg.max_new_tokens = 10
+    ro = rollout(policy, policy, None, lambda p, r: [0.0] * len(r), tok, prompts, cfg, seed=5, chunk=3)
+    # Temperature 1: the recomputed log-probabilities are those generation reported for its samples.
+    gen = generate_batch(policy, [encode_chat(tok, p) for p in prompts],
+                         GenerationConfig(max_new_tokens=10, do_sample=True, eos_token_id=chat_stop_ids(tok), seed=5))
+    assert [ro.batch.tokens[i, :len(s)].tolist() for i, s in enumerate(gen.sequences)] == gen.sequences
+    for i, lp in enumerate(gen.token_logprobs):
+        assert ro.logp[i, :len(lp)].tolist() == pytest.approx(lp, abs=1e-4)
+    assert torch.equal(ro.logp, ro.logp_raw)
+    assert torch.allclose(ro.logp_ref, ro.logp, atol=1e-6)  # reference = policy here
+    # Temperature 0.5: the ratio's log-probabilities are the warped distribution's, the KL's the raw ones.
+    cfg.temperature = 0.5
+    hot = rollout(policy, policy, None, lambda p, r: [0.0] * len(r), tok, prompts, cfg, seed=5, chunk=3)
+    logits = ppo.response_logits(policy, hot.batch)
+    expect = torch.log_softmax(logits / 0.5, -1).gather(-1, hot.batch.tokens[..., None]).squeeze(-1) * hot.batch.mask
+    assert torch.allclose(hot.logp, expect, atol=1e-5)
+    assert not torch.allclose(hot.logp, hot.logp_raw)
+
+
+def test_first_minibatch_ratio_is_exactly_one_and_the_update_moves_the_policy(models):
+    policy, tok = load_model(models / "sft")
+    ref, _ = load_model(models / "sft")
+    critic = RewardModel.from_lm(policy)
+    cfg = PPOConfig(init="x", rm="y")
+    cfg.rollout.max_new_tokens, cfg.ppo.minibatch_size, cfg.ppo.epochs, cfg.ppo.lr = 8, 4, 2, 1e-3
+    ro = rollout(policy, ref, critic, lambda p, r: [float(len(x)) for x in r], tok, _prompts(8), cfg.rollout,
+                 seed=0, chunk=4)
+    rewards, _, _ = per_token_rewards(ro, 0.05, cfg)
+    adv, ret = core.sequence_gae(rewards, ro.values, ro.batch.mask)
+    opt = torch.optim.AdamW(list(policy.parameters()) + list(critic.parameters()), lr=1e-3)
+    stats = ppo.ppo_update(policy, critic, opt, ro, core.masked_whiten(adv, ro.batch.mask), ret, cfg, 1.0,
+                           torch.Generator().manual_seed(0))
+    assert stats["ratio_first"] == 1.0  # bit for bit: the same forward, the same shapes
+    assert stats["epochs"] == 2 and stats["approx_kl"] > 0
+
+
+# ---------------------------------------------------------------- runs
+
+
+def test_ppo_raises_a_toy_reward(models, toy, tmp_path):
+    """Say the letter a: the reward is the share of a's in the response; PPO must raise it."""
+    cfg = PPOConfig(init=str(models / "sft"), rm=toy, out=str(tmp_path / "run"), device="cpu", iterations=25)
+    cfg.rollout.batch_size, cfg.rollout.max_new_tokens, cfg.rollout.prompts = 32, 12, 200
+    cfg.rollout.no_eos_penalty = 0.0
+    cfg.ppo.minibatch_size, cfg.ppo.lr, cfg.ppo.critic_lr, cfg.ppo.target_kl = 16, 3e-3, 3e-3, 0.0
+    cfg.kl.coef, cfg.kl.control = 0.01, "fixed"
+    cfg.eval.per_family = 0
+    summary = ppo.run(cfg, log=lambda *a: None)
+    rewards = [r["rm_reward"] for r in metrics(tmp_path / "run")]
+    start, end = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert start < 0.1 and end > start + 0.15, rewards
+    assert summary["train_rm_reward"]["last_fifth"] > summary["train_rm_reward"]["first"]
+    assert all(r["ratio_first"] == 1.0 for r in metrics(tmp_path / "run"))
+
+
+def test_adaptive_kl_controller_moves_beta_toward_the_target_in_a_run(models, toy, tmp_path, capsys):
+    s = cli_ok(["ppo", "--init", str(models / "sft"), "--rm", toy, "--out", str(tmp_path / "up"), *FAST,
+                "--iterations", "4", "--ppo.lr", "3e-3", "--kl.target", "0.001", "--kl.horizon", "10"], capsys)
+    rows = metrics(tmp_path / "up")
+    betas = [r["kl_coef"] for r in rows] + [s["kl_coef"]]  # the beta each iteration's rewards used, then the last
+    # Iteration 1 samples the reference itself: KL 0 < target, so beta falls by the capped 20% x n / horizon.
+    assert rows[0]["kl"] == 0 and betas[0] == 0.05 and betas[1] == pytest.approx(0.05 * (1 - 0.2 * 8 / 10))
+    # Every update: up when the iteration's KL was above the target, down when below.
+    moves = [(r["kl"] > 0.001, b1 > b0) for r, b0, b1 in zip(rows, betas, betas[1:])]
+    assert all(above == up for above, up in moves) and any(up for _, up in moves), moves
+
+
+def test_cli_run_writes_artifacts_is_deterministic_and_resumes_exactly(models, tmp_path, capsys):
+    base = ["ppo", "--init", str(models / "sft"), "--rm", str(models / "rm"), *FAST]
+    s = cli_ok([*base, "--out", str(tmp_path / "a")], capsys)
+    a = tmp_path / "a"
+    assert {p.name for p in a.iterdir()} >= {"config.yaml", "metrics.jsonl", "ppo.png", "eval.json", "checkpoint",
+                                            "critic"}
+    for key in ("gold_reward", "gold_reward_se", "sft_gold_reward", "kl", "rm_reward", "sft_rm_reward",
+                "win_rate_rm", "win_rate_gold", "gold_reward_sampled", "kl_heldout"):
+        assert key in s, key
+    assert s["prompts"] == 2 * len(world.FAMILIES)
+    first = metrics(a)
+    assert len(first) == 3 and all(k in first[0] for k in (
+        "rm_reward", "gold_reward", "kl", "entropy", "clip_fraction", "approx_kl", "value_loss",
+        "explained_variance", "response_length"))
+    # The output is a chat model; the critic a reward-model folder.
+    lm, _ = load_model(a)
+    assert json.loads((a / "checkpoint" / "generation_config.json").read_text())["eos_token_id"] == [7, 2]
+    # Same seed, same run.
+    cli_ok([*base, "--out", str(tmp_path / "b")], capsys)
+    assert metrics(tmp_path / "b") == [{**r, "rollout_s": metrics(tmp_path / "b")[i]["rollout_s"],
+                                        "update_s": metrics(tmp_path / "b")[i]["update_s"]} for i, r in enumerate(first)]
+    # Two iterations, then resumed to three: the same weights as the straight run.
+    cli_ok([*base, "--out", str(tmp_path / "c"), "--iterations", "2"], capsys)
+    cli_ok([*base, "--out", str(tmp_path / "c"), "--iterations", "3", "--resume"], capsys)
+    resumed, _ = load_model(tmp_path / "c")
+    for (name, p), q in zip(lm.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert [r["step"] for r in metrics(tmp_path / "c")] == [1, 2, 3]
+
+
+def test_kl_penalty_objective_and_ptx_run(models, tmp_path, capsys):
+    s = cli_ok(["ppo", "--init", str(models / "sft"), "--rm", str(models / "rm"), "--out", str(tmp_path / "k"), *FAST,
+                "--ppo.objective", "kl_penalty", "--ppo.ptx_coef", "0.5", "--ppo.ptx_batch_size", "2",
+                "--eval.sampled", "false"], capsys)
+    rows = metrics(tmp_path / "k")
+    assert s["objective"] == "kl_penalty" and "gold_reward_sampled" not in s
+    assert all("penalty_beta" in r and r["ptx_loss"] > 0 and r["ratio_first"] == 1.0 for r in rows)
+
+
+@pytest.mark.parametrize("case", ["missing", "rm_as_init", "lm_as_rm", "tokenizer", "config", "bad_callable"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, models, tok, tmp_path, capsys):
+    init, rm, extra = str(models / "sft"), str(models / "rm"), []
+    expect = {"missing": "no such checkpoint", "rm_as_init": "a reward model, not a language model",
+              "lm_as_rm": "a language model, not a reward model", "tokenizer": "tokenizer differs",
+              "config": "ppo.minibatch_size", "bad_callable": "cannot import"}[case]
+    if case == "missing":
+        init = str(tmp_path / "nowhere")
+    elif case == "rm_as_init":
+        init = rm
+    elif case == "lm_as_rm":
+        rm = init
+    elif case == "tokenizer":
+        other = train_tokenizer(iter(["a different alphabet: xyz?!"]), "char", 0)
+        cfg = tiny_config(vocab_size=other.get_vocab_size(), block_size=128)
+        save_checkpoint(tmp_path / "other_rm", RewardModel(cfg), other)
+        rm = str(tmp_path / "other_rm")
+    elif case == "config":
+        extra = ["--ppo.minibatch_size", "3"]
+    else:
+        rm = "python:no_such_module:f"
+    code, out, err = run_cli(["ppo", "--init", init, "--rm", rm, "--out", str(tmp_path / "run"), *FAST, *extra],
+                             capsys)
+    assert code == 2 and expect in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_special_ids_of_the_test_tokenizer(tok):
+    # The checkpoint's generation config above expects the chat format's fixed ids.
+    assert special_id(tok, "end") == 7 and special_id(tok, "eos") == 2
