@@ -2,7 +2,8 @@
 
     prompts: the task world's train split (to learn from) and its val split (held out)
       -> K samples each from the policy at temperature 1 (its own distribution, as PPO will see it)
-      -> distinct, non-empty responses only; a labeler gives each a utility
+      -> distinct, non-empty responses only (for the train split, plus a few written alternatives
+         standing in for other models); a labeler gives each a utility
       -> ranks: best 0, utilities no further apart than `tie` share a rank (a prompt whose K responses are
          all alike, or all tied, teaches nothing and is dropped)
       -> out/train.jsonl and out/val.jsonl in the rankings format that `chatfoundry rm` reads,
@@ -51,7 +52,11 @@ class LabelConfig:
     out: str = "runs/label"
     seed: int = 1337
     device: str = "auto"
-    k: int = 4  # responses per prompt (InstructGPT: 4 to 9)
+    k: int = 4  # responses per prompt sampled from the policy (InstructGPT: 4 to 9)
+    # Train split: this many more responses per prompt from "other models", the world's written
+    # alternatives (reference, terse, rambling, rude, abstaining, wrong), as InstructGPT's labelers
+    # ranked several models' outputs together. The held-out split is the policy's samples only.
+    alternatives: int = 2
     prompts: int = 2000  # world train-split prompts, families in SFT's proportions
     val_prompts: int = 400  # world val-split prompts, held out
     temperature: float = 1.0
@@ -66,6 +71,7 @@ class LabelConfig:
         require(2 <= self.k <= 16, "k", f"must be in [2, 16], got {self.k}")
         require(self.prompts > 0, "prompts", f"must be > 0, got {self.prompts}")
         require(self.val_prompts >= 0, "val_prompts", f"must be >= 0, got {self.val_prompts}")
+        require(self.alternatives >= 0, "alternatives", f"must be >= 0, got {self.alternatives}")
         require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         require(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
         require(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
@@ -170,6 +176,7 @@ def label_split(model, tokenizer, tasks: list[world.Task], labeler: Labeler, cfg
     """(ranking records, per-family statistics) for the tasks' prompts."""
     prompts = [[{"role": "user", "content": t.prompt}] for t in tasks]
     samples = sample_responses(model, tokenizer, prompts, cfg.k, cfg, desc)
+    rng = random.Random(f"{cfg.seed}:alternatives")
     records, stats = [], {f: {"prompts": 0, "kept": 0, "gold": 0.0, "samples": 0, "agree": 0, "pairs": 0}
                           for f in world.FAMILIES}
     for task, prompt, responses in zip(tasks, prompts, samples):
@@ -178,6 +185,9 @@ def label_split(model, tokenizer, tasks: list[world.Task], labeler: Labeler, cfg
         gold_all = [world.gold_reward(task, r) for r in responses]
         s["gold"], s["samples"] = s["gold"] + sum(gold_all), s["samples"] + len(responses)
         distinct = [r for r in dict.fromkeys(responses) if r]
+        if cfg.alternatives and not held_out:
+            others = [r for r in world.candidates(task, rng) if r not in distinct]
+            distinct += rng.sample(others, min(cfg.alternatives, len(others)))
         if len(distinct) < 2:
             continue
         ranks = ranks_from(labeler(task, prompt, distinct), cfg.tie)

@@ -182,6 +182,31 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def restore(out, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> dict[str, Any]:
+    """A run's trainer state from its checkpoint: restores the optimizer and torch's RNG and
+    returns the state, whose "step" is where to go on and whose other entries the stage's data
+    order wrote."""
+    from chatfoundry.checkpoint import load_trainer_state
+
+    state = load_trainer_state(out)
+    require(cfg.steps >= int(state["step"]), "train.steps", f"{cfg.steps} is below the checkpoint's step {state['step']}")
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return state
+
+
+def trainer_state(step: int, optimizer: torch.optim.Optimizer, **data: Any) -> dict[str, Any]:
+    """What `restore` reads back: the step, the optimizer, torch's RNG and the data position."""
+    return {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), **data}
+
+
+def wrap(model: nn.Module, rt: Runtime, compile: bool = False) -> nn.Module:
+    """The module the loop trains: DDP across processes when there are several, then torch.compile."""
+    if rt.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return torch.compile(model) if compile else model
+
+
 # ---------------------------------------------------------------- the loop
 
 

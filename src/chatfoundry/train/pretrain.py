@@ -21,7 +21,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from chatfoundry import checkpoint as ckpt
 from chatfoundry.config import require, save_config
@@ -33,7 +32,8 @@ from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.models.decoder import DecoderConfig, DecoderLM, flops_per_token, num_params
 from chatfoundry.textgen import generate_text
 from chatfoundry.tokenizer import SPECIAL_TOKENS, load_tokenizer, save_tokenizer, train_tokenizer
-from chatfoundry.train.loop import Runtime, TrainConfig, accumulation, fit, make_optimizer, setup_runtime, teardown
+from chatfoundry.train.loop import (Runtime, TrainConfig, accumulation, fit, make_optimizer, restore, setup_runtime,
+                                    teardown, trainer_state, wrap)
 
 
 @dataclass
@@ -197,7 +197,6 @@ def _run(cfg, rt, out, key, documents, resume, overwrite, log, t0) -> dict:
     sampler = BlockSampler(shards.train, block, cfg.seed)
     start_step = 0
     if resume:
-        state = ckpt.load_trainer_state(out)
         loaded, _ = ckpt.load_model(out)
         changed = [f.name for f in fields(DecoderConfig) if f.name != "dropout"
                    and getattr(loaded.config, f.name) != getattr(cfg.model, f.name)]
@@ -205,12 +204,9 @@ def _run(cfg, rt, out, key, documents, resume, overwrite, log, t0) -> dict:
             name = changed[0]
             raise UserError(f"model.{name}: {getattr(cfg.model, name)!r} differs from the checkpoint's "
                             f"{getattr(loaded.config, name)!r}; a resumed run keeps its model")
-        require(cfg.train.steps >= int(state["step"]), "train.steps",
-                f"{cfg.train.steps} is below the checkpoint's step {state['step']}")
         model.load_state_dict(loaded.state_dict())
-        optimizer.load_state_dict(state["optimizer"])
+        state = restore(out, optimizer, cfg.train)
         sampler.set_state(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
         start_step = int(state["step"])
 
     if rt.is_main:
@@ -222,11 +218,7 @@ def _run(cfg, rt, out, key, documents, resume, overwrite, log, t0) -> dict:
             f"(training); tokens: {len(shards.train):,} train / {len(shards.val):,} val; "
             f"batch {cfg.train.batch_size} x {block} = {micro} x {accum} steps x {rt.world} processes; device {rt.device}")
 
-    train_model: nn.Module = model
-    if rt.distributed:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
+    train_model = wrap(model, rt, cfg.compile)
 
     def micro_batches():
         batch = sampler.sample(cfg.train.batch_size)
@@ -254,9 +246,8 @@ def _run(cfg, rt, out, key, documents, resume, overwrite, log, t0) -> dict:
 
     def save(step: int):
         if rt.is_main:
-            state = {"step": step, "optimizer": optimizer.state_dict(), "sampler": sampler.state(),
-                     "torch_rng": torch.get_rng_state()}
-            ckpt.save_checkpoint(out / ckpt.CHECKPOINT, model, tokenizer, state)
+            ckpt.save_checkpoint(out / ckpt.CHECKPOINT, model, tokenizer,
+                                 trainer_state(step, optimizer, sampler=sampler.state()))
         rt.barrier()
 
     train_start = time.perf_counter()

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from chatfoundry import checkpoint as ckpt
@@ -36,7 +35,8 @@ from chatfoundry.errors import UserError
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.models.heads import RewardModel
 from chatfoundry.tokenizer import encode_batch_ids, encode_chat, special_id
-from chatfoundry.train.loop import Epochs, TrainConfig, accumulation, fit, make_optimizer, setup_runtime, teardown
+from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, fit, make_optimizer, restore, setup_runtime,
+                                    teardown, trainer_state, wrap)
 from chatfoundry.train.pretrain import check_output, prepare_output
 
 
@@ -346,12 +346,8 @@ def _run(cfg, rt, out, model, tokenizer, train, val, extras, source, resume, ove
     optimizer = make_optimizer(model, cfg.train, rt.device)
     start_step = 0
     if resume:
-        state = ckpt.load_trainer_state(out)
-        require(cfg.train.steps >= int(state["step"]), "train.steps",
-                f"{cfg.train.steps} is below the checkpoint's step {state['step']}")
-        optimizer.load_state_dict(state["optimizer"])
+        state = restore(out, optimizer, cfg.train)
         order.set_state(state["order"])
-        torch.set_rng_state(state["torch_rng"])
         start_step = int(state["step"])
 
     if rt.is_main:
@@ -363,12 +359,7 @@ def _run(cfg, rt, out, model, tokenizer, train, val, extras, source, resume, ove
             f"{cfg.train.steps} steps of {cfg.train.batch_size} comparisons = {epochs:.1f} epochs; device {rt.device}")
     metrics = MetricsLog(out / "metrics.jsonl", start_step if resume else None, enabled=rt.is_main)
 
-    train_model: nn.Module = model
-    if rt.distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
+    train_model = wrap(model, rt, cfg.compile)
 
     def micro_batches():
         step = [items[order.next()] for _ in range(cfg.train.batch_size)]
@@ -387,9 +378,8 @@ def _run(cfg, rt, out, model, tokenizer, train, val, extras, source, resume, ove
 
     def save(step: int):
         if rt.is_main:
-            state = {"step": step, "optimizer": optimizer.state_dict(), "order": order.state(),
-                     "torch_rng": torch.get_rng_state()}
-            ckpt.save_checkpoint(out / ckpt.CHECKPOINT, model, tokenizer, state)
+            ckpt.save_checkpoint(out / ckpt.CHECKPOINT, model, tokenizer,
+                                 trainer_state(step, optimizer, order=order.state()))
         rt.barrier()
 
     tokens_per_step = sum(len(r) for it in items[:500] for r in it.rows) * cfg.train.batch_size // min(len(items), 500)

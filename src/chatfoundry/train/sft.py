@@ -29,7 +29,8 @@ from chatfoundry.errors import UserError
 from chatfoundry.eval.world import evaluate_world, format_report, write_report
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.tokenizer import SPECIAL_TOKENS, chat_stop_ids, encode_batch_ids, special_id
-from chatfoundry.train.loop import Epochs, TrainConfig, accumulation, fit, make_optimizer, setup_runtime, teardown
+from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, fit, make_optimizer, restore, setup_runtime,
+                                    teardown, trainer_state, wrap)
 from chatfoundry.train.pretrain import check_output, prepare_output
 
 
@@ -243,12 +244,8 @@ def _run(cfg, rt, out, model, tokenizer, train_examples, val_examples, source, r
     optimizer = make_optimizer(model, cfg.train, rt.device)
     start_step = 0
     if resume:
-        state = ckpt.load_trainer_state(out)
-        require(cfg.train.steps >= int(state["step"]), "train.steps",
-                f"{cfg.train.steps} is below the checkpoint's step {state['step']}")
-        optimizer.load_state_dict(state["optimizer"])
+        state = restore(out, optimizer, cfg.train)
         batches.set_state(state["batches"])
-        torch.set_rng_state(state["torch_rng"])
         start_step = int(state["step"])
 
     if rt.is_main:
@@ -260,12 +257,7 @@ def _run(cfg, rt, out, model, tokenizer, train_examples, val_examples, source, r
             f"x {rt.world} processes; device {rt.device}")
     metrics = MetricsLog(out / "metrics.jsonl", start_step if resume else None, enabled=rt.is_main)
 
-    train_model: nn.Module = model
-    if rt.distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
+    train_model = wrap(model, rt, cfg.compile)
 
     def micro_batches():
         batch = batches.next()
@@ -293,9 +285,8 @@ def _run(cfg, rt, out, model, tokenizer, train_examples, val_examples, source, r
 
     def save(step: int):
         if rt.is_main:
-            state = {"step": step, "optimizer": optimizer.state_dict(), "batches": batches.state(),
-                     "torch_rng": torch.get_rng_state()}
-            ckpt.save_checkpoint(out / ckpt.CHECKPOINT, model, tokenizer, state,
+            ckpt.save_checkpoint(out / ckpt.CHECKPOINT, model, tokenizer,
+                                 trainer_state(step, optimizer, batches=batches.state()),
                                  generation={"eos_token_id": chat_stop_ids(tokenizer)})
         rt.barrier()
 
