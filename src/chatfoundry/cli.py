@@ -169,6 +169,26 @@ def _score(args) -> dict:
     return {"rewards": [round(r, 6) for r in rewards], "reward": round(rewards[0], 6)}
 
 
+def _pipeline_parser(sub) -> None:
+    from chatfoundry.pipeline import PipelineConfig
+
+    p = sub.add_parser("pipeline", help="the whole recipe on the built-in world: pretrain, SFT, label, RM, PPO, report",
+                       description="Pretrain (tokenizer included), SFT, label, reward model and PPO on the built-in "
+                                   "task world, each stage in its own folder under --out; a finished stage is "
+                                   "skipped, so an interrupted pipeline resumes. Ends with report.md and its plots. "
+                                   "Any stage's setting is a flag, e.g. --ppo.iterations 20.")
+    add_config_args(p, PipelineConfig)
+    p.add_argument("--overwrite", action="store_true", help="run every stage again, replacing what --out holds")
+    _json_flag(p)
+    p.set_defaults(func=_pipeline)
+
+
+def _pipeline(args) -> dict:
+    from chatfoundry.pipeline import PipelineConfig, run
+
+    return run(resolve_config(PipelineConfig, args), overwrite=args.overwrite)
+
+
 def _eval_parser(sub) -> None:
     from chatfoundry.data.world import FAMILIES, SPLITS
 
@@ -559,9 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="chatfoundry", allow_abbrev=False,
                             description="The ChatGPT recipe, small enough to read and run on a laptop.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-    for add in (_pretrain_parser, _sft_parser, _label_parser, _rm_parser, _ppo_parser, _score_parser, _eval_parser,
-                _chat_parser, _world_parser, _sample_parser, _generate_parser, _compare_parser, _convert_parser, _tokenizer_parser,
-                _presets_parser):
+    for add in (_pipeline_parser, _pretrain_parser, _sft_parser, _label_parser, _rm_parser, _ppo_parser, _score_parser,
+                _eval_parser, _chat_parser, _world_parser, _sample_parser, _generate_parser, _compare_parser,
+                _convert_parser, _tokenizer_parser, _presets_parser):
         add(sub)
     from chatfoundry.rl.cli import add_rl_parser
 

@@ -1,0 +1,209 @@
+"""`chatfoundry pipeline`: the whole ChatGPT recipe on the built-in task world, one command.
+
+    out/pretrain  tokenizer + causal-LM pretraining on the built-in corpus
+    out/sft       supervised finetuning on the world's conversations
+    out/label     K samples per prompt from the SFT model, ranked by the simulated labeler
+    out/rm        the reward model
+    out/ppo       RLHF with PPO against the reward model (held-out eval of SFT and PPO inside)
+    out/report.md the scores per family and stage, RM accuracy, PPO curves, win rates, the
+                  proxy-vs-gold picture and sample conversations; report_*.png beside it
+
+Each stage is the same `run` its own command calls, with its folder under `out`. A stage whose
+folder holds `summary.json` is done and is skipped; one that was cut short starts again from
+its last checkpoint (or from the beginning when it has none), so an interrupted pipeline resumes.
+Any stage's setting is a flag: `--pretrain.train.steps 1200`, `--ppo.iterations 20`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chatfoundry import checkpoint as ckpt
+from chatfoundry.config import save_config
+from chatfoundry.errors import UserError
+from chatfoundry.metrics import read_metrics
+from chatfoundry.train import label, ppo, pretrain, reward, sft
+
+SUMMARY = "summary.json"
+WIRED = "<pipeline>"  # a stage's input and output folders, set by the pipeline from `out`
+
+
+@dataclass
+class PipelineConfig:
+    out: str = "runs/pipeline"
+    seed: int = 1337  # every stage's seed
+    device: str = "auto"  # every stage's device
+    pretrain: pretrain.PretrainConfig = field(default_factory=pretrain.PretrainConfig)
+    sft: sft.SFTConfig = field(default_factory=lambda: sft.SFTConfig(init=WIRED))
+    label: label.LabelConfig = field(default_factory=lambda: label.LabelConfig(policy=WIRED))
+    rm: reward.RMConfig = field(default_factory=lambda: reward.RMConfig(
+        init=WIRED, data=reward.RMDataConfig(files=[WIRED])))
+    ppo: ppo.PPOConfig = field(default_factory=lambda: ppo.PPOConfig(init=WIRED, rm=WIRED))
+
+
+def stage_configs(cfg: PipelineConfig) -> dict:
+    """Each stage's config, wired to the folders before it (in, out, seed, device)."""
+    out = Path(cfg.out)
+    folder = {name: str(out / name) for name in ("pretrain", "sft", "label", "rm", "ppo")}
+    cfg.pretrain.out = folder["pretrain"]
+    cfg.sft.init, cfg.sft.out = folder["pretrain"], folder["sft"]
+    cfg.label.policy, cfg.label.out = folder["sft"], folder["label"]
+    cfg.rm.init, cfg.rm.out, cfg.rm.data.files = folder["sft"], folder["rm"], [folder["label"]]
+    cfg.ppo.init, cfg.ppo.rm, cfg.ppo.out = folder["sft"], folder["rm"], folder["ppo"]
+    stages = {"pretrain": (cfg.pretrain, pretrain.run), "sft": (cfg.sft, sft.run), "label": (cfg.label, label.run),
+              "rm": (cfg.rm, reward.run), "ppo": (cfg.ppo, ppo.run)}
+    for stage_cfg, _ in stages.values():
+        stage_cfg.seed, stage_cfg.device = cfg.seed, cfg.device
+    return stages
+
+
+def _start(folder: Path) -> tuple[bool, bool]:
+    """(resume, overwrite) for a stage that is not done: go on from a checkpoint, else start over."""
+    try:
+        ckpt.load_trainer_state(folder)
+        return True, False
+    except UserError:
+        return False, folder.exists()
+
+
+def run(cfg: PipelineConfig, overwrite: bool = False, log=print) -> dict:
+    """Run (or finish) every stage, then write the report; returns the summary `--json` prints."""
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    if overwrite and out.exists():
+        for name in ("pretrain", "sft", "label", "rm", "ppo"):
+            (out / name / SUMMARY).unlink(missing_ok=True)
+    stages = stage_configs(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    summaries, walls = {}, {}
+    for n, (name, (stage_cfg, stage_run)) in enumerate(stages.items(), 1):
+        folder = Path(stage_cfg.out)
+        done = folder / SUMMARY
+        if done.is_file() and not overwrite:
+            summaries[name] = json.loads(done.read_text())
+            log(f"[{n}/{len(stages)}] {name}: done, skipped ({folder})")
+            continue
+        resume, again = (False, folder.exists()) if overwrite else _start(folder)
+        log(f"[{n}/{len(stages)}] {name}: " + ("resuming" if resume else "running") + f" -> {folder}")
+        started = time.perf_counter()
+        if name == "label":  # no checkpoint: always from the start
+            summary = stage_run(stage_cfg, overwrite=again or overwrite, log=log)
+        else:
+            summary = stage_run(stage_cfg, resume=resume, overwrite=not resume and (again or overwrite), log=log)
+        walls[name] = round(time.perf_counter() - started, 1)
+        summary["pipeline_wall_s"] = walls[name]
+        done.write_text(json.dumps(summary, indent=1))
+        summaries[name] = summary
+    result = {"out": str(out), "stages": stage_summaries(summaries), "report": str(out / "report.md")}
+    write_report(out, summaries)
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    log(f"report: {out / 'report.md'}\nchat with the result: chatfoundry chat --ckpt {out / 'ppo'}")
+    return result
+
+
+def stage_summaries(s: dict) -> dict:
+    """The headline numbers per stage (the `--json` summary's "stages")."""
+    out = {"pretrain": {k: s["pretrain"].get(k) for k in ("val_loss", "params")},
+           "sft": {"gold_reward": s["ppo"].get("sft_gold_reward"), "val_loss": s["sft"].get("val_loss")},
+           "label": {"comparisons": s["label"]["splits"]["train"]["comparisons"],
+                     "sft_gold_reward_sampled": s["label"]["splits"]["train"]["sft_gold_reward"]},
+           "rm": {k: s["rm"].get(k) for k in ("pairwise_accuracy", "spearman_gold", "label_accuracy")},
+           "ppo": {k: s["ppo"].get(k) for k in ("gold_reward", "gold_reward_se", "gold_gain", "gold_gain_se", "kl",
+                                                 "kl_budget", "rm_reward", "win_rate_rm", "win_rate_gold")}}
+    for name, summary in s.items():
+        out[name]["wall_s"] = summary.get("pipeline_wall_s", summary.get("wall_s"))
+    return out
+
+
+# ---------------------------------------------------------------- the report
+
+
+def write_report(out: Path, s: dict) -> None:
+    """report.md, report_scores.png (per family and stage) and report_overoptimization.png."""
+    ev = json.loads((out / "ppo" / "eval.json").read_text()) if (out / "ppo" / "eval.json").is_file() else None
+    lines = ["# chatfoundry pipeline report", "",
+             "| stage | wall (s) | result |", "| --- | --- | --- |",
+             f"| pretrain | {_wall(s['pretrain'])} | validation loss {s['pretrain'].get('val_loss', 0):.3f}, "
+             f"{s['pretrain'].get('params', 0):,} parameters |",
+             f"| sft | {_wall(s['sft'])} | validation loss {s['sft'].get('val_loss') or 0:.3f} |",
+             f"| label | {_wall(s['label'])} | {s['label']['splits']['train']['comparisons']:,} comparisons |",
+             f"| rm | {_wall(s['rm'])} | held-out pairwise accuracy {s['rm'].get('pairwise_accuracy')}, Spearman with "
+             f"gold {s['rm'].get('spearman_gold')} |",
+             f"| ppo | {_wall(s['ppo'])} | KL to SFT {s['ppo'].get('kl')} nats (budget {s['ppo'].get('kl_budget')}) |", ""]
+    if ev:
+        lines += ["## Held-out test prompts (greedy answers)", "",
+                  f"Gold reward SFT {ev['sft_gold_reward']:.3f} ± {ev['sft_gold_reward_se']:.3f} -> PPO "
+                  f"{ev['gold_reward']:.3f} ± {ev['gold_reward_se']:.3f} (gain {ev['gold_gain']:+.3f} ± "
+                  f"{ev['gold_gain_se']:.3f}, paired). Reward model: {ev['sft_rm_reward']:+.3f} -> {ev['rm_reward']:+.3f}. "
+                  f"PPO beats SFT on {ev['win_rate_rm']:.0%} of prompts by the reward model, "
+                  f"{ev['win_rate_gold']:.0%} by the gold reward (ties count half).", "",
+                  "| family | SFT exact match | PPO exact match | SFT gold reward | PPO gold reward |",
+                  "| --- | --- | --- | --- | --- |"]
+        for f, p in ev["families"].items():
+            q = ev["sft_families"][f]
+            lines.append(f"| {f} | {q['exact_match']:.2f} | {p['exact_match']:.2f} | {q['gold_reward']:.3f} | "
+                         f"{p['gold_reward']:.3f} |")
+        _plot_scores(ev, out / "report_scores.png")
+        lines += ["", "![scores](report_scores.png)", "", "![PPO](ppo/ppo.png)", ""]
+    records = read_metrics(out / "ppo" / "metrics.jsonl") if (out / "ppo" / "metrics.jsonl").is_file() else []
+    if records:
+        _plot_overoptimization(records, out / "report_overoptimization.png")
+        lines += ["## Proxy and gold reward as the policy moves away from SFT", "",
+                  "The reward model is a proxy for the gold reward it never sees. Past some KL, pushing the",
+                  "proxy up stops helping (or starts hurting) the gold reward: reward over-optimization.", "",
+                  "![over-optimization](report_overoptimization.png)", ""]
+    lines += ["## Reward model", "", "![rewards](rm/rewards.png)", ""]
+    if ev:
+        lines += ["## Sample conversations (held-out prompts)", ""]
+        changed = [a for a in ev["answers"] if a["response"] != a["sft_response"]][:6] or ev["answers"][:6]
+        for a in changed:
+            lines += [f"**User:** {a['prompt']}  ", f"**SFT:** {a['sft_response']} *(gold {a['sft_gold_reward']:.2f})*  ",
+                      f"**PPO:** {a['response']} *(gold {a['gold_reward']:.2f})*", ""]
+    lines += ["Chat with the result:", "", "```bash", f"chatfoundry chat --ckpt {out / 'ppo'}", "```", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def _wall(summary: dict) -> str:
+    wall = summary.get("pipeline_wall_s", summary.get("wall_s"))
+    return f"{wall:.0f}" if isinstance(wall, (int, float)) else "-"
+
+
+def _plot_scores(ev: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    names = list(ev["families"])
+    x = range(len(names))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=100)
+    for ax, key, title in zip(axes, ("exact_match", "gold_reward"), ("exact match", "gold reward")):
+        ax.bar([i - 0.2 for i in x], [ev["sft_families"][n][key] for n in names], 0.4, label="SFT")
+        ax.bar([i + 0.2 for i in x], [ev["families"][n][key] for n in names], 0.4, label="PPO")
+        ax.set_xticks(list(x), names)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{title} on held-out test prompts")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_overoptimization(records: list[dict], path: Path) -> None:
+    """RM and gold reward of each iteration's rollouts against their KL to the reference."""
+    import matplotlib.pyplot as plt
+
+    kl = [r["kl"] for r in records]
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=100)
+    ax.scatter(kl, [r["rm_reward"] for r in records], s=12, label="reward model (proxy, optimised)")
+    ax2 = ax.twinx()
+    ax2.scatter(kl, [r["gold_reward"] for r in records], s=12, color="tab:orange", label="gold reward (hidden)")
+    ax.set_xlabel("KL(policy || SFT), nats per response")
+    ax.set_ylabel("reward model score", color="tab:blue")
+    ax2.set_ylabel("gold reward", color="tab:orange")
+    ax.set_title("Proxy vs gold reward as KL grows")
+    fig.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

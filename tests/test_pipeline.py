@@ -1,0 +1,64 @@
+"""`chatfoundry pipeline` end to end on tiny settings: every stage in its folder, the report and
+its plots, the --json summary, and an interrupted pipeline resuming without redoing finished stages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TINY, last_json, run_cli
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _prefixed(stage: str, flags: list[str]) -> list[str]:
+    return [f"--{stage}.{f[2:]}" if f.startswith("--") else f for f in flags]
+
+
+TINY_PIPELINE = [
+    *_prefixed("pretrain", ["96" if i and TINY[i - 1] == "--model.block_size" else x for i, x in enumerate(TINY)
+                            if x != "--device" and (not i or TINY[i - 1] != "--device")]),
+    *"--sft.train.steps 4 --sft.train.batch_size 4 --sft.train.warmup_steps 1 --sft.train.eval_every 2".split(),
+    *"--sft.train.save_every 4 --sft.data.conversations 32 --sft.eval.per_family 0".split(),
+    *"--label.k 3 --label.prompts 20 --label.val_prompts 10 --label.max_new_tokens 10".split(),
+    *"--rm.train.steps 4 --rm.train.batch_size 4 --rm.train.warmup_steps 1 --rm.train.eval_every 2".split(),
+    *"--rm.train.save_every 4".split(),
+    *"--ppo.iterations 2 --ppo.rollout.batch_size 8 --ppo.rollout.max_new_tokens 8 --ppo.rollout.prompts 40".split(),
+    *"--ppo.ppo.minibatch_size 4 --ppo.ppo.epochs 1 --ppo.eval.per_family 2 --ppo.eval.max_new_tokens 8".split(),
+    "--device", "cpu",
+]
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["pipeline", "--out", str(out), *TINY_PIPELINE, "--json"], capsys)
+    assert code == 0, err
+    summary = last_json(stdout)
+    assert set(summary["stages"]) == {"pretrain", "sft", "label", "rm", "ppo"}
+    assert "gold_reward" in summary["stages"]["sft"] and {"gold_reward", "kl"} <= set(summary["stages"]["ppo"])
+    assert "pairwise_accuracy" in summary["stages"]["rm"]
+    for name in ("report.md", "report_scores.png", "report_overoptimization.png", "config.yaml",
+                 "pretrain/checkpoint/model.safetensors", "sft/checkpoint/model.safetensors", "label/train.jsonl",
+                 "rm/checkpoint/model.safetensors", "ppo/checkpoint/model.safetensors", "ppo/ppo.png"):
+        assert (out / name).is_file(), name
+    report = (out / "report.md").read_text()
+    assert "| arithmetic |" in report and "chatfoundry chat --ckpt" in report and "**PPO:**" in report
+    assert f"chatfoundry chat --ckpt {out / 'ppo'}" in stdout
+
+    # Interrupted after the reward model: only PPO runs again.
+    (out / "ppo" / "summary.json").unlink()
+    before = {s: (out / s / "summary.json").stat().st_mtime_ns for s in ("pretrain", "sft", "label", "rm")}
+    code, stdout, err = run_cli(["pipeline", "--out", str(out), *TINY_PIPELINE, "--json"], capsys)
+    assert code == 0, err
+    assert stdout.count("done, skipped") == 4 and "ppo: r" in stdout
+    assert before == {s: (out / s / "summary.json").stat().st_mtime_ns for s in before}
+    assert json.loads((out / "ppo" / "summary.json").read_text())["iterations"] == 2
+
+
+def test_pipeline_help_and_bad_flag(capsys):
+    code, out, _ = run_cli(["pipeline", "--help"], capsys)
+    assert code == 0 and "--ppo.iterations" in out and "--pretrain.train.steps" in out
+    code, _, err = run_cli(["pipeline", "--ppo.iterations", "0"], capsys)
+    assert code == 2 and "iterations" in err and len(err.strip().splitlines()) == 1
