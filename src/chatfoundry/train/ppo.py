@@ -119,10 +119,12 @@ class PPOLossConfig:
 class KLConfig:
     """The KL-to-reference term of the reward, -beta * KL per token."""
 
-    coef: float = 0.05  # beta, initial
+    # The default RM is easy to exploit (it rates "1 minus 1 is 1." above right answers): with
+    # beta 0.05 the policy ran to 4 nats and lost 0.14 gold reward (README), hence a firm beta.
+    coef: float = 0.2  # beta, initial
     control: Literal["fixed", "adaptive"] = "adaptive"  # adaptive: Ziegler et al.'s proportional controller
-    target: float = 2.0  # nats per response: the adaptive controller's aim, and the run's KL budget
-    horizon: float = 2000  # responses; smaller reacts faster (Ziegler et al.: 10,000 over far longer runs)
+    target: float = 1.0  # nats per response: the adaptive controller's aim, and the run's KL budget
+    horizon: float = 500  # responses; smaller reacts faster (Ziegler et al.: 10,000 over far longer runs)
     estimator: Literal["k1", "k3"] = "k1"  # per-token estimate in the reward (k3: >= 0, lower variance)
 
     def validate(self) -> None:
@@ -229,7 +231,11 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], stop_ids: l
 
 
 def select(batch: Batch, rows) -> Batch:
-    return Batch(*(getattr(batch, f)[rows] for f in Batch.__dataclass_fields__))
+    """The rows' sub-batch, cut to the width they need (the policy and critic see no column past
+    the last response token; a chunk of short responses costs only its own length)."""
+    part = Batch(*(getattr(batch, f)[rows] for f in Batch.__dataclass_fields__))
+    part.idx = part.idx[:, :int(part.pos.max()) + 2]
+    return part
 
 
 def warp(logits: torch.Tensor, cfg: RolloutConfig) -> torch.Tensor:
