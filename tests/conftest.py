@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import chatfoundry  # noqa: F401  (first: it sets OpenMP's wait policy before torch starts)
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # A run small enough for a test: ~100k-parameter model, 60k characters of built-in corpus.
