@@ -245,6 +245,7 @@ def test_kl_penalty_objective_and_ptx_run(models, tmp_path, capsys):
     rows = metrics(tmp_path / "k")
     assert s["objective"] == "kl_penalty" and "gold_reward_sampled" not in s
     assert all("penalty_beta" in r and r["ptx_loss"] > 0 and r["ratio_first"] == 1.0 for r in rows)
+    assert all(r["kl"] == pytest.approx(0.0) for r in rows[:1]) and "penalty_kl" in rows[0]
 
 
 @pytest.mark.parametrize("case", ["missing", "rm_as_init", "lm_as_rm", "tokenizer", "config", "bad_callable"])

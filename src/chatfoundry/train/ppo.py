@@ -397,6 +397,7 @@ def ppo_update(policy: DecoderLM, critic: RewardModel, optimizer: torch.optim.Op
                 pg_loss, s = core.clipped_surrogate(logp, ro.logp[rows], adv, cfg.ppo.clip, mask)
             else:
                 pg_loss, s = core.kl_penalty_surrogate(logp, ro.logp[rows], adv, penalty_beta, mask)
+                s["penalty_kl"] = s.pop("kl")  # KL(old || new) of this step, not the KL to the reference
                 s["clip_fraction"] = core.masked_mean((((logp - ro.logp[rows]).exp() - 1).abs() > cfg.ppo.clip)
                                                       .float(), mask).item()
             v_new = values_of(critic, part)
