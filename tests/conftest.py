@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import chatfoundry  # noqa: F401  (first: it sets OpenMP's wait policy before torch starts)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as chatfoundry/__init__.py: before torch starts
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
