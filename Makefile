@@ -24,10 +24,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
 
+# The whole recipe (pretrain, SFT, label, RM, PPO, report); a second run skips finished stages.
 demo: setup
-	$(BIN)/chatfoundry pretrain --out runs/demo/pretrain --overwrite
-	$(BIN)/chatfoundry sft --init runs/demo/pretrain --out runs/demo/sft --overwrite
-	echo "What is the capital of France?" | $(BIN)/chatfoundry chat --ckpt runs/demo/sft --temperature 0
+	$(BIN)/chatfoundry pipeline --out runs/demo
+	echo "What is the capital of France?" | $(BIN)/chatfoundry chat --ckpt runs/demo/ppo --temperature 0
 
 test: setup-test
 	$(BIN)/python -m pytest -q
