@@ -190,20 +190,26 @@ def _plot_scores(ev: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_overoptimization(records: list[dict], path: Path) -> None:
-    """RM and gold reward of each iteration's rollouts against their KL to the reference."""
+def _plot_overoptimization(records: list[dict], path: Path, bins: int = 6) -> None:
+    """RM and gold reward of the rollouts against their KL to the reference: each iteration a dot,
+    and the means over KL bins of equal counts a line (one batch's rewards are noisy)."""
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    kl = [r["kl"] for r in records]
+    rows = sorted(records, key=lambda r: r["kl"])
+    kl = np.array([r["kl"] for r in rows])
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=100)
-    ax.scatter(kl, [r["rm_reward"] for r in records], s=12, label="reward model (proxy, optimised)")
     ax2 = ax.twinx()
-    ax2.scatter(kl, [r["gold_reward"] for r in records], s=12, color="tab:orange", label="gold reward (hidden)")
+    for axis, key, color, name in ((ax, "rm_reward", "tab:blue", "reward model (proxy, optimised)"),
+                                    (ax2, "gold_reward", "tab:orange", "gold reward (hidden)")):
+        y = np.array([r[key] for r in rows])
+        axis.scatter(kl, y, s=8, color=color, alpha=0.35)
+        groups = [g for g in np.array_split(np.arange(len(rows)), min(bins, len(rows))) if len(g)]
+        axis.plot([kl[g].mean() for g in groups], [y[g].mean() for g in groups], color=color, marker="o", label=name)
+        axis.set_ylabel(name, color=color)
     ax.set_xlabel("KL(policy || SFT), nats per response")
-    ax.set_ylabel("reward model score", color="tab:blue")
-    ax2.set_ylabel("gold reward", color="tab:orange")
     ax.set_title("Proxy vs gold reward as KL grows")
-    fig.legend(loc="lower right")
+    fig.legend(loc="upper left", bbox_to_anchor=(0.1, 0.88), fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
