@@ -74,3 +74,34 @@ def test_batched_greedy_equals_transformers_with_attention_mask(flavour):
                           pad_token_id=pad, eos_token_id=None)
     ours = generate_batch(model, PROMPTS, GenerationConfig(max_new_tokens=12)).sequences
     assert ours == out[:, width:].tolist()
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+@pytest.mark.parametrize("early_stopping", [True, False, "never"])
+def test_batched_beam_search_equals_one_prompt_at_a_time(flavour, early_stopping):
+    model = model_for(flavour)
+    eos = generate(model, PROMPTS[0], GenerationConfig(max_new_tokens=3)).sequences[0][2]  # one that really ends beams
+    cfg = GenerationConfig(max_new_tokens=12, num_beams=4, num_return_sequences=3, length_penalty=0.7,
+                           early_stopping=early_stopping, eos_token_id=eos)
+    batched = generate_batch(model, PROMPTS, cfg)
+    alone = [generate(model, p, cfg) for p in PROMPTS]
+    assert batched.sequences == [s for o in alone for s in o.sequences]
+    assert batched.scores == pytest.approx([x for o in alone for x in o.scores], abs=1e-5)
+    assert any(s[-1] == eos and len(s) < 12 for s in batched.sequences)  # prompts finish at different steps
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_batched_beam_search_equals_transformers_with_attention_mask(flavour):
+    model = model_for(flavour)
+    theirs = hf_model_for(model.config)
+    theirs.load_state_dict(hf.state_dict_to_hf(model.state_dict(), model.config), strict=False)
+    theirs.tie_weights()
+    width, pad = max(map(len, PROMPTS)), 60
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in PROMPTS])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    out = theirs.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10, num_beams=4,
+                          num_return_sequences=2, length_penalty=1.0, pad_token_id=pad, eos_token_id=None,
+                          output_scores=True, return_dict_in_generate=True)
+    ours = generate_batch(model, PROMPTS, GenerationConfig(max_new_tokens=10, num_beams=4, num_return_sequences=2))
+    assert ours.sequences == out.sequences[:, width:].tolist()
+    assert ours.scores == pytest.approx(out.sequences_scores.tolist(), abs=1e-4)

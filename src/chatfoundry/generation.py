@@ -262,102 +262,119 @@ def sample(model: DecoderLM, prompt: list[int], max_new_tokens: int, num_samples
 
 @torch.no_grad()
 def beam_search(model: DecoderLM, prompt: list[int], cfg: GenerationConfig) -> GenerationOutput:
-    """Beam search as transformers does it (`_beam_search`), for one prompt.
+    """Beam search for one prompt (see `beam_search_batch`)."""
+    return beam_search_batch(model, [prompt], cfg)[0]
 
-    Each step scores all num_beams * vocab continuations (running score + processed logprob) and
-    keeps the best 2 * num_beams. Those ending in EOS, or reaching max_new_tokens, are offered to
-    the pool of finished hypotheses (score / new_len ** length_penalty; only candidates among the
-    top num_beams qualify), the rest continue. The pool keeps the num_beams best. The search
-    stops when no running beam can improve on the pool (early_stopping False: judged at the
-    current length; "never": at the longest length when length_penalty > 0), when the pool is full
-    and early_stopping is True, or when every candidate has stopped.
+
+@torch.no_grad()
+def beam_search_batch(model: DecoderLM, prompts: list[list[int]], cfg: GenerationConfig) -> list[GenerationOutput]:
+    """Beam search as transformers does it (`_beam_search`), for several prompts at once.
+
+    Each step scores, per prompt, all num_beams * vocab continuations (running score + processed
+    logprob) and keeps the best 2 * num_beams. Those ending in EOS, or reaching max_new_tokens,
+    are offered to the prompt's pool of finished hypotheses (score / new_len ** length_penalty;
+    only candidates among the top num_beams qualify), the rest continue. The pool keeps the
+    num_beams best. A prompt is done when no running beam can improve on its pool
+    (early_stopping False: judged at the current length; "never": at the longest length when
+    length_penalty > 0), when its pool is full and early_stopping is True, or when every
+    candidate has stopped; the search ends when every prompt is done. Prompts of different
+    lengths are left-padded with a key mask, so each gets what it would alone.
     """
-    if not prompt:
-        raise ValueError("prompt must hold at least one token")
-    nb, n_new, lp = cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty
-    if len(prompt) + n_new > model.config.block_size:
-        raise UserError(f"generation.max_new_tokens: prompt ({len(prompt)}) + {n_new} new tokens exceed the "
+    if not prompts or not all(prompts):
+        raise ValueError("every prompt must hold at least one token")
+    B, nb, n_new, lp = len(prompts), cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty
+    width = max(len(p) for p in prompts)
+    if width + n_new > model.config.block_size:
+        raise UserError(f"generation.max_new_tokens: prompt ({width}) + {n_new} new tokens exceed the "
                         f"model's context ({model.config.block_size}); beam search does not slide the window")
     device = model.lm_head.weight.device
     keep = 2 * nb  # enough candidates that num_beams survive even if num_beams of them end in EOS
     NEG = -1.0e9
     top_nb = torch.arange(keep, device=device) < nb
+    rows = torch.arange(B, device=device)[:, None]  # for indexing (B, beams) by per-prompt beam ids
+    eos = torch.tensor(cfg.eos_ids, device=device)
 
-    # running beams: new tokens, their raw logprobs, score; beam 0 alone at the start (others -1e9)
-    running = torch.zeros(nb, n_new, dtype=torch.long, device=device)
-    running_lp = torch.zeros(nb, n_new, device=device)
-    running_scores = torch.full((nb,), NEG, device=device)
-    running_scores[0] = 0.0
-    # finished pool: the num_beams best hypotheses so far (empty slots score -1e9)
-    done = running.clone()
-    done_lp = running_lp.clone()
-    done_len = torch.zeros(nb, dtype=torch.long, device=device)
-    done_scores = torch.full((nb,), NEG, device=device)
-    done_real = torch.zeros(nb, dtype=torch.bool, device=device)
-    can_improve = True
+    # running beams (B, nb, ...): new tokens, their raw logprobs, score; beam 0 alone at the start
+    running = torch.zeros(B, nb, n_new, dtype=torch.long, device=device)
+    running_lp = torch.zeros(B, nb, n_new, device=device)
+    running_scores = torch.full((B, nb), NEG, device=device)
+    running_scores[:, 0] = 0.0
+    # finished pools: each prompt's num_beams best hypotheses so far (empty slots score -1e9)
+    done, done_lp = running.clone(), running_lp.clone()
+    done_len = torch.zeros(B, nb, dtype=torch.long, device=device)
+    done_scores = torch.full((B, nb), NEG, device=device)
+    done_real = torch.zeros(B, nb, dtype=torch.bool, device=device)
+    open_ = torch.ones(B, dtype=torch.bool, device=device)  # prompts still searching
 
-    prompt_ids = torch.tensor([prompt] * nb, device=device)
-    cache = model.new_cache(nb, len(prompt) + n_new)
-    logits, _ = model(prompt_ids, cache=cache)
-    cache.pos += len(prompt)
+    prompt_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device).repeat_interleave(nb, 0)
+    real = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=device)
+    # Which cached positions hold real tokens: the prompts' padding never does, new tokens always.
+    key_mask = None if bool(real.all()) else torch.cat(
+        [real.repeat_interleave(nb, 0), torch.ones(B * nb, n_new, dtype=torch.bool, device=device)], 1)
+    cache = model.new_cache(B * nb, width + n_new)
+    logits, _ = model(prompt_ids, cache=cache, key_mask=None if key_mask is None else key_mask[:, :width])
+    cache.pos += width
     for step in range(n_new):
-        logits = logits[:, -1, :].float()
-        raw = torch.log_softmax(logits, dim=-1)
-        history = torch.cat([prompt_ids, running[:, :step]], dim=1)
-        logprobs = process_logits(raw, history, cfg, warp=False)
+        raw = torch.log_softmax(logits[:, -1, :].float(), dim=-1)
+        history = torch.cat([prompt_ids, running.view(B * nb, n_new)[:, :step]], dim=1)
+        logprobs = process_logits(raw, history, cfg, warp=False).view(B, nb, -1)
+        raw = raw.view(B, nb, -1)
         vocab = logprobs.shape[-1]
 
-        # the best `keep` continuations over all beams
-        cand_scores, flat = torch.topk((logprobs + running_scores[:, None]).view(-1), keep)
+        # per prompt, the best `keep` continuations over its beams
+        cand_scores, flat = torch.topk((logprobs + running_scores[..., None]).view(B, -1), keep)
         src, tok = flat // vocab, flat % vocab
-        cand = running[src].clone()
-        cand[:, step] = tok
-        cand_lp = running_lp[src].clone()
-        cand_lp[:, step] = raw[src, tok]
-        stopped = torch.full((keep,), step + 1 == n_new, device=device)
+        cand = running[rows, src].clone()
+        cand[..., step] = tok
+        cand_lp = running_lp[rows, src].clone()
+        cand_lp[..., step] = raw[rows, src, tok]
+        stopped = torch.full((B, keep), step + 1 == n_new, device=device)
         if cfg.eos_ids:
-            stopped |= torch.isin(tok, torch.tensor(cfg.eos_ids, device=device))
+            stopped |= torch.isin(tok, eos)
 
         # the best num_beams candidates that did not stop run on
         run_scores = cand_scores + stopped.float() * NEG
         nxt = torch.topk(run_scores, nb).indices
-        running, running_lp, running_scores, beam_src = cand[nxt], cand_lp[nxt], run_scores[nxt], src[nxt]
+        running, running_lp = cand[rows, nxt], cand_lp[rows, nxt]
+        running_scores, beam_src = run_scores[rows, nxt], src[rows, nxt]
 
-        # stopped candidates among the top num_beams compete for the finished pool
-        just_done = stopped & top_nb
+        # stopped candidates among the top num_beams compete for their prompt's pool
         offer = cand_scores / ((step + 1) ** lp)
-        offer += float(bool(done_real.all()) and cfg.early_stopping is True) * NEG  # pool closed
-        offer += float(not can_improve) * NEG
-        offer += (~just_done).float() * NEG
-        merged = torch.topk(torch.cat([done_scores, offer]), nb).indices
-        done = torch.cat([done, cand])[merged]
-        done_lp = torch.cat([done_lp, cand_lp])[merged]
-        done_len = torch.cat([done_len, torch.full((keep,), step + 1, device=device)])[merged]
-        done_scores = torch.cat([done_scores, offer])[merged]
-        done_real = torch.cat([done_real, just_done])[merged]
+        closed = done_real.all(1) & (cfg.early_stopping is True)  # a full pool that takes no more
+        offer += ((~stopped | ~top_nb) | (closed | ~open_)[:, None]).float() * NEG
+        merged = torch.topk(torch.cat([done_scores, offer], 1), nb).indices
+        done = torch.cat([done, cand], 1)[rows, merged]
+        done_lp = torch.cat([done_lp, cand_lp], 1)[rows, merged]
+        done_len = torch.cat([done_len, torch.full((B, keep), step + 1, device=device)], 1)[rows, merged]
+        done_scores = torch.cat([done_scores, offer], 1)[rows, merged]
+        done_real = torch.cat([done_real, stopped & top_nb & (~closed & open_)[:, None]], 1)[rows, merged]
 
         # can a running beam still beat the worst finished one?
         best_len = n_new if (cfg.early_stopping == "never" and lp > 0.0) else step + 1
-        best_possible = running_scores[0] / (best_len ** lp)
-        worst_done = torch.where(done_real, done_scores.min(), torch.tensor(NEG, device=device))
-        can_improve = can_improve and bool((best_possible > worst_done).any())
-        pool_closed = bool(done_real.all()) and cfg.early_stopping is True
-        if not can_improve or pool_closed or bool(stopped.all()):
+        best_possible = running_scores[:, 0] / (best_len ** lp)
+        can_improve = ~done_real.all(1) | (best_possible > done_scores.min(1).values)
+        pool_closed = done_real.all(1) & (cfg.early_stopping is True)
+        open_ &= can_improve & ~pool_closed & ~stopped.all(1)
+        if not bool(open_.any()):
             break
 
-        for i in range(len(cache.k)):  # each beam continues from its parent's keys and values
-            cache.k[i] = cache.k[i].index_select(0, beam_src)
-            cache.v[i] = cache.v[i].index_select(0, beam_src)
-        logits, _ = model(running[:, step:step + 1], cache=cache)
+        src_rows = (beam_src + rows * nb).view(-1)  # each beam continues from its parent's keys and values
+        for i in range(len(cache.k)):
+            cache.k[i] = cache.k[i].index_select(0, src_rows)
+            cache.v[i] = cache.v[i].index_select(0, src_rows)
+        logits, _ = model(running.view(B * nb, n_new)[:, step:step + 1], cache=cache,
+                          key_mask=None if key_mask is None else key_mask[:, :cache.pos + 1])
         cache.pos += 1
 
     n = cfg.num_return_sequences
-    lengths = done_len[:n].tolist()
-    return GenerationOutput(
-        sequences=[done[i, :lengths[i]].tolist() for i in range(n)],
-        scores=done_scores[:n].tolist(),
-        token_logprobs=[done_lp[i, :lengths[i]].tolist() for i in range(n)],
-    )
+    outputs = []
+    for b in range(B):
+        lengths = done_len[b, :n].tolist()
+        outputs.append(GenerationOutput(
+            sequences=[done[b, i, :lengths[i]].tolist() for i in range(n)],
+            scores=done_scores[b, :n].tolist(),
+            token_logprobs=[done_lp[b, i, :lengths[i]].tolist() for i in range(n)]))
+    return outputs
 
 
 # ---------------------------------------------------------------- one entry point
@@ -389,11 +406,16 @@ def generate(model: DecoderLM, prompt: list[int], cfg: GenerationConfig) -> Gene
 
 
 def generate_batch(model: DecoderLM, prompts: list[list[int]], cfg: GenerationConfig) -> GenerationOutput:
-    """Greedy or sampled continuations of several prompts of any lengths, in one batch: row i
-    continues prompts[i] (left padding and a key mask make each row as if it ran alone)."""
+    """Continuations of several prompts of any lengths, in one batch (left padding and a key mask
+    make each row as if it ran alone). Greedy or sampled: row i continues prompts[i]. Beam
+    search: num_return_sequences rows per prompt, best first, prompt after prompt (as transformers)."""
     cfg.validate()
-    require(cfg.num_beams == 1 and cfg.num_return_sequences == 1, "generation.num_beams",
-            "batched prompts take one greedy or sampled sequence each (num_beams 1, num_return_sequences 1)")
+    if cfg.num_beams > 1:
+        outs = beam_search_batch(model, prompts, cfg)
+        return GenerationOutput(sequences=[s for o in outs for s in o.sequences], scores=[x for o in outs for x in o.scores],
+                                token_logprobs=[t for o in outs for t in o.token_logprobs])
+    require(cfg.num_return_sequences == 1, "generation.num_return_sequences",
+            "batched sampling takes one sequence per prompt (repeat a prompt for more)")
     seqs, logprobs = _decode(model, prompts, cfg.max_new_tokens, _picker(model, cfg), cfg.eos_token_id)
     return GenerationOutput(sequences=seqs, scores=[sum(lp) for lp in logprobs], token_logprobs=logprobs)
 
