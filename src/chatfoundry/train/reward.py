@@ -297,18 +297,18 @@ def _comparisons(cfg: RMConfig) -> tuple[list[Comparison], list[Comparison], lis
         if p.is_dir():
             raise UserError(f"{p}: a folder among several data paths; give one label folder or JSONL files")
     comparisons = load_comparisons(paths)
-    random.Random(cfg.seed).shuffle(comparisons)
-    n_val = max(1, int(len(comparisons) * cfg.data.val_fraction))
     if len(comparisons) < 2:
         raise UserError(f"{paths[0]}: one comparison; at least two are needed (one to learn, one to check)")
+    random.Random(cfg.seed).shuffle(comparisons)
+    n_val = max(1, int(len(comparisons) * cfg.data.val_fraction))
     return comparisons[n_val:], comparisons[:n_val], [{}] * n_val, f"{len(comparisons):,} comparisons from files"
 
 
 def _gold(obj: dict) -> list[float] | None:
     """The held-out file's gold rewards (best-first order, as the responses are written)."""
-    gold = obj.get("gold_reward")
-    ranks = obj.get("ranks")
-    if not isinstance(gold, list) or ranks is None or sorted(ranks) != list(ranks):
+    gold, ranks = obj.get("gold_reward"), obj.get("ranks")
+    if not isinstance(gold, list) or not isinstance(ranks, list) or sorted(ranks) != ranks \
+            or len(gold) != len(obj.get("responses", [])):
         return None
     return [float(g) for g in gold]
 
