@@ -56,3 +56,26 @@ def plot_curves(records: list[dict[str, Any]], out: str | Path, series: dict[str
     fig.savefig(out)
     plt.close(fig)
     return Path(out)
+
+
+def plot_bars(names: list[str], series: dict[str, list[float]], out: str | Path, title: str | list[str],
+              panels: int = 1) -> Path:
+    """Grouped bars in [0, 1], one group per name, one bar per series (label -> values). With
+    `panels` > 1 the series are dealt out over that many side-by-side panels, `title` one each."""
+    labels = list(series)
+    per = len(labels) // panels
+    fig, axes = plt.subplots(1, panels, figsize=(7 if panels == 1 else 5.5 * panels, 3.5), squeeze=False)
+    for p, ax in enumerate(axes[0]):
+        mine = labels[p * per:(p + 1) * per] if panels > 1 else labels
+        width = 0.8 / len(mine)
+        for j, label in enumerate(mine):
+            ax.bar([i + (j - (len(mine) - 1) / 2) * width for i in range(len(names))], series[label], width, label=label)
+        ax.set_xticks(list(range(len(names))), names)
+        ax.set_ylim(0, 1.18)  # headroom for the legend above bars that reach 1
+        ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+        ax.set_title(title[p] if isinstance(title, list) else title)
+        ax.legend(loc="upper center", ncol=len(mine), fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Path(out)

@@ -24,7 +24,7 @@ from pathlib import Path
 from chatfoundry import checkpoint as ckpt
 from chatfoundry.config import save_config
 from chatfoundry.errors import UserError
-from chatfoundry.metrics import read_metrics
+from chatfoundry.metrics import plot_bars, read_metrics
 from chatfoundry.train import label, ppo, pretrain, reward, sft
 
 SUMMARY = "summary.json"
@@ -173,21 +173,12 @@ def _wall(summary: dict) -> str:
 
 
 def _plot_scores(ev: dict, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
     names = list(ev["families"])
-    x = range(len(names))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=100)
-    for ax, key, title in zip(axes, ("exact_match", "gold_reward"), ("exact match", "gold reward")):
-        ax.bar([i - 0.2 for i in x], [ev["sft_families"][n][key] for n in names], 0.4, label="SFT")
-        ax.bar([i + 0.2 for i in x], [ev["families"][n][key] for n in names], 0.4, label="PPO")
-        ax.set_xticks(list(x), names)
-        ax.set_ylim(0, 1)
-        ax.set_title(f"{title} on held-out test prompts")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    series = {f"{stage} {what}": [source[n][key] for n in names]
+              for what, key in (("exact match", "exact_match"), ("gold reward", "gold_reward"))
+              for stage, source in (("SFT", ev["sft_families"]), ("PPO", ev["families"]))}
+    plot_bars(names, series, path, ["exact match on held-out test prompts", "gold reward on held-out test prompts"],
+              panels=2)
 
 
 def _plot_overoptimization(records: list[dict], path: Path, bins: int = 6) -> None:

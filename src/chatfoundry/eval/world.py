@@ -66,25 +66,11 @@ def _summary(scores: list[world.Score]) -> dict:
 
 def plot_report(report: dict, out: str | Path, title: str) -> None:
     """Bars of exact match and gold reward per family."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from chatfoundry.metrics import plot_bars
 
     names = list(report["families"])
-    em = [report["families"][n]["exact_match"] for n in names]
-    gold = [report["families"][n]["gold_reward"] for n in names]
-    x = range(len(names))
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar([i - 0.2 for i in x], em, 0.4, label="exact match")
-    ax.bar([i + 0.2 for i in x], gold, 0.4, label="gold reward")
-    ax.set_xticks(list(x), names)
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    plot_bars(names, {"exact match": [report["families"][n]["exact_match"] for n in names],
+                      "gold reward": [report["families"][n]["gold_reward"] for n in names]}, out, title)
 
 
 def write_report(report: dict, out: Path, title: str) -> None:

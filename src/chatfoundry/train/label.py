@@ -40,7 +40,7 @@ from chatfoundry.data import world
 from chatfoundry.data.formats import write_jsonl
 from chatfoundry.errors import UserError
 from chatfoundry.generation import GenerationConfig, generate_batch
-from chatfoundry.metrics import MetricsLog, read_metrics
+from chatfoundry.metrics import MetricsLog, plot_bars, read_metrics
 from chatfoundry.tokenizer import chat_stop_ids, encode_chat
 from chatfoundry.train.loop import setup_runtime
 from chatfoundry.train.pretrain import check_output, prepare_output
@@ -258,21 +258,8 @@ def _pair_count(ranks: list[int]) -> int:
 
 def _plot(out: Path, rows: list[dict]) -> None:
     """Per family: the share of prompts kept and the SFT samples' mean gold reward."""
-    import matplotlib.pyplot as plt
-
-    if not rows:
-        return
-    names = [r["family"] for r in rows]
-    kept = [r["kept"] / max(r["prompts"], 1) for r in rows]
-    gold = [r["sft_gold_reward"] for r in rows]
-    x = range(len(names))
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar([i - 0.2 for i in x], kept, 0.4, label="prompts kept (responses differ)")
-    ax.bar([i + 0.2 for i in x], gold, 0.4, label="SFT samples' gold reward")
-    ax.set_xticks(list(x), names)
-    ax.set_ylim(0, 1)
-    ax.set_title("Comparison data (train split)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "label.png", dpi=100)
-    plt.close(fig)
+    if rows:
+        plot_bars([r["family"] for r in rows],
+                  {"prompts kept (responses differ)": [r["kept"] / max(r["prompts"], 1) for r in rows],
+                   "SFT samples' gold reward": [r["sft_gold_reward"] for r in rows]},
+                  out / "label.png", "Comparison data (train split)")
