@@ -266,6 +266,40 @@ def _chat(args) -> dict:
     return {}
 
 
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a chat checkpoint over an OpenAI-compatible HTTP API",
+                       description="GET /health, GET /v1/models, POST /v1/chat/completions and /v1/completions "
+                                   "(streamed with stream: true); the openai client works against it. Listens on "
+                                   "127.0.0.1 unless --host says otherwise.")
+    p.add_argument("--ckpt", required=True, help="checkpoint folder (or the run folder holding it)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes")
+    p.add_argument("--model-name", default=None, help="the model's id in the API (default: the folder's name)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args) -> dict:
+    from pathlib import Path
+
+    from chatfoundry.checkpoint import load_model
+
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port: must be in 0..65535, got {args.port}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise UserError("--api-key: must not be empty")
+    model, tokenizer = load_model(args.ckpt, args.device)
+    import uvicorn
+
+    from chatfoundry.serve.api import create_app
+
+    name = args.model_name or Path(args.ckpt).resolve().name
+    app = create_app(model, tokenizer, name, api_key=args.api_key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return {}
+
+
 def _world_parser(sub) -> None:
     p = sub.add_parser("world", help="the built-in task world: export its corpus and datasets")
     wsub = p.add_subparsers(dest="action", required=True, parser_class=ArgumentParser)
@@ -580,8 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
                             description="The ChatGPT recipe, small enough to read and run on a laptop.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     for add in (_pipeline_parser, _pretrain_parser, _sft_parser, _label_parser, _rm_parser, _ppo_parser, _score_parser,
-                _eval_parser, _chat_parser, _world_parser, _sample_parser, _generate_parser, _compare_parser,
-                _convert_parser, _tokenizer_parser, _presets_parser):
+                _eval_parser, _chat_parser, _serve_parser, _world_parser, _sample_parser, _generate_parser,
+                _compare_parser, _convert_parser, _tokenizer_parser, _presets_parser):
         add(sub)
     from chatfoundry.rl.cli import add_rl_parser
 

@@ -1,0 +1,406 @@
+"""The OpenAI-compatible HTTP API behind `chatfoundry serve`: one checkpoint, FastAPI routes.
+
+Routes: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/completions`,
+plain JSON or (`stream: true`) server-sent events in OpenAI's chunk format ending in
+`data: [DONE]`. The official `openai` client works against it unchanged.
+
+Requests that arrive together decode as rows of one batch (`batcher.Batcher`); a streamed answer
+the server closes (as it does when its client goes away) leaves the batch at the next token.
+Bad input never reaches the model: it gets a 400 (401 without the bearer key, 413 for too large
+a body) with OpenAI's error object `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from chatfoundry.generation import GenerationConfig
+from chatfoundry.errors import UserError
+from chatfoundry.serve.batcher import Batcher
+from chatfoundry.textgen import prompt_ids
+from chatfoundry.tokenizer import chat_stop_ids, encode_chat, special_id
+
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any prompt that fits a context
+MAX_N = 8  # choices per request
+MAX_STOPS = 4  # stop strings per request, as OpenAI
+
+
+# ---------------------------------------------------------------- request bodies
+
+
+class _Body(BaseModel):
+    # fields we do not know (user, presence_penalty, stream_options...) are accepted and ignored,
+    # as clients send them routinely; the ones we use are checked strictly
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stop: str | list[str] | None = Field(default=None)
+    seed: int | None = Field(default=None, ge=0, lt=2**62)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = ""  # None: an assistant message that only called tools
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # OpenAI's content parts; text is all a language model reads
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatRequest(_Body):
+    messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name of max_tokens
+
+
+class CompletionRequest(_Body):
+    prompt: str | list[str] = ""
+    logprobs: int | None = Field(default=None, ge=0, le=5)  # legacy: an int; we return the chosen token's
+
+
+# ---------------------------------------------------------------- generation
+
+
+@dataclass
+class Job:
+    """One choice to decode: prompt ids, config, stop strings; `cancel` stops it at the next token."""
+
+    ids: list[int]
+    cfg: GenerationConfig
+    stops: list[str]
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+# ---------------------------------------------------------------- errors
+
+
+class APIError(HTTPException):
+    """An HTTP error with OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(status, message)
+        self.type, self.param, self.code = type_, param, code
+
+
+def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """pydantic's errors as one line, and the first offending field as OpenAI's `param`."""
+    parts, param = [], None
+    for e in errors[:3]:
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        where = ".".join(loc)
+        param = param or where or None
+        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+    return "; ".join(parts) or "invalid request", param
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413, by its Content-Length header or,
+    when it is sent in chunks, as soon as the bytes read pass the limit."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await _too_large(self.limit)(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:  # FastAPI re-raises an HTTPException met while reading the body
+                raise APIError(413, f"request body over {self.limit} bytes", code="request_too_large")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return _error(413, f"request body over {limit} bytes", code="request_too_large")
+
+
+# ---------------------------------------------------------------- the app
+
+
+def create_app(model, tokenizer, model_name: str, api_key: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES, max_batch: int = 16) -> FastAPI:
+    """The API serving `model` (a DecoderLM in eval mode) with `tokenizer` under `model_name`;
+    with `api_key`, every /v1 route wants `Authorization: Bearer API_KEY`. Up to `max_batch`
+    requests (choices) decode together."""
+    batcher = Batcher(model, tokenizer, max_batch=max_batch)
+    app = FastAPI(title="chatfoundry", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.batcher = batcher
+    app.add_middleware(_BodyLimit, limit=max_body_bytes)
+    context = model.config.block_size
+    created = int(time.time())
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc.errors())
+        return _error(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException and the router's 404/405
+    async def _http(request: Request, exc: StarletteHTTPException):
+        if isinstance(exc, APIError):
+            return _error(exc.status_code, str(exc.detail), exc.type, exc.param, exc.code)
+        return _error(exc.status_code, str(exc.detail), code=str(exc.status_code))  # 404, 405...
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):  # a bug of ours: still OpenAI's shape
+        return _error(500, f"internal error: {type(exc).__name__}", "server_error")
+
+    def authorized(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send Authorization: Bearer KEY", code="invalid_api_key")
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "model": model_name}
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    def models() -> dict:
+        return {"object": "list", "data": [_model_card(model_name, created)]}
+
+    @app.get("/v1/models/{name}", dependencies=[Depends(authorized)])
+    def one_model(name: str) -> dict:
+        if name != model_name:
+            raise APIError(404, f"model {name!r} not found: this server has {model_name!r}", param="model",
+                           code="model_not_found")
+        return _model_card(model_name, created)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    def chat_completions(req: ChatRequest):
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        ids = encode_chat(tokenizer, messages)
+        limit = req.max_completion_tokens or req.max_tokens
+        jobs = _jobs(req, [ids], limit, context, chat_stop_ids(tokenizer), "messages")
+        if req.stream:
+            return _sse(_chat_chunks(batcher, jobs, model_name, _include_usage(req)))
+        return _chat_response(batcher, jobs, model_name, req.logprobs)
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    def completions(req: CompletionRequest):
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not prompts:
+            raise APIError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
+        try:
+            all_ids = [prompt_ids(tokenizer, p, context) for p in prompts]
+        except UserError as e:
+            raise APIError(400, f"{e}", param="prompt", code="context_length_exceeded") from None
+        eos = [i for i in (special_id(tokenizer, "eos"),) if i is not None]
+        room = context - max(len(ids) for ids in all_ids)  # >= 1: prompt_ids checked
+        max_tokens = req.max_tokens if req.max_tokens is not None else min(16, room)  # OpenAI's default: 16
+        jobs = _jobs(req, all_ids, max_tokens, context, eos, "prompt")
+        if req.stream:
+            return _sse(_completion_chunks(batcher, jobs, model_name, _include_usage(req)))
+        return _completion_response(batcher, jobs, model_name, req.logprobs is not None)
+
+    return app
+
+
+def _model_card(name: str, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "chatfoundry"}
+
+
+def _include_usage(req: _Body) -> bool:
+    return bool((req.stream_options or {}).get("include_usage"))
+
+
+def _jobs(req: _Body, prompts: list[list[int]], max_tokens: int | None, context: int, eos: list[int],
+          prompt_field: str) -> list[Job]:
+    """n jobs per prompt, prompt after prompt. Prompt plus max_tokens must fit the context (the
+    generator could slide its window past it, but the answer would forget its own prompt)."""
+    longest = max(len(p) for p in prompts)
+    room = context - longest
+    if room < 1:
+        raise APIError(400, f"{prompt_field}: {longest} tokens leave no room in the model's context of {context}",
+                       param=prompt_field, code="context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = room
+    elif max_tokens > room:
+        raise APIError(400, f"max_tokens: {max_tokens} new tokens after a prompt of {longest} exceed the model's "
+                            f"context of {context} (at most {room})", param="max_tokens",
+                       code="context_length_exceeded")
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > MAX_STOPS:
+        raise APIError(400, f"stop: at most {MAX_STOPS} stop strings, got {len(stops)}", param="stop")
+    greedy = req.temperature == 0
+    jobs = []
+    for ids in prompts:
+        for i in range(req.n):
+            # each choice draws from its own seed, so a seeded request replays exactly
+            cfg = GenerationConfig(max_new_tokens=max_tokens, do_sample=not greedy,
+                                   temperature=1.0 if greedy else req.temperature, top_p=req.top_p,
+                                   eos_token_id=eos, seed=None if req.seed is None else req.seed + i)
+            jobs.append(Job(ids, cfg, stops))
+    return jobs
+
+
+def _sse(chunks: Iterator[dict]) -> StreamingResponse:
+    def lines() -> Iterator[str]:
+        try:
+            for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            chunks.close()  # a client gone mid-stream: cancel the decoding at once
+
+    return StreamingResponse(lines(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _cancel(jobs: list[Job]) -> None:
+    """A stream closed early (its client gone): every choice still decoding leaves its batch at the
+    next token; a finished one is unaffected."""
+    for job in jobs:
+        job.cancel.set()
+
+
+def _prompt_tokens(jobs: list[Job]) -> int:
+    """Each distinct prompt counts once (n choices of one prompt share its ids), as OpenAI counts."""
+    return sum(len(ids) for ids in {id(job.ids): job.ids for job in jobs}.values())
+
+
+def _token_text(tokenizer, token: int) -> str:
+    return tokenizer.decode([token], skip_special_tokens=False) if token >= 0 else ""
+
+
+def _collect(events: Iterator[dict]) -> tuple[str, list[tuple[int, float]], str, int]:
+    """(text, [(token, logprob)], finish_reason, completion tokens) of one whole choice."""
+    pieces, tokens = [], []
+    for event in events:
+        if "finish_reason" in event:
+            return "".join(pieces), tokens, event["finish_reason"], event["completion_tokens"]
+        pieces.append(event["text"])
+        if event["token"] >= 0:
+            tokens.append((event["token"], event["logprob"]))
+    raise RuntimeError("a job ended without a finish reason")
+
+
+def _chat_response(batcher: Batcher, jobs: list[Job], model_name: str, logprobs: bool) -> dict:
+    choices, completion = [], 0
+    streams = [batcher.submit(job) for job in jobs]  # all at once: the n choices share a batch
+    for index, events in enumerate(streams):
+        text, tokens, finish, count = _collect(events)
+        completion += count
+        choice = {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                  "logprobs": None}
+        if logprobs:
+            choice["logprobs"] = {"content": [_chat_logprob(batcher.tokenizer, t, lp) for t, lp in tokens]}
+        choices.append(choice)
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": model_name, "choices": choices, "usage": _usage(_prompt_tokens(jobs), completion)}
+
+
+def _chat_logprob(tokenizer, token: int, logprob: float) -> dict:
+    text = _token_text(tokenizer, token)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": []}
+
+
+def _chat_chunks(batcher: Batcher, jobs: list[Job], model_name: str, include_usage: bool) -> Iterator[dict]:
+    """OpenAI's chunks: per choice a first delta with the role, deltas of content, a last one with
+    the finish reason; with stream_options.include_usage, a final chunk with usage and no choices."""
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": model_name}
+    completion = 0
+    streams = [batcher.submit(job) for job in jobs]  # all at once: the n choices share a batch
+    try:
+        for index, events in enumerate(streams):
+            yield {**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                        "finish_reason": None}]}
+            for event in events:
+                if "finish_reason" in event:
+                    completion += event["completion_tokens"]
+                    yield {**base, "choices": [{"index": index, "delta": {}, "finish_reason": event["finish_reason"]}]}
+                elif event["text"]:
+                    yield {**base, "choices": [{"index": index, "delta": {"content": event["text"]},
+                                                "finish_reason": None}]}
+    finally:
+        _cancel(jobs)
+    if include_usage:
+        yield {**base, "choices": [], "usage": _usage(_prompt_tokens(jobs), completion)}
+
+
+def _completion_response(batcher: Batcher, jobs: list[Job], model_name: str, logprobs: bool) -> dict:
+    choices, completion = [], 0
+    streams = [batcher.submit(job) for job in jobs]  # all at once: the n choices share a batch
+    for index, events in enumerate(streams):
+        text, tokens, finish, count = _collect(events)
+        completion += count
+        choice = {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+        if logprobs:
+            choice["logprobs"] = {"tokens": [_token_text(batcher.tokenizer, t) for t, _ in tokens],
+                                  "token_logprobs": [lp for _, lp in tokens], "top_logprobs": None,
+                                  "text_offset": None}
+        choices.append(choice)
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": model_name, "choices": choices, "usage": _usage(_prompt_tokens(jobs), completion)}
+
+
+def _completion_chunks(batcher: Batcher, jobs: list[Job], model_name: str, include_usage: bool) -> Iterator[dict]:
+    base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": model_name}
+    completion = 0
+    streams = [batcher.submit(job) for job in jobs]
+    try:
+        for index, events in enumerate(streams):
+            for event in events:
+                if "finish_reason" in event:
+                    completion += event["completion_tokens"]
+                    yield {**base, "choices": [{"index": index, "text": "", "finish_reason": event["finish_reason"],
+                                                "logprobs": None}]}
+                elif event["text"]:
+                    yield {**base, "choices": [{"index": index, "text": event["text"], "finish_reason": None,
+                                                "logprobs": None}]}
+    finally:
+        _cancel(jobs)
+    if include_usage:
+        yield {**base, "choices": [], "usage": _usage(_prompt_tokens(jobs), completion)}
