@@ -68,6 +68,23 @@ def randomize(model, seed: int = 0, std: float = 0.15):
     return model
 
 
+def tiny_chat_tokenizer():
+    """A char tokenizer with the chat tokens, over the few letters the chat tests type."""
+    from chatfoundry.tokenizer import train_tokenizer
+
+    return train_tokenizer(["hello there, how are you? Be brief. fine thanks"], "char")
+
+
+def tiny_chat_model(tok):
+    """A random Llama-flavour decoder with a 64-token context for that tokenizer."""
+    import torch
+
+    from chatfoundry.models.decoder import DecoderLM
+
+    torch.manual_seed(0)
+    return randomize(DecoderLM(tiny_config("llama", vocab_size=tok.get_vocab_size(), block_size=64))).eval()
+
+
 def hf_model_for(cfg, **kwargs):
     """The untrained transformers model of our config's architecture (GPT-2 or Llama)."""
     import torch

@@ -8,23 +8,21 @@ import pytest
 import torch
 
 from chatfoundry.errors import UserError
-from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.serve import chat
 from chatfoundry.serve.chat import ChatParams, ChatSession, chat_prompt_ids, run_repl, set_param
 from chatfoundry.tokenizer import chat_stop_ids as stop_ids
-from chatfoundry.tokenizer import render_chat, special_id, train_tokenizer
-from conftest import randomize, tiny_config
+from chatfoundry.tokenizer import render_chat, special_id
+from conftest import tiny_chat_model, tiny_chat_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return train_tokenizer(["hello there, how are you? Be brief. fine thanks"], "char")
+    return tiny_chat_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model(tok, one_torch_thread):
-    torch.manual_seed(0)
-    return randomize(DecoderLM(tiny_config("llama", vocab_size=tok.get_vocab_size(), block_size=64))).eval()
+    return tiny_chat_model(tok)
 
 
 def session(model, tok, **params):

@@ -11,7 +11,6 @@ import time
 
 import openai
 import pytest
-import torch
 import uvicorn
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
@@ -19,12 +18,11 @@ from hypothesis import strategies as st
 
 from chatfoundry.checkpoint import save_checkpoint
 from chatfoundry.generation import GenerationConfig, generate
-from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.serve.api import Job, create_app
 from chatfoundry.serve.batcher import Batcher
 from chatfoundry.textgen import prompt_ids
-from chatfoundry.tokenizer import chat_stop_ids, encode_chat, special_id, train_tokenizer
-from conftest import cli_subprocess_cmd, randomize, run_cli, tiny_config
+from chatfoundry.tokenizer import chat_stop_ids, encode_chat, special_id
+from conftest import cli_subprocess_cmd, run_cli, tiny_chat_model, tiny_chat_tokenizer
 
 KEY = "sekret"
 NAME = "tiny-chat"
@@ -33,13 +31,12 @@ HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content":
 
 @pytest.fixture(scope="module")
 def tok():
-    return train_tokenizer(["hello there, how are you? Be brief. fine thanks"], "char")
+    return tiny_chat_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model(tok, one_torch_thread):
-    torch.manual_seed(0)
-    return randomize(DecoderLM(tiny_config("llama", vocab_size=tok.get_vocab_size(), block_size=64))).eval()
+    return tiny_chat_model(tok)
 
 
 @pytest.fixture(scope="module")

@@ -325,12 +325,21 @@ def _collect(events: Iterator[dict]) -> tuple[str, list[tuple[int, float]], str,
     raise RuntimeError("a job ended without a finish reason")
 
 
-def _chat_response(batcher: Batcher, jobs: list[Job], model_name: str, logprobs: bool) -> dict:
-    choices, completion = [], 0
+def _decode_all(batcher: Batcher, jobs: list[Job]) -> tuple[list[tuple[str, list[tuple[int, float]], str]], int]:
+    """Every choice whole: [(text, [(token, logprob)], finish_reason)] and the completion tokens."""
     streams = [batcher.submit(job) for job in jobs]  # all at once: the n choices share a batch
-    for index, events in enumerate(streams):
+    results, completion = [], 0
+    for events in streams:
         text, tokens, finish, count = _collect(events)
+        results.append((text, tokens, finish))
         completion += count
+    return results, completion
+
+
+def _chat_response(batcher: Batcher, jobs: list[Job], model_name: str, logprobs: bool) -> dict:
+    results, completion = _decode_all(batcher, jobs)
+    choices = []
+    for index, (text, tokens, finish) in enumerate(results):
         choice = {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                   "logprobs": None}
         if logprobs:
@@ -370,11 +379,9 @@ def _chat_chunks(batcher: Batcher, jobs: list[Job], model_name: str, include_usa
 
 
 def _completion_response(batcher: Batcher, jobs: list[Job], model_name: str, logprobs: bool) -> dict:
-    choices, completion = [], 0
-    streams = [batcher.submit(job) for job in jobs]  # all at once: the n choices share a batch
-    for index, events in enumerate(streams):
-        text, tokens, finish, count = _collect(events)
-        completion += count
+    results, completion = _decode_all(batcher, jobs)
+    choices = []
+    for index, (text, tokens, finish) in enumerate(results):
         choice = {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
         if logprobs:
             choice["logprobs"] = {"tokens": [_token_text(batcher.tokenizer, t) for t, _ in tokens],
