@@ -22,6 +22,14 @@ def model_for(flavour: str, **overrides) -> DecoderLM:
     return randomize(DecoderLM(cfg), std=0.3).eval()
 
 
+def transformers_twin(model: DecoderLM):
+    """The transformers model with our model's weights."""
+    theirs = hf_model_for(model.config)
+    theirs.load_state_dict(hf.state_dict_to_hf(model.state_dict(), model.config), strict=False)
+    theirs.tie_weights()
+    return theirs
+
+
 @pytest.mark.parametrize("flavour, pos", [("gpt2", "learned"), ("gpt2", "sinusoidal"), ("llama", "rope")])
 def test_padded_rows_equal_their_own_unpadded_forward(flavour, pos):
     model = model_for(flavour, pos=pos)
@@ -63,11 +71,8 @@ def test_batched_sampling_is_reproducible_and_stops_rows_at_eos():
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])
 def test_batched_greedy_equals_transformers_with_attention_mask(flavour):
     model = model_for(flavour)
-    theirs = hf_model_for(model.config)
-    theirs.load_state_dict(hf.state_dict_to_hf(model.state_dict(), model.config), strict=False)
-    theirs.tie_weights()
-    width = max(map(len, PROMPTS))
-    pad = 60
+    theirs = transformers_twin(model)
+    width, pad = max(map(len, PROMPTS)), 60
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in PROMPTS])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
     out = theirs.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
@@ -93,9 +98,7 @@ def test_batched_beam_search_equals_one_prompt_at_a_time(flavour, early_stopping
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])
 def test_batched_beam_search_equals_transformers_with_attention_mask(flavour):
     model = model_for(flavour)
-    theirs = hf_model_for(model.config)
-    theirs.load_state_dict(hf.state_dict_to_hf(model.state_dict(), model.config), strict=False)
-    theirs.tie_weights()
+    theirs = transformers_twin(model)
     width, pad = max(map(len, PROMPTS)), 60
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in PROMPTS])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
