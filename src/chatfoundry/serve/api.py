@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API behind `chatfoundry serve`: one checkpoint, FastAPI routes.
 
-Routes: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/completions`,
+Routes: `GET /` (the web chat page, `static/index.html`), `GET /health`, `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/completions`,
 plain JSON or (`stream: true`) server-sent events in OpenAI's chunk format ending in
 `data: [DONE]`. The official `openai` client works against it unchanged.
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from importlib import resources
 import threading
 import time
 import uuid
@@ -23,7 +24,7 @@ from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -196,6 +197,10 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None,
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
             raise APIError(401, "missing or wrong API key: send Authorization: Bearer KEY", code="invalid_api_key")
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:  # the web chat page: one static file that talks to /v1/chat/completions
+        return resources.files("chatfoundry.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
     @app.get("/health")
     def health() -> dict:
