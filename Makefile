@@ -22,7 +22,13 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 setup: $(VENV)/.installed
+# Debian's Chromium for the web page's browser test (tests/test_web.py), when apt is there; the test
+# skips with its reason where no browser could be installed. Playwright never downloads one.
 setup-test: $(VENV)/.installed-test
+	@test -x /usr/bin/chromium || (command -v apt-get >/dev/null && export DEBIAN_FRONTEND=noninteractive && \
+	  (apt-get install -y -q chromium >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1))) || \
+	  echo "chromium not installed: the browser test will skip"
 
 # The whole recipe (pretrain, SFT, label, RM, PPO, report); a second run skips finished stages.
 demo: setup
