@@ -243,6 +243,8 @@ def _chat_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=defaults.top_k, help="0: off")
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--tools", default="", help="tools on offer, comma-separated (built in: calculator); the model's "
+                                                "calls run and their results go back to it")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_chat)
 
@@ -250,6 +252,8 @@ def _chat_parser(sub) -> None:
 def _chat(args) -> dict:
     from chatfoundry.checkpoint import load_model
     from chatfoundry.serve.chat import ChatParams, ChatSession, run_repl, set_param
+    from chatfoundry.serve.tools import TOOLS
+    from chatfoundry.tokenizer import SPECIAL_TOKENS, special_id
 
     params = ChatParams()
     for name in ("temperature", "top_p", "top_k", "max_new_tokens", "seed"):
@@ -259,8 +263,15 @@ def _chat(args) -> dict:
                 set_param(params, f"{name}={value}")
             except ValueError as e:
                 raise UserError(f"--{name.replace('_', '-')}: {e}") from None
+    names = [n.strip() for n in args.tools.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TOOLS]
+    if unknown:
+        raise UserError(f"--tools: unknown tool {unknown[0]!r}: built in are {', '.join(TOOLS)}")
     model, tokenizer = load_model(args.ckpt, args.device)
-    status = run_repl(ChatSession(model, tokenizer, system=args.system, params=params))
+    if names and special_id(tokenizer, "tool") is None:
+        raise UserError(f"--tools: {args.ckpt}: the tokenizer has no {SPECIAL_TOKENS['tool']} token to call tools with")
+    status = run_repl(ChatSession(model, tokenizer, system=args.system, params=params,
+                                  tools={n: TOOLS[n] for n in names}))
     if status:
         raise SystemExit(status)
     return {}

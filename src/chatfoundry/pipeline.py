@@ -108,7 +108,8 @@ def run(cfg: PipelineConfig, overwrite: bool = False, log=print) -> dict:
 def stage_summaries(s: dict) -> dict:
     """The headline numbers per stage (the `--json` summary's "stages")."""
     out = {"pretrain": {k: s["pretrain"].get(k) for k in ("val_loss", "params")},
-           "sft": {"gold_reward": s["ppo"].get("sft_gold_reward"), "val_loss": s["sft"].get("val_loss")},
+           "sft": {"gold_reward": s["ppo"].get("sft_gold_reward"), "val_loss": s["sft"].get("val_loss"),
+                   "tool_use": s["sft"].get("tool_use")},
            "label": {"comparisons": s["label"]["splits"]["train"]["comparisons"],
                      "sft_gold_reward_sampled": s["label"]["splits"]["train"]["sft_gold_reward"]},
            "rm": {k: s["rm"].get(k) for k in ("pairwise_accuracy", "spearman_gold", "label_accuracy")},
@@ -122,6 +123,12 @@ def stage_summaries(s: dict) -> dict:
 # ---------------------------------------------------------------- the report
 
 
+def _tool_use(sft: dict) -> str:
+    t = sft.get("tool_use")
+    return (f"; calculator questions: {t['with_tool']:.2f} exact match with the tool, {t['without_tool']:.2f} "
+            f"without" if t else "")
+
+
 def write_report(out: Path, s: dict) -> None:
     """report.md, report_scores.png (per family and stage) and report_overoptimization.png."""
     ev = json.loads((out / "ppo" / "eval.json").read_text()) if (out / "ppo" / "eval.json").is_file() else None
@@ -129,7 +136,7 @@ def write_report(out: Path, s: dict) -> None:
              "| stage | wall (s) | result |", "| --- | --- | --- |",
              f"| pretrain | {_wall(s['pretrain'])} | validation loss {s['pretrain'].get('val_loss', 0):.3f}, "
              f"{s['pretrain'].get('params', 0):,} parameters |",
-             f"| sft | {_wall(s['sft'])} | validation loss {s['sft'].get('val_loss') or 0:.3f} |",
+             f"| sft | {_wall(s['sft'])} | validation loss {s['sft'].get('val_loss') or 0:.3f}{_tool_use(s['sft'])} |",
              f"| label | {_wall(s['label'])} | {s['label']['splits']['train']['comparisons']:,} comparisons |",
              f"| rm | {_wall(s['rm'])} | held-out pairwise accuracy {s['rm'].get('pairwise_accuracy')}, Spearman with "
              f"gold {s['rm'].get('spearman_gold')} |",

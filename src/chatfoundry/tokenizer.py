@@ -20,7 +20,8 @@ pipeline for each kind and keeps the conventions every later stage relies on:
 Kinds and what round-trips (``decode(encode(s), skip_special_tokens=False)``):
 
 ``bpe``        byte-level BPE (GPT-2 style: ByteLevel pre-tokenizer without prefix space,
-               ByteLevel decoder, all 256 bytes in the alphabet, no normalizer).
+               ByteLevel decoder, all 256 bytes in the alphabet, no normalizer), with
+               digits split one by one first, as Llama does.
                Exact for ANY Unicode string, special-token literals included.
 ``wordpiece``  WordPiece, split on whitespace only, no normalizer (case is kept).
                Gives ``" ".join(s.split())`` (whitespace normalised) when every word
@@ -75,6 +76,7 @@ SPECIAL_TOKENS: dict[str, str] = {
 }
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+TOKENIZER_FORMAT = 2  # bumped when training changes (2: BPE splits digits): keys the trained-tokenizer cache
 
 # Whitespace-controlled ({%- -%}) so the template emits only the message text, whatever
 # jinja options (trim_blocks, lstrip_blocks) the renderer uses. `raise_exception` is the
@@ -178,7 +180,10 @@ def _assemble(kind: str, model) -> Tokenizer:
     """
     tok = Tokenizer(model)
     if kind == "bpe":
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        # Digits one by one (as Llama and PaLM split them): a number is spelled the same
+        # wherever it stands (" 836", "836", "8360"), which arithmetic and copying numbers need.
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
         tok.decoder = decoders.ByteLevel()
     elif kind == "wordpiece":
         # Whitespace only (not BERT's punctuation split) so decoding gives back the text

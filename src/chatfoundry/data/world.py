@@ -221,10 +221,14 @@ def tasks(split: str, family: str, n: int, seed: int = 0) -> list[Task]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     rng = random.Random(f"{seed}:{split}:{family}")
+    return _distinct(SAMPLERS[family], rng, split, n)
+
+
+def _distinct(sampler, rng: random.Random, split: str, n: int) -> list[Task]:
     out: dict[str, Task] = {}
     misses = 0
     while len(out) < n and misses < 200 + 20 * n:  # small splits run out of new questions
-        task = SAMPLERS[family](rng)
+        task = sampler(rng)
         if split_of(task.group) == split and task.key not in out:
             out[task.key] = task
         else:
@@ -263,6 +267,67 @@ def conversations(split: str, n: int, seed: int = 0, system_prob: float = 0.3,
             used[family] += 1
             messages += [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": task.reference}]
         out.append(messages)
+    return out
+
+
+# ---------------------------------------------------------------- tool use (the calculator)
+
+# Numbers past what a small model computes in its head: the calculator's job (serve/tools.py).
+_BIG = {"+": (10, 999), "-": (10, 999), "*": (2, 99)}
+
+
+def calculator_task(rng: random.Random) -> Task:
+    """Arithmetic on numbers up to 999 ("What is 347 plus 29?"), asked as the small questions are."""
+    op = rng.choice("+-*")
+    lo, hi = _BIG[op]
+    a, b = rng.randint(10, 999), rng.randint(lo, hi)
+    if op == "-" and a < b:
+        a, b = b, a
+    c = corpus.OPERATIONS[op][1](a, b)
+    word = _OP_WORDS[op][0]
+    prompt = rng.choice(_ARITH_PROMPTS).format(a=a, b=b, word=word, sym=op)
+    group = f"big:{min(a, b)}{op}{max(a, b)}" if op in "+*" else f"big:{a}{op}{b}"
+    kind = {"+": "add", "-": "subtract", "*": "multiply"}[op]
+    return Task("arithmetic", kind, group, f"{a}{op}{b}", prompt, str(c), f"{a} {word} {b} is {c}.")
+
+
+def calculator_tasks(split: str, n: int, seed: int = 0) -> list[Task]:
+    """Up to `n` distinct calculator questions of one split (held out by their numbers)."""
+    return _distinct(calculator_task, random.Random(f"{seed}:{split}:calculator"), split, n)
+
+
+def tool_call(task: Task) -> str:
+    """The calculator call that answers an arithmetic task, as the model learns to write it."""
+    from chatfoundry.serve.tools import call_text  # serve imports torch; the world itself does not need it
+
+    a, op, b = re.fullmatch(r"(-?\d+)([-+*])(-?\d+)", task.key).groups()
+    return call_text("calculator", {"expression": f"{a} {op} {b}"})
+
+
+def tool_conversations(split: str, n: int, seed: int = 0, system_prob: float = 0.3,
+                       arithmetic_share: float = 0.75) -> list[list[dict]]:
+    """`n` conversations with the calculator on offer: arithmetic questions (mostly big numbers)
+    call it and answer with its result; the other questions are answered directly, so the model
+    learns when a tool helps, not to call it always."""
+    from chatfoundry.serve.tools import declare
+
+    rng = random.Random(f"{seed}:{split}:tool_conversations")
+    big, small = calculator_tasks(split, n, seed), tasks(split, "arithmetic", n, seed)
+    others = {f: tasks(split, f, n, seed) for f in FAMILIES if f != "arithmetic"}
+    others = {f: pool for f, pool in others.items() if pool}
+    out = []
+    for i in range(n):
+        system = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < system_prob else []
+        if rng.random() < arithmetic_share and (big or small):
+            pool = big if rng.random() < 0.8 or not small else small
+            task = pool[i % len(pool)]
+            turn = [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": tool_call(task)},
+                    {"role": "tool", "content": task.answer}, {"role": "assistant", "content": task.reference}]
+        else:
+            family = rng.choice(sorted(others))
+            task = others[family][i % len(others[family])]
+            turn = [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": task.reference}]
+        out.append(declare(system, ["calculator"]) + turn)
     return out
 
 

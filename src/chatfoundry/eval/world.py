@@ -15,7 +15,7 @@ import torch
 
 from chatfoundry.data import world
 from chatfoundry.generation import GenerationConfig, generate_batch
-from chatfoundry.tokenizer import chat_stop_ids, encode_chat
+from chatfoundry.tokenizer import chat_stop_ids, encode_chat, special_id
 
 
 def chat_answers(model, tokenizer, conversations: Sequence[list[dict]], max_new_tokens: int = 48,
@@ -39,8 +39,9 @@ def chat_answers(model, tokenizer, conversations: Sequence[list[dict]], max_new_
 
 def evaluate_world(model, tokenizer, split: str = "test", per_family: int = 100,
                    families: Sequence[str] = world.FAMILIES, system: str | None = None, seed: int = 0,
-                   max_new_tokens: int = 48, batch_size: int = 64) -> dict:
-    """{"split", "families": {name: {n, exact_match, gold_reward, abstain_rate}}, "overall", "answers"}."""
+                   max_new_tokens: int = 48, batch_size: int = 64, tool_questions: int = 0) -> dict:
+    """{"split", "families": {name: {n, exact_match, gold_reward, abstain_rate}}, "overall", "answers"},
+    and with `tool_questions` "tool_use" (see `evaluate_tool_use`)."""
     tasks = [t for family in families for t in world.tasks(split, family, per_family, seed)]
     head = [{"role": "system", "content": system}] if system else []
     replies = chat_answers(model, tokenizer, [head + [{"role": "user", "content": t.prompt}] for t in tasks],
@@ -54,7 +55,31 @@ def evaluate_world(model, tokenizer, split: str = "test", per_family: int = 100,
     report["answers"] = [{"family": t.family, "kind": t.kind, "prompt": t.prompt, "reference": t.reference,
                           "response": r, "correct": s.correct, "gold_reward": s.reward}
                          for t, r, s in zip(tasks, replies, scores)]
+    if tool_questions and special_id(tokenizer, "tool") is not None:
+        report["tool_use"] = evaluate_tool_use(model, tokenizer, split, tool_questions, seed, max_new_tokens,
+                                               batch_size)
     return report
+
+
+def evaluate_tool_use(model, tokenizer, split: str = "test", n: int = 100, seed: int = 0, max_new_tokens: int = 48,
+                      batch_size: int = 64) -> dict:
+    """Held-out calculator questions (numbers up to 999) answered twice by the same model: with
+    the calculator on offer (its calls run, serve/tools.py) and without (no tool named in the
+    prompt: the answer comes from the weights alone).
+    {"n", "with_tool", "without_tool", "called" (share that called the tool), "answers"}."""
+    from chatfoundry.serve.tools import answer_with_tools, final_answer
+
+    tasks = world.calculator_tasks(split, n, seed)
+    asks = [[{"role": "user", "content": t.prompt}] for t in tasks]
+    alone = chat_answers(model, tokenizer, asks, max_new_tokens, batch_size)
+    turns = answer_with_tools(model, tokenizer, asks, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    helped = [final_answer(t) for t in turns]
+    mean = (lambda xs: round(sum(xs) / len(xs), 4)) if tasks else (lambda xs: 0.0)
+    return {"n": len(tasks), "with_tool": mean([world.is_correct(t, r) for t, r in zip(tasks, helped)]),
+            "without_tool": mean([world.is_correct(t, r) for t, r in zip(tasks, alone)]),
+            "called": mean([any(m["role"] == "tool" for m in turn) for turn in turns]),
+            "answers": [{"prompt": t.prompt, "answer": t.answer, "without_tool": a, "with_tool": turn}
+                        for t, a, turn in zip(tasks, alone, turns)]}
 
 
 def _summary(scores: list[world.Score]) -> dict:
@@ -83,4 +108,8 @@ def format_report(report: dict) -> str:
     lines = [f"{'family':<14}{'n':>5}{'exact match':>13}{'gold reward':>13}{'abstains':>10}"]
     for name, s in [*report["families"].items(), ("overall", report["overall"])]:
         lines.append(f"{name:<14}{s['n']:>5}{s['exact_match']:>13.3f}{s['gold_reward']:>13.3f}{s['abstain_rate']:>10.3f}")
+    if "tool_use" in report:
+        t = report["tool_use"]
+        lines.append(f"calculator questions (n={t['n']}): exact match {t['with_tool']:.3f} with the tool "
+                     f"(called on {t['called']:.0%}), {t['without_tool']:.3f} without")
     return "\n".join(lines)

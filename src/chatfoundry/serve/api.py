@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from chatfoundry.generation import GenerationConfig
 from chatfoundry.errors import UserError
 from chatfoundry.serve.batcher import Batcher
+from chatfoundry.serve.tools import ToolError, call_text, declare, parse_call, split_calls
 from chatfoundry.textgen import prompt_ids
 from chatfoundry.tokenizer import chat_stop_ids, encode_chat, special_id
 
@@ -65,22 +66,64 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = ""  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = ""  # None: an assistant message that only called tools
+    tool_calls: list[ToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: which call this answers
 
     def text(self) -> str:
+        """The message as the chat format holds it: tool calls are <|tool|>name {args} segments."""
         if isinstance(self.content, list):  # OpenAI's content parts; text is all a language model reads
-            return "".join(part.text for part in self.content)
-        return self.content or ""
+            text = "".join(part.text for part in self.content)
+        else:
+            text = self.content or ""
+        return text + "".join(call_text(c.function.name, c.function.arguments) for c in self.tool_calls or ())
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ToolSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionCall  # only its name is read
 
 
 class ChatRequest(_Body):
     messages: list[Message] = Field(min_length=1)
     logprobs: bool = False
     max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name of max_tokens
+    tools: list[ToolSpec] | None = Field(default=None, max_length=32)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
 
 class CompletionRequest(_Body):
@@ -220,12 +263,13 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None,
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     def chat_completions(req: ChatRequest):
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        ids = encode_chat(tokenizer, messages)
+        forced = _offer_tools(req, messages, tokenizer)
+        ids = encode_chat(tokenizer, messages) + (forced or [])
         limit = req.max_completion_tokens or req.max_tokens
         jobs = _jobs(req, [ids], limit, context, chat_stop_ids(tokenizer), "messages")
         if req.stream:
-            return _sse(_chat_chunks(batcher, jobs, model_name, _include_usage(req)))
-        return _chat_response(batcher, jobs, model_name, req.logprobs)
+            return _sse(_chat_chunks(batcher, jobs, model_name, _include_usage(req), forced))
+        return _chat_response(batcher, jobs, model_name, req.logprobs, forced)
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     def completions(req: CompletionRequest):
@@ -245,6 +289,45 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None,
         return _completion_response(batcher, jobs, model_name, req.logprobs is not None)
 
     return app
+
+
+def _offer_tools(req: ChatRequest, messages: list[dict], tokenizer) -> list[int] | None:
+    """Name the request's tools in the system message (serve/tools.py's format), in place. Returns
+    None when no tools are on offer (calls are not parsed), else the ids forced at the start of
+    the reply: [] for tool_choice auto, <|tool|> for required, `<|tool|>name {` for a named tool."""
+    if not req.tools or req.tool_choice == "none":
+        return None
+    names = [t.function.name for t in req.tools]
+    tool = special_id(tokenizer, "tool")
+    if tool is None:
+        raise APIError(400, "tools: this model's tokenizer has no tool-call token", param="tools")
+    choice = req.tool_choice
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise APIError(400, f"tool_choice: {choice.function.name!r} is not among the tools", param="tool_choice")
+    messages[:] = declare(messages, names)
+    if isinstance(choice, NamedToolChoice):  # the name and the opening of its JSON arguments
+        return [tool, *tokenizer.encode(f"{choice.function.name} {{").ids]
+    return [tool] if choice == "required" else []
+
+
+def _tool_calls(tokenizer, forced: list[int] | None, tokens: list[int], eos: list[int]) -> list[dict] | None:
+    """OpenAI's `tool_calls` of a reply that calls tools (None for an answer in words)."""
+    if forced is None:
+        return None
+    calls = split_calls(tokenizer, forced + [t for t in tokens if t not in eos])
+    if calls is None:
+        return None
+    out = []
+    for text in calls:
+        try:
+            name, arguments = parse_call(text)
+        except ToolError:  # a garbled call: pass it on as written, the client decides
+            name, _, raw = text.strip().partition(" ")
+            arguments = raw
+        out.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                    "function": {"name": name, "arguments": arguments if isinstance(arguments, str)
+                                 else json.dumps(arguments)}})
+    return out
 
 
 def _model_card(name: str, created: int) -> dict:
@@ -341,12 +424,16 @@ def _decode_all(batcher: Batcher, jobs: list[Job]) -> tuple[list[tuple[str, list
     return results, completion
 
 
-def _chat_response(batcher: Batcher, jobs: list[Job], model_name: str, logprobs: bool) -> dict:
+def _chat_response(batcher: Batcher, jobs: list[Job], model_name: str, logprobs: bool,
+                   forced: list[int] | None = None) -> dict:
     results, completion = _decode_all(batcher, jobs)
     choices = []
     for index, (text, tokens, finish) in enumerate(results):
-        choice = {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                  "logprobs": None}
+        message = {"role": "assistant", "content": text}
+        calls = _tool_calls(batcher.tokenizer, forced, [t for t, _ in tokens], jobs[index].cfg.eos_ids)
+        if calls:
+            message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+        choice = {"index": index, "message": message, "finish_reason": finish, "logprobs": None}
         if logprobs:
             choice["logprobs"] = {"content": [_chat_logprob(batcher.tokenizer, t, lp) for t, lp in tokens]}
         choices.append(choice)
@@ -359,21 +446,37 @@ def _chat_logprob(tokenizer, token: int, logprob: float) -> dict:
     return {"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": []}
 
 
-def _chat_chunks(batcher: Batcher, jobs: list[Job], model_name: str, include_usage: bool) -> Iterator[dict]:
+def _chat_chunks(batcher: Batcher, jobs: list[Job], model_name: str, include_usage: bool,
+                 forced: list[int] | None = None) -> Iterator[dict]:
     """OpenAI's chunks: per choice a first delta with the role, deltas of content, a last one with
-    the finish reason; with stream_options.include_usage, a final chunk with usage and no choices."""
+    the finish reason; with stream_options.include_usage, a final chunk with usage and no choices.
+    A reply that calls tools is held back to its end and sent as one `tool_calls` delta."""
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
             "model": model_name}
     completion = 0
+    tool = special_id(batcher.tokenizer, "tool")
     streams = [batcher.submit(job) for job in jobs]  # all at once: the n choices share a batch
     try:
         for index, events in enumerate(streams):
             yield {**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None}]}
+            tokens: list[int] = []  # of a reply that may be a tool call, until that is known
+            calling = forced is not None and (bool(forced) or None)  # None: decided by the first token
             for event in events:
                 if "finish_reason" in event:
                     completion += event["completion_tokens"]
-                    yield {**base, "choices": [{"index": index, "delta": {}, "finish_reason": event["finish_reason"]}]}
+                    finish = event["finish_reason"]
+                    calls = _tool_calls(batcher.tokenizer, forced, tokens, jobs[index].cfg.eos_ids) if calling else None
+                    if calls:
+                        finish = "tool_calls"
+                        yield {**base, "choices": [{"index": index, "finish_reason": None, "delta": {"tool_calls": [
+                            {"index": i, **call} for i, call in enumerate(calls)]}}]}
+                    yield {**base, "choices": [{"index": index, "delta": {}, "finish_reason": finish}]}
+                    continue
+                if calling is None:
+                    calling = event["token"] == tool
+                if calling:
+                    tokens.append(event["token"])
                 elif event["text"]:
                     yield {**base, "choices": [{"index": index, "delta": {"content": event["text"]},
                                                 "finish_reason": None}]}

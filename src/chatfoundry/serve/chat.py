@@ -16,6 +16,7 @@ only the answer is printed.
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import sys
 from dataclasses import dataclass, field, fields
@@ -27,8 +28,10 @@ from chatfoundry.errors import UserError
 from chatfoundry.generation import GenerationConfig
 from chatfoundry.models.decoder import num_params
 from chatfoundry.textgen import stream_text
-from chatfoundry.tokenizer import chat_stop_ids, encode_chat
+from chatfoundry.serve.tools import CALL, Tool, declare, run_call, split_calls
+from chatfoundry.tokenizer import chat_stop_ids, encode_chat, special_id
 
+MAX_TOOL_ROUNDS = 3  # tool calls in a row before the model must answer in words
 COMMANDS = ("/reset", "/system", "/params", "/help", "/exit", "/quit")
 
 HELP = """\
@@ -127,10 +130,11 @@ class ChatSession:
     system: str | None = None
     params: ChatParams = field(default_factory=ChatParams)
     history: list[dict] = field(default_factory=list)
+    tools: dict[str, Tool] = field(default_factory=dict)  # on offer to the model (serve/tools.py)
 
     def messages(self) -> list[dict]:
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + self.history
+        return declare(system + self.history, list(self.tools))
 
     def reset(self) -> None:
         self.history.clear()
@@ -140,28 +144,59 @@ class ChatSession:
 
         A prompt that cannot fit raises UserError and leaves the history as it was. Ctrl-C
         (KeyboardInterrupt) mid-answer keeps the part already produced as the reply, then re-raises.
+        With tools on offer, a reply that calls one is not shown as such: the call runs, `on_text`
+        gets a line like "[calculator: 347 * 29 = 10063]", the call and its result join the history,
+        and the model goes on, up to MAX_TOOL_ROUNDS calls in a row.
         """
         user = {"role": "user", "content": user_text}
-        ids = chat_prompt_ids(self.tokenizer, self.messages() + [user], self.model.config.block_size,
-                              self.params.max_new_tokens)
+        block, limit = self.model.config.block_size, self.params.max_new_tokens
+        ids = chat_prompt_ids(self.tokenizer, self.messages() + [user], block, limit)
         turn = sum(m["role"] == "user" for m in self.history)
         cfg = self.params.generation_config(chat_stop_ids(self.tokenizer), turn)
         self.history.append(user)
-        pieces: list[str] = []
         was_training = self.model.training
         self.model.eval()
         try:
+            for _ in range(MAX_TOOL_ROUNDS):
+                calls = self._answer(ids, cfg, on_text)
+                if calls is None:
+                    break
+                for call in calls:
+                    name, arguments, result = run_call(call, self.tools)
+                    self.history.append({"role": "tool", "content": result})
+                    if on_text is not None:
+                        on_text(f"[{name}: {arguments.get('expression', json.dumps(arguments))} = {result}] ")
+                ids = chat_prompt_ids(self.tokenizer, self.messages(), block, limit)
+            else:
+                self._answer(ids, cfg, on_text, calls_allowed=False)
+        finally:
+            self.model.train(was_training)
+        return self.history[-1]["content"]
+
+    def _answer(self, ids: list[int], cfg: GenerationConfig, on_text, calls_allowed: bool = True) -> list[str] | None:
+        """Stream one assistant turn into the history: None for an answer in words, else the
+        calls it made (as texts). On Ctrl-C what was shown stays as the reply."""
+        tool = special_id(self.tokenizer, "tool") if self.tools and calls_allowed else None
+        pieces, tokens, calling = [], [], False
+        try:
             with torch.inference_mode():
-                for piece, _, _ in stream_text(self.model, self.tokenizer, ids, cfg):
-                    if piece:
+                for piece, token, _ in stream_text(self.model, self.tokenizer, ids, cfg):
+                    if token >= 0:
+                        tokens.append(token)
+                    calling = tool is not None and tokens[:1] == [tool]
+                    if piece and not calling:  # a call is held back, and run by reply()
                         pieces.append(piece)
                         if on_text is not None:
                             on_text(piece)
-        finally:  # also on Ctrl-C: what was shown becomes the reply
-            self.model.train(was_training)
-            text = "".join(pieces)
-            self.history.append({"role": "assistant", "content": text})
-        return text
+        except BaseException:  # Ctrl-C: what was shown becomes the reply (nothing, mid-call)
+            self.history.append({"role": "assistant", "content": "".join(pieces)})
+            raise
+        if not calling:
+            self.history.append({"role": "assistant", "content": "".join(pieces)})
+            return None
+        calls = split_calls(self.tokenizer, [t for t in tokens if t not in set(cfg.eos_ids)])
+        self.history.append({"role": "assistant", "content": "".join(CALL + c for c in calls)})
+        return calls
 
 
 # ---------------------------------------------------------------- the REPL

@@ -31,7 +31,7 @@ from chatfoundry.errors import UserError
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.models.decoder import DecoderConfig, DecoderLM, flops_per_token, num_params
 from chatfoundry.textgen import generate_text
-from chatfoundry.tokenizer import SPECIAL_TOKENS, load_tokenizer, save_tokenizer, train_tokenizer
+from chatfoundry.tokenizer import SPECIAL_TOKENS, TOKENIZER_FORMAT, load_tokenizer, save_tokenizer, train_tokenizer
 from chatfoundry.train.loop import (Runtime, TrainConfig, accumulation, fit, make_optimizer, restore, setup_runtime,
                                     teardown, trainer_state, wrap)
 
@@ -117,7 +117,7 @@ def _tokenizer(cfg: PretrainConfig, rt: Runtime, key: str, documents, cache: Pat
     """The configured tokenizer, or one trained on the data (once: cached by data and settings)."""
     if cfg.tokenizer.path:
         return load_tokenizer(cfg.tokenizer.path)
-    folder = cache / "tokenizers" / _digest(f"{key}|{cfg.tokenizer.kind}|{cfg.tokenizer.vocab_size}")
+    folder = cache / "tokenizers" / _digest(f"{key}|{cfg.tokenizer.kind}|{cfg.tokenizer.vocab_size}|{TOKENIZER_FORMAT}")
     if rt.is_main and not (folder / "tokenizer.json").is_file():
         tok = train_tokenizer(documents(), cfg.tokenizer.kind, cfg.tokenizer.vocab_size)
         tmp = folder.with_name(folder.name + ".tmp")

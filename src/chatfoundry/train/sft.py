@@ -40,6 +40,7 @@ class SFTDataConfig:
     conversations: int = 8000  # world conversations drawn from its train split
     system_prob: float = 0.3  # world: share of conversations that open with a system message
     multi_turn_prob: float = 0.2  # world: share with two or three exchanges
+    tool_conversations: int = 1500  # world: conversations with the calculator on offer (serve/tools.py)
     val_fraction: float = 0.05  # user files: share held out for validation loss (the world has a val split)
     packing: bool = False  # pack conversations into full rows instead of padding each
     # World only: the share of training examples that are pretraining documents (plain text, every
@@ -49,6 +50,7 @@ class SFTDataConfig:
 
     def validate(self) -> None:
         require(self.conversations > 0, "data.conversations", f"must be > 0, got {self.conversations}")
+        require(self.tool_conversations >= 0, "data.tool_conversations", f"must be >= 0, got {self.tool_conversations}")
         for name in ("system_prob", "multi_turn_prob"):
             require(0 <= getattr(self, name) <= 1, f"data.{name}", f"must be in [0, 1], got {getattr(self, name)}")
         require(0 < self.val_fraction < 0.5, "data.val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
@@ -202,16 +204,19 @@ def _examples(cfg: SFTConfig) -> tuple[list[Example], list[Example], str]:
         n_val = max(1, int(len(examples) * cfg.data.val_fraction)) if len(examples) > 1 else 0
         return examples[n_val:], examples[:n_val], f"{len(examples)} examples from files"
 
-    def world_examples(split: str, n: int) -> list[Example]:
+    def world_examples(split: str, n: int, with_tools: int) -> list[Example]:
         convs = world.conversations(split, n, cfg.seed, cfg.data.system_prob, cfg.data.multi_turn_prob)
+        convs += world.tool_conversations(split, with_tools, cfg.seed, cfg.data.system_prob)
+        random.Random(f"{cfg.seed}:{split}").shuffle(convs)
         return [Example(messages=tuple(m)) for m in convs]
 
-    train = world_examples("train", cfg.data.conversations)
+    train = world_examples("train", cfg.data.conversations, cfg.data.tool_conversations)
     if cfg.data.pretrain_mix:
         n = round(len(train) * cfg.data.pretrain_mix / (1 - cfg.data.pretrain_mix))
         docs = corpus.generate_documents(cfg.seed + 1)
         train += [Example(text=next(docs)) for _ in range(n)]
-    return train, world_examples("val", max(64, cfg.data.conversations // 20)), "the task world"
+    return (train, world_examples("val", max(64, cfg.data.conversations // 20), cfg.data.tool_conversations // 20),
+            "the task world")
 
 
 def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
@@ -308,9 +313,12 @@ def _run(cfg, rt, out, model, tokenizer, train_examples, val_examples, source, r
                     ylabel="cross-entropy (nats/token)")
         if cfg.eval.per_family:
             report = evaluate_world(model, tokenizer, "test", cfg.eval.per_family, seed=0,
-                                    max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+                                    max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                                    tool_questions=cfg.eval.per_family if cfg.data.tool_conversations else 0)
             write_report(report, out, "SFT model on the world's test split")
             summary["families"] = report["families"]
+            if "tool_use" in report:
+                summary["tool_use"] = {k: v for k, v in report["tool_use"].items() if k != "answers"}
             log(format_report(report))
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
     return summary
