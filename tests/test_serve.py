@@ -166,62 +166,6 @@ def test_concurrent_requests_each_get_their_own_answer(client, model, tok):
     assert got == want
 
 
-# ---------------------------------------------------------------- the batcher
-
-
-def chat_job(tok, text: str, **cfg) -> Job:
-    return Job(encode_chat(tok, [{"role": "user", "content": text}]),
-               GenerationConfig(**{"eos_token_id": chat_stop_ids(tok), **cfg}), [])
-
-
-def text_of(events) -> tuple[str, dict]:
-    events = list(events)
-    return "".join(e.get("text", "") for e in events), events[-1]
-
-
-def test_jobs_waiting_together_share_one_batch_and_equal_their_lone_runs(model, tok):
-    batcher = Batcher(model, tok, start=False)  # everything is queued before the worker looks
-    jobs = [chat_job(tok, text, max_new_tokens=n) for text, n in (("hello", 5), ("how are you?", 12), ("fine", 1))]
-    streams = [batcher.submit(job) for job in jobs]
-    batcher.start()
-    for job, events in zip(jobs, streams):
-        text, last = text_of(events)
-        want, tokens = greedy_text(model, tok, job.ids, job.cfg.max_new_tokens, chat_stop_ids(tok))
-        assert text == want
-        assert last == {"finish_reason": "stop" if tokens[-1] in chat_stop_ids(tok) else "length",
-                        "completion_tokens": len(tokens)}
-    assert batcher.batch_sizes == [3]
-
-
-def test_seeded_jobs_run_alone_and_replay(model, tok):
-    batcher = Batcher(model, tok, start=False)
-    cfg = dict(max_new_tokens=10, do_sample=True, temperature=1.0)
-    jobs = [chat_job(tok, "hello", seed=1, **cfg), chat_job(tok, "hello", seed=2, **cfg),
-            chat_job(tok, "fine", **cfg), chat_job(tok, "hello", **cfg)]
-    streams = [batcher.submit(job) for job in jobs]
-    batcher.start()
-    texts = [text_of(events)[0] for events in streams]
-    for job, text in zip(jobs[:2], texts):
-        out = generate(model, job.ids, job.cfg)
-        assert text == tok.decode(out.sequences[0], skip_special_tokens=True)
-    assert sorted(batcher.batch_sizes) == [1, 1, 2]  # the unseeded pair shares a batch
-    batcher.close()
-    assert not batcher._thread.is_alive()
-
-
-def test_a_closed_stream_leaves_its_batch(model, tok):
-    """What the server does when a client disconnects: its row stops, the others go on."""
-    batcher = Batcher(model, tok, start=False)
-    gone, stays = chat_job(tok, "hello", max_new_tokens=40), Job(prompt_ids(tok, "how", 64),
-                                                                  GenerationConfig(max_new_tokens=40), [])
-    first, second = batcher.submit(gone), batcher.submit(stays)
-    batcher.start()
-    assert "token" in next(first)
-    first.close()
-    assert gone.cancel.is_set()
-    assert text_of(second)[1] == {"finish_reason": "length", "completion_tokens": 40}
-
-
 # ---------------------------------------------------------------- errors: OpenAI's error object, never a 500
 
 

@@ -1,0 +1,293 @@
+"""Serving under load: 16 concurrent streaming clients against the same requests one at a time.
+
+A server process (the app of `chatfoundry serve`, `create_app` under uvicorn, started by this script
+as `python benchmarks/serve_load.py --serve ...` so the clients' Python never shares its GIL) holds
+one checkpoint: `--ckpt DIR`, or by default a random-weight chat model of the `--preset` size
+(mini: 6 layers x 256, ~5M parameters with the 2k-token BPE vocabulary trained on the built-in
+corpus), written with `save_checkpoint` to a temporary folder.
+
+Load (closed loop): `--clients` threads (default 16), each with its own keep-alive HTTP connection,
+send `--requests` streamed chat completions back to back (`stream: true`, `stream_options.include_usage`),
+temperature 1 sampling, `--max-tokens` 64, the user message drawn from a fixed list of
+questions (a seeded choice per client and request). The baseline sends the same requests from one
+client, one at a time, to the same server. With random weights an end-of-turn token is rare (each
+step ~2 / 2048), so nearly every answer runs to max_tokens and the work is about fixed; a trained
+`--ckpt` ends answers at its own lengths (the mean is reported).
+
+Per phase: requests/s, generated tokens/s (from the usage chunk), time to first token (the first
+chunk carrying content or a finish reason, not the role chunk) and end-to-end latency, p50 / p95.
+Every request must complete (status 200, a finish reason, usage): the run fails otherwise. The
+throughput ratio is batched tokens/s over one-at-a-time tokens/s; the target (issue 8) is >= 4x.
+
+`--serial-server` adds a third phase: the 16 clients against a second server with max_batch 1 (the
+server serializing itself). `--batcher FILE` serves with the `Batcher` class of another file, e.g.
+the previous batcher to compare against:
+
+    git show 56b7db5:src/chatfoundry/serve/batcher.py > /tmp/old_batcher.py
+    python benchmarks/serve_load.py --batcher /tmp/old_batcher.py --out benchmarks/results/serve_load_old.json
+
+    python benchmarks/serve_load.py                          # defaults: ~1-2 minutes on 2 CPU cores
+    python benchmarks/serve_load.py --ckpt runs/demo/sft     # a trained chat model
+    python benchmarks/serve_load.py --requests 1 --max-tokens 8 --warmup 1   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+QUESTIONS = [
+    "What is 7 times 8?",
+    "Spell \"apple\" backwards.",
+    "What is the capital of France?",
+    "Which is bigger, an elephant or a mouse?",
+    "How many letters are in the word \"banana\"?",
+    "What language do people speak in Brazil?",
+    "Hi!",
+    "Sort these letters: d, a, c, b.",
+    "What is 12 minus 5? Please answer in a full sentence, and be polite about it.",
+    "Which continent is Kenya on?",
+    "What currency is used in Japan?",
+    "Write \"hello world\" in capital letters.",
+    "Which is faster, a cheetah or a tortoise? Tell me why in one short sentence.",
+    "What is the capital of a country called Zarnovia?",
+    "Thanks!",
+    "What is 3 plus 9?",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--ckpt", default=None, help="checkpoint folder (default: a random-weight chat model of --preset)")
+    p.add_argument("--preset", default="mini", help="size of the default model (tiny, mini, small)")
+    p.add_argument("--flavour", default="gpt2", choices=["gpt2", "llama"])
+    p.add_argument("--clients", type=int, default=16, help="concurrent streaming clients")
+    p.add_argument("--requests", type=int, default=4, help="requests per client, back to back")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-batch", type=int, default=16, help="the server's batch limit")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in the server process")
+    p.add_argument("--warmup", type=int, default=4, help="untimed requests first")
+    p.add_argument("--serial-server", action="store_true", help="also: the clients against a max_batch 1 server")
+    p.add_argument("--batcher", default=None, help="serve with the Batcher class of this file")
+    p.add_argument("--out", default="benchmarks/results/serve_load.json")
+    # the server process
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve:
+        return serve(args)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, model_info = (args.ckpt, {"ckpt": args.ckpt}) if args.ckpt else build_model(Path(tmp), args)
+        print(f"model: {model_info}")
+        phases = {}
+        with Server(ckpt, args.max_batch, args) as url:
+            warm(url, args)
+            phases["batched"] = run_phase(url, args.clients, args.requests, args)
+            phases["one_at_a_time"] = run_phase(url, 1, args.clients * args.requests, args)
+        if args.serial_server:
+            with Server(ckpt, 1, args) as url:
+                warm(url, args)
+                phases["server_max_batch_1"] = run_phase(url, args.clients, args.requests, args)
+    report_and_write(phases, model_info, args)
+    return 0
+
+
+# ---------------------------------------------------------------- the model and the server
+
+
+def build_model(folder: Path, args) -> tuple[str, dict]:
+    import torch
+
+    from chatfoundry.checkpoint import save_checkpoint
+    from chatfoundry.data.corpus import generate_corpus
+    from chatfoundry.models.decoder import DecoderConfig, DecoderLM, num_params
+    from chatfoundry.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(generate_corpus(400_000).split("\n"), "bpe", vocab_size=2048)
+    cfg = DecoderConfig.from_preset(args.preset, args.flavour)
+    cfg.vocab_size = tok.get_vocab_size()
+    torch.manual_seed(0)
+    model = DecoderLM(cfg).eval()
+    save_checkpoint(folder / "model", model, tok)
+    info = {"ckpt": None, "random_weights": True, "preset": args.preset, "flavour": args.flavour,
+            "params": num_params(model), "vocab": cfg.vocab_size, "block_size": cfg.block_size,
+            "n_layer": cfg.n_layer, "n_embd": cfg.n_embd}
+    return str(folder / "model"), info
+
+
+def serve(args) -> int:
+    """The server process: the app of `chatfoundry serve`, with --max-batch and --batcher."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import uvicorn
+
+    from chatfoundry.checkpoint import load_model
+    from chatfoundry.serve import api
+
+    if args.batcher:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("other_batcher", args.batcher)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up
+        spec.loader.exec_module(module)
+        api.Batcher = module.Batcher
+    model, tok = load_model(args.ckpt, "cpu")
+    app = api.create_app(model, tok, "bench", max_batch=args.max_batch)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+    return 0
+
+
+class Server:
+    """`python serve_load.py --serve` on a free port; the URL while it runs."""
+
+    def __init__(self, ckpt: str, max_batch: int, args):
+        self.cmd = [sys.executable, __file__, "--serve", "--ckpt", ckpt, "--max-batch", str(max_batch),
+                    "--threads", str(args.threads)] + (["--batcher", args.batcher] if args.batcher else [])
+
+    def __enter__(self) -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "OMP_NUM_THREADS": self.cmd[self.cmd.index("--threads") + 1]}
+        self.proc = subprocess.Popen([*self.cmd, "--port", str(port)], env=env)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    return url
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the server did not start")
+            time.sleep(0.1)
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+# ---------------------------------------------------------------- the clients
+
+
+def one_request(client: httpx.Client, question: str, args) -> dict:
+    body = {"model": "bench", "messages": [{"role": "user", "content": question}], "max_tokens": args.max_tokens,
+            "temperature": args.temperature, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first = finish = tokens = None
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"status {response.status_code}: {response.read()[:200]!r}")
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            for choice in chunk["choices"]:
+                if first is None and (choice["delta"].get("content") or choice["finish_reason"]):
+                    first = time.perf_counter()
+                finish = choice["finish_reason"] or finish
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    if finish is None or tokens is None:
+        raise RuntimeError("the stream ended without a finish reason and usage")
+    return {"ttft": first - start, "latency": end - start, "tokens": tokens, "finish": finish}
+
+
+def warm(url: str, args) -> None:
+    with httpx.Client(base_url=url, timeout=300) as client:
+        for i in range(args.warmup):
+            one_request(client, QUESTIONS[i % len(QUESTIONS)], args)
+
+
+def run_phase(url: str, clients: int, requests: int, args) -> dict:
+    """`clients` threads, each sending `requests` requests back to back; the phase's figures."""
+    results: list[list[dict]] = [[] for _ in range(clients)]
+    errors: list[str] = []
+    go = threading.Barrier(clients + 1)
+
+    def client_loop(c: int) -> None:
+        rng = random.Random(c)
+        with httpx.Client(base_url=url, timeout=600) as client:
+            go.wait()
+            for _ in range(requests):
+                try:
+                    results[c].append(one_request(client, rng.choice(QUESTIONS), args))
+                except Exception as e:  # noqa: BLE001 - counted and reported
+                    errors.append(f"client {c}: {e}")
+
+    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    go.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    done = [r for rs in results for r in rs]
+    completed = sum(len(rs) == requests for rs in results)
+    if errors or completed != clients:
+        raise SystemExit(f"{clients - completed} of {clients} clients did not complete: {errors[:3]}")
+    tokens = sum(r["tokens"] for r in done)
+    ttft, latency = sorted(r["ttft"] for r in done), sorted(r["latency"] for r in done)
+    return {"clients": clients, "requests_per_client": requests, "requests": len(done),
+            "clients_completed": completed, "wall_s": wall, "requests_per_s": len(done) / wall,
+            "tokens": tokens, "tokens_per_s": tokens / wall, "mean_completion_tokens": tokens / len(done),
+            "finish_reasons": {f: sum(r["finish"] == f for r in done) for f in {r["finish"] for r in done}},
+            "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
+            "latency_p50_s": percentile(latency, 50), "latency_p95_s": percentile(latency, 95)}
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest rank."""
+    k = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values) + 0.5) - 1))
+    return sorted_values[k]
+
+
+# ---------------------------------------------------------------- report
+
+
+def report_and_write(phases: dict, model_info: dict, args) -> None:
+    from _common import machine_info, write_report
+
+    print(f"\n{'phase':<20} {'clients':>7} {'reqs':>5} {'req/s':>7} {'tok/s':>8} {'tok/req':>7} "
+          f"{'TTFT p50':>9} {'p95':>7} {'E2E p50':>8} {'p95':>7}")
+    for name, r in phases.items():
+        print(f"{name:<20} {r['clients']:>7} {r['requests']:>5} {r['requests_per_s']:>7.2f} {r['tokens_per_s']:>8.1f} "
+              f"{r['mean_completion_tokens']:>7.1f} {r['ttft_p50_s']:>8.3f}s {r['ttft_p95_s']:>6.3f}s "
+              f"{r['latency_p50_s']:>7.3f}s {r['latency_p95_s']:>6.3f}s")
+    ratios = {"batched_vs_one_at_a_time": phases["batched"]["tokens_per_s"] / phases["one_at_a_time"]["tokens_per_s"]}
+    if "server_max_batch_1" in phases:
+        ratios["batched_vs_server_max_batch_1"] = (phases["batched"]["tokens_per_s"]
+                                                   / phases["server_max_batch_1"]["tokens_per_s"])
+    target_met = ratios["batched_vs_one_at_a_time"] >= 4.0
+    for name, ratio in ratios.items():
+        print(f"throughput ratio {name}: {ratio:.2f}x")
+    print(f"target: batched >= 4x one-at-a-time: {'met' if target_met else 'NOT met'}; "
+          f"all {args.clients} clients completed all {args.requests} requests")
+    settings = {k: getattr(args, k) for k in ("clients", "requests", "max_tokens", "temperature", "max_batch",
+                                              "threads", "warmup", "batcher")}
+    write_report({"machine": machine_info(args.threads), "model": model_info, "settings": settings,
+                  "phases": phases, "ratios": ratios, "target_4x_met": target_met}, args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
