@@ -295,12 +295,6 @@ def served(model, tok, monkeypatch):
     app.state.batcher.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "api._sse hands StreamingResponse a sync generator: on a disconnect starlette cancels its task, "
-    "but the generator (held in a reference cycle by the CancelledError's traceback) is closed only "
-    "at the next garbage collection, so job.cancel is set too late. Fix in api.py: stream an async "
-    "generator that iterates lines() through starlette.concurrency.iterate_in_threadpool and calls "
-    "lines().close() in `finally`; then drop this mark."))
 def test_a_client_that_disconnects_frees_its_slot(served, model, tok):
     url, batcher = served
     messages = [{"role": "user", "content": "Be brief. hi there"}]

@@ -18,8 +18,7 @@ from hypothesis import strategies as st
 
 from chatfoundry.checkpoint import save_checkpoint
 from chatfoundry.generation import GenerationConfig, generate
-from chatfoundry.serve.api import Job, create_app
-from chatfoundry.serve.batcher import Batcher
+from chatfoundry.serve.api import create_app
 from chatfoundry.textgen import prompt_ids
 from chatfoundry.tokenizer import chat_stop_ids, encode_chat, special_id
 from conftest import cli_subprocess_cmd, run_cli, tiny_chat_model, tiny_chat_tokenizer

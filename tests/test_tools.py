@@ -255,3 +255,41 @@ def test_chat_cli_rejects_an_unknown_tool(capsys, tmp_path):
 
     code, _, err = run_cli(["chat", "--ckpt", str(tmp_path), "--tools", "calculator,search"], capsys)
     assert code == 2 and "--tools: unknown tool 'search'" in err
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers(-3, 70) | st.text(max_size=6),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                     max_leaves=8)
+_function = st.fixed_dictionaries({}, optional={"name": st.sampled_from(["calculator", "f", "", "no such"]) | _json,
+                                                "arguments": _json, "parameters": _json})
+_tool_bodies = st.fixed_dictionaries({"max_tokens": st.just(2)}, optional={
+    "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "tool"])}, optional={
+        "content": _json, "tool_calls": st.lists(st.fixed_dictionaries({}, optional={
+            "id": _json, "type": st.sampled_from(["function", "x"]), "function": _function}), max_size=2) | _json,
+        "tool_call_id": _json}), min_size=1, max_size=3),
+    "tools": st.lists(st.fixed_dictionaries({}, optional={"type": st.sampled_from(["function", "x"]),
+                                                          "function": _function}), max_size=2) | _json,
+    "tool_choice": st.sampled_from(["auto", "none", "required", "x"]) | st.fixed_dictionaries(
+        {}, optional={"type": st.just("function"), "function": _function}) | _json,
+    "stream": st.booleans()})
+
+
+@pytest.fixture(scope="module")
+def http(tok):
+    import torch
+    from fastapi.testclient import TestClient
+
+    from chatfoundry.models.decoder import DecoderLM
+
+    torch.manual_seed(0)
+    model = DecoderLM(tiny_config("llama", vocab_size=tok.get_vocab_size(), block_size=256)).eval()
+    return TestClient(create_app(model, tok, "tiny"), raise_server_exceptions=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(body=_tool_bodies)
+def test_fuzzed_tool_requests_never_500(http, body):
+    r = http.post("/v1/chat/completions", content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 400:
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}

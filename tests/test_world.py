@@ -232,13 +232,14 @@ def test_candidates_start_with_the_best_reference():
 def test_export_writes_every_format_loadably(tmp_path):
     counts = world.export(tmp_path, conversations_n=200, test_per_family=20, corpus_chars=20_000)
     names = ["corpus.jsonl", "sft_train.jsonl", "sft_val.jsonl", "prompt_completion_train.jsonl",
-             "alpaca_train.jsonl", "preference_train.jsonl", "rankings_train.jsonl", "test.jsonl"]
+             "alpaca_train.jsonl", "sft_tools_train.jsonl", "preference_train.jsonl", "rankings_train.jsonl",
+             "test.jsonl", "calculator_test.jsonl"]
     assert sorted(counts) == sorted(names)
     for name in names:
         lines = (tmp_path / name).read_text(encoding="utf-8").splitlines()
         assert counts[name] == len(lines) > 0, name
     assert counts["sft_train.jsonl"] == 200 and counts["test.jsonl"] == 5 * 20
-    for name in names[:5]:
+    for name in names[:6]:
         assert len(load_sft(tmp_path / name)) == counts[name]
     assert len(load_comparisons(tmp_path / "preference_train.jsonl")) == counts["preference_train.jsonl"]
     assert len(load_comparisons(tmp_path / "rankings_train.jsonl")) == counts["rankings_train.jsonl"]

@@ -198,6 +198,8 @@ def _eval_parser(sub) -> None:
     p.add_argument("--per-family", type=int, default=100, help="questions per family")
     p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of " + ", ".join(FAMILIES))
     p.add_argument("--system", default=None, help="a system message to put before each question")
+    p.add_argument("--tool-questions", type=int, default=0,
+                   help="also score N held-out calculator questions with the calculator on offer and without")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", default=None, help="folder for eval.json (every answer) and eval.png")
@@ -218,14 +220,20 @@ def _eval(args) -> dict:
     for name in ("per_family", "max_new_tokens", "batch_size"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')}: must be > 0")
+    if args.tool_questions < 0:
+        raise UserError("--tool-questions: must be >= 0")
     model, tokenizer = load_model(args.ckpt, args.device)
     report = evaluate_world(model, tokenizer, args.split, args.per_family, families, args.system,
-                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                            tool_questions=args.tool_questions)
     print(format_report(report))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         write_report(report, Path(args.out), f"{args.ckpt} on the world's {args.split} split")
-    return {k: v for k, v in report.items() if k != "answers"}
+    summary = {k: v for k, v in report.items() if k != "answers"}
+    if "tool_use" in summary:
+        summary["tool_use"] = {k: v for k, v in summary["tool_use"].items() if k != "answers"}
+    return summary
 
 
 def _chat_parser(sub) -> None:

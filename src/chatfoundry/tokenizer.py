@@ -21,7 +21,7 @@ Kinds and what round-trips (``decode(encode(s), skip_special_tokens=False)``):
 
 ``bpe``        byte-level BPE (GPT-2 style: ByteLevel pre-tokenizer without prefix space,
                ByteLevel decoder, all 256 bytes in the alphabet, no normalizer), with
-               digits split one by one first, as Llama does.
+               numbers cut first into runs of up to 3 digits, as GPT-4's tokenizer does.
                Exact for ANY Unicode string, special-token literals included.
 ``wordpiece``  WordPiece, split on whitespace only, no normalizer (case is kept).
                Gives ``" ".join(s.split())`` (whitespace normalised) when every word
@@ -76,7 +76,7 @@ SPECIAL_TOKENS: dict[str, str] = {
 }
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
-TOKENIZER_FORMAT = 2  # bumped when training changes (2: BPE splits digits): keys the trained-tokenizer cache
+TOKENIZER_FORMAT = 3  # bumped when training changes (3: BPE cuts numbers into 1-3 digit runs): keys the trained-tokenizer cache
 
 # Whitespace-controlled ({%- -%}) so the template emits only the message text, whatever
 # jinja options (trim_blocks, lstrip_blocks) the renderer uses. `raise_exception` is the
@@ -180,10 +180,12 @@ def _assemble(kind: str, model) -> Tokenizer:
     """
     tok = Tokenizer(model)
     if kind == "bpe":
-        # Digits one by one (as Llama and PaLM split them): a number is spelled the same
-        # wherever it stands (" 836", "836", "8360"), which arithmetic and copying numbers need.
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        # Numbers cut into runs of up to three digits, apart from the space before them (as
+        # GPT-4's tokenizer does): a number is spelled the same wherever it stands (" 836",
+        # "836", "(836"), which copying numbers needs, and small numbers stay one token each.
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r"[0-9]{1,3}"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
         tok.decoder = decoders.ByteLevel()
     elif kind == "wordpiece":
         # Whitespace only (not BERT's punctuation split) so decoding gives back the text

@@ -475,6 +475,9 @@ def export(out: str | Path, conversations_n: int = 8000, test_per_family: int = 
         "corpus.jsonl": ({"text": d} for d in corpus.generate_corpus(corpus_chars, seed).split("\n\n")),
         "sft_train.jsonl": ({"messages": m} for m in train),
         "sft_val.jsonl": ({"messages": m} for m in conversations("val", max(64, conversations_n // 20), seed)),
+        "sft_tools_train.jsonl": ({"messages": m} for m in tool_conversations("train", conversations_n // 5, seed)),
+        "calculator_test.jsonl": ({"prompt": t.prompt, "completion": t.reference, "answer": t.answer}
+                                  for t in calculator_tasks("test", test_per_family, seed)),
         "prompt_completion_train.jsonl": ({"prompt": t.prompt, "completion": t.reference} for t in singles),
         "alpaca_train.jsonl": ({"instruction": t.prompt, "input": "", "output": t.reference} for t in singles),
         "preference_train.jsonl": (preference(t) for t in singles),

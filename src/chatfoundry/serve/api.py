@@ -26,6 +26,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import iterate_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatfoundry.generation import GenerationConfig
@@ -377,7 +378,18 @@ def _sse(chunks: Iterator[dict]) -> StreamingResponse:
         finally:
             chunks.close()  # a client gone mid-stream: cancel the decoding at once
 
-    return StreamingResponse(lines(), media_type="text/event-stream",
+    async def body():
+        # Our own async loop, so that a client gone mid-stream closes `lines` here and now:
+        # handed a plain generator, starlette's cancellation leaves it to the garbage collector,
+        # and the abandoned row would decode to its end.
+        it = lines()
+        try:
+            async for line in iterate_in_threadpool(it):
+                yield line
+        finally:
+            it.close()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
