@@ -232,6 +232,9 @@ class EncoderClassifier(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.classifier = nn.Linear(cfg.hidden_size, num_labels)
         self.apply(_init_weights)
+        # What the outputs mean, saved in config.json: task ("classify" or "regress"), labels
+        # (class names in output order), dropout; written by `chatfoundry finetune-head`.
+        self.head: dict = {"task": "classify" if num_labels > 1 else "regress", "dropout": dropout}
 
     @classmethod
     def from_encoder(cls, body_state: dict[str, torch.Tensor], cfg: EncoderConfig, num_labels: int,
