@@ -125,7 +125,7 @@ def to_hf_config(cfg: EncoderConfig, kind: str, special: dict[str, int | None] |
           "hidden_act": cfg.hidden_act, "hidden_dropout_prob": cfg.hidden_dropout_prob,
           "attention_probs_dropout_prob": cfg.attention_probs_dropout_prob,
           "max_position_embeddings": cfg.max_position_embeddings, "type_vocab_size": cfg.type_vocab_size,
-          "layer_norm_eps": cfg.layer_norm_eps, "initializer_range": 0.02, "position_embedding_type": "absolute",
+          "layer_norm_eps": cfg.layer_norm_eps, "initializer_range": cfg.initializer_range, "position_embedding_type": "absolute",
           "tie_word_embeddings": True, "pad_token_id": special.get("pad"), "torch_dtype": "float32"}
     if kind == "classifier":
         head = head or {}
@@ -165,7 +165,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> EncoderConfig:
                          type_vocab_size=hf.get("type_vocab_size", 2), hidden_act=act,
                          layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
                          hidden_dropout_prob=hf.get("hidden_dropout_prob", 0.1),
-                         attention_probs_dropout_prob=hf.get("attention_probs_dropout_prob", 0.1))
+                         attention_probs_dropout_prob=hf.get("attention_probs_dropout_prob", 0.1),
+                         initializer_range=hf.get("initializer_range", 0.02))
 
 
 def kind_from_hf(hf: dict, weights: dict[str, torch.Tensor] | None = None) -> str:
