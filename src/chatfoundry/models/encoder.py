@@ -37,7 +37,7 @@ from chatfoundry.models.layers import Attention
 
 # Sizes by name: (num_hidden_layers, num_attention_heads, hidden_size, max_position_embeddings).
 PRESETS = {
-    "tiny": (2, 4, 128, 128),     # ~0.7M parameters with a 2k vocabulary: MLM on the built-in corpus in ~2 min on 2 cores
+    "tiny": (2, 4, 128, 128),     # 0.69M parameters with a 2k vocabulary: the CPU default (README: Encoders)
     "mini": (4, 4, 256, 256),     # BERT-mini's shape
     "small": (4, 8, 512, 512),    # BERT-small's shape
     "base": (12, 12, 768, 512),   # BERT-base: 110M parameters with its 30522 vocabulary
