@@ -26,7 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from chatfoundry.errors import UserError
+from chatfoundry.models import hf_encoder
 from chatfoundry.models.decoder import DecoderConfig, DecoderLM
+from chatfoundry.models.encoder import Encoder, EncoderClassifier, EncoderLM
 from chatfoundry.models.heads import RewardModel
 from chatfoundry.models.hf import (from_hf_config, reward_state_dict_from_hf, reward_state_dict_to_hf,
                                    reward_to_hf_config, state_dict_from_hf, state_dict_to_hf, to_hf_config)
@@ -44,10 +46,12 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(path: str | Path, model: DecoderLM | RewardModel, tokenizer,
-                    trainer_state: dict[str, Any] | None = None, generation: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(path: str | Path, model: DecoderLM | RewardModel | EncoderLM | Encoder | EncoderClassifier,
+                    tokenizer, trainer_state: dict[str, Any] | None = None,
+                    generation: dict[str, Any] | None = None) -> Path:
     """Write the folder at `path` (replacing an older one) so that a kill never leaves it half-written.
-    A RewardModel is written as transformers' `...ForSequenceClassification`."""
+    A RewardModel is written as transformers' `...ForSequenceClassification`; encoders as BERT's
+    classes (models/hf_encoder.py)."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -55,15 +59,21 @@ def save_checkpoint(path: str | Path, model: DecoderLM | RewardModel, tokenizer,
     cfg = model.config
     special = {name: special_id(tokenizer, name) for name in ("bos", "eos", "pad")}
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if isinstance(model, RewardModel):
+    encoder = isinstance(model, (EncoderLM, Encoder, EncoderClassifier))
+    if encoder:
+        kind = hf_encoder.kind_of(model)
+        config = hf_encoder.to_hf_config(cfg, kind, special, getattr(model, "head", None))
+        weights = hf_encoder.state_dict_to_hf(weights, kind)
+    elif isinstance(model, RewardModel):
         config = reward_to_hf_config(cfg, special, {"offset": model.offset, **model.normalization})
         weights = reward_state_dict_to_hf(weights, cfg)
     else:
         config, weights = to_hf_config(cfg, special), state_dict_to_hf(weights, cfg)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
-    save_tokenizer(tokenizer, tmp, model_max_length=cfg.block_size)
-    if not isinstance(model, RewardModel):  # a reward model generates nothing
+    save_tokenizer(tokenizer, tmp, model_max_length=cfg.max_position_embeddings if encoder else cfg.block_size,
+                   encoder=encoder)
+    if not isinstance(model, RewardModel) and not encoder:  # only a decoder LM generates
         gen = {"bos_token_id": special["bos"], "eos_token_id": special["eos"], "pad_token_id": special["pad"],
                "max_length": cfg.block_size, **(generation or {})}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
@@ -97,6 +107,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def _read_config(ckpt: Path) -> tuple[dict, DecoderConfig]:
     try:
         hf = json.loads((ckpt / "config.json").read_text())
+        if is_encoder_config(hf):
+            raise UserError("an encoder (BERT) checkpoint, not a decoder: it fills masks and embeds text "
+                            "(chatfoundry fill-mask, embed, finetune-head)")
         cfg = from_hf_config(hf)
         cfg.validate()
     except (ValueError, TypeError, json.JSONDecodeError, UserError) as e:
@@ -115,6 +128,44 @@ def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], ckpt
     except RuntimeError as e:  # shapes that disagree with config.json, or unknown keys
         detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
         raise UserError(f"{ckpt / 'model.safetensors'}: does not match config.json: {detail}") from None
+
+
+def is_encoder_config(hf: dict) -> bool:
+    return hf.get("model_type") == "bert"
+
+
+def is_encoder(path: str | Path) -> bool:
+    return is_encoder_config(json.loads((resolve_checkpoint(path) / "config.json").read_text()))
+
+
+def load_encoder(path: str | Path, device: str | torch.device = "cpu", kinds: tuple[str, ...] = ("mlm", "body", "classifier")):
+    """(encoder in eval mode, tokenizer) from a BERT-style checkpoint folder or run folder: an
+    EncoderLM (BertForMaskedLM), an Encoder (BertModel) or an EncoderClassifier
+    (BertForSequenceClassification), as config.json's architectures say; `kinds` are those the
+    caller can use."""
+    ckpt = resolve_checkpoint(path)
+    try:
+        hf = json.loads((ckpt / "config.json").read_text())
+        if not is_encoder_config(hf):
+            raise UserError("a decoder checkpoint, not an encoder (BERT): "
+                            "train one with chatfoundry pretrain --objective mlm")
+        cfg = hf_encoder.from_hf_config(hf)
+        cfg.validate()
+    except (ValueError, TypeError, KeyError, json.JSONDecodeError, UserError) as e:
+        raise UserError(f"{ckpt / 'config.json'}: {e}") from None
+    kind = hf_encoder.kind_from_hf(hf)
+    if kind not in kinds:
+        need = " or ".join(hf_encoder.ARCHITECTURES[k] for k in kinds)
+        raise UserError(f"{ckpt}: a {hf_encoder.ARCHITECTURES[kind]} checkpoint; this needs a {need}")
+    num_labels = hf_encoder.num_labels_of(hf)
+    model = hf_encoder.build(cfg, kind, num_labels)
+    weights = hf_encoder.state_dict_from_hf(load_file(ckpt / "model.safetensors"), cfg, kind, num_labels)
+    _load_weights(model, weights, ckpt)
+    if kind == "classifier":
+        model.head = dict(hf.get("chatfoundry_head") or {"task": "regress" if num_labels == 1 else "classify",
+                                                          "labels": [hf["id2label"][str(i)] for i in range(num_labels)]
+                                                          if "id2label" in hf else []})
+    return model.to(device).eval(), load_tokenizer(ckpt)
 
 
 def is_reward_model(path: str | Path) -> bool:

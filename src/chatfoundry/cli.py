@@ -32,9 +32,11 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
 def _pretrain_parser(sub) -> None:
     from chatfoundry.train.pretrain import PretrainConfig
 
-    p = sub.add_parser("pretrain", help="pretrain a decoder LM (causal LM) on text or the built-in corpus",
+    p = sub.add_parser("pretrain", help="pretrain a decoder LM (causal LM) or a BERT-style encoder (--objective mlm)",
                        description="Train a tokenizer (unless one is given), tokenize the text into cached "
-                                   "shards and pretrain a GPT- or Llama-flavoured decoder. Run under "
+                                   "shards and pretrain a GPT- or Llama-flavoured decoder (--objective clm, the "
+                                   "default; section --model.*) or a BERT-style encoder with the masked-LM "
+                                   "objective (--objective mlm; sections --encoder.* and --mlm.*). Run under "
                                    "`torchrun --nproc_per_node N` for data-parallel training.")
     add_config_args(p, PretrainConfig, aliases={"--data": "data.files", "--tokenizer": "tokenizer.path"})
     _run_flags(p)
@@ -56,6 +58,93 @@ def _stage_config(cls, args):
             raise UserError(f"{saved}: no run to resume here")
         base = load_yaml(saved)
     return resolve_config(cls, args, base)
+
+
+# ---------------------------------------------------------------- encoders: heads, fill-mask, embed
+
+
+def _finetune_head_parser(sub) -> None:
+    from chatfoundry.train.head import HeadConfig
+
+    p = sub.add_parser("finetune-head", help="finetune a classification or regression head on an encoder",
+                       description="Put BERT's pooler and a linear head on an encoder checkpoint (chatfoundry "
+                                   "pretrain --objective mlm, or an imported BERT) and finetune it: --task "
+                                   "classify (cross-entropy) or regress (squared error). Data: JSONL lines "
+                                   "{\"text\": ..., \"label\": ...}, or by default the task world's prompts "
+                                   "labelled by family. Reports held-out accuracy, or RMSE and Spearman's rho; "
+                                   "saves a BertForSequenceClassification folder.")
+    add_config_args(p, HeadConfig, aliases={"--data": "data.files"})
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    _json_flag(p)
+    p.set_defaults(func=_finetune_head)
+
+
+def _finetune_head(args) -> dict:
+    from chatfoundry.train.head import HeadConfig, run
+
+    return run(resolve_config(HeadConfig, args), overwrite=args.overwrite)
+
+
+def _fill_mask_parser(sub) -> None:
+    p = sub.add_parser("fill-mask", help="the tokens a masked-LM encoder puts in each [MASK] of a text",
+                       description="Print the top tokens, with probabilities, for each [MASK] in --text. With "
+                                   "--json the last line is {\"text\", \"predictions\": [{token, token_id, prob}, "
+                                   "...]} for the first [MASK] (and \"per_mask\" for all of them).")
+    p.add_argument("--ckpt", required=True, help="an encoder checkpoint (BertForMaskedLM) or its run folder")
+    p.add_argument("--text", required=True, help='text with [MASK] where a token is hidden, e.g. "Paris is a [MASK] city."')
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    _json_flag(p)
+    p.set_defaults(func=_fill_mask)
+
+
+def _fill_mask(args) -> dict:
+    from chatfoundry.checkpoint import load_encoder
+    from chatfoundry.textenc import MASK, fill_mask
+
+    if args.top_k <= 0:
+        raise UserError(f"--top-k: must be > 0, got {args.top_k}")
+    if MASK not in args.text:
+        raise UserError(f"--text: has no {MASK} to fill (e.g. \"Paris is the capital of {MASK}.\")")
+    model, tokenizer = load_encoder(args.ckpt, args.device, kinds=("mlm",))
+    per_mask = fill_mask(model, tokenizer, args.text, args.top_k)
+    for i, predictions in enumerate(per_mask):
+        if not args.json:
+            print(f"[MASK] #{i + 1}:" if len(per_mask) > 1 else args.text)
+            for p in predictions:
+                print(f"  {p['prob']:.4f}  {p['token']}")
+    return {"text": args.text, "predictions": per_mask[0], "per_mask": per_mask}
+
+
+def _embed_parser(sub) -> None:
+    p = sub.add_parser("embed", help="print a sentence vector per text from an encoder",
+                       description="One vector per --text: the mean of the final hidden states over the text's "
+                                   "tokens ([CLS] and [SEP] included; --pooling mean, the default: works without "
+                                   "finetuning) or the final hidden state of [CLS] (--pooling cls). Any encoder "
+                                   "checkpoint: masked-LM, BertModel or a finetuned head's body.")
+    p.add_argument("--ckpt", required=True, help="an encoder checkpoint or its run folder")
+    p.add_argument("--text", required=True, action="append", help="a text to embed; repeat for several")
+    p.add_argument("--pooling", choices=("mean", "cls"), default="mean")
+    p.add_argument("--device", default="cpu")
+    _json_flag(p)
+    p.set_defaults(func=_embed)
+
+
+def _embed(args) -> dict:
+    from chatfoundry.checkpoint import load_encoder
+    from chatfoundry.textenc import embed_texts
+
+    bad = [i for i, t in enumerate(args.text) if not t.strip()]
+    if bad:
+        raise UserError(f"--text #{bad[0] + 1}: is empty")
+    model, tokenizer = load_encoder(args.ckpt, args.device)
+    body = model.body if hasattr(model, "body") else model
+    vectors = embed_texts(body, tokenizer, args.text, args.pooling)
+    if not args.json:
+        for v in vectors.tolist():
+            print(" ".join(f"{x:.6f}" for x in v))
+    return {"pooling": args.pooling, "dim": vectors.shape[1], "texts": args.text,
+            "embeddings": [[round(x, 6) for x in v] for v in vectors.tolist()]}
 
 
 # ---------------------------------------------------------------- sft, eval and the task world
@@ -507,7 +596,7 @@ def _compare(args) -> list:
 
 
 def _convert_parser(sub) -> None:
-    p = sub.add_parser("convert", help="import a Hugging Face GPT-2/Llama/Mistral/Qwen2 folder, or export ours for transformers")
+    p = sub.add_parser("convert", help="import a Hugging Face GPT-2/Llama/Mistral/Qwen2/BERT folder, or export ours for transformers")
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--from-hf", metavar="SRC", help="a local transformers model folder to import")
     way.add_argument("--to-hf", metavar="SRC", help="our checkpoint (or run folder) to export")
@@ -634,7 +723,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     for add in (_pipeline_parser, _pretrain_parser, _sft_parser, _label_parser, _rm_parser, _ppo_parser, _score_parser,
                 _eval_parser, _chat_parser, _serve_parser, _world_parser, _sample_parser, _generate_parser,
-                _compare_parser, _convert_parser, _tokenizer_parser, _presets_parser):
+                _compare_parser, _convert_parser, _tokenizer_parser, _presets_parser, _finetune_head_parser,
+                _fill_mask_parser, _embed_parser):
         add(sub)
     from chatfoundry.rl.cli import add_rl_parser
 

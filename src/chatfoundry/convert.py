@@ -2,7 +2,8 @@
 
 In: a local transformers folder (config.json; model.safetensors, sharded safetensors with their
 index, or pytorch_model.bin read with weights_only=True; tokenizer.json) of a GPT-2, Llama,
-Mistral or Qwen2 model becomes one of our checkpoints. Out: our checkpoint written for transformers;
+Mistral or Qwen2 model, or a BERT (BertForMaskedLM, BertModel, BertForSequenceClassification),
+becomes one of our checkpoints. Out: our checkpoint written for transformers;
 GPT-2- and Llama-shaped models already are, so the export checks the shape and leaves the
 trainer state behind.
 """
@@ -15,8 +16,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from chatfoundry.checkpoint import is_reward_model, load_model, load_reward_model, save_checkpoint
+from chatfoundry.checkpoint import (is_encoder, is_encoder_config, is_reward_model, load_encoder, load_model,
+                                   load_reward_model, save_checkpoint)
 from chatfoundry.errors import UserError
+from chatfoundry.models import hf_encoder
 from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.models.hf import config_from_hf, hf_architecture, state_dict_from_hf
 from chatfoundry.tokenizer import load_tokenizer
@@ -40,7 +43,13 @@ def from_hf(src: str | Path, out: str | Path) -> dict:
     if not (src / "config.json").is_file():
         raise UserError(f"{src}: no config.json (a Hugging Face model folder is expected)")
     try:
-        cfg = config_from_hf(json.loads((src / "config.json").read_text()), str(src / "config.json"))
+        hf = json.loads((src / "config.json").read_text())
+    except ValueError as e:
+        raise UserError(f"{src / 'config.json'}: not valid JSON ({e})") from None
+    if is_encoder_config(hf):
+        return _encoder_from_hf(src, out, hf)
+    try:
+        cfg = config_from_hf(hf, str(src / "config.json"))
         cfg.validate()
     except (ValueError, KeyError) as e:
         raise UserError(str(e) if isinstance(e, ValueError) else f"{src / 'config.json'}: missing field {e}") from None
@@ -61,9 +70,41 @@ def from_hf(src: str | Path, out: str | Path) -> dict:
     return {"out": str(out), "architecture": hf_architecture(cfg), "params": sum(p.numel() for p in model.parameters())}
 
 
+def _encoder_from_hf(src: Path, out: str | Path, hf: dict) -> dict:
+    """A BERT folder: BertForMaskedLM, BertModel or BertForSequenceClassification, by its architectures."""
+    try:
+        cfg = hf_encoder.config_from_hf(hf, str(src / "config.json"))
+        cfg.validate()
+    except (ValueError, KeyError) as e:
+        raise UserError(str(e) if isinstance(e, ValueError) else f"{src / 'config.json'}: missing field {e}") from None
+    tokenizer = load_tokenizer(src)
+    weights = _hf_weights(src)
+    kind, num_labels = hf_encoder.kind_from_hf(hf, weights), hf_encoder.num_labels_of(hf)
+    model = hf_encoder.build(cfg, kind, num_labels)
+    ours = hf_encoder.state_dict_from_hf(weights, cfg, kind, num_labels)
+    missing = [k for k in model.state_dict() if k not in ours]
+    if missing:
+        raise UserError(f"{src}: weights missing for {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    try:
+        model.load_state_dict(ours)
+    except RuntimeError as e:
+        raise UserError(f"{src}: weights do not match config.json ({str(e).splitlines()[-1].strip()})") from None
+    if kind == "classifier":
+        labels = [str((hf.get("id2label") or {}).get(str(i), f"LABEL_{i}")) for i in range(num_labels)]
+        model.head = {"task": "regress" if hf.get("problem_type") == "regression" or num_labels == 1 else "classify",
+                      "labels": labels, "dropout": hf.get("classifier_dropout") or 0.1}
+    save_checkpoint(Path(out), model, tokenizer)
+    return {"out": str(out), "architecture": hf_encoder.ARCHITECTURES[kind],
+            "params": sum(p.numel() for p in model.parameters())}
+
+
 def to_hf(src: str | Path, out: str | Path) -> dict:
     """Write our checkpoint at `src` as a folder transformers loads with from_pretrained; a reward
-    model becomes `...ForSequenceClassification` (num_labels 1)."""
+    model becomes `...ForSequenceClassification` (num_labels 1), an encoder its BERT class."""
+    if is_encoder(src):
+        model, tokenizer = load_encoder(src)
+        save_checkpoint(Path(out), model, tokenizer)  # already BERT's layout: the trainer state stays behind
+        return {"out": str(out), "architecture": hf_encoder.ARCHITECTURES[hf_encoder.kind_of(model)]}
     if is_reward_model(src):
         return _reward_to_hf(src, out)
     model, tokenizer = load_model(src)

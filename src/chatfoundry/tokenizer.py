@@ -78,6 +78,12 @@ SPECIAL_TOKENS: dict[str, str] = {
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 TOKENIZER_FORMAT = 3  # bumped when training changes (3: BPE cuts numbers into 1-3 digit runs): keys the trained-tokenizer cache
 
+# BERT's roles, played by our special tokens; a foreign BERT tokenizer's own names count too.
+# [CLS] opens every input (its final hidden state stands for the text), [SEP] closes each text,
+# [MASK] hides a token from the masked-LM, [PAD] fills a batch.
+ENCODER_TOKENS = {"cls": ("bos", "[CLS]"), "sep": ("eos", "[SEP]"), "mask": ("mask", "[MASK]"),
+                  "pad": ("pad", "[PAD]"), "unk": ("unk", "[UNK]")}
+
 # Whitespace-controlled ({%- -%}) so the template emits only the message text, whatever
 # jinja options (trim_blocks, lstrip_blocks) the renderer uses. `raise_exception` is the
 # helper transformers provides to chat templates.
@@ -373,12 +379,14 @@ def _canonical_unigram_pieces(pieces: list) -> list[tuple[str, float]]:
 # ------------------------------------------------------------------------ save / load
 
 
-def save_tokenizer(tok: Tokenizer, out_dir: str | Path, model_max_length: int | None = None) -> None:
+def save_tokenizer(tok: Tokenizer, out_dir: str | Path, model_max_length: int | None = None,
+                   encoder: bool = False) -> None:
     """Write out_dir/tokenizer.json and out_dir/tokenizer_config.json (transformers-loadable).
 
     Only the special tokens `tok` actually has are named in the config, so saving a
     foreign tokenizer (e.g. GPT-2's) does not make transformers add new tokens.
     `model_max_length` is written only when given (transformers then has no limit).
+    `encoder`: also name the [CLS] and [SEP] roles (`ENCODER_TOKENS`), as BERT's tokenizers do.
     """
     out = Path(out_dir)
     if model_max_length is not None and (
@@ -393,6 +401,11 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | Path, model_max_length: int | 
     for name in ("bos", "eos", "pad", "unk", "mask"):
         if has[name]:
             config[f"{name}_token"] = SPECIAL_TOKENS[name]
+    if encoder:
+        ids = encoder_ids(tok)
+        for role in ("cls", "sep"):
+            if ids[role] is not None:
+                config[f"{role}_token"] = tok.id_to_token(ids[role])
     config["additional_special_tokens"] = [
         SPECIAL_TOKENS[n] for n in ("system", "user", "assistant", "end", "tool") if has[n]
     ]
@@ -453,6 +466,15 @@ def special_id(tok: Tokenizer, name: str) -> int | None:
     if name not in SPECIAL_TOKENS:
         raise KeyError(f"unknown special token name {name!r}: one of {', '.join(SPECIAL_TOKENS)}")
     return tok.token_to_id(SPECIAL_TOKENS[name])
+
+
+def encoder_ids(tok: Tokenizer) -> dict[str, int | None]:
+    """Ids of the roles in ENCODER_TOKENS (cls, sep, mask, pad, unk): ours, else BERT's names, else None."""
+    out = {}
+    for role, (ours, bert) in ENCODER_TOKENS.items():
+        mine = special_id(tok, ours)
+        out[role] = mine if mine is not None else tok.token_to_id(bert)
+    return out
 
 
 def chat_stop_ids(tok: Tokenizer) -> list[int]:

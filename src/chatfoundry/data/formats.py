@@ -11,6 +11,9 @@ sources) are ignored. Each line is one of:
                      or, without "prompt", chosen and rejected as whole conversations sharing it
   ranking            {"prompt": str | messages, "responses": [str, ...], "ranks": [int, ...] (optional)}
 
+Encoder heads (`chatfoundry finetune-head`) read labelled texts, {"text": str, "label": ...}:
+a class name (string or integer) to classify, a number to regress (`load_labelled`).
+
 A string prompt is one user message; a string completion, chosen or response is the assistant
 reply. SFT reads every format into `Example`s (a preference or ranking line gives its best
 response); reward modelling reads preference and ranking lines into `Comparison`s.
@@ -125,6 +128,12 @@ def load_comparisons(paths: str | Path | list) -> list[Comparison]:
     return _load(paths, parse_comparison)
 
 
+def load_labelled(paths: str | Path | list, task: str) -> list[tuple[str, str | float]]:
+    """(text, label) for every line: a class name for task "classify" (integers become their
+    string), a finite number for "regress"."""
+    return _load(paths, lambda obj: parse_labelled(obj, task))
+
+
 _T = TypeVar("_T")
 
 
@@ -176,6 +185,23 @@ def parse_example(obj: dict) -> Example:
     # preference / ranking: learn to produce the best response
     c = parse_comparison(obj)
     return Example(messages=c.prompt + ({"role": "assistant", "content": c.responses[0]},))
+
+
+def parse_labelled(obj: dict, task: str) -> tuple[str, str | float]:
+    """One {"text", "label"} object; ValueError says what is wrong."""
+    text = _string(obj, "text")
+    if not text.strip():
+        raise ValueError("field 'text' is empty")
+    label = _field(obj, "label")
+    if task == "regress":
+        if isinstance(label, bool) or not isinstance(label, (int, float)) or label != label or abs(label) == float("inf"):
+            raise ValueError(f"field 'label' must be a finite number to regress, got {_kind(label)} {label!r}")
+        return text, float(label)
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise ValueError(f"field 'label' must be a class name (string or integer) to classify, got {_kind(label)}")
+    if isinstance(label, str) and not label.strip():
+        raise ValueError("field 'label' is empty")
+    return text, str(label)
 
 
 def parse_comparison(obj: dict) -> Comparison:

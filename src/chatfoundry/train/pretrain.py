@@ -6,6 +6,10 @@
       -> DecoderLM trained with cross-entropy on every position
       -> run/checkpoint/, run/metrics.jsonl, run/loss.png, run/samples.txt
 
+`objective: mlm` trains a BERT-style EncoderLM on the same shards instead: masked tokens are
+predicted from both sides (train/mlm.py), scored by held-out masked-token accuracy against the
+unigram baseline (run/accuracy.png); the `encoder` section shapes the model, `model` is unused.
+
 Every check a user can fail runs before the output folder is touched.
 """
 
@@ -29,11 +33,13 @@ from chatfoundry.data.shards import (BlockSampler, build_shards, default_cache_d
                                      resolve_inputs)
 from chatfoundry.errors import UserError
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
+from chatfoundry.models import encoder as enc
 from chatfoundry.models.decoder import DecoderConfig, DecoderLM, flops_per_token, num_params
 from chatfoundry.textgen import generate_text
 from chatfoundry.tokenizer import SPECIAL_TOKENS, TOKENIZER_FORMAT, load_tokenizer, save_tokenizer, train_tokenizer
 from chatfoundry.train.loop import (Runtime, TrainConfig, accumulation, fit, make_optimizer, restore, setup_runtime,
                                     teardown, trainer_state, wrap)
+from chatfoundry.train.mlm import MaskedLM, MLMConfig
 
 
 @dataclass
@@ -84,21 +90,36 @@ class PretrainConfig:
     device: str = "auto"  # auto: cuda if present, else cpu
     dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls, fp32 weights
     compile: bool = False  # torch.compile the model
+    # clm: a decoder (section `model`) predicts each next token; mlm: a BERT-style encoder
+    # (section `encoder`) predicts masked tokens from both sides (section `mlm`)
+    objective: Literal["clm", "mlm"] = "clm"
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: DecoderConfig = field(default_factory=DecoderConfig)
+    encoder: enc.EncoderConfig = field(default_factory=enc.EncoderConfig)
+    mlm: MLMConfig = field(default_factory=MLMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def validate(self) -> None:
-        require(self.train.block_size <= self.model.block_size, "train.block_size",
-                f"{self.train.block_size} exceeds model.block_size {self.model.block_size} (the model's maximum context)")
+        name = "encoder.max_position_embeddings" if self.objective == "mlm" else "model.block_size"
+        require(self.train.block_size <= self.context, "train.block_size",
+                f"{self.train.block_size} exceeds {name} {self.context} (the model's maximum context)")
         require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
                 f"unknown device {self.device!r}; auto, cpu, cuda or cuda:N")
 
     @property
+    def context(self) -> int:
+        return self.encoder.max_position_embeddings if self.objective == "mlm" else self.model.block_size
+
+    @property
     def block_size(self) -> int:
-        return self.train.block_size or self.model.block_size
+        return self.train.block_size or self.context
+
+    @property
+    def arch(self) -> DecoderConfig | enc.EncoderConfig:
+        """The config of the model this objective trains."""
+        return self.encoder if self.objective == "mlm" else self.model
 
 
 # ---------------------------------------------------------------- data and tokenizer
@@ -183,26 +204,30 @@ def _run(cfg, rt, out, key, documents, resume, overwrite, log, t0) -> dict:
             raise UserError(f"data: the {name} split has {len(data)} tokens, too few for block size {block}; "
                             "give more text or a smaller train.block_size")
 
-    prompt_len = len(tokenizer.encode(cfg.sample.prompt, add_special_tokens=False).ids)
-    require(prompt_len < cfg.model.block_size, "sample.prompt",
-            f"{prompt_len} tokens leave no room in the model's context of {cfg.model.block_size}")
+    mlm = cfg.objective == "mlm"
+    section = "encoder" if mlm else "model"
+    if not mlm:
+        prompt_len = len(tokenizer.encode(cfg.sample.prompt, add_special_tokens=False).ids)
+        require(prompt_len < cfg.model.block_size, "sample.prompt",
+                f"{prompt_len} tokens leave no room in the model's context of {cfg.model.block_size}")
     vocab = tokenizer.get_vocab_size()
-    require(cfg.model.vocab_size == 0 or cfg.model.vocab_size >= vocab, "model.vocab_size",
-            f"{cfg.model.vocab_size} is smaller than the tokenizer's {vocab} tokens")
-    cfg.model = replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab)
+    require(cfg.arch.vocab_size == 0 or cfg.arch.vocab_size >= vocab, f"{section}.vocab_size",
+            f"{cfg.arch.vocab_size} is smaller than the tokenizer's {vocab} tokens")
+    setattr(cfg, section, replace(cfg.arch, vocab_size=cfg.arch.vocab_size or vocab))
     micro, accum = accumulation(cfg.train, rt)
-    model = DecoderLM(cfg.model).to(rt.device)
+    model = (enc.EncoderLM(cfg.encoder) if mlm else DecoderLM(cfg.model)).to(rt.device)
     optimizer = make_optimizer(model, cfg.train, rt.device)
     # All processes draw the same windows (same seed) and keep their own slice of each step.
-    sampler = BlockSampler(shards.train, block, cfg.seed)
+    masked = MaskedLM(cfg.mlm, tokenizer, shards.train, shards.val, block, cfg.seed) if mlm else None
+    sampler = masked.sampler if mlm else BlockSampler(shards.train, block, cfg.seed)
     start_step = 0
     if resume:
-        loaded, _ = ckpt.load_model(out)
-        changed = [f.name for f in fields(DecoderConfig) if f.name != "dropout"
-                   and getattr(loaded.config, f.name) != getattr(cfg.model, f.name)]
+        loaded, _ = ckpt.load_encoder(out, kinds=("mlm",)) if mlm else ckpt.load_model(out)
+        changed = [f.name for f in fields(cfg.arch) if "dropout" not in f.name
+                   and getattr(loaded.config, f.name) != getattr(cfg.arch, f.name)]
         if changed:
             name = changed[0]
-            raise UserError(f"model.{name}: {getattr(cfg.model, name)!r} differs from the checkpoint's "
+            raise UserError(f"{section}.{name}: {getattr(cfg.arch, name)!r} differs from the checkpoint's "
                             f"{getattr(loaded.config, name)!r}; a resumed run keeps its model")
         model.load_state_dict(loaded.state_dict())
         state = restore(out, optimizer, cfg.train)
@@ -210,28 +235,42 @@ def _run(cfg, rt, out, key, documents, resume, overwrite, log, t0) -> dict:
         start_step = int(state["step"])
 
     if rt.is_main:
-        prepare_output(out, cfg, resume, overwrite, ("metrics.jsonl", "samples.txt", "loss.png"))
+        prepare_output(out, cfg, resume, overwrite, ("metrics.jsonl", "samples.txt", "loss.png", "accuracy.png"))
     metrics = MetricsLog(out / "metrics.jsonl", start_step if resume else None, enabled=rt.is_main)
-    params, flops = num_params(model), flops_per_token(cfg.model, block)
+    if mlm:
+        params, flops = enc.num_params(model), enc.flops_per_token(cfg.encoder, block, cfg.mlm.mask_prob)
+        what = f"BERT-style encoder (masked LM, {cfg.mlm.mask_prob:.0%} of tokens)"
+    else:
+        params, flops = num_params(model), flops_per_token(cfg.model, block)
+        what = f"{cfg.model.flavour} flavour"
     if rt.is_main:
-        log(f"model: {cfg.model.flavour} flavour, {params / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs/token "
+        log(f"model: {what}, {params / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs/token "
             f"(training); tokens: {len(shards.train):,} train / {len(shards.val):,} val; "
             f"batch {cfg.train.batch_size} x {block} = {micro} x {accum} steps x {rt.world} processes; device {rt.device}")
 
     train_model = wrap(model, rt, cfg.compile)
 
     def micro_batches():
-        batch = sampler.sample(cfg.train.batch_size)
-        mine = batch[rt.rank * micro * accum:(rt.rank + 1) * micro * accum]
-        return [mine[i * micro:(i + 1) * micro].to(rt.device, non_blocking=True) for i in range(accum)]
+        if mlm:  # the whole step's batch corrupted at once: every process draws the same masks
+            batch = masked.sample(cfg.train.batch_size)
+        else:
+            batch = (sampler.sample(cfg.train.batch_size),)
+        mine = [b[rt.rank * micro * accum:(rt.rank + 1) * micro * accum] for b in batch]
+        return [tuple(b[i * micro:(i + 1) * micro].to(rt.device, non_blocking=True) for b in mine)
+                for i in range(accum)]
 
     def loss_fn(m, batch):
-        return m(batch[:, :-1], batch[:, 1:])[1]
+        if mlm:
+            return masked.loss(m, batch)
+        (rows,) = batch
+        return m(rows[:, :-1], rows[:, 1:])[1]
 
     eval_sampler_seed = cfg.seed + 1  # fixed validation windows: curves compare like with like
 
     @torch.no_grad()
     def evaluate(step: int):
+        if mlm:
+            return masked.evaluate(model, micro, cfg.train.eval_batches, rt.device)
         ev = BlockSampler(shards.val, block, eval_sampler_seed)
         losses = [model(b[:, :-1].to(rt.device), b[:, 1:].to(rt.device))[1].item()
                   for b in (ev.sample(micro) for _ in range(cfg.train.eval_batches))]
@@ -256,11 +295,23 @@ def _run(cfg, rt, out, key, documents, resume, overwrite, log, t0) -> dict:
                start_step=start_step, desc="pretrain")
     train_s = time.perf_counter() - train_start
 
-    summary = {"out": str(out), "checkpoint": str(out / ckpt.CHECKPOINT), "steps": cfg.train.steps,
-               "params": params, "flops_per_token": flops, "train_loss": last.get("loss"),
+    summary = {"out": str(out), "checkpoint": str(out / ckpt.CHECKPOINT), "objective": cfg.objective,
+               "steps": cfg.train.steps, "params": params, "flops_per_token": flops, "train_loss": last.get("loss"),
                "val_loss": last.get("val_loss"), "val_ppl": last.get("val_ppl"),
                "tokens_per_s": last.get("tokens_per_s"), "train_s": round(train_s, 2)}
-    if rt.is_main:
+    if mlm:
+        summary.update({k: last.get(k) for k in ("val_accuracy", "unigram_accuracy", "unigram_loss")})
+        if rt.is_main:
+            records = read_metrics(out / "metrics.jsonl")
+            plot_curves(records, out / "loss.png", {"loss": "train loss", "val_loss": "validation loss (all [MASK])",
+                                                    "unigram_loss": "unigram baseline"},
+                        title=f"masked-LM pretraining ({params / 1e6:.2f}M parameters)",
+                        ylabel="cross-entropy on masked tokens (nats)")
+            plot_curves(records, out / "accuracy.png", {"val_accuracy": "model", "unigram_accuracy": "unigram baseline"},
+                        title="held-out masked-token accuracy", ylabel="accuracy")
+            log(f"held-out masked-token accuracy {last.get('val_accuracy', 0):.3f} "
+                f"(unigram baseline {last.get('unigram_accuracy', 0):.3f})")
+    elif rt.is_main:
         records = read_metrics(out / "metrics.jsonl")
         plot_curves(records, out / "loss.png", {"loss": "train loss", "val_loss": "validation loss"},
                     title=f"pretraining ({params / 1e6:.2f}M parameters)", ylabel="cross-entropy (nats/token)")
