@@ -147,7 +147,7 @@ def test_decoder_and_encoder_loaders_refuse_each_other(tmp_path, capsys, tokeniz
     ckpt.save_checkpoint(tmp_path / "enc", random_encoder_lm(tokenizer.get_vocab_size()), tokenizer)
     code, _, err = run_cli(["sample", "--ckpt", str(tmp_path / "enc")], capsys)
     assert code == 2 and "encoder (BERT) checkpoint" in err and len(err.strip().splitlines()) == 1
-    from conftest import tiny_chat_model, tiny_config  # noqa: F401
+    from conftest import tiny_config
     from chatfoundry.models.decoder import DecoderLM
 
     ckpt.save_checkpoint(tmp_path / "dec", DecoderLM(tiny_config(vocab_size=tokenizer.get_vocab_size())), tokenizer)

@@ -24,7 +24,6 @@ config as it is (models/hf_encoder.py maps the weights).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
