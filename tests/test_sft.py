@@ -253,7 +253,7 @@ def test_eval_cli_prints_the_same_scores(sft_run, tmp_path, capsys):
     assert code == 0, err
     families = last_json(stdout)["families"]
     tool_use = last_json(stdout)["tool_use"]  # SFT scored the calculator questions the same way
-    assert tool_use == summary["tool_use"] and tool_use["n"] == 3 and "with the tool" in stdout
+    assert tool_use == summary["tool_use"] and tool_use["n"] == 3 and "with the calculator" in stdout
     assert set(families) == set(FAMILIES) and all({"exact_match", "gold_reward"} <= s.keys() for s in families.values())
     assert families == summary["families"]  # the saved checkpoint is the model the run scored
     answers = json.loads((tmp_path / "eval.json").read_text())["answers"]

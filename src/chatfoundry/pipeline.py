@@ -125,8 +125,8 @@ def stage_summaries(s: dict) -> dict:
 
 def _tool_use(sft: dict) -> str:
     t = sft.get("tool_use")
-    return (f"; calculator questions: {t['with_tool']:.2f} exact match with the tool, {t['without_tool']:.2f} "
-            f"without" if t else "")
+    return (f"; arithmetic exact match with the calculator vs without: {t['with_tool']:.2f} vs {t['without_tool']:.2f} "
+            f"(numbers up to 999), {t['small']['with_tool']:.2f} vs {t['small']['without_tool']:.2f} (0..12)" if t else "")
 
 
 def write_report(out: Path, s: dict) -> None:

@@ -63,24 +63,31 @@ def evaluate_world(model, tokenizer, split: str = "test", per_family: int = 100,
 
 def evaluate_tool_use(model, tokenizer, split: str = "test", n: int = 100, seed: int = 0, max_new_tokens: int = 48,
                       batch_size: int = 64) -> dict:
-    """Held-out calculator questions (numbers up to 999) answered twice by the same model: with
-    the calculator on offer (its calls run, serve/tools.py) and without (no tool named in the
-    prompt: the answer comes from the weights alone).
-    {"n", "with_tool", "without_tool", "called" (share that called the tool), "answers"}."""
+    """Held-out arithmetic answered twice by the same model: with the calculator on offer (its
+    calls run, serve/tools.py) and without (no tool named in the prompt: the answer comes from the
+    weights alone). `n` calculator questions (numbers up to 999) and as many small ones (the
+    arithmetic family, 0..12).
+    {"n", "with_tool", "without_tool", "called" (share that called the tool): the calculator
+    questions; "small": the same for the small ones; "answers"}."""
     from chatfoundry.serve.tools import answer_with_tools, final_answer
 
-    tasks = world.calculator_tasks(split, n, seed)
+    groups = {"calculator": world.calculator_tasks(split, n, seed), "small": world.tasks(split, "arithmetic", n, seed)}
+    tasks = [t for group in groups.values() for t in group]
     asks = [[{"role": "user", "content": t.prompt}] for t in tasks]
     alone = chat_answers(model, tokenizer, asks, max_new_tokens, batch_size)
     turns = answer_with_tools(model, tokenizer, asks, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    helped = [final_answer(t) for t in turns]
-    mean = (lambda xs: round(sum(xs) / len(xs), 4)) if tasks else (lambda xs: 0.0)
-    return {"n": len(tasks), "with_tool": mean([world.is_correct(t, r) for t, r in zip(tasks, helped)]),
-            "without_tool": mean([world.is_correct(t, r) for t, r in zip(tasks, alone)]),
-            "called": mean([any(m["role"] == "tool" for m in turn) for turn in turns]),
+    rows = [(world.is_correct(t, a), world.is_correct(t, final_answer(turn)), any(m["role"] == "tool" for m in turn))
+            for t, a, turn in zip(tasks, alone, turns)]
+
+    def summary(lo: int, hi: int) -> dict:
+        mine = rows[lo:hi]
+        mean = (lambda i: round(sum(r[i] for r in mine) / len(mine), 4)) if mine else (lambda i: 0.0)
+        return {"n": len(mine), "with_tool": mean(1), "without_tool": mean(0), "called": mean(2)}
+
+    big = len(groups["calculator"])
+    return {**summary(0, big), "small": summary(big, len(tasks)),
             "answers": [{"prompt": t.prompt, "answer": t.answer, "without_tool": a, "with_tool": turn}
                         for t, a, turn in zip(tasks, alone, turns)]}
-
 
 def _summary(scores: list[world.Score]) -> dict:
     n = len(scores)
@@ -110,6 +117,7 @@ def format_report(report: dict) -> str:
         lines.append(f"{name:<14}{s['n']:>5}{s['exact_match']:>13.3f}{s['gold_reward']:>13.3f}{s['abstain_rate']:>10.3f}")
     if "tool_use" in report:
         t = report["tool_use"]
-        lines.append(f"calculator questions (n={t['n']}): exact match {t['with_tool']:.3f} with the tool "
-                     f"(called on {t['called']:.0%}), {t['without_tool']:.3f} without")
+        for name, g in (("calculator questions", t), ("small arithmetic", t["small"])):
+            lines.append(f"{name} (n={g['n']}): exact match {g['with_tool']:.3f} with the calculator "
+                         f"(called on {g['called']:.0%}), {g['without_tool']:.3f} without")
     return "\n".join(lines)
