@@ -3,21 +3,18 @@ row's tokens equal its lone run; a client that disconnects frees its slot."""
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 
 import httpx
 import pytest
 import torch
-import uvicorn
 
 from chatfoundry.generation import GenerationConfig, generate
 from chatfoundry.serve.api import Job, create_app
 from chatfoundry.serve.batcher import Batcher
 from chatfoundry.textgen import prompt_ids
 from chatfoundry.tokenizer import chat_stop_ids, encode_chat
-from conftest import tiny_chat_model, tiny_chat_tokenizer
+from conftest import served, tiny_chat_model, tiny_chat_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +264,7 @@ def test_an_error_reaches_every_row_it_hits_and_the_worker_lives_on(model, tok, 
 
 
 @pytest.fixture
-def served(model, tok, monkeypatch):
+def live_server(model, tok, monkeypatch):
     """The app under uvicorn on a free port in a background thread; decoding slowed to ~20 steps/s so
     a 40-token answer is still running when its client goes away."""
     forward = model.forward
@@ -279,24 +276,13 @@ def served(model, tok, monkeypatch):
 
     monkeypatch.setattr(model, "forward", slow)
     app = create_app(model, tok, "tiny", max_batch=4)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", app.state.batcher
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    with served(app) as url:
+        yield url, app.state.batcher
     app.state.batcher.close()
 
 
-def test_a_client_that_disconnects_frees_its_slot(served, model, tok):
-    url, batcher = served
+def test_a_client_that_disconnects_frees_its_slot(live_server, model, tok):
+    url, batcher = live_server
     messages = [{"role": "user", "content": "Be brief. hi there"}]
     assert len(lone(model, chat_job(tok, messages[0]["content"], max_new_tokens=40))) == 40  # no early stop
     body = {"messages": messages, "temperature": 0, "max_tokens": 40, "stream": True}

@@ -11,7 +11,6 @@ import time
 
 import openai
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,7 +20,7 @@ from chatfoundry.generation import GenerationConfig, generate
 from chatfoundry.serve.api import create_app
 from chatfoundry.textgen import prompt_ids
 from chatfoundry.tokenizer import chat_stop_ids, encode_chat, special_id
-from conftest import cli_subprocess_cmd, run_cli, tiny_chat_model, tiny_chat_tokenizer
+from conftest import cli_subprocess_cmd, run_cli, served, tiny_chat_model, tiny_chat_tokenizer
 
 KEY = "sekret"
 NAME = "tiny-chat"
@@ -41,20 +40,8 @@ def model(tok, one_torch_thread):
 @pytest.fixture(scope="module")
 def client(model, tok):
     """The openai client talking to uvicorn on a free localhost port, in a background thread."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(model, tok, NAME, api_key=KEY), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=30)
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    with served(create_app(model, tok, NAME, api_key=KEY)) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=30)
 
 
 @pytest.fixture(scope="module")

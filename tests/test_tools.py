@@ -4,13 +4,9 @@ runtime loop, and OpenAI's `tools` / `tool_calls` through the API with the real 
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 
 import openai
 import pytest
-import uvicorn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,7 +16,7 @@ from chatfoundry.serve.api import create_app
 from chatfoundry.serve.tools import CALL, ToolError, calculate, format_number, parse_call, run_call, split_calls
 from chatfoundry.tokenizer import encode_chat, render_chat, special_id, train_tokenizer
 from chatfoundry.train.sft import Example, encode
-from conftest import randomize, tiny_config
+from conftest import randomize, served, tiny_config
 
 # ---------------------------------------------------------------- the calculator
 
@@ -168,19 +164,8 @@ def client(tok, one_torch_thread):
 
     torch.manual_seed(0)
     model = randomize(DecoderLM(tiny_config("llama", vocab_size=tok.get_vocab_size(), block_size=256))).eval()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(model, tok, "tiny"), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", api_key="x", max_retries=0)
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    with served(create_app(model, tok, "tiny")) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
 
 
 TOOLS = [tools.CALCULATOR.spec()]

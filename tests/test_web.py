@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
-import threading
 import time
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import uvicorn
 
 from chatfoundry.serve.api import create_app
-from conftest import tiny_chat_model, tiny_chat_tokenizer
+from conftest import served, tiny_chat_model, tiny_chat_tokenizer
 
 CHROMIUM = "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):
@@ -56,35 +53,13 @@ class _SlowStream:
         await self.app(scope, receive, paced)
 
 
-class Server:
-    """uvicorn serving the app on a free localhost port, in a background thread."""
-
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(_SlowStream(app), log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
-
-
 @pytest.fixture(scope="module")
 def servers(one_torch_thread):
     tok = tiny_chat_tokenizer()
     model = tiny_chat_model(tok)
-    open_, keyed = Server(create_app(model, tok, NAME)), Server(create_app(model, tok, NAME, api_key=KEY))
-    yield open_, keyed
-    open_.close()
-    keyed.close()
+    with served(_SlowStream(create_app(model, tok, NAME))) as open_, \
+            served(_SlowStream(create_app(model, tok, NAME, api_key=KEY))) as keyed:
+        yield open_, keyed
 
 
 @pytest.fixture(scope="module")
@@ -118,16 +93,16 @@ def page(browser, servers, hosts):
     page = context.new_page()
     page.add_init_script(RECORD_TEXTS)
     page.set_default_timeout(10_000)
-    page.goto(servers[0].url + "/")
+    page.goto(servers[0] + "/")
     yield page
     context.close()
     # the page is self-contained: no CDN, no web font, nothing fetched from anywhere but the servers
-    assert hosts and hosts <= {urlsplit(s.url).netloc for s in servers}, hosts
+    assert hosts and hosts <= {urlsplit(s).netloc for s in servers}, hosts
 
 
 def api_answer(server, messages, key: str | None = None, **params) -> str:
     """What the API answers, not streamed, for the same request."""
-    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": messages, **params}, timeout=30,
+    r = httpx.post(server + "/v1/chat/completions", json={"messages": messages, **params}, timeout=30,
                    headers={"Authorization": f"Bearer {key}"} if key else None)
     r.raise_for_status()
     return r.json()["choices"][0]["message"]["content"]
@@ -251,7 +226,7 @@ def test_server_errors_show_on_the_page(page, servers):
 
     # a server that wants a key: without it, and with a wrong one, the 401's message; with it, an answer
     keyed = servers[1]
-    page.goto(keyed.url + "/")
+    page.goto(keyed + "/")
     sync_api.expect(page.get_by_test_id("model-name")).to_contain_text("missing or wrong API key")
     fill_settings(page, temperature=0, max_tokens=5)
     page.get_by_test_id("api-key").fill("wrong")
