@@ -25,6 +25,7 @@ from conftest import randomize, served, tiny_config
     ("347 * 29", "10063"), ("1 + 2 * 3", "7"), ("(1 + 2) * 3", "9"), ("2 ^ 10", "1024"), ("2 ** 3 ** 2", "512"),
     ("-5 + 3", "-2"), ("7 / 2", "3.5"), ("10 / 2", "5"), ("7 // 2", "3"), ("7 % 3", "1"), ("1 / 3", "0.3333333333"),
     ("3 × 4 ÷ 6", "2"), ("0.1 + 0.2", "0.3"), (" 12 ", "12"), ("-(2 - 10)", "8"),
+    ("7 times 8", "56"), ("836 minus 24 plus 1", "813"), ("9 multiplied by 3 divided by 2", "13.5"),
 ])
 def test_calculator_values(expression, value):
     assert format_number(calculate(expression)) == value
@@ -35,6 +36,7 @@ def test_calculator_values(expression, value):
     ("x + 1", "only numbers"), ("(1).real", "only numbers"), ("[1, 2]", "only numbers"), ("'a' * 3", "only numbers"),
     ("9 ** 9 ** 9", "exponent"), ("10 ** 40", "too large"), ("1" * 40, "too large"), ("1+" * 150 + "1", "longer"),
     ("True + 1", "only numbers"), ("1e400", "too large"), ("(-8) ** 0.5", "no real"),
+    ("7 timesx 8", "cannot parse"), ("plus", "cannot parse"),
 ])
 def test_calculator_refuses_what_it_should(expression, message):
     with pytest.raises(ToolError, match=message):

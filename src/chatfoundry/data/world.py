@@ -297,11 +297,12 @@ def calculator_tasks(split: str, n: int, seed: int = 0) -> list[Task]:
 
 
 def tool_call(task: Task) -> str:
-    """The calculator call that answers an arithmetic task, as the model learns to write it."""
+    """The calculator call that answers an arithmetic task, as the model learns to write it: the
+    question's own words ("7 times 8" or "7 * 8"), so the model copies rather than translates."""
     from chatfoundry.serve.tools import call_text  # serve imports torch; the world itself does not need it
 
-    a, op, b = re.fullmatch(r"(-?\d+)([-+*])(-?\d+)", task.key).groups()
-    return call_text("calculator", {"expression": f"{a} {op} {b}"})
+    expression = re.search(r"\d+ (?:plus|minus|times|[-+*]) \d+", task.prompt).group()
+    return call_text("calculator", {"expression": expression})
 
 
 def tool_conversations(split: str, n: int, seed: int = 0, system_prob: float = 0.3,

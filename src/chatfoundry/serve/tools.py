@@ -20,6 +20,7 @@ import ast
 import json
 import math
 import operator
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -46,8 +47,14 @@ _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
 _UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 
 
+_WORDS = ((re.compile(r"\bplus\b"), "+"), (re.compile(r"\bminus\b"), "-"),
+          (re.compile(r"\b(times|multiplied by)\b"), "*"), (re.compile(r"\bdivided by\b"), "/"))
+
+
 def calculate(expression: str) -> int | float:
-    """The value of an arithmetic expression: numbers, + - * / // % ** (or ^), parentheses.
+    """The value of an arithmetic expression: numbers, + - * / // % ** (or ^), parentheses, and
+    the words plus, minus, times, multiplied by, divided by (so a model can pass a question's own
+    words: "7 times 8", copied, not translated).
 
     Python's own parser reads it (`ast`, never `eval`); only number literals and those operators
     are walked, and the size of the text, of every intermediate value and of exponents is
@@ -56,6 +63,8 @@ def calculate(expression: str) -> int | float:
     if len(expression) > MAX_EXPRESSION:
         raise ToolError(f"expression longer than {MAX_EXPRESSION} characters")
     text = expression.replace("^", "**").replace("×", "*").replace("÷", "/").strip()
+    for word, symbol in _WORDS:
+        text = word.sub(symbol, text)
     if not text:
         raise ToolError("empty expression")
     try:
@@ -122,7 +131,8 @@ def _calculator(arguments: dict) -> str:
     return format_number(calculate(expression))
 
 
-CALCULATOR = Tool("calculator", "Evaluate an arithmetic expression: numbers, + - * / // % ** and parentheses.",
+CALCULATOR = Tool("calculator", "Evaluate an arithmetic expression: numbers, + - * / // % ** and parentheses "
+                  "(or the words plus, minus, times, divided by).",
                   {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
                   _calculator)
 TOOLS = {CALCULATOR.name: CALCULATOR}

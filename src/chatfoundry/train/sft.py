@@ -40,7 +40,7 @@ class SFTDataConfig:
     conversations: int = 8000  # world conversations drawn from its train split
     system_prob: float = 0.3  # world: share of conversations that open with a system message
     multi_turn_prob: float = 0.2  # world: share with two or three exchanges
-    tool_conversations: int = 1500  # world: conversations with the calculator on offer (serve/tools.py)
+    tool_conversations: int = 2500  # world: conversations with the calculator on offer (serve/tools.py)
     val_fraction: float = 0.05  # user files: share held out for validation loss (the world has a val split)
     packing: bool = False  # pack conversations into full rows instead of padding each
     # World only: the share of training examples that are pretraining documents (plain text, every
