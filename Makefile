@@ -34,6 +34,7 @@ setup-test: $(VENV)/.installed-test
 demo: setup
 	$(BIN)/chatfoundry pipeline --out runs/demo
 	echo "What is the capital of France?" | $(BIN)/chatfoundry chat --ckpt runs/demo/ppo --temperature 0
+	echo "How much is 512 minus 89?" | $(BIN)/chatfoundry chat --ckpt runs/demo/sft --tools calculator --temperature 0
 
 test: setup-test
 	$(BIN)/python -m pytest -q
