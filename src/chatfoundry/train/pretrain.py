@@ -6,6 +6,10 @@
       -> DecoderLM trained with cross-entropy on every position
       -> run/checkpoint/, run/metrics.jsonl, run/loss.png, run/samples.txt
 
+With `objective: span` the same windows train a T5-style encoder-decoder (`seq2seq` section)
+to write back the spans dropped from them (span corruption, train/span.py); the tokenizer gains
+the sentinel tokens <extra_id_0> ...
+
 Every check a user can fail runs before the output folder is touched.
 """
 
@@ -30,8 +34,10 @@ from chatfoundry.data.shards import (BlockSampler, build_shards, default_cache_d
 from chatfoundry.errors import UserError
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.models.decoder import DecoderConfig, DecoderLM, flops_per_token, num_params
+from chatfoundry.models.seq2seq import Seq2SeqConfig, Seq2SeqLM
+from chatfoundry.train import span
 from chatfoundry.textgen import generate_text
-from chatfoundry.tokenizer import SPECIAL_TOKENS, load_tokenizer, save_tokenizer, train_tokenizer
+from chatfoundry.tokenizer import SPECIAL_TOKENS, load_tokenizer, save_tokenizer, special_id, train_tokenizer
 from chatfoundry.train.loop import (Runtime, TrainConfig, accumulation, fit, make_optimizer, restore, setup_runtime,
                                     teardown, trainer_state, wrap)
 
@@ -78,27 +84,47 @@ class SampleConfig:
 
 
 @dataclass
+class SpanConfig:
+    """Span corruption (objective: span), with T5's settings."""
+
+    noise_density: float = 0.15  # share of each window's tokens dropped
+    mean_noise_span_length: float = 3.0
+    extra_ids: int = 100  # sentinel tokens <extra_id_0> .. added to the tokenizer
+
+    def validate(self) -> None:
+        require(0 < self.noise_density < 1, "span.noise_density", f"must be in (0, 1), got {self.noise_density}")
+        require(self.mean_noise_span_length >= 1, "span.mean_noise_span_length",
+                f"must be >= 1, got {self.mean_noise_span_length}")
+        require(self.extra_ids >= 2, "span.extra_ids", f"must be >= 2, got {self.extra_ids}")
+
+
+@dataclass
 class PretrainConfig:
     out: str = "runs/pretrain"
     seed: int = 1337
     device: str = "auto"  # auto: cuda if present, else cpu
     dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls, fp32 weights
     compile: bool = False  # torch.compile the model
+    objective: Literal["causal", "span"] = "causal"  # causal: decoder LM (model); span: T5 (seq2seq)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: DecoderConfig = field(default_factory=DecoderConfig)
+    seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)  # objective span only
+    span: SpanConfig = field(default_factory=SpanConfig)  # objective span only
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def validate(self) -> None:
-        require(self.train.block_size <= self.model.block_size, "train.block_size",
-                f"{self.train.block_size} exceeds model.block_size {self.model.block_size} (the model's maximum context)")
+        section = "seq2seq" if self.objective == "span" else "model"
+        limit = getattr(self, section).block_size
+        require(self.train.block_size <= limit, "train.block_size",
+                f"{self.train.block_size} exceeds {section}.block_size {limit} (the model's maximum context)")
         require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
                 f"unknown device {self.device!r}; auto, cpu, cuda or cuda:N")
 
     @property
     def block_size(self) -> int:
-        return self.train.block_size or self.model.block_size
+        return self.train.block_size or (self.seq2seq if self.objective == "span" else self.model).block_size
 
 
 # ---------------------------------------------------------------- data and tokenizer
@@ -183,71 +209,104 @@ def _run(cfg, rt, out, key, documents, resume, overwrite, log, t0) -> dict:
             raise UserError(f"data: the {name} split has {len(data)} tokens, too few for block size {block}; "
                             "give more text or a smaller train.block_size")
 
-    prompt_len = len(tokenizer.encode(cfg.sample.prompt, add_special_tokens=False).ids)
-    require(prompt_len < cfg.model.block_size, "sample.prompt",
-            f"{prompt_len} tokens leave no room in the model's context of {cfg.model.block_size}")
+    spans = cfg.objective == "span"
+    section = "seq2seq" if spans else "model"  # the config section of the model trained
+    if spans:  # after the shards: sentinels never occur in the text, so they change no token of it
+        sentinels = span.add_sentinels(tokenizer, cfg.span.extra_ids)
+        span.check_spans(block, cfg.span.noise_density, cfg.span.mean_noise_span_length, len(sentinels))
+        eos = special_id(tokenizer, "eos")
+        require(eos is not None, "tokenizer", "span corruption ends inputs and targets with <|eos|>; the tokenizer lacks it")
+    else:
+        prompt_len = len(tokenizer.encode(cfg.sample.prompt, add_special_tokens=False).ids)
+        require(prompt_len < cfg.model.block_size, "sample.prompt",
+                f"{prompt_len} tokens leave no room in the model's context of {cfg.model.block_size}")
     vocab = tokenizer.get_vocab_size()
-    require(cfg.model.vocab_size == 0 or cfg.model.vocab_size >= vocab, "model.vocab_size",
-            f"{cfg.model.vocab_size} is smaller than the tokenizer's {vocab} tokens")
-    cfg.model = replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab)
+    model_cfg = getattr(cfg, section)
+    require(model_cfg.vocab_size == 0 or model_cfg.vocab_size >= vocab, f"{section}.vocab_size",
+            f"{model_cfg.vocab_size} is smaller than the tokenizer's {vocab} tokens")
+    model_cfg = replace(model_cfg, vocab_size=model_cfg.vocab_size or vocab)
+    setattr(cfg, section, model_cfg)
     micro, accum = accumulation(cfg.train, rt)
-    model = DecoderLM(cfg.model).to(rt.device)
+    model = (Seq2SeqLM if spans else DecoderLM)(model_cfg).to(rt.device)
     optimizer = make_optimizer(model, cfg.train, rt.device)
     # All processes draw the same windows (same seed) and keep their own slice of each step.
     sampler = BlockSampler(shards.train, block, cfg.seed)
+    span_rng = np.random.default_rng([cfg.seed, 1])  # where the spans fall
     start_step = 0
     if resume:
-        loaded, _ = ckpt.load_model(out)
-        changed = [f.name for f in fields(DecoderConfig) if f.name != "dropout"
-                   and getattr(loaded.config, f.name) != getattr(cfg.model, f.name)]
+        loaded, _ = ckpt.load_model(out, seq2seq=spans)
+        changed = [f.name for f in fields(model_cfg) if f.name not in ("dropout", "dropout_rate")
+                   and getattr(loaded.config, f.name, None) != getattr(model_cfg, f.name)]
         if changed:
             name = changed[0]
-            raise UserError(f"model.{name}: {getattr(cfg.model, name)!r} differs from the checkpoint's "
-                            f"{getattr(loaded.config, name)!r}; a resumed run keeps its model")
+            raise UserError(f"{section}.{name}: {getattr(model_cfg, name)!r} differs from the checkpoint's "
+                            f"{getattr(loaded.config, name, None)!r}; a resumed run keeps its model")
         model.load_state_dict(loaded.state_dict())
         state = restore(out, optimizer, cfg.train)
         sampler.set_state(state["sampler"])
+        if spans:
+            span_rng.bit_generator.state = state["span_rng"]
         start_step = int(state["step"])
 
     if rt.is_main:
         prepare_output(out, cfg, resume, overwrite, ("metrics.jsonl", "samples.txt", "loss.png"))
     metrics = MetricsLog(out / "metrics.jsonl", start_step if resume else None, enabled=rt.is_main)
-    params, flops = num_params(model), flops_per_token(cfg.model, block)
+    params = num_params(model)
+    flops = None if spans else flops_per_token(cfg.model, block)
     if rt.is_main:
-        log(f"model: {cfg.model.flavour} flavour, {params / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs/token "
-            f"(training); tokens: {len(shards.train):,} train / {len(shards.val):,} val; "
+        what = (f"T5 encoder-decoder, span corruption ({cfg.span.noise_density:g} of tokens in spans of "
+                f"{cfg.span.mean_noise_span_length:g}), {params / 1e6:.2f}M parameters" if spans else
+                f"{cfg.model.flavour} flavour, {params / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs/token (training)")
+        log(f"model: {what}; tokens: {len(shards.train):,} train / {len(shards.val):,} val; "
             f"batch {cfg.train.batch_size} x {block} = {micro} x {accum} steps x {rt.world} processes; device {rt.device}")
 
     train_model = wrap(model, rt, cfg.compile)
 
+    def corrupted(windows: torch.Tensor, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        return span.span_batch(windows[:, :block], cfg.span.noise_density, cfg.span.mean_noise_span_length,
+                               sentinels, eos, rng)
+
     def micro_batches():
         batch = sampler.sample(cfg.train.batch_size)
+        if spans:  # every process corrupts the whole batch alike (same rng), as it draws it
+            batch = corrupted(batch, span_rng)
+            mine = {k: v[rt.rank * micro * accum:(rt.rank + 1) * micro * accum] for k, v in batch.items()}
+            return [{k: v[i * micro:(i + 1) * micro].to(rt.device, non_blocking=True) for k, v in mine.items()}
+                    for i in range(accum)]
         mine = batch[rt.rank * micro * accum:(rt.rank + 1) * micro * accum]
         return [mine[i * micro:(i + 1) * micro].to(rt.device, non_blocking=True) for i in range(accum)]
 
     def loss_fn(m, batch):
+        if spans:
+            return m(batch["input_ids"], labels=batch["labels"])[1]
         return m(batch[:, :-1], batch[:, 1:])[1]
 
     eval_sampler_seed = cfg.seed + 1  # fixed validation windows: curves compare like with like
 
+    def val_batches():
+        ev, rng = BlockSampler(shards.val, block, eval_sampler_seed), np.random.default_rng([eval_sampler_seed, 1])
+        for _ in range(cfg.train.eval_batches):
+            yield corrupted(ev.sample(micro), rng) if spans else ev.sample(micro)
+
     @torch.no_grad()
     def evaluate(step: int):
-        ev = BlockSampler(shards.val, block, eval_sampler_seed)
-        losses = [model(b[:, :-1].to(rt.device), b[:, 1:].to(rt.device))[1].item()
-                  for b in (ev.sample(micro) for _ in range(cfg.train.eval_batches))]
+        losses = [loss_fn(model, {k: v.to(rt.device) for k, v in b.items()} if spans else b.to(rt.device)).item()
+                  for b in val_batches()]
         val = float(np.mean(losses))
         scores = {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
         if rt.is_main:  # one sample per evaluation, to watch the text improve
-            text = generate_text(model, tokenizer, cfg.sample.prompt, 1, 60, cfg.sample.temperature, cfg.sample.top_k,
-                                 seed=cfg.seed)[0]
+            text = (_denoised(model, tokenizer, next(val_batches()), 1) if spans else
+                    generate_text(model, tokenizer, cfg.sample.prompt, 1, 60, cfg.sample.temperature, cfg.sample.top_k,
+                                  seed=cfg.seed))[0]
             with (out / "samples.txt").open("a") as f:
                 f.write(f"--- step {step} (val loss {val:.3f}) ---\n{text}\n\n")
         return scores
 
     def save(step: int):
         if rt.is_main:
+            extra = {"span_rng": span_rng.bit_generator.state} if spans else {}
             ckpt.save_checkpoint(out / ckpt.CHECKPOINT, model, tokenizer,
-                                 trainer_state(step, optimizer, sampler=sampler.state()))
+                                 trainer_state(step, optimizer, sampler=sampler.state(), **extra))
         rt.barrier()
 
     train_start = time.perf_counter()
@@ -263,11 +322,30 @@ def _run(cfg, rt, out, key, documents, resume, overwrite, log, t0) -> dict:
     if rt.is_main:
         records = read_metrics(out / "metrics.jsonl")
         plot_curves(records, out / "loss.png", {"loss": "train loss", "val_loss": "validation loss"},
-                    title=f"pretraining ({params / 1e6:.2f}M parameters)", ylabel="cross-entropy (nats/token)")
-        samples = generate_text(model, tokenizer, cfg.sample.prompt, cfg.sample.num_samples,
-                                cfg.sample.max_new_tokens, cfg.sample.temperature, cfg.sample.top_k, seed=cfg.seed)
+                    title=f"pretraining{' (span corruption)' if spans else ''} ({params / 1e6:.2f}M parameters)",
+                    ylabel="cross-entropy (nats/token)")
+        if spans:
+            samples = _denoised(model, tokenizer, next(val_batches()), cfg.sample.num_samples) if cfg.sample.num_samples else []
+        else:
+            samples = generate_text(model, tokenizer, cfg.sample.prompt, cfg.sample.num_samples,
+                                    cfg.sample.max_new_tokens, cfg.sample.temperature, cfg.sample.top_k, seed=cfg.seed)
         for i, text in enumerate(samples):
-            log(f"--- sample {i + 1} ---\n{cfg.sample.prompt}{text}")
+            log(f"--- sample {i + 1} ---\n{'' if spans else cfg.sample.prompt}{text}")
         summary["samples"] = samples
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
     return summary
+
+
+def _denoised(model: Seq2SeqLM, tokenizer, batch: dict[str, torch.Tensor], n: int) -> list[str]:
+    """A span-corruption model's greedy answers to `n` corrupted windows, beside the truth."""
+    from chatfoundry.generation import GenerationConfig, generate_seq2seq
+
+    inputs, labels = batch["input_ids"][:n].tolist(), batch["labels"][:n].tolist()
+    was_training = model.training
+    model.eval()
+    out = generate_seq2seq(model, inputs, GenerationConfig(max_new_tokens=len(labels[0]),
+                                                           eos_token_id=special_id(tokenizer, "eos")))
+    model.train(was_training)
+    show = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731 - sentinels stay visible
+    return [f"input:  {show(x)}\nmodel:  {show(got)}\ntarget: {show(y)}"
+            for x, y, got in zip(inputs, labels, out.sequences)]
