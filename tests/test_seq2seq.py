@@ -347,7 +347,8 @@ def test_finetune_seq2seq_bad_input_is_one_line_exit_2_and_writes_nothing(pretra
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "a", "target": "b"}\n{"input": "c"}\n')
     for args, needle in (([f"--data", str(bad)], "bad.jsonl:2"), (["--data", "world:nope"], "nope"),
-                         (["--data", "world:strings/nope"], "nope"), (["--train.lr", "-1"], "train.lr")):
+                         (["--data", "world:strings/nope"], "nope"), (["--train.lr", "-1"], "train.lr"),
+                         (["--data", "world:strings/sort", "--synthetic", "5"], "synthetic")):
         out = tmp_path / "run"
         code, _, err = run_cli(["finetune-seq2seq", "--init", str(pretrained), "--out", str(out), *args], capsys)
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, (args, err)

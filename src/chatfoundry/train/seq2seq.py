@@ -23,7 +23,7 @@ import torch
 
 from chatfoundry import checkpoint as ckpt
 from chatfoundry.config import require
-from chatfoundry.data import world
+from chatfoundry.data import corpus, world
 from chatfoundry.data.formats import read_jsonl
 from chatfoundry.errors import UserError
 from chatfoundry.generation import GenerationConfig, generate_seq2seq
@@ -60,6 +60,10 @@ class FinetuneSeq2SeqConfig:
     device: str = "auto"
     dtype: str = "fp32"  # fp32 or bf16 (autocast)
     val_fraction: float = 0.1  # JSONL data: share held out for validation loss and exact match
+    # world:strings/reverse only: this many extra training pairs that reverse random letter
+    # strings in the task's own phrasings. 55 training words teach a tiny model the words, not
+    # the algorithm; these teach the algorithm. The held-out words stay unseen either way.
+    synthetic: int = 0
     train: TrainConfig = field(default_factory=_finetune_train)
     eval: Seq2SeqEvalConfig = field(default_factory=Seq2SeqEvalConfig)
 
@@ -68,6 +72,9 @@ class FinetuneSeq2SeqConfig:
         require(bool(self.data), "data", "give a JSONL file of input/target pairs or world:FAMILY[/KIND]")
         require(self.dtype in ("fp32", "bf16"), "dtype", f"must be fp32 or bf16, got {self.dtype!r}")
         require(0 < self.val_fraction < 0.5, "val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
+        require(self.synthetic >= 0, "synthetic", f"must be >= 0, got {self.synthetic}")
+        require(not self.synthetic or self.data == "world:strings/reverse", "synthetic",
+                "synthetic pairs exist for data world:strings/reverse only")
 
 
 # ---------------------------------------------------------------- data
@@ -96,6 +103,22 @@ def world_pairs(spec: str, split: str, draws: int = 20000, seed: int = 0) -> lis
     return sorted(found.values(), key=lambda p: p.input)
 
 
+def synthetic_reverse(train: list[Pair], n: int, seed: int) -> list[Pair]:
+    """`n` reverse questions about random lowercase strings (3 to 8 letters), phrased as the
+    training questions are; none is a word of the world."""
+    rng = random.Random(f"{seed}:synthetic")
+    words = {p.task.group.removeprefix("word:") for p in train if p.task} | set(corpus.SPELLING_WORDS)
+    out = []
+    while len(out) < n:
+        fake = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8)))
+        if fake in words:
+            continue
+        template = rng.choice(train)
+        word = template.task.group.removeprefix("word:")
+        out.append(Pair(template.input.replace(f'"{word}"', f'"{fake}"'), fake[::-1]))
+    return out
+
+
 def file_pairs(path: str) -> list[Pair]:
     pairs = []
     for lineno, obj in read_jsonl(path):
@@ -112,8 +135,10 @@ def load_pairs(cfg: FinetuneSeq2SeqConfig) -> tuple[list[Pair], list[Pair], list
     """(train, validation, held-out test, description)."""
     if cfg.data.startswith("world:"):
         spec = cfg.data.removeprefix("world:")
-        return (world_pairs(spec, "train"), world_pairs(spec, "val"), world_pairs(spec, "test"),
-                f"the world's {spec} task")
+        train = world_pairs(spec, "train")
+        extra = synthetic_reverse(train, cfg.synthetic, cfg.seed) if cfg.synthetic else []
+        return (train + extra, world_pairs(spec, "val"), world_pairs(spec, "test"),
+                f"the world's {spec} task" + (f" (+{len(extra)} synthetic)" if extra else ""))
     pairs = file_pairs(cfg.data)
     random.Random(cfg.seed).shuffle(pairs)
     n_val = max(1, int(len(pairs) * cfg.val_fraction))
