@@ -246,14 +246,12 @@ def test_span_corruption_layout_and_noise_density():
     length, sentinels, eos = 200, list(range(1000, 1100)), 2
     noise, spans = span.span_counts(length, 0.15, 3.0)
     assert (noise, spans) == (30, 10)
-    span_lengths = []
     for _ in range(50):
         tokens = np.arange(10, 10 + length)
         mask = span.noise_mask(length, 0.15, 3.0, rng)
         assert mask.sum() == noise and not mask[0] and mask[-1]  # starts with kept text, ends with a dropped span
         starts = np.flatnonzero(mask & ~np.r_[False, mask[:-1]])
         assert len(starts) == spans
-        span_lengths += np.diff(np.r_[starts, length] - 0).tolist()  # not used below; lengths come from runs
         inputs, targets = span.corrupt(tokens, mask, sentinels, eos)
         assert len(inputs) == length - noise + spans + 1 and len(targets) == noise + spans + 2
         assert inputs[-1] == eos and targets[-2:] == [sentinels[spans], eos]
