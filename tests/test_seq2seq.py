@@ -132,6 +132,18 @@ def test_training_matches_transformers_step_for_step(kind):
     assert losses[0] < 3.0  # it learns the batch (log 61 = 4.1 at the start)
 
 
+def test_relative_position_bias_gets_its_own_faster_undecayed_lr():
+    from chatfoundry.train.loop import TrainConfig, make_optimizer
+
+    model = Seq2SeqLM(tiny_t5_config(position_bias_lr_scale=7.0))
+    groups = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu")).param_groups
+    bias = [g for g in groups if g.get("lr_scale")]
+    assert len(bias) == 1 and bias[0]["lr_scale"] == 7.0 and bias[0]["weight_decay"] == 0.0
+    assert {id(p) for p in bias[0]["params"]} == {id(model.encoder.relative_attention_bias.weight),
+                                                  id(model.decoder.relative_attention_bias.weight)}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
 def test_cached_decoding_equals_the_full_pass():
     ours, _ = pair("gated_untied")
     ids, mask = padded(INPUTS)

@@ -64,6 +64,9 @@ class FinetuneSeq2SeqConfig:
     # strings in the task's own phrasings. 55 training words teach a tiny model the words, not
     # the algorithm; these teach the algorithm. The held-out words stay unseen either way.
     synthetic: int = 0
+    # world:strings/reverse only: exact match also on this many fresh random strings (none
+    # trained on), phrased as the test questions: a steadier figure than the test split's 12.
+    synthetic_eval: int = 200
     train: TrainConfig = field(default_factory=_finetune_train)
     eval: Seq2SeqEvalConfig = field(default_factory=Seq2SeqEvalConfig)
 
@@ -73,6 +76,7 @@ class FinetuneSeq2SeqConfig:
         require(self.dtype in ("fp32", "bf16"), "dtype", f"must be fp32 or bf16, got {self.dtype!r}")
         require(0 < self.val_fraction < 0.5, "val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
         require(self.synthetic >= 0, "synthetic", f"must be >= 0, got {self.synthetic}")
+        require(self.synthetic_eval >= 0, "synthetic_eval", f"must be >= 0, got {self.synthetic_eval}")
         require(not self.synthetic or self.data == "world:strings/reverse", "synthetic",
                 "synthetic pairs exist for data world:strings/reverse only")
 
@@ -103,20 +107,27 @@ def world_pairs(spec: str, split: str, draws: int = 20000, seed: int = 0) -> lis
     return sorted(found.values(), key=lambda p: p.input)
 
 
-def synthetic_reverse(train: list[Pair], n: int, seed: int) -> list[Pair]:
-    """`n` reverse questions about random lowercase strings (3 to 8 letters), phrased as the
-    training questions are; none is a word of the world."""
-    rng = random.Random(f"{seed}:synthetic")
-    words = {p.task.group.removeprefix("word:") for p in train if p.task} | set(corpus.SPELLING_WORDS)
+def synthetic_reverse(train: list[Pair], n: int, seed: int, avoid: set[str] = frozenset(),
+                      tag: str = "synthetic") -> list[Pair]:
+    """`n` reverse questions about distinct random lowercase strings (3 to 8 letters), phrased as
+    the questions in `train` are; none is a word of the world or in `avoid`."""
+    rng = random.Random(f"{seed}:{tag}")
+    words = {p.task.group.removeprefix("word:") for p in train if p.task} | set(corpus.SPELLING_WORDS) | set(avoid)
     out = []
     while len(out) < n:
         fake = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8)))
         if fake in words:
             continue
+        words.add(fake)
         template = rng.choice(train)
         word = template.task.group.removeprefix("word:")
         out.append(Pair(template.input.replace(f'"{word}"', f'"{fake}"'), fake[::-1]))
     return out
+
+
+def reversed_string(pair: Pair) -> str:
+    """The string a reverse question asks about (between its quotes)."""
+    return pair.input.split('"')[1]
 
 
 def file_pairs(path: str) -> list[Pair]:
@@ -131,18 +142,22 @@ def file_pairs(path: str) -> list[Pair]:
     return pairs
 
 
-def load_pairs(cfg: FinetuneSeq2SeqConfig) -> tuple[list[Pair], list[Pair], list[Pair], str]:
-    """(train, validation, held-out test, description)."""
+def load_pairs(cfg: FinetuneSeq2SeqConfig) -> tuple[list[Pair], list[Pair], list[Pair], list[Pair], str]:
+    """(train, validation, held-out test, held-out random strings (reverse only), description)."""
     if cfg.data.startswith("world:"):
         spec = cfg.data.removeprefix("world:")
-        train = world_pairs(spec, "train")
+        train, test = world_pairs(spec, "train"), world_pairs(spec, "test")
         extra = synthetic_reverse(train, cfg.synthetic, cfg.seed) if cfg.synthetic else []
-        return (train + extra, world_pairs(spec, "val"), world_pairs(spec, "test"),
+        fresh = []
+        if spec == "strings/reverse" and cfg.synthetic_eval:  # disjoint from the training strings
+            fresh = synthetic_reverse(test, cfg.synthetic_eval, cfg.seed, {reversed_string(p) for p in extra},
+                                      tag="held-out")
+        return (train + extra, world_pairs(spec, "val"), test, fresh,
                 f"the world's {spec} task" + (f" (+{len(extra)} synthetic)" if extra else ""))
     pairs = file_pairs(cfg.data)
     random.Random(cfg.seed).shuffle(pairs)
     n_val = max(1, int(len(pairs) * cfg.val_fraction))
-    return pairs[n_val:], pairs[:n_val], pairs[:n_val], f"{len(pairs)} pairs from {cfg.data}"
+    return pairs[n_val:], pairs[:n_val], pairs[:n_val], [], f"{len(pairs)} pairs from {cfg.data}"
 
 
 def encode_inputs(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -211,16 +226,17 @@ def run(cfg: FinetuneSeq2SeqConfig, resume: bool = False, overwrite: bool = Fals
                         "(chatfoundry pretrain --objective span)")
     if special_id(tokenizer, "eos") is None:
         raise UserError(f"{cfg.init}: the tokenizer has no <|eos|> to end inputs and targets")
-    train_pairs, val_pairs, test_pairs, source = load_pairs(cfg)
+    train_pairs, val_pairs, test_pairs, fresh_pairs, source = load_pairs(cfg)
     rt = setup_runtime(cfg.device, cfg.dtype)
     try:
-        return _run(cfg, rt, out, model, tokenizer, train_pairs, val_pairs, test_pairs, source, resume, overwrite,
-                    log, t0)
+        return _run(cfg, rt, out, model, tokenizer, train_pairs, val_pairs, test_pairs, fresh_pairs, source, resume,
+                    overwrite, log, t0)
     finally:
         teardown(rt)
 
 
-def _run(cfg, rt, out, model, tokenizer, train_pairs, val_pairs, test_pairs, source, resume, overwrite, log, t0):
+def _run(cfg, rt, out, model, tokenizer, train_pairs, val_pairs, test_pairs, fresh_pairs, source, resume, overwrite,
+         log, t0):
     torch.manual_seed(cfg.seed)
     block = model.config.block_size
     rows, cut = to_rows(train_pairs, tokenizer, block)
@@ -280,11 +296,16 @@ def _run(cfg, rt, out, model, tokenizer, train_pairs, val_pairs, test_pairs, sou
                     {"loss": "train loss", "val_loss": "validation loss", "val_exact_match": "validation exact match"},
                     title="seq2seq finetuning", ylabel="cross-entropy (nats/token); exact match")
         report = exact_match(model, tokenizer, test_pairs, cfg.eval)
-        (out / "eval.json").write_text(json.dumps(report, indent=2))
         summary.update({k: v for k, v in report.items() if k != "answers"})
         summary["held_out"] = "test split" if cfg.data.startswith("world:") else f"{cfg.val_fraction:g} of the pairs"
         log(f"held-out exact match: {report['exact_match']:.3f} on {report['n']} inputs"
             + (f" (verifier: {report['verifier_correct']:.3f})" if "verifier_correct" in report else ""))
+        if fresh_pairs:
+            fresh = exact_match(model, tokenizer, fresh_pairs, cfg.eval)
+            report["random_strings"] = fresh
+            summary["random_strings_exact_match"], summary["random_strings_n"] = fresh["exact_match"], fresh["n"]
+            log(f"held-out random strings exact match: {fresh['exact_match']:.3f} on {fresh['n']} inputs")
+        (out / "eval.json").write_text(json.dumps(report, indent=2))
         for a in report["answers"][:5]:
             log(f"  {a['input']!r} -> {a['output']!r} (target {a['target']!r})")
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
