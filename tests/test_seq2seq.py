@@ -406,3 +406,17 @@ def test_finetune_seq2seq_learns_from_jsonl(pretrained, tmp_path, capsys, one_to
     assert result["n"] == 40 and result["exact_match"] >= 0.8, result
     for name in ("config.yaml", "metrics.jsonl", "loss.png", "eval.json", "checkpoint/model.safetensors"):
         assert (out / name).is_file(), name
+
+
+def test_reverse_data_keeps_held_out_strings_out_of_training():
+    """world:strings/reverse with synthetic pairs: no test-split word and no held-out random
+    string is ever a training string."""
+    from chatfoundry.train.seq2seq import FinetuneSeq2SeqConfig, load_pairs, reversed_string
+
+    train, _, test, fresh, _ = load_pairs(FinetuneSeq2SeqConfig(init="x", synthetic=3000, synthetic_eval=200))
+    seen = {reversed_string(p) for p in train}
+    held = {reversed_string(p) for p in test}
+    assert len(train) == 3000 + len({p.input for p in train if p.task}) and len(fresh) == 200
+    assert held and not held & seen
+    assert not {reversed_string(p) for p in fresh} & (seen | held)
+    assert all(p.target == reversed_string(p)[::-1] for p in train + test + fresh)

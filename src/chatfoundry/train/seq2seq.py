@@ -67,6 +67,9 @@ class FinetuneSeq2SeqConfig:
     # world:strings/reverse only: exact match also on this many fresh random strings (none
     # trained on), phrased as the test questions: a steadier figure than the test split's 12.
     synthetic_eval: int = 200
+    # Take only the tokenizer and the model's shape from `init`, not its weights (fresh, seeded):
+    # the baseline that shows what span-corruption pretraining adds.
+    reinit: bool = False
     train: TrainConfig = field(default_factory=_finetune_train)
     eval: Seq2SeqEvalConfig = field(default_factory=Seq2SeqEvalConfig)
 
@@ -226,6 +229,9 @@ def run(cfg: FinetuneSeq2SeqConfig, resume: bool = False, overwrite: bool = Fals
                         "(chatfoundry pretrain --objective span)")
     if special_id(tokenizer, "eos") is None:
         raise UserError(f"{cfg.init}: the tokenizer has no <|eos|> to end inputs and targets")
+    if cfg.reinit and not resume:
+        torch.manual_seed(cfg.seed)
+        model = Seq2SeqLM(model.config)
     train_pairs, val_pairs, test_pairs, fresh_pairs, source = load_pairs(cfg)
     rt = setup_runtime(cfg.device, cfg.dtype)
     try:
