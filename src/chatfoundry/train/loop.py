@@ -173,7 +173,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     for scale in sorted({p.lr_scale for p in params if hasattr(p, "lr_scale")}):
         groups.append({"params": [p for p in params if getattr(p, "lr_scale", None) == scale], "weight_decay": 0.0,
                        "lr_scale": scale})
-    groups = [g for g in groups if g["params"]]
     # Fused: one kernel over all tensors (CPU too since torch 2.4; ~5x faster there than the
     # per-tensor loop torch otherwise picks on CPU).
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cuda", "cpu"))
