@@ -36,8 +36,10 @@ from chatfoundry.train.pretrain import check_output, prepare_output
 
 
 def _finetune_train() -> TrainConfig:
-    return TrainConfig(steps=600, batch_size=32, lr=1e-3, warmup_steps=30, weight_decay=0.0, eval_every=100,
-                       eval_batches=4, save_every=600)
+    # world:strings/reverse --synthetic 20000 --reinit: 1.000 on the test split, 0.990 on 200 unseen
+    # random strings, ~5 minutes on 2 CPU cores (README, "Learning to reverse")
+    return TrainConfig(steps=1500, batch_size=64, lr=2e-3, warmup_steps=100, weight_decay=0.0, eval_every=500,
+                       eval_batches=4, save_every=1500)
 
 
 @dataclass
