@@ -2,7 +2,7 @@
 
     run/checkpoint/
       config.json              HF field names (+ our full config under "chatfoundry")
-      model.safetensors        weights; transformers loads GPT-2- and Llama-shaped ones as they are
+      model.safetensors        weights; transformers loads GPT-2-, Llama- and T5-shaped ones as they are
       tokenizer.json           Hugging Face tokenizers
       tokenizer_config.json    special tokens and the chat template
       generation_config.json
@@ -28,8 +28,10 @@ from safetensors.torch import load_file, save_file
 from chatfoundry.errors import UserError
 from chatfoundry.models import hf_encoder
 from chatfoundry.models.decoder import DecoderConfig, DecoderLM
+from chatfoundry.models import hf_t5
 from chatfoundry.models.encoder import Encoder, EncoderClassifier, EncoderLM
 from chatfoundry.models.heads import RewardModel
+from chatfoundry.models.seq2seq import Seq2SeqConfig, Seq2SeqLM
 from chatfoundry.models.hf import (from_hf_config, reward_state_dict_from_hf, reward_state_dict_to_hf,
                                    reward_to_hf_config, state_dict_from_hf, state_dict_to_hf, to_hf_config)
 from chatfoundry.tokenizer import load_tokenizer, save_tokenizer, special_id
@@ -46,7 +48,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(path: str | Path, model: DecoderLM | RewardModel | EncoderLM | Encoder | EncoderClassifier,
+def save_checkpoint(path: str | Path, model: DecoderLM | RewardModel | EncoderLM | Encoder | EncoderClassifier | Seq2SeqLM,
                     tokenizer, trainer_state: dict[str, Any] | None = None,
                     generation: dict[str, Any] | None = None) -> Path:
     """Write the folder at `path` (replacing an older one) so that a kill never leaves it half-written.
@@ -67,6 +69,9 @@ def save_checkpoint(path: str | Path, model: DecoderLM | RewardModel | EncoderLM
     elif isinstance(model, RewardModel):
         config = reward_to_hf_config(cfg, special, {"offset": model.offset, **model.normalization})
         weights = reward_state_dict_to_hf(weights, cfg)
+    elif isinstance(model, Seq2SeqLM):  # T5ForConditionalGeneration
+        config, weights = hf_t5.to_hf_config(cfg, special), hf_t5.state_dict_to_hf(weights, cfg)
+        generation = {"decoder_start_token_id": cfg.decoder_start_token_id, **(generation or {})}
     else:
         config, weights = to_hf_config(cfg, special), state_dict_to_hf(weights, cfg)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -104,15 +109,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise UserError(f"{path}: not a checkpoint (no config.json and model.safetensors here or in {CHECKPOINT}/)")
 
 
-def _read_config(ckpt: Path) -> tuple[dict, DecoderConfig]:
+def _read_config(ckpt: Path) -> tuple[dict, DecoderConfig | Seq2SeqConfig]:
     try:
         hf = json.loads((ckpt / "config.json").read_text())
         if is_encoder_config(hf):
             raise UserError("an encoder (BERT) checkpoint, not a decoder: it fills masks and embeds text "
                             "(chatfoundry fill-mask, embed, finetune-head)")
-        cfg = from_hf_config(hf)
+        cfg = hf_t5.from_hf_config(hf) if hf_t5.is_t5(hf) else from_hf_config(hf)
         cfg.validate()
-    except (ValueError, TypeError, json.JSONDecodeError, UserError) as e:
+    except (ValueError, TypeError, KeyError, json.JSONDecodeError, UserError) as e:
         raise UserError(f"{ckpt / 'config.json'}: {e}") from None
     return hf, cfg
 
@@ -172,14 +177,25 @@ def is_reward_model(path: str | Path) -> bool:
     return "chatfoundry_reward" in json.loads((resolve_checkpoint(path) / "config.json").read_text())
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[DecoderLM, Any]:
-    """(language model in eval mode, tokenizer) from a checkpoint folder or run folder."""
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               seq2seq: bool = False) -> tuple[DecoderLM | Seq2SeqLM, Any]:
+    """(language model in eval mode, tokenizer) from a checkpoint folder or run folder. The
+    config says which family: a decoder LM, or with `seq2seq` (callers that handle both) also
+    an encoder-decoder (T5)."""
     ckpt = resolve_checkpoint(path)
     hf, cfg = _read_config(ckpt)
     if "chatfoundry_reward" in hf:
         raise UserError(f"{ckpt}: a reward model, not a language model (it scores text: chatfoundry score)")
-    model = DecoderLM(cfg)
-    _load_weights(model, state_dict_from_hf(load_file(ckpt / "model.safetensors"), cfg), ckpt)
+    if isinstance(cfg, Seq2SeqConfig):
+        if not seq2seq:
+            raise UserError(f"{ckpt}: an encoder-decoder (T5) checkpoint; this command takes a decoder-only "
+                            "language model (T5 checkpoints: chatfoundry generate, finetune-seq2seq, convert)")
+        model = Seq2SeqLM(cfg)
+        weights = hf_t5.state_dict_from_hf(load_file(ckpt / "model.safetensors"), cfg)
+    else:
+        model = DecoderLM(cfg)
+        weights = state_dict_from_hf(load_file(ckpt / "model.safetensors"), cfg)
+    _load_weights(model, weights, ckpt)
     return model.to(device).eval(), load_tokenizer(ckpt)
 
 
@@ -205,5 +221,6 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
     return torch.load(state_file, map_location="cpu", weights_only=True)
 
 
-def model_config(path: str | Path) -> DecoderConfig:
-    return from_hf_config(json.loads((resolve_checkpoint(path) / "config.json").read_text()))
+def model_config(path: str | Path) -> DecoderConfig | Seq2SeqConfig:
+    hf = json.loads((resolve_checkpoint(path) / "config.json").read_text())
+    return hf_t5.from_hf_config(hf) if hf_t5.is_t5(hf) else from_hf_config(hf)

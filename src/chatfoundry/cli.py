@@ -32,11 +32,14 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
 def _pretrain_parser(sub) -> None:
     from chatfoundry.train.pretrain import PretrainConfig
 
-    p = sub.add_parser("pretrain", help="pretrain a decoder LM (causal LM) or a BERT-style encoder (--objective mlm)",
+    p = sub.add_parser("pretrain", help="pretrain a decoder LM (causal LM), a BERT-style encoder (--objective mlm) "
+                                        "or a T5 (--objective span)",
                        description="Train a tokenizer (unless one is given), tokenize the text into cached "
                                    "shards and pretrain a GPT- or Llama-flavoured decoder (--objective clm, the "
-                                   "default; section --model.*) or a BERT-style encoder with the masked-LM "
-                                   "objective (--objective mlm; sections --encoder.* and --mlm.*). Run under "
+                                   "default; section --model.*), a BERT-style encoder with the masked-LM "
+                                   "objective (--objective mlm; sections --encoder.* and --mlm.*) or a T5-style "
+                                   "encoder-decoder by span corruption (--objective span; sections --seq2seq.* "
+                                   "and --span.*). Run under "
                                    "`torchrun --nproc_per_node N` for data-parallel training.")
     add_config_args(p, PretrainConfig, aliases={"--data": "data.files", "--tokenizer": "tokenizer.path"})
     _run_flags(p)
@@ -167,6 +170,25 @@ def _sft(args) -> dict:
     from chatfoundry.train.sft import SFTConfig, run
 
     return run(_stage_config(SFTConfig, args), resume=args.resume, overwrite=args.overwrite)
+
+
+def _seq2seq_parser(sub) -> None:
+    from chatfoundry.train.seq2seq import FinetuneSeq2SeqConfig
+
+    p = sub.add_parser("finetune-seq2seq", help="finetune an encoder-decoder (T5) on input/target pairs",
+                       description="Teach a span-corruption-pretrained T5 checkpoint to map inputs to targets: "
+                                   "JSONL lines {\"input\": ..., \"target\": ...} or a task of the built-in world "
+                                   "(world:strings/reverse). Reports exact match of greedy outputs on held-out inputs "
+                                   "(the world's test split, or val_fraction of a file).")
+    add_config_args(p, FinetuneSeq2SeqConfig)
+    _run_flags(p)
+    p.set_defaults(func=_seq2seq)
+
+
+def _seq2seq(args) -> dict:
+    from chatfoundry.train.seq2seq import FinetuneSeq2SeqConfig, run
+
+    return run(_stage_config(FinetuneSeq2SeqConfig, args), resume=args.resume, overwrite=args.overwrite)
 
 
 # ---------------------------------------------------------------- comparisons and the reward model
@@ -514,13 +536,33 @@ def _decode_result(tokenizer, prompt_ids: list[int], out, stops=()) -> dict:
             "sequences": seqs}
 
 
-def _generate(args) -> dict:
+def _generation_model(args):
+    """(model, tokenizer, decoder prompt ids, input ids, text the output continues). A decoder LM
+    continues the prompt; an encoder-decoder (T5) reads it as its input and writes from its
+    decoder's start token, through the same decoding code (`Seq2SeqLM.bind`)."""
     from chatfoundry.checkpoint import load_model
+    from chatfoundry.models.seq2seq import Seq2SeqLM
+    from chatfoundry.textgen import prompt_ids
+    from chatfoundry.train.seq2seq import encode_inputs
+
+    model, tokenizer = load_model(args.ckpt, args.device, seq2seq=True)
+    if not isinstance(model, Seq2SeqLM):
+        ids = prompt_ids(tokenizer, args.prompt, model.config.block_size, "--prompt")
+        return model, tokenizer, ids, ids, args.prompt
+    if not args.prompt:
+        raise UserError("--prompt: an encoder-decoder model needs an input text")
+    inputs = encode_inputs(tokenizer, [args.prompt])[0]
+    if len(inputs) > model.config.block_size:
+        raise UserError(f"--prompt: {len(inputs)} tokens exceed the model's block_size {model.config.block_size}")
+    return model.bind([inputs]), tokenizer, [model.config.decoder_start_token_id], inputs, ""
+
+
+def _generate(args) -> dict:
     from chatfoundry.generation import GenerationConfig, generate
-    from chatfoundry.textgen import complete, prompt_ids
+    from chatfoundry.textgen import complete
     from chatfoundry.tokenizer import special_id
 
-    model, tokenizer = load_model(args.ckpt, args.device)
+    model, tokenizer, ids, inputs, shown = _generation_model(args)
     if args.temperature < 0:
         raise UserError(f"--temperature: must be >= 0, got {args.temperature}")
     sampling = args.strategy == "sample" and args.temperature > 0  # temperature 0: greedy
@@ -531,24 +573,23 @@ def _generate(args) -> dict:
         length_penalty=args.length_penalty, num_return_sequences=args.num_return_sequences,
         early_stopping={"true": True, "false": False}.get(args.early_stopping, "never"),
         eos_token_id=special_id(tokenizer, "eos"), seed=args.seed)
-    ids = prompt_ids(tokenizer, args.prompt, model.config.block_size, "--prompt")
     cfg.validate()
     if cfg.num_beams == 1 and cfg.num_return_sequences == 1:  # one sequence: stream it, stop strings and all
         if args.stream:
-            print(args.prompt, end="", flush=True)
+            print(shown, end="", flush=True)
         show = (lambda piece: print(piece, end="", flush=True)) if args.stream else None
         result = complete(model, tokenizer, ids, cfg, args.stop, on_text=show)
         if args.stream:
             print()
         else:
-            print(f"--- {args.strategy} (total logprob {sum(result['logprobs']):.2f}) ---\n{args.prompt}{result['text']}")
+            print(f"--- {args.strategy} (total logprob {sum(result['logprobs']):.2f}) ---\n{shown}{result['text']}")
         seq = {k: result[k] for k in ("text", "token_ids", "logprobs")}
-        return {**result, "sequences": [{**seq, "score": sum(result["logprobs"])}]}
+        return {**result, "prompt_token_ids": inputs, "sequences": [{**seq, "score": sum(result["logprobs"])}]}
     if args.stream:
         raise UserError("--stream: streams one sequence; use --num-return-sequences 1 and no beam search")
-    result = _decode_result(tokenizer, ids, generate(model, ids, cfg), args.stop)
+    result = _decode_result(tokenizer, inputs, generate(model, ids, cfg), args.stop)
     for i, seq in enumerate(result["sequences"]):
-        print(f"--- {args.strategy} {i + 1} (total logprob {sum(seq['logprobs']):.2f}) ---\n{args.prompt}{seq['text']}")
+        print(f"--- {args.strategy} {i + 1} (total logprob {sum(seq['logprobs']):.2f}) ---\n{shown}{seq['text']}")
     return result
 
 
@@ -570,18 +611,15 @@ def _compare_parser(sub) -> None:
 
 
 def _compare(args) -> list:
-    from chatfoundry.checkpoint import load_model
     from chatfoundry.generation import GenerationConfig, generate
-    from chatfoundry.textgen import prompt_ids
     from chatfoundry.tokenizer import special_id
 
-    model, tokenizer = load_model(args.ckpt, args.device)
-    ids = prompt_ids(tokenizer, args.prompt, model.config.block_size, "--prompt")
+    model, tokenizer, ids, inputs, _ = _generation_model(args)
     rows = []
     for name, knobs in COMPARE.items():
         cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, eos_token_id=special_id(tokenizer, "eos"),
                                seed=args.seed, **knobs)
-        out = _decode_result(tokenizer, ids, generate(model, ids, cfg))
+        out = _decode_result(tokenizer, inputs, generate(model, ids, cfg))
         rows.append({"strategy": name, "text": out["text"], "logprob": sum(out["logprobs"]),
                      "tokens": len(out["token_ids"])})
     width = max(len(r["strategy"]) for r in rows)
@@ -596,7 +634,8 @@ def _compare(args) -> list:
 
 
 def _convert_parser(sub) -> None:
-    p = sub.add_parser("convert", help="import a Hugging Face GPT-2/Llama/Mistral/Qwen2/BERT folder, or export ours for transformers")
+    p = sub.add_parser("convert", help="import a Hugging Face GPT-2/Llama/Mistral/Qwen2/BERT/T5 folder, or export ours "
+                                       "for transformers")
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--from-hf", metavar="SRC", help="a local transformers model folder to import")
     way.add_argument("--to-hf", metavar="SRC", help="our checkpoint (or run folder) to export")
@@ -721,7 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="chatfoundry", allow_abbrev=False,
                             description="The ChatGPT recipe, small enough to read and run on a laptop.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-    for add in (_pipeline_parser, _pretrain_parser, _sft_parser, _label_parser, _rm_parser, _ppo_parser, _score_parser,
+    for add in (_pipeline_parser, _pretrain_parser, _sft_parser, _seq2seq_parser, _label_parser, _rm_parser, _ppo_parser, _score_parser,
                 _eval_parser, _chat_parser, _serve_parser, _world_parser, _sample_parser, _generate_parser,
                 _compare_parser, _convert_parser, _tokenizer_parser, _presets_parser, _finetune_head_parser,
                 _fill_mask_parser, _embed_parser):

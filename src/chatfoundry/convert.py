@@ -2,10 +2,10 @@
 
 In: a local transformers folder (config.json; model.safetensors, sharded safetensors with their
 index, or pytorch_model.bin read with weights_only=True; tokenizer.json) of a GPT-2, Llama,
-Mistral or Qwen2 model, or a BERT (BertForMaskedLM, BertModel, BertForSequenceClassification),
-becomes one of our checkpoints. Out: our checkpoint written for transformers;
-GPT-2- and Llama-shaped models already are, so the export checks the shape and leaves the
-trainer state behind.
+Mistral, Qwen2 or T5 (T5ForConditionalGeneration) model, or a BERT (BertForMaskedLM, BertModel,
+BertForSequenceClassification), becomes one of our checkpoints. Out: our checkpoint written for
+transformers; GPT-2-, Llama- and T5-shaped models already are, so the export checks the shape and
+leaves the trainer state behind.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from safetensors.torch import load_file
 from chatfoundry.checkpoint import (is_encoder, is_encoder_config, is_reward_model, load_encoder, load_model,
                                    load_reward_model, save_checkpoint)
 from chatfoundry.errors import UserError
-from chatfoundry.models import hf_encoder
+from chatfoundry.models import hf_encoder, hf_t5
 from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.models.hf import config_from_hf, hf_architecture, state_dict_from_hf
+from chatfoundry.models.seq2seq import Seq2SeqLM
 from chatfoundry.tokenizer import load_tokenizer
 
 
@@ -49,25 +50,28 @@ def from_hf(src: str | Path, out: str | Path) -> dict:
     if is_encoder_config(hf):
         return _encoder_from_hf(src, out, hf)
     try:
-        cfg = config_from_hf(hf, str(src / "config.json"))
+        t5 = hf_t5.is_t5(hf)
+        cfg = (hf_t5.config_from_hf if t5 else config_from_hf)(hf, str(src / "config.json"))
         cfg.validate()
     except (ValueError, KeyError) as e:
         raise UserError(str(e) if isinstance(e, ValueError) else f"{src / 'config.json'}: missing field {e}") from None
     tokenizer = load_tokenizer(src)
     weights = _hf_weights(src)
+    family = Seq2SeqLM if t5 else DecoderLM
     with torch.device("meta"):
-        expected = set(DecoderLM(cfg).state_dict())
-    ours = state_dict_from_hf(weights, cfg)
+        expected = set(family(cfg).state_dict())
+    ours = (hf_t5.state_dict_from_hf if t5 else state_dict_from_hf)(weights, cfg)
     missing = sorted(expected - set(ours))
     if missing:
         raise UserError(f"{src}: weights missing for {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-    model = DecoderLM(cfg)
+    model = family(cfg)
     try:
         model.load_state_dict({k: ours[k] for k in expected})
     except RuntimeError as e:
         raise UserError(f"{src}: weights do not match config.json ({str(e).splitlines()[-1].strip()})") from None
     save_checkpoint(Path(out), model, tokenizer)
-    return {"out": str(out), "architecture": hf_architecture(cfg), "params": sum(p.numel() for p in model.parameters())}
+    return {"out": str(out), "architecture": "t5" if t5 else hf_architecture(cfg),
+            "params": sum(p.numel() for p in model.parameters())}
 
 
 def _encoder_from_hf(src: Path, out: str | Path, hf: dict) -> dict:
@@ -107,7 +111,10 @@ def to_hf(src: str | Path, out: str | Path) -> dict:
         return {"out": str(out), "architecture": hf_encoder.ARCHITECTURES[hf_encoder.kind_of(model)]}
     if is_reward_model(src):
         return _reward_to_hf(src, out)
-    model, tokenizer = load_model(src)
+    model, tokenizer = load_model(src, seq2seq=True)
+    if isinstance(model, Seq2SeqLM):  # every one of ours is T5-shaped
+        save_checkpoint(Path(out), model, tokenizer)
+        return {"out": str(out), "architecture": "t5"}
     arch = hf_architecture(model.config)
     if arch is None:
         c = model.config

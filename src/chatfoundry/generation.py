@@ -432,3 +432,13 @@ def stream(model: DecoderLM, prompt: list[int], cfg: GenerationConfig) -> Iterat
         yield token, float(chosen[0])
         if token in cfg.eos_ids:
             return
+
+
+def generate_seq2seq(model, inputs: list[list[int]], cfg: GenerationConfig) -> GenerationOutput:
+    """An encoder-decoder's outputs for inputs of any lengths: each input is encoded once
+    (`Seq2SeqLM.bind`) and the decoder writes from its start token with the same search as a
+    decoder-only LM. One input: as `generate` (num_return_sequences samples or beams); several:
+    as `generate_batch`."""
+    bound = model.bind(inputs)
+    start = [model.config.decoder_start_token_id]
+    return generate(bound, start, cfg) if len(inputs) == 1 else generate_batch(bound, [start] * len(inputs), cfg)

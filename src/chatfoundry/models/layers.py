@@ -39,11 +39,14 @@ def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """GELU MLP (GPT-2: down(gelu(up x))) or SwiGLU (Llama: down(silu(gate x) * up x))."""
+    """Feed-forward block. Plain: down(act(up x)), GPT-2's "gelu" (tanh GELU) or T5 v1.0's "relu".
+    Gated: down(act(gate x) * up x), Llama's "swiglu" (SiLU) or T5 v1.1's "geglu" (tanh GELU)."""
 
     def __init__(self, dim: int, hidden: int, kind: str, bias: bool):
         super().__init__()
-        self.swiglu = kind == "swiglu"
+        assert kind in ("gelu", "relu", "swiglu", "geglu"), kind
+        self.swiglu = kind in ("swiglu", "geglu")  # gated
+        self.act = F.silu if kind == "swiglu" else F.relu if kind == "relu" else _gelu_tanh
         if self.swiglu:
             self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
@@ -51,8 +54,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))  # GPT-2's "gelu_new"
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")  # GPT-2's "gelu_new", T5 v1.1's gated-gelu
 
 
 # ---------------------------------------------------------------- positions
@@ -114,27 +121,45 @@ class Attention(nn.Module):
     """Causal self-attention with grouped-query heads (n_kv_head divides n_head; 1 = multi-query).
 
     The math runs in `F.scaled_dot_product_attention`, which picks flash or memory-efficient
-    kernels where the hardware has them.
+    kernels where the hardware has them. For T5: `head_dim` apart from dim / n_head, `scale` 1.0
+    (T5 folds 1/sqrt(d) into its init), an additive float `mask` (the relative position bias) and
+    `kv` for cross-attention.
     """
 
     def __init__(self, dim: int, n_head: int, n_kv_head: int, bias: bool, dropout: float, causal: bool = True,
-                 qkv_bias: bool = False):
+                 qkv_bias: bool = False, head_dim: int | None = None, scale: float | None = None):
         super().__init__()
-        assert dim % n_head == 0 and n_head % n_kv_head == 0
-        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, dim // n_head
-        self.causal, self.dropout = causal, dropout
+        assert n_head % n_kv_head == 0 and (head_dim or dim % n_head == 0)
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim or dim // n_head
+        self.causal, self.dropout, self.scale = causal, dropout, scale  # scale None: 1 / sqrt(head_dim)
         self.q_proj = nn.Linear(dim, n_head * self.head_dim, bias=bias or qkv_bias)
         self.k_proj = nn.Linear(dim, n_kv_head * self.head_dim, bias=bias or qkv_bias)
         self.v_proj = nn.Linear(dim, n_kv_head * self.head_dim, bias=bias or qkv_bias)
         self.o_proj = nn.Linear(n_head * self.head_dim, dim, bias=bias)
 
+    def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, n_kv_head, S, head_dim) of a sequence: cross-attention computes
+        them once from the encoder's output and passes them to every decoding step as `kv`."""
+        B, S, _ = context.shape
+        k = self.k_proj(context).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(context).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
+        return k, v
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None, layer: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`mask` (B, 1, T, S) bool, optional: which keys each query may see (padded batches)."""
+                cache: KVCache | None = None, layer: int = 0, mask: torch.Tensor | None = None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`mask` (B, 1, T, S), optional: bool, which keys each query may see (padded batches), or
+        float, added to the scores (T5's position bias, -inf where a key is hidden).
+        `kv`: cross-attention, to these keys and values (`project_kv`) instead of x's; no cache."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if kv is not None:
+            k, v = kv
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                               dropout_p=self.dropout if self.training else 0.0,
+                                               enable_gqa=self.n_kv_head != self.n_head)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        k, v = self.project_kv(x)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -148,7 +173,7 @@ class Attention(nn.Module):
                 mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
                 is_causal = False
         # enable_gqa: each key/value head serves its group of query heads, without copies.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))

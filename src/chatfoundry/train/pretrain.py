@@ -9,6 +9,9 @@
 `objective: mlm` trains a BERT-style EncoderLM on the same shards instead: masked tokens are
 predicted from both sides (train/mlm.py), scored by held-out masked-token accuracy against the
 unigram baseline (run/accuracy.png); the `encoder` section shapes the model, `model` is unused.
+With `objective: span` the same windows train a T5-style encoder-decoder (`seq2seq` section)
+to write back the spans dropped from them (span corruption, train/span.py); the tokenizer gains
+the sentinel tokens <extra_id_0> ...
 
 Every check a user can fail runs before the output folder is touched.
 """
@@ -35,8 +38,10 @@ from chatfoundry.errors import UserError
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.models import encoder as enc
 from chatfoundry.models.decoder import DecoderConfig, DecoderLM, flops_per_token, num_params
+from chatfoundry.models.seq2seq import Seq2SeqConfig, Seq2SeqLM
+from chatfoundry.train import span
 from chatfoundry.textgen import generate_text
-from chatfoundry.tokenizer import SPECIAL_TOKENS, TOKENIZER_FORMAT, load_tokenizer, save_tokenizer, train_tokenizer
+from chatfoundry.tokenizer import SPECIAL_TOKENS, TOKENIZER_FORMAT, load_tokenizer, save_tokenizer, special_id, train_tokenizer
 from chatfoundry.train.loop import (Runtime, TrainConfig, accumulation, fit, make_optimizer, restore, setup_runtime,
                                     teardown, trainer_state, wrap)
 from chatfoundry.train.mlm import MaskedLM, MLMConfig
@@ -84,6 +89,21 @@ class SampleConfig:
 
 
 @dataclass
+class SpanConfig:
+    """Span corruption (objective: span), with T5's settings."""
+
+    noise_density: float = 0.15  # share of each window's tokens dropped
+    mean_noise_span_length: float = 3.0
+    extra_ids: int = 100  # sentinel tokens <extra_id_0> .. added to the tokenizer
+
+    def validate(self) -> None:
+        require(0 < self.noise_density < 1, "span.noise_density", f"must be in (0, 1), got {self.noise_density}")
+        require(self.mean_noise_span_length >= 1, "span.mean_noise_span_length",
+                f"must be >= 1, got {self.mean_noise_span_length}")
+        require(self.extra_ids >= 2, "span.extra_ids", f"must be >= 2, got {self.extra_ids}")
+
+
+@dataclass
 class PretrainConfig:
     out: str = "runs/pretrain"
     seed: int = 1337
@@ -91,18 +111,22 @@ class PretrainConfig:
     dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls, fp32 weights
     compile: bool = False  # torch.compile the model
     # clm: a decoder (section `model`) predicts each next token; mlm: a BERT-style encoder
-    # (section `encoder`) predicts masked tokens from both sides (section `mlm`)
-    objective: Literal["clm", "mlm"] = "clm"
+    # (section `encoder`) predicts masked tokens from both sides (section `mlm`); span: a T5
+    # (section `seq2seq`) writes back the spans dropped from its input (section `span`)
+    objective: Literal["clm", "mlm", "span"] = "clm"
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: DecoderConfig = field(default_factory=DecoderConfig)
     encoder: enc.EncoderConfig = field(default_factory=enc.EncoderConfig)
     mlm: MLMConfig = field(default_factory=MLMConfig)
+    seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
+    span: SpanConfig = field(default_factory=SpanConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def validate(self) -> None:
-        name = "encoder.max_position_embeddings" if self.objective == "mlm" else "model.block_size"
+        name = {"mlm": "encoder.max_position_embeddings", "span": "seq2seq.block_size"}.get(self.objective,
+                                                                                         "model.block_size")
         require(self.train.block_size <= self.context, "train.block_size",
                 f"{self.train.block_size} exceeds {name} {self.context} (the model's maximum context)")
         require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
@@ -110,16 +134,16 @@ class PretrainConfig:
 
     @property
     def context(self) -> int:
-        return self.encoder.max_position_embeddings if self.objective == "mlm" else self.model.block_size
+        return self.encoder.max_position_embeddings if self.objective == "mlm" else self.arch.block_size
 
     @property
     def block_size(self) -> int:
         return self.train.block_size or self.context
 
     @property
-    def arch(self) -> DecoderConfig | enc.EncoderConfig:
+    def arch(self) -> DecoderConfig | enc.EncoderConfig | Seq2SeqConfig:
         """The config of the model this objective trains."""
-        return self.encoder if self.objective == "mlm" else self.model
+        return {"mlm": self.encoder, "span": self.seq2seq}.get(self.objective, self.model)
 
 
 # ---------------------------------------------------------------- data and tokenizer
@@ -204,9 +228,14 @@ def _run(cfg, rt, out, key, documents, resume, overwrite, log, t0) -> dict:
             raise UserError(f"data: the {name} split has {len(data)} tokens, too few for block size {block}; "
                             "give more text or a smaller train.block_size")
 
-    mlm = cfg.objective == "mlm"
-    section = "encoder" if mlm else "model"
-    if not mlm:
+    mlm, spans = cfg.objective == "mlm", cfg.objective == "span"
+    section = {"mlm": "encoder", "span": "seq2seq"}.get(cfg.objective, "model")  # the section of the model trained
+    if spans:  # after the shards: sentinels never occur in the text, so they change no token of it
+        sentinels = span.add_sentinels(tokenizer, cfg.span.extra_ids)
+        span.check_spans(block, cfg.span.noise_density, cfg.span.mean_noise_span_length, len(sentinels))
+        eos = special_id(tokenizer, "eos")
+        require(eos is not None, "tokenizer", "span corruption ends inputs and targets with <|eos|>; the tokenizer lacks it")
+    elif not mlm:
         prompt_len = len(tokenizer.encode(cfg.sample.prompt, add_special_tokens=False).ids)
         require(prompt_len < cfg.model.block_size, "sample.prompt",
                 f"{prompt_len} tokens leave no room in the model's context of {cfg.model.block_size}")
@@ -215,23 +244,26 @@ def _run(cfg, rt, out, key, documents, resume, overwrite, log, t0) -> dict:
             f"{cfg.arch.vocab_size} is smaller than the tokenizer's {vocab} tokens")
     setattr(cfg, section, replace(cfg.arch, vocab_size=cfg.arch.vocab_size or vocab))
     micro, accum = accumulation(cfg.train, rt)
-    model = (enc.EncoderLM(cfg.encoder) if mlm else DecoderLM(cfg.model)).to(rt.device)
+    model = (enc.EncoderLM if mlm else Seq2SeqLM if spans else DecoderLM)(cfg.arch).to(rt.device)
     optimizer = make_optimizer(model, cfg.train, rt.device)
     # All processes draw the same windows (same seed) and keep their own slice of each step.
     masked = MaskedLM(cfg.mlm, tokenizer, shards.train, shards.val, block, cfg.seed) if mlm else None
     sampler = masked.sampler if mlm else BlockSampler(shards.train, block, cfg.seed)
+    span_rng = np.random.default_rng([cfg.seed, 1])  # where the spans fall
     start_step = 0
     if resume:
-        loaded, _ = ckpt.load_encoder(out, kinds=("mlm",)) if mlm else ckpt.load_model(out)
+        loaded, _ = ckpt.load_encoder(out, kinds=("mlm",)) if mlm else ckpt.load_model(out, seq2seq=spans)
         changed = [f.name for f in fields(cfg.arch) if "dropout" not in f.name
-                   and getattr(loaded.config, f.name) != getattr(cfg.arch, f.name)]
+                   and getattr(loaded.config, f.name, None) != getattr(cfg.arch, f.name)]
         if changed:
             name = changed[0]
             raise UserError(f"{section}.{name}: {getattr(cfg.arch, name)!r} differs from the checkpoint's "
-                            f"{getattr(loaded.config, name)!r}; a resumed run keeps its model")
+                            f"{getattr(loaded.config, name, None)!r}; a resumed run keeps its model")
         model.load_state_dict(loaded.state_dict())
         state = restore(out, optimizer, cfg.train)
         sampler.set_state(state["sampler"])
+        if spans:
+            span_rng.bit_generator.state = state["span_rng"]
         start_step = int(state["step"])
 
     if rt.is_main:
@@ -239,20 +271,32 @@ def _run(cfg, rt, out, key, documents, resume, overwrite, log, t0) -> dict:
     metrics = MetricsLog(out / "metrics.jsonl", start_step if resume else None, enabled=rt.is_main)
     if mlm:
         params, flops = enc.num_params(model), enc.flops_per_token(cfg.encoder, block, cfg.mlm.mask_prob)
-        what = f"BERT-style encoder (masked LM, {cfg.mlm.mask_prob:.0%} of tokens)"
+        what = f"BERT-style encoder (masked LM, {cfg.mlm.mask_prob:.0%} of tokens), {flops / 1e6:.1f} MFLOPs/token (training)"
+    elif spans:
+        params, flops = num_params(model), None
+        what = (f"T5 encoder-decoder, span corruption ({cfg.span.noise_density:g} of tokens in spans of "
+                f"{cfg.span.mean_noise_span_length:g})")
     else:
         params, flops = num_params(model), flops_per_token(cfg.model, block)
-        what = f"{cfg.model.flavour} flavour"
+        what = f"{cfg.model.flavour} flavour, {flops / 1e6:.1f} MFLOPs/token (training)"
     if rt.is_main:
-        log(f"model: {what}, {params / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs/token "
-            f"(training); tokens: {len(shards.train):,} train / {len(shards.val):,} val; "
+        log(f"model: {what}, {params / 1e6:.2f}M parameters; tokens: {len(shards.train):,} train / {len(shards.val):,} val; "
             f"batch {cfg.train.batch_size} x {block} = {micro} x {accum} steps x {rt.world} processes; device {rt.device}")
 
     train_model = wrap(model, rt, cfg.compile)
 
+    def corrupted(windows: torch.Tensor, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        return span.span_batch(windows[:, :block], cfg.span.noise_density, cfg.span.mean_noise_span_length,
+                               sentinels, eos, rng)
+
     def micro_batches():
         if mlm:  # the whole step's batch corrupted at once: every process draws the same masks
             batch = masked.sample(cfg.train.batch_size)
+        elif spans:  # every process corrupts the whole batch alike (same rng), as it draws it
+            batch = corrupted(sampler.sample(cfg.train.batch_size), span_rng)
+            mine = {k: v[rt.rank * micro * accum:(rt.rank + 1) * micro * accum] for k, v in batch.items()}
+            return [{k: v[i * micro:(i + 1) * micro].to(rt.device, non_blocking=True) for k, v in mine.items()}
+                    for i in range(accum)]
         else:
             batch = (sampler.sample(cfg.train.batch_size),)
         mine = [b[rt.rank * micro * accum:(rt.rank + 1) * micro * accum] for b in batch]
@@ -262,31 +306,39 @@ def _run(cfg, rt, out, key, documents, resume, overwrite, log, t0) -> dict:
     def loss_fn(m, batch):
         if mlm:
             return masked.loss(m, batch)
+        if spans:
+            return m(batch["input_ids"], labels=batch["labels"])[1]
         (rows,) = batch
         return m(rows[:, :-1], rows[:, 1:])[1]
 
     eval_sampler_seed = cfg.seed + 1  # fixed validation windows: curves compare like with like
 
+    def val_batches():
+        ev, rng = BlockSampler(shards.val, block, eval_sampler_seed), np.random.default_rng([eval_sampler_seed, 1])
+        for _ in range(cfg.train.eval_batches):
+            yield corrupted(ev.sample(micro), rng) if spans else ev.sample(micro)
+
     @torch.no_grad()
     def evaluate(step: int):
         if mlm:
             return masked.evaluate(model, micro, cfg.train.eval_batches, rt.device)
-        ev = BlockSampler(shards.val, block, eval_sampler_seed)
-        losses = [model(b[:, :-1].to(rt.device), b[:, 1:].to(rt.device))[1].item()
-                  for b in (ev.sample(micro) for _ in range(cfg.train.eval_batches))]
+        losses = [loss_fn(model, {k: v.to(rt.device) for k, v in b.items()} if spans else (b.to(rt.device),)).item()
+                  for b in val_batches()]
         val = float(np.mean(losses))
         scores = {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
         if rt.is_main:  # one sample per evaluation, to watch the text improve
-            text = generate_text(model, tokenizer, cfg.sample.prompt, 1, 60, cfg.sample.temperature, cfg.sample.top_k,
-                                 seed=cfg.seed)[0]
+            text = (_denoised(model, tokenizer, next(val_batches()), 1) if spans else
+                    generate_text(model, tokenizer, cfg.sample.prompt, 1, 60, cfg.sample.temperature, cfg.sample.top_k,
+                                  seed=cfg.seed))[0]
             with (out / "samples.txt").open("a") as f:
                 f.write(f"--- step {step} (val loss {val:.3f}) ---\n{text}\n\n")
         return scores
 
     def save(step: int):
         if rt.is_main:
+            extra = {"span_rng": span_rng.bit_generator.state} if spans else {}
             ckpt.save_checkpoint(out / ckpt.CHECKPOINT, model, tokenizer,
-                                 trainer_state(step, optimizer, sampler=sampler.state()))
+                                 trainer_state(step, optimizer, sampler=sampler.state(), **extra))
         rt.barrier()
 
     train_start = time.perf_counter()
@@ -314,11 +366,30 @@ def _run(cfg, rt, out, key, documents, resume, overwrite, log, t0) -> dict:
     elif rt.is_main:
         records = read_metrics(out / "metrics.jsonl")
         plot_curves(records, out / "loss.png", {"loss": "train loss", "val_loss": "validation loss"},
-                    title=f"pretraining ({params / 1e6:.2f}M parameters)", ylabel="cross-entropy (nats/token)")
-        samples = generate_text(model, tokenizer, cfg.sample.prompt, cfg.sample.num_samples,
-                                cfg.sample.max_new_tokens, cfg.sample.temperature, cfg.sample.top_k, seed=cfg.seed)
+                    title=f"pretraining{' (span corruption)' if spans else ''} ({params / 1e6:.2f}M parameters)",
+                    ylabel="cross-entropy (nats/token)")
+        if spans:
+            samples = _denoised(model, tokenizer, next(val_batches()), cfg.sample.num_samples) if cfg.sample.num_samples else []
+        else:
+            samples = generate_text(model, tokenizer, cfg.sample.prompt, cfg.sample.num_samples,
+                                    cfg.sample.max_new_tokens, cfg.sample.temperature, cfg.sample.top_k, seed=cfg.seed)
         for i, text in enumerate(samples):
-            log(f"--- sample {i + 1} ---\n{cfg.sample.prompt}{text}")
+            log(f"--- sample {i + 1} ---\n{'' if spans else cfg.sample.prompt}{text}")
         summary["samples"] = samples
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
     return summary
+
+
+def _denoised(model: Seq2SeqLM, tokenizer, batch: dict[str, torch.Tensor], n: int) -> list[str]:
+    """A span-corruption model's greedy answers to `n` corrupted windows, beside the truth."""
+    from chatfoundry.generation import GenerationConfig, generate_seq2seq
+
+    inputs, labels = batch["input_ids"][:n].tolist(), batch["labels"][:n].tolist()
+    was_training = model.training
+    model.eval()
+    out = generate_seq2seq(model, inputs, GenerationConfig(max_new_tokens=len(labels[0]),
+                                                           eos_token_id=special_id(tokenizer, "eos")))
+    model.train(was_training)
+    show = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731 - sentinels stay visible
+    return [f"input:  {show(x)}\nmodel:  {show(got)}\ntarget: {show(y)}"
+            for x, y, got in zip(inputs, labels, out.sequences)]
