@@ -294,8 +294,8 @@ def test_regress_label_must_be_a_number(mlm_run, tmp_path, capsys):
 
 def test_unknown_objective_exits_2_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "run"
-    code, _, err = run_cli(["pretrain", "--objective", "span", "--out", str(out)], capsys)
-    assert code == 2 and "objective: 'span' is not one of clm, mlm" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(["pretrain", "--objective", "rnn", "--out", str(out)], capsys)
+    assert code == 2 and "objective: 'rnn' is not one of clm, mlm, span" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
 
 
