@@ -21,7 +21,7 @@ TINY_PIPELINE = [
                             if x != "--device" and (not i or TINY[i - 1] != "--device")]),
     *"--sft.train.steps 4 --sft.train.batch_size 4 --sft.train.warmup_steps 1 --sft.train.eval_every 2".split(),
     *"--sft.train.save_every 4 --sft.data.conversations 32 --sft.eval.per_family 0".split(),
-    *"--label.k 3 --label.prompts 20 --label.val_prompts 10 --label.max_new_tokens 10".split(),
+    *"--label.k 3 --label.prompts 20 --label.val_prompts 30 --label.max_new_tokens 10".split(),
     *"--rm.train.steps 4 --rm.train.batch_size 4 --rm.train.warmup_steps 1 --rm.train.eval_every 2".split(),
     *"--rm.train.save_every 4".split(),
     *"--ppo.iterations 2 --ppo.rollout.batch_size 8 --ppo.rollout.max_new_tokens 8 --ppo.rollout.prompts 40".split(),

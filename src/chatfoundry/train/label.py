@@ -232,6 +232,9 @@ def run(cfg: LabelConfig, overwrite: bool = False, log=print) -> dict:
             continue
         tasks = prompt_tasks(split, n, cfg.seed)
         records, stats = label_split(model, tokenizer, tasks, labeler, cfg, held_out, f"label {split}")
+        if not records:  # the reward model could neither train nor be scored on this split
+            raise UserError(f"{'val_prompts' if held_out else 'prompts'}: none of the {len(tasks)} {split} prompts got "
+                            f"two responses the labeler tells apart; give more prompts or a larger k")
         write_jsonl(out / f"{split}.jsonl", records)
         for family, s in stats.items():
             metrics.write({"split": split, "family": family, **_finish(s)})
