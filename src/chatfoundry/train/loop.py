@@ -200,6 +200,16 @@ def restore(out, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> dict[str
     return state
 
 
+def resume_step(out, optimizer: torch.optim.Optimizer, cfg: TrainConfig, order: "Epochs", resume: bool) -> int:
+    """The step a run starts at: 0 for a new one; for a resumed one the checkpoint's, with the
+    optimizer, torch's RNG and the data order (saved as "order") restored."""
+    if not resume:
+        return 0
+    state = restore(out, optimizer, cfg)
+    order.set_state(state["order"])
+    return int(state["step"])
+
+
 def trainer_state(step: int, optimizer: torch.optim.Optimizer, **data: Any) -> dict[str, Any]:
     """What `restore` reads back: the step, the optimizer, torch's RNG and the data position."""
     return {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), **data}

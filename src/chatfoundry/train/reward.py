@@ -35,7 +35,7 @@ from chatfoundry.errors import UserError
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.models.heads import RewardModel
 from chatfoundry.tokenizer import encode_batch_ids, encode_chat, special_id
-from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, fit, make_optimizer, restore, setup_runtime,
+from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, fit, make_optimizer, resume_step, setup_runtime,
                                     teardown, trainer_state, wrap)
 from chatfoundry.train.pretrain import check_output, prepare_output
 
@@ -344,11 +344,7 @@ def _run(cfg, rt, out, model, tokenizer, train, val, extras, source, resume, ove
     order = Epochs(len(items), cfg.seed)
     model = model.to(rt.device).train()
     optimizer = make_optimizer(model, cfg.train, rt.device)
-    start_step = 0
-    if resume:
-        state = restore(out, optimizer, cfg.train)
-        order.set_state(state["order"])
-        start_step = int(state["step"])
+    start_step = resume_step(out, optimizer, cfg.train, order, resume)
 
     if rt.is_main:
         prepare_output(out, cfg, resume, overwrite, ("metrics.jsonl", "loss.png", "rewards.png", "eval.json"))

@@ -30,7 +30,7 @@ from chatfoundry.generation import GenerationConfig, generate_seq2seq
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.models.seq2seq import Seq2SeqLM
 from chatfoundry.tokenizer import encode_batch_ids, special_id
-from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, fit, make_optimizer, restore, setup_runtime,
+from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, fit, make_optimizer, resume_step, setup_runtime,
                                     teardown, trainer_state, wrap)
 from chatfoundry.train.pretrain import check_output, prepare_output
 
@@ -253,11 +253,7 @@ def _run(cfg, rt, out, model, tokenizer, train_pairs, val_pairs, test_pairs, fre
     order = Epochs(len(rows), cfg.seed)
     model = model.to(rt.device).train()
     optimizer = make_optimizer(model, cfg.train, rt.device)
-    start_step = 0
-    if resume:
-        state = restore(out, optimizer, cfg.train)
-        order.set_state(state["order"])
-        start_step = int(state["step"])
+    start_step = resume_step(out, optimizer, cfg.train, order, resume)
     if rt.is_main:
         prepare_output(out, cfg, resume, overwrite, ("metrics.jsonl", "loss.png", "eval.json"))
         log(f"finetune-seq2seq: {len(rows):,} pairs from {source}" + (f" ({cut} cut to {block} tokens)" if cut else "")
