@@ -145,7 +145,7 @@ class ChatSession:
         A prompt that cannot fit raises UserError and leaves the history as it was. Ctrl-C
         (KeyboardInterrupt) mid-answer keeps the part already produced as the reply, then re-raises.
         With tools on offer, a reply that calls one is not shown as such: the call runs, `on_text`
-        gets a line like "[calculator: 347 * 29 = 10063]", the call and its result join the history,
+        gets a line like "[calculator: 347 times 29 = 10063]", the call and its result join the history,
         and the model goes on, up to MAX_TOOL_ROUNDS calls in a row.
         """
         user = {"role": "user", "content": user_text}

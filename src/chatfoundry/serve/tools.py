@@ -6,7 +6,7 @@ in the system message; an assistant turn that calls one opens with <|tool|>, the
 and its arguments as JSON; the runtime answers with a tool message and the assistant continues:
 
     <|system|>Tools: calculator.<|end|><|user|>What is 347 times 29?<|end|>
-    <|assistant|><|tool|>calculator {"expression": "347 * 29"}<|end|>
+    <|assistant|><|tool|>calculator {"expression": "347 times 29"}<|end|>
     <|tool|>10063<|end|>
     <|assistant|>347 times 29 is 10063.<|end|>
 
