@@ -102,6 +102,14 @@ def test_label_with_a_python_callable_judge(policy, tmp_path, capsys, monkeypatc
     assert code == 2 and "cannot import" in err and not (tmp_path / "x").exists()
 
 
+def test_label_stops_when_a_split_gives_no_comparison(policy, tmp_path, capsys, monkeypatch):
+    (tmp_path / "flat_mod.py").write_text("def flat(prompt, responses):\n    return [0.0 for _ in responses]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # every response ties: no prompt gives a comparison
+    code, _, err = run_cli(["label", "--policy", str(policy), "--out", str(tmp_path / "run"), *LABEL,
+                            "--labeler", "python:flat_mod:flat"], capsys)
+    assert code == 2 and "prompts: none of the 24 train prompts" in err.strip().splitlines()[-1]  # after the bar
+
+
 # ---------------------------------------------------------------- the loss
 
 
