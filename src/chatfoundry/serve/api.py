@@ -25,7 +25,7 @@ from typing import Any, Literal
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from starlette.concurrency import iterate_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -45,10 +45,9 @@ MAX_STOPS = 4  # stop strings per request, as OpenAI
 
 
 class _Body(BaseModel):
-    # fields we do not know (user, presence_penalty, stream_options...) are accepted and ignored,
-    # as clients send them routinely; the ones we use are checked strictly
-    model_config = ConfigDict(extra="ignore")
-
+    # fields we do not know (user, presence_penalty, stream_options...) are accepted and ignored
+    # (pydantic's default, in every model here), as clients send them routinely; the ones we use
+    # are checked strictly
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
@@ -61,30 +60,22 @@ class _Body(BaseModel):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
     type: Literal["text"]
     text: str
 
 
 class FunctionCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
     name: str = Field(min_length=1, max_length=64)
     arguments: str = ""  # JSON text, as OpenAI sends it
 
 
 class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
     id: str = ""
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
     role: Literal["system", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = ""  # None: an assistant message that only called tools
     tool_calls: list[ToolCall] | None = None  # assistant: the calls it made
@@ -100,16 +91,12 @@ class Message(BaseModel):
 
 
 class FunctionSpec(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
 
 
 class ToolSpec(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
     type: Literal["function"]
     function: FunctionSpec
 
@@ -311,11 +298,11 @@ def _offer_tools(req: ChatRequest, messages: list[dict], tokenizer) -> list[int]
     return [tool] if choice == "required" else []
 
 
-def _tool_calls(tokenizer, forced: list[int] | None, tokens: list[int], eos: list[int]) -> list[dict] | None:
+def _tool_calls(tokenizer, forced: list[int] | None, tokens: list[int]) -> list[dict] | None:
     """OpenAI's `tool_calls` of a reply that calls tools (None for an answer in words)."""
     if forced is None:
         return None
-    calls = split_calls(tokenizer, forced + [t for t in tokens if t not in eos])
+    calls = split_calls(tokenizer, forced + tokens)
     if calls is None:
         return None
     out = []
@@ -442,7 +429,7 @@ def _chat_response(batcher: Batcher, jobs: list[Job], model_name: str, logprobs:
     choices = []
     for index, (text, tokens, finish) in enumerate(results):
         message = {"role": "assistant", "content": text}
-        calls = _tool_calls(batcher.tokenizer, forced, [t for t, _ in tokens], jobs[index].cfg.eos_ids)
+        calls = _tool_calls(batcher.tokenizer, forced, [t for t, _ in tokens])
         if calls:
             message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
         choice = {"index": index, "message": message, "finish_reason": finish, "logprobs": None}
@@ -478,7 +465,7 @@ def _chat_chunks(batcher: Batcher, jobs: list[Job], model_name: str, include_usa
                 if "finish_reason" in event:
                     completion += event["completion_tokens"]
                     finish = event["finish_reason"]
-                    calls = _tool_calls(batcher.tokenizer, forced, tokens, jobs[index].cfg.eos_ids) if calling else None
+                    calls = _tool_calls(batcher.tokenizer, forced, tokens) if calling else None
                     if calls:
                         finish = "tool_calls"
                         yield {**base, "choices": [{"index": index, "finish_reason": None, "delta": {"tool_calls": [

@@ -194,7 +194,7 @@ class ChatSession:
         if not calling:
             self.history.append({"role": "assistant", "content": "".join(pieces)})
             return None
-        calls = split_calls(self.tokenizer, [t for t in tokens if t not in set(cfg.eos_ids)])
+        calls = split_calls(self.tokenizer, tokens)
         self.history.append({"role": "assistant", "content": "".join(CALL + c for c in calls)})
         return calls
 

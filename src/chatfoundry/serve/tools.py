@@ -169,8 +169,9 @@ def parse_call(text: str) -> tuple[str, dict]:
 
 
 def split_calls(tokenizer, ids: Sequence[int]) -> list[str] | None:
-    """The calls in a generated turn (ids after <|assistant|>, stop token dropped) as texts, or
-    None when the turn is an answer in words (it does not open with <|tool|>)."""
+    """The calls in a generated turn (the ids after <|assistant|>) as texts, or None when the turn
+    is an answer in words (it does not open with <|tool|>). Decoding drops special tokens, the
+    closing <|end|> among them."""
     tool = special_id(tokenizer, "tool")
     if tool is None or not ids or ids[0] != tool:
         return None
@@ -210,8 +211,7 @@ def answer_with_tools(model, tokenizer, conversations: Sequence[list[dict]], too
     results as tool messages and goes round again, an answer in words closes it. Returns the new
     messages of each conversation (calls, tool results, the answer); after `max_rounds` rounds of
     calls, the last turn stands as it is."""
-    stop = chat_stop_ids(tokenizer)
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=chat_stop_ids(tokenizer))
     new: list[list[dict]] = [[] for _ in conversations]
     open_ = list(range(len(conversations)))
     was_training = model.training
@@ -227,7 +227,6 @@ def answer_with_tools(model, tokenizer, conversations: Sequence[list[dict]], too
                     replies += generate_batch(model, prompts[start:start + batch_size], cfg).sequences
             still = []
             for i, ids in zip(open_, replies):
-                ids = ids[:-1] if ids and ids[-1] in stop else ids
                 calls = split_calls(tokenizer, ids)
                 if calls is None:
                     new[i].append({"role": "assistant", "content": tokenizer.decode(ids, skip_special_tokens=True).strip()})
