@@ -441,10 +441,9 @@ def stream(model: DecoderLM, prompt: list[int], cfg: GenerationConfig) -> Iterat
 # and splits each product over the cores, and the C++ wrapper calls the kernels without Python
 # in between. Measured on 2 cores, ~6M Llama-flavour model, batch 1: 4.1 ms a step eager, 1.05 ms
 # compiled (benchmarks/generate_throughput.py).
-_DECODE_INDUCTOR = {
-    "cpu": {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "cpp_wrapper": True,
-            "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False},  # quiet
-}
+# Other devices get freezing alone (untested there: no GPU has run it yet).
+_CPU_INDUCTOR = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "cpp_wrapper": True,
+                 "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # last two: quiet
 
 
 def compile_for_decoding(model: DecoderLM) -> DecoderLM:
@@ -452,8 +451,9 @@ def compile_for_decoding(model: DecoderLM) -> DecoderLM:
 
     Every strategy benefits (greedy, sampling, beam search, batches, padding): they all call the
     model one token at a time after the prompt. The prompt itself (prefill) and anything run with
-    gradients stay eager. Shapes are compiled dynamic, so prompt lengths, batch sizes and cache
-    lengths reuse one compiled step; the first call pays the compilation (tens of seconds on a CPU).
+    gradients stay eager. Shapes are compiled dynamic, so prompt and cache lengths reuse one
+    compiled step, and every batch of several rows another; each first use compiles (tens of
+    seconds on a CPU).
 
     For inference only: the weights are folded into the compiled code (inductor's freezing), so
     later changes to them are not seen. The model is put in eval mode without gradients to say so.
@@ -463,8 +463,7 @@ def compile_for_decoding(model: DecoderLM) -> DecoderLM:
     model.eval().requires_grad_(False)
     eager = model.forward
     step = torch.compile(eager, dynamic=True)
-    device = model.lm_head.weight.device.type
-    options = _DECODE_INDUCTOR.get(device, {"freezing": True})
+    options = _CPU_INDUCTOR if model.lm_head.weight.device.type == "cpu" else {"freezing": True}
 
     def forward(idx: torch.Tensor, *args, **kwargs):
         if idx.shape[1] != 1 or torch.is_grad_enabled():
