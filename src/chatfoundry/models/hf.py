@@ -81,13 +81,22 @@ def reward_state_dict_from_hf(hf_sd: dict[str, torch.Tensor], cfg: DecoderConfig
     return out
 
 
-def from_hf_config(hf: dict) -> DecoderConfig:
-    """Our config from a config.json we wrote (the `chatfoundry` entry)."""
+def our_config(hf: dict, cls):
+    """The `cls` config stored under a config.json's `chatfoundry` entry (fields it no longer has
+    are dropped), or None when the file has no such entry (a foreign checkpoint)."""
     ours = hf.get("chatfoundry")
     if not isinstance(ours, dict):
+        return None
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in ours.items() if k in known})
+
+
+def from_hf_config(hf: dict) -> DecoderConfig:
+    """Our config from a config.json we wrote (the `chatfoundry` entry)."""
+    cfg = our_config(hf, DecoderConfig)
+    if cfg is None:
         raise ValueError("config.json has no 'chatfoundry' entry (importing foreign checkpoints: chatfoundry convert)")
-    known = {f.name for f in fields(DecoderConfig)}
-    return DecoderConfig(**{k: v for k, v in ours.items() if k in known})
+    return cfg
 
 
 _GPT2_RENAMES = [("embed_tokens", "wte"), ("embed_positions", "wpe"), ("layers.", "h."),

@@ -13,10 +13,11 @@ block has exactly our two LayerNorms. Our full config rides along under the `cha
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import torch
 
+from chatfoundry.models.hf import our_config
 from chatfoundry.models.encoder import Encoder, EncoderClassifier, EncoderConfig, EncoderLM
 
 ARCHITECTURES = {"mlm": "BertForMaskedLM", "body": "BertModel", "classifier": "BertForSequenceClassification"}
@@ -139,11 +140,7 @@ def to_hf_config(cfg: EncoderConfig, kind: str, special: dict[str, int | None] |
 
 def from_hf_config(hf: dict) -> EncoderConfig:
     """Our config from a config.json we wrote (the `chatfoundry` entry), else from BERT's fields."""
-    ours = hf.get("chatfoundry")
-    if isinstance(ours, dict):
-        known = {f.name for f in fields(EncoderConfig)}
-        return EncoderConfig(**{k: v for k, v in ours.items() if k in known})
-    return config_from_hf(hf)
+    return our_config(hf, EncoderConfig) or config_from_hf(hf)
 
 
 def config_from_hf(hf: dict, source: str = "config.json") -> EncoderConfig:

@@ -14,10 +14,11 @@ self-attention. Conversion is renaming, nothing else:
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import torch
 
+from chatfoundry.models.hf import our_config
 from chatfoundry.models.seq2seq import Seq2SeqConfig, Seq2SeqLM
 
 
@@ -45,11 +46,7 @@ def to_hf_config(cfg: Seq2SeqConfig, special: dict[str, int | None] | None = Non
 def from_hf_config(hf: dict) -> Seq2SeqConfig:
     """Our config from a config.json we wrote (the `chatfoundry` entry) or, failing that, from
     transformers' T5 fields."""
-    ours = hf.get("chatfoundry")
-    if isinstance(ours, dict):
-        known = {f.name for f in fields(Seq2SeqConfig)}
-        return Seq2SeqConfig(**{k: v for k, v in ours.items() if k in known})
-    return config_from_hf(hf)
+    return our_config(hf, Seq2SeqConfig) or config_from_hf(hf)
 
 
 def config_from_hf(hf: dict, source: str = "config.json") -> Seq2SeqConfig:
