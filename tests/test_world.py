@@ -153,6 +153,31 @@ def test_compare_accepts_either_direction_of_the_right_claim():
     assert not score(SMALLER, "The elephant is smaller than the ant.").correct
 
 
+def test_a_right_value_said_of_something_else_is_wrong():
+    """Answers the small model really gave: the right value, but about another subject."""
+    colombia = fact("Colombia", "currency")
+    assert not score(colombia, "Myanmar uses the Colombian peso.").correct
+    assert score(colombia, "Colombia uses the Colombian peso.").correct and score(colombia, "Colombian peso").correct
+    mexico = fact("Mexico", "country")  # "Mexico City" names Mexico itself, not another place
+    assert score(mexico, "Mexico City is the capital of Mexico.").correct
+    assert not score(mexico, "Mexico City is the capital of Mexico, like Lima.").correct
+    nums = Task("compare", "number", "numbers:91:94", "numbers:91:94:smaller", "Which number is smaller: 91 or 94?",
+                "91", "91 is smaller than 94.", ("91", "94"))
+    assert score(nums, "91 is smaller than 94.").correct and score(nums, "91").correct
+    assert not score(nums, "93 is smaller than 91.").correct
+    assert not score(FASTER, "The cheetah is faster than the car.").correct
+    assert not score(ADD, "7 times 5 is 12.").correct and not score(ADD, "6 plus 6 is 12.").correct
+    big = Task("arithmetic", "subtract", "big:512-89", "512-89", "How much is 512 minus 89?", "423",
+               "512 minus 89 is 423.")
+    assert score(big, "[calculator: 512 minus 89 = 423] 512 minus 89 is 423.").correct
+    count = Task("strings", "count", "word:friend", "count:friend:d", 'Count the letter "d" in the word "friend".', "1",
+                 'The letter "d" appears 1 time in "friend".')
+    assert score(count, count.reference).correct and score(count, "1").correct
+    assert not score(count, 'The letter "f" appears 1 time in "friend".').correct
+    assert not score(REVERSE, 'The word "zebra" backwards is "elppa".').correct
+    assert not score(SORT, "In alphabetical order: apple, bread, cat, dog.").correct
+
+
 def test_sort_and_exact_string_rules():
     assert score(SORT, "apple, bread, cat").correct
     assert not score(SORT, "In alphabetical order: apple, bread.").correct

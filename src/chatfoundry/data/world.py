@@ -19,7 +19,9 @@ hashed into train / val / test: every phrasing and every question about a test-s
 held out of SFT together, so a test score measures knowledge from pretraining, not recall of SFT.
 
 The gold reward, in [0, 1]:  0.7 * content + 0.1 * (full sentence) + 0.1 * concise + 0.1 * polite
-where content is 1 for a correct answer (for an unanswerable question: admitting ignorance),
+where content is 1 for a correct answer about what was asked (the right value said of another
+country, a third thing or number, or another word counts as wrong: `off_topic`; for an
+unanswerable question: admitting ignorance),
 0.25 for admitting ignorance of an answerable question (better than a confident wrong answer,
 as InstructGPT's labelers were told), else 0.
 """
@@ -364,11 +366,61 @@ def _first_mentioned(text: str, options: tuple[str, ...]) -> str | None:
     return min(found)[1] if found else None
 
 
+@lru_cache(maxsize=1)
+def _places() -> tuple[str, ...]:
+    """Every country and capital, longest first (so "Kuwait City" goes before "Kuwait")."""
+    return tuple(sorted({n for f in load_facts() for n in (f.country, f.capital)}, key=lambda n: (-len(n), n)))
+
+
+@lru_cache(maxsize=1)
+def _things() -> tuple[str, ...]:
+    return tuple(sorted({t for classes, _, _ in COMPARE_TABLES for c in classes for t in c}, key=lambda n: (-len(n), n)))
+
+
+def _names_other(text: str, own: tuple[str, ...], names: tuple[str, ...]) -> bool:
+    """Whether `text` names any of `names` besides the `own` ones (whole words; the own ones
+    are blanked first, so "Guinea" inside an own "Equatorial Guinea" does not count)."""
+    for name in sorted(own, key=len, reverse=True):
+        text = re.sub(rf"(?<!\w){re.escape(name)}(?!\w)", " ", text, flags=re.IGNORECASE)
+    return any(_mentions(text, n, True) for n in names if n not in own)
+
+
+def off_topic(task: Task, response: str) -> bool:
+    """Whether the response is about something the question did not ask: another country or
+    capital (facts), a third thing or number (compare), another word or letter (strings), other
+    numbers or another operation (arithmetic). The right value said of the wrong subject is not
+    a right answer: "Myanmar uses the Colombian peso." does not answer a question about Colombia,
+    nor "93 is smaller than 91." one about 91 and 94. A terse answer ("Accra", "12") names nothing
+    else, and passes."""
+    if task.family == "facts":
+        fact = _fact_of(task.group.split(":", 1)[1])
+        return _names_other(response, (fact.country, fact.capital), _places())
+    if task.family == "compare" and task.kind == "number":
+        return not set(_NUMBER.findall(response)) <= set(task.options)
+    if task.family == "compare":
+        return _names_other(response, task.options, _things())
+    if task.family == "arithmetic":
+        a, op, b = re.fullmatch(r"(\d+)([-+*])(\d+)", task.key).groups()
+        others = [w for o, words in _OP_WORDS.items() if o != op for w in words[:1]]
+        return not set(_NUMBER.findall(response)) <= {a, b, task.answer} or any(_mentions(response, w, True) for w in others)
+    if task.family == "strings" and task.kind == "sort":
+        return _names_other(response, task.options, SPELLING_WORDS)
+    if task.family == "strings":  # what it quotes is the word, the answer or the letter asked about
+        word, letter = task.group.split(":", 1)[1], task.key.split(":")[2] if task.kind == "count" else ""
+        return not set(re.findall(r'"([A-Za-z]+)"', response)) <= {word, task.answer, letter}
+    return False
+
+
+@lru_cache(maxsize=None)
+def _fact_of(country: str):
+    return next(f for f in load_facts() if f.country == country)
+
+
 def is_correct(task: Task, response: str) -> bool:
     """Whether the response's content answers the task (a fixed, documented rule per kind)."""
     if task.family == "unanswerable":  # admits it, and does not hedge with a guess
         return _IGNORANCE.search(response) is not None and not any(_mentions(response, v) for v in _known_values())
-    if _IGNORANCE.search(response):
+    if _IGNORANCE.search(response) or off_topic(task, response):
         return False
     if task.answer.lstrip("-").isdigit() and task.family != "compare":  # arithmetic, length, count
         numbers = _NUMBER.findall(response)
