@@ -252,6 +252,24 @@ def test_candidates_start_with_the_best_reference():
             assert rewards[0] == max(rewards) == 1.0 and min(rewards) < 0.5
 
 
+def test_off_topic_answers_keep_the_answer_but_change_the_subject():
+    rng = random.Random(0)
+    for f in FAMILIES:
+        for s in SPLITS:
+            for t in world.tasks(s, f, 200):
+                other = world.off_topic_answer(t, rng)
+                if f == "unanswerable" or t.kind == "sort":
+                    assert other is None
+                    continue
+                assert other != t.reference and world.off_topic(t, other) and not score(t, other).correct, (t, other)
+                assert any(world.off_topic(t, c) for c in world.candidates(t, random.Random(0)))
+    faster = world.off_topic_answer(FASTER, rng)
+    assert faster.startswith("The cheetah is faster than the ") and not faster.endswith("snail."), faster
+    colombia = world.off_topic_answer(fact("Colombia", "currency"), rng)
+    assert colombia.endswith(" uses the Colombian peso.") and not colombia.startswith("Colombia "), colombia
+    assert world.off_topic_answer(ADD, rng) in {f"{a} plus 5 is 12." for a in (6, 8, 9)}
+
+
 # ---------------------------------------------------------------- export
 
 def test_export_writes_every_format_loadably(tmp_path):

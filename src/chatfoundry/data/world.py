@@ -488,14 +488,46 @@ def wrong_answer(task: Task, rng: random.Random) -> str:
     return task.reference.replace(f'"{task.answer}"', f'"{wrong}"')
 
 
+def off_topic_answer(task: Task, rng: random.Random) -> str | None:
+    """The reference about something else, its answer kept: another country or capital, a third
+    thing or number, another word or letter, another operand ("Myanmar uses the Colombian
+    peso."). The mistake a small model makes most; None where there is no such swap (sort,
+    unanswerable)."""
+    def swap(old: str, new: str) -> str:
+        return re.sub(rf"(?<!\w){re.escape(old)}(?!\w)", new, task.reference, count=1)
+
+    if task.family == "facts":
+        fact = _fact_of(task.group.split(":", 1)[1])
+        field = "capital" if task.kind == "country" else "country"
+        return swap(getattr(fact, field), getattr(rng.choice([f for f in load_facts() if f != fact]), field))
+    if task.family == "compare":
+        loser = next(o for o in task.options if o != task.answer)
+        pool = [str(n) for n in range(101)] if task.kind == "number" else list(_things())
+        return swap(loser, rng.choice([t for t in pool if t not in task.options]))
+    if task.family == "arithmetic":
+        a, _, b = re.fullmatch(r"(\d+)([-+*])(\d+)", task.key).groups()
+        near = [str(n) for n in range(int(a) - 2, int(a) + 3) if n >= 0 and str(n) not in (a, b, task.answer)]
+        return swap(a, rng.choice(near))
+    if task.family == "strings" and task.kind != "sort":
+        word = task.group.split(":", 1)[1]
+        if task.kind == "count":
+            letter = task.key.split(":")[2]
+            return swap(f'"{letter}"', f'"{rng.choice(sorted(set(word) - {letter}) or ["z"])}"')
+        return swap(f'"{word}"', f'"{rng.choice([w for w in SPELLING_WORDS if w != word])}"')
+    return None
+
+
 def candidates(task: Task, rng: random.Random) -> list[str]:
-    """Responses a labeler might see: the reference, terse, rambling, rude, abstaining and wrong."""
+    """Responses a labeler might see: the reference, terse, rambling, rude, abstaining, wrong, and
+    right but about something else."""
     ref = task.reference
     out = [ref,
            task.answer or "I do not know.",
            ref + " I hope this helps! Let me know if you have any other questions, I am always happy to help you.",
            "Obviously, " + ref + " Everybody knows that.",
            wrong_answer(task, rng)]
+    if (other := off_topic_answer(task, rng)) is not None:
+        out.append(other)
     if task.family != "unanswerable":
         out.append(rng.choice(("I do not know.", "I am not sure, sorry.")))
     return list(dict.fromkeys(out))  # drop duplicates, keep order

@@ -54,8 +54,8 @@ class LabelConfig:
     device: str = "auto"
     k: int = 4  # responses per prompt sampled from the policy (InstructGPT: 4 to 9)
     # Train split: this many more responses per prompt from "other models", the world's written
-    # alternatives (reference, terse, rambling, rude, abstaining, wrong), as InstructGPT's labelers
-    # ranked several models' outputs together. The held-out split is the policy's samples only.
+    # alternatives (reference, terse, rambling, rude, abstaining, wrong, off-topic), as InstructGPT's
+    # labelers ranked several models' outputs together. The held-out split is the policy's samples only.
     alternatives: int = 2
     prompts: int = 2000  # world train-split prompts, families in SFT's proportions
     val_prompts: int = 400  # world val-split prompts, held out
