@@ -352,9 +352,13 @@ class Score:
     reward: float  # the gold reward in [0, 1]
 
 
+def _whole(word: str) -> str:
+    """A regex for `word` as a whole word, not inside a longer one ("ant" in "elephant")."""
+    return rf"(?<!\w){re.escape(word)}(?!\w)"
+
+
 def _find(text: str, word: str, ignore_case: bool = False) -> re.Match | None:
-    """`word` as a whole word (not inside a longer one) in `text`."""
-    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, re.IGNORECASE if ignore_case else 0)
+    return re.search(_whole(word), text, re.IGNORECASE if ignore_case else 0)
 
 
 def _mentions(text: str, word: str, ignore_case: bool = False) -> bool:
@@ -368,20 +372,41 @@ def _first_mentioned(text: str, options: tuple[str, ...]) -> str | None:
 
 @lru_cache(maxsize=1)
 def _places() -> tuple[str, ...]:
-    """Every country and capital, longest first (so "Kuwait City" goes before "Kuwait")."""
-    return tuple(sorted({n for f in load_facts() for n in (f.country, f.capital)}, key=lambda n: (-len(n), n)))
+    """Every country and capital."""
+    return tuple(sorted({n for f in load_facts() for n in (f.country, f.capital)}))
 
 
 @lru_cache(maxsize=1)
 def _things() -> tuple[str, ...]:
+    """Every thing of the comparison tables, in a fixed order (seeded draws pick from it)."""
     return tuple(sorted({t for classes, _, _ in COMPARE_TABLES for c in classes for t in c}, key=lambda n: (-len(n), n)))
+
+
+def _subject(task: Task) -> str:
+    """What a question is about, from its group: the country (facts, unanswerable) or the word (strings)."""
+    return task.group.split(":", 1)[1]
+
+
+def _operation(task: Task) -> tuple[str, str, str]:
+    """An arithmetic question's (a, op, b), from its key ("7+5")."""
+    return re.fullmatch(r"(\d+)([-+*])(\d+)", task.key).groups()
+
+
+def _letter(task: Task) -> str:
+    """The letter a count question asks about ("" for other kinds)."""
+    return task.key.split(":")[2] if task.kind == "count" else ""
+
+
+@lru_cache(maxsize=None)
+def _fact_of(country: str) -> corpus.Fact:
+    return next(f for f in load_facts() if f.country == country)
 
 
 def _names_other(text: str, own: tuple[str, ...], names: tuple[str, ...]) -> bool:
     """Whether `text` names any of `names` besides the `own` ones (whole words; the own ones
     are blanked first, so "Guinea" inside an own "Equatorial Guinea" does not count)."""
-    for name in sorted(own, key=len, reverse=True):
-        text = re.sub(rf"(?<!\w){re.escape(name)}(?!\w)", " ", text, flags=re.IGNORECASE)
+    for name in sorted(own, key=len, reverse=True):  # "Mexico City" before "Mexico"
+        text = re.sub(_whole(name), " ", text, flags=re.IGNORECASE)
     return any(_mentions(text, n, True) for n in names if n not in own)
 
 
@@ -393,27 +418,21 @@ def off_topic(task: Task, response: str) -> bool:
     nor "93 is smaller than 91." one about 91 and 94. A terse answer ("Accra", "12") names nothing
     else, and passes."""
     if task.family == "facts":
-        fact = _fact_of(task.group.split(":", 1)[1])
+        fact = _fact_of(_subject(task))
         return _names_other(response, (fact.country, fact.capital), _places())
     if task.family == "compare" and task.kind == "number":
         return not set(_NUMBER.findall(response)) <= set(task.options)
     if task.family == "compare":
         return _names_other(response, task.options, _things())
     if task.family == "arithmetic":
-        a, op, b = re.fullmatch(r"(\d+)([-+*])(\d+)", task.key).groups()
+        a, op, b = _operation(task)
         others = [w for o, words in _OP_WORDS.items() if o != op for w in words[:1]]
         return not set(_NUMBER.findall(response)) <= {a, b, task.answer} or any(_mentions(response, w, True) for w in others)
     if task.family == "strings" and task.kind == "sort":
         return _names_other(response, task.options, SPELLING_WORDS)
     if task.family == "strings":  # what it quotes is the word, the answer or the letter asked about
-        word, letter = task.group.split(":", 1)[1], task.key.split(":")[2] if task.kind == "count" else ""
-        return not set(re.findall(r'"([A-Za-z]+)"', response)) <= {word, task.answer, letter}
+        return not set(re.findall(r'"([A-Za-z]+)"', response)) <= {_subject(task), task.answer, _letter(task)}
     return False
-
-
-@lru_cache(maxsize=None)
-def _fact_of(country: str):
-    return next(f for f in load_facts() if f.country == country)
 
 
 def is_correct(task: Task, response: str) -> bool:
@@ -466,10 +485,10 @@ def wrong_answer(task: Task, rng: random.Random) -> str:
     """A confident, fluent, wrong response (for unanswerable questions: a made-up answer)."""
     if task.family == "unanswerable":
         fact = rng.choice(load_facts())
-        return _FACT_REFERENCES[task.kind].format(**{**vars(fact), "country": task.group.split(":", 1)[1]})
+        return _FACT_REFERENCES[task.kind].format(**{**vars(fact), "country": _subject(task)})
     if task.family == "compare":
         a, b = task.options if task.options[0] == task.answer else task.options[::-1]
-        swap = re.compile(rf"(?<!\w)({re.escape(a)}|{re.escape(b)})(?!\w)")  # whole words: "ant" in "elephant"
+        swap = re.compile(f"({_whole(a)}|{_whole(b)})")
         return swap.sub(lambda m: b if m.group(1) == a else a, task.reference)
     if task.answer.lstrip("-").isdigit():
         wrong = int(task.answer) + rng.choice((-3, -2, -1, 1, 2, 3, 10))
@@ -494,10 +513,10 @@ def off_topic_answer(task: Task, rng: random.Random) -> str | None:
     peso."). The mistake a small model makes most; None where there is no such swap (sort,
     unanswerable)."""
     def swap(old: str, new: str) -> str:
-        return re.sub(rf"(?<!\w){re.escape(old)}(?!\w)", new, task.reference, count=1)
+        return re.sub(_whole(old), new, task.reference, count=1)
 
     if task.family == "facts":
-        fact = _fact_of(task.group.split(":", 1)[1])
+        fact = _fact_of(_subject(task))
         field = "capital" if task.kind == "country" else "country"
         return swap(getattr(fact, field), getattr(rng.choice([f for f in load_facts() if f != fact]), field))
     if task.family == "compare":
@@ -505,13 +524,12 @@ def off_topic_answer(task: Task, rng: random.Random) -> str | None:
         pool = [str(n) for n in range(101)] if task.kind == "number" else list(_things())
         return swap(loser, rng.choice([t for t in pool if t not in task.options]))
     if task.family == "arithmetic":
-        a, _, b = re.fullmatch(r"(\d+)([-+*])(\d+)", task.key).groups()
+        a, _, b = _operation(task)
         near = [str(n) for n in range(int(a) - 2, int(a) + 3) if n >= 0 and str(n) not in (a, b, task.answer)]
         return swap(a, rng.choice(near))
     if task.family == "strings" and task.kind != "sort":
-        word = task.group.split(":", 1)[1]
-        if task.kind == "count":
-            letter = task.key.split(":")[2]
+        word, letter = _subject(task), _letter(task)
+        if letter:
             return swap(f'"{letter}"', f'"{rng.choice(sorted(set(word) - {letter}) or ["z"])}"')
         return swap(f'"{word}"', f'"{rng.choice([w for w in SPELLING_WORDS if w != word])}"')
     return None
