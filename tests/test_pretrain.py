@@ -410,6 +410,30 @@ def test_folder_of_text_files_with_bpe_and_cached_shards(tmp_path, capsys, monke
     assert train_bin.stat().st_mtime_ns == mtime
 
 
+
+def test_a_tokenizer_another_run_cached_meanwhile_is_kept(tmp_path, capsys, monkeypatch):
+    """Two runs on one cache may train the same tokenizer at once. Each writes its own temporary
+    folder; the one that lands second keeps the first's entry (they once shared one temporary
+    folder, and a run deleted the other's half-written files: "cannot write tokenizer")."""
+    import chatfoundry.train.pretrain as pretrain
+
+    monkeypatch.setenv("CHATFOUNDRY_CACHE", str(tmp_path / "cache"))
+    save = pretrain.save_tokenizer
+    landed = {}
+
+    def save_while_another_run_lands(tok, path):
+        entry = path.with_name(path.name.split(".tmp")[0])
+        save(tok, entry)  # the other run, finishing first
+        landed["mtime"] = (entry / "tokenizer.json").stat().st_mtime_ns
+        save(tok, path)
+
+    monkeypatch.setattr(pretrain, "save_tokenizer", save_while_another_run_lands)
+    code, _, err = run_cli(["pretrain", *TINY, "--out", str(tmp_path / "run")], capsys)
+    assert code == 0, err
+    (entry,) = (tmp_path / "cache" / "tokenizers").iterdir()  # no temporary folder left
+    assert (entry / "tokenizer.json").stat().st_mtime_ns == landed["mtime"]
+
+
 # ---------------------------------------------------------------- flavours and dtypes
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -165,11 +166,15 @@ def _tokenizer(cfg: PretrainConfig, rt: Runtime, key: str, documents, cache: Pat
     folder = cache / "tokenizers" / _digest(f"{key}|{cfg.tokenizer.kind}|{cfg.tokenizer.vocab_size}|{TOKENIZER_FORMAT}")
     if rt.is_main and not (folder / "tokenizer.json").is_file():
         tok = train_tokenizer(documents(), cfg.tokenizer.kind, cfg.tokenizer.vocab_size)
-        tmp = folder.with_name(folder.name + ".tmp")
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")  # two runs may train it at once
         shutil.rmtree(tmp, ignore_errors=True)
         save_tokenizer(tok, tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        if not (folder / "tokenizer.json").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a broken entry
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process cached the same tokenizer first
+            shutil.rmtree(tmp, ignore_errors=True)
     rt.barrier()
     return load_tokenizer(folder)
 
