@@ -37,7 +37,7 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tmp_path, capsy
     assert code == 0, err
     summary = last_json(stdout)
     assert set(summary["stages"]) == {"pretrain", "sft", "label", "rm", "ppo"}
-    assert "gold_reward" in summary["stages"]["sft"] and {"gold_reward", "kl"} <= set(summary["stages"]["ppo"])
+    assert "gold_reward" in summary["stages"]["sft"] and {"gold_reward", "kl", "gold_gain_sampled"} <= set(summary["stages"]["ppo"])
     assert "pairwise_accuracy" in summary["stages"]["rm"]
     for name in ("report.md", "report_scores.png", "report_overoptimization.png", "config.yaml",
                  "pretrain/checkpoint/model.safetensors", "sft/checkpoint/model.safetensors", "label/train.jsonl",
@@ -45,6 +45,7 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tmp_path, capsy
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
     assert "| arithmetic |" in report and "chatfoundry chat --ckpt" in report and "**PPO:**" in report
+    assert "Sampled answers (4 per prompt" in report
     assert f"chatfoundry chat --ckpt {out / 'ppo'}" in stdout
 
     # Interrupted after the reward model: only PPO runs again.

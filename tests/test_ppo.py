@@ -215,9 +215,14 @@ def test_cli_run_writes_artifacts_is_deterministic_and_resumes_exactly(models, t
     assert {p.name for p in a.iterdir()} >= {"config.yaml", "metrics.jsonl", "ppo.png", "eval.json", "checkpoint",
                                             "critic"}
     for key in ("gold_reward", "gold_reward_se", "sft_gold_reward", "kl", "rm_reward", "sft_rm_reward",
-                "win_rate_rm", "win_rate_gold", "gold_reward_sampled", "kl_heldout"):
+                "win_rate_rm", "win_rate_gold", "gold_reward_sampled", "gold_gain_sampled", "gold_gain_sampled_se",
+                "kl_heldout"):
         assert key in s, key
     assert s["prompts"] == 2 * len(world.FAMILIES)
+    # The sampled gain is paired: the mean of per-prompt differences, so the difference of the means.
+    assert s["gold_gain_sampled"] == pytest.approx(s["gold_reward_sampled"] - s["sft_gold_reward_sampled"], abs=2e-4)
+    assert s["samples"] == 4 and s["gold_gain_sampled_se"] >= 0
+    assert set(json.loads((a / "eval.json").read_text())["sampled_families"]) == set(world.FAMILIES)
     first = metrics(a)
     assert len(first) == 3 and all(k in first[0] for k in (
         "rm_reward", "gold_reward", "kl", "entropy", "clip_fraction", "approx_kl", "value_loss",
@@ -241,7 +246,7 @@ def test_cli_run_writes_artifacts_is_deterministic_and_resumes_exactly(models, t
 def test_kl_penalty_objective_and_ptx_run(models, tmp_path, capsys):
     s = cli_ok(["ppo", "--init", str(models / "sft"), "--rm", str(models / "rm"), "--out", str(tmp_path / "k"), *FAST,
                 "--ppo.objective", "kl_penalty", "--ppo.ptx_coef", "0.5", "--ppo.ptx_batch_size", "2",
-                "--eval.sampled", "false"], capsys)
+                "--eval.samples", "0"], capsys)
     rows = metrics(tmp_path / "k")
     assert s["objective"] == "kl_penalty" and "gold_reward_sampled" not in s
     assert all("penalty_beta" in r and r["ptx_loss"] > 0 and r["ratio_first"] == 1.0 for r in rows)

@@ -114,7 +114,8 @@ def stage_summaries(s: dict) -> dict:
                      "sft_gold_reward_sampled": s["label"]["splits"]["train"]["sft_gold_reward"]},
            "rm": {k: s["rm"].get(k) for k in ("pairwise_accuracy", "spearman_gold", "label_accuracy")},
            "ppo": {k: s["ppo"].get(k) for k in ("gold_reward", "gold_reward_se", "gold_gain", "gold_gain_se", "kl",
-                                                 "kl_budget", "rm_reward", "win_rate_rm", "win_rate_gold")}}
+                                                 "kl_budget", "kl_heldout", "rm_reward", "win_rate_rm", "win_rate_gold",
+                                                 "gold_reward_sampled", "gold_gain_sampled", "gold_gain_sampled_se")}}
     for name, summary in s.items():
         out[name]["wall_s"] = summary.get("pipeline_wall_s", summary.get("wall_s"))
     return out
@@ -147,8 +148,13 @@ def write_report(out: Path, s: dict) -> None:
                   f"{ev['gold_reward']:.3f} ± {ev['gold_reward_se']:.3f} (gain {ev['gold_gain']:+.3f} ± "
                   f"{ev['gold_gain_se']:.3f}, paired). Reward model: {ev['sft_rm_reward']:+.3f} -> {ev['rm_reward']:+.3f}. "
                   f"PPO beats SFT on {ev['win_rate_rm']:.0%} of prompts by the reward model, "
-                  f"{ev['win_rate_gold']:.0%} by the gold reward (ties count half).", "",
-                  "| family | SFT exact match | PPO exact match | SFT gold reward | PPO gold reward |",
+                  f"{ev['win_rate_gold']:.0%} by the gold reward (ties count half).", ""]
+        if "gold_gain_sampled" in ev:
+            lines += [f"Sampled answers ({ev['samples']} per prompt as in training: the policy PPO optimises): gold reward "
+                      f"SFT {ev['sft_gold_reward_sampled']:.3f} -> PPO {ev['gold_reward_sampled']:.3f} (gain "
+                      f"{ev['gold_gain_sampled']:+.3f} ± {ev['gold_gain_sampled_se']:.3f}, paired), at "
+                      f"{ev['kl_heldout']:.2f} nats from SFT.", ""]
+        lines += ["| family | SFT exact match | PPO exact match | SFT gold reward | PPO gold reward |",
                   "| --- | --- | --- | --- | --- |"]
         for f, p in ev["families"].items():
             q = ev["sft_families"][f]

@@ -137,11 +137,14 @@ class KLConfig:
 class PPOEvalConfig:
     per_family: int = 100  # world test prompts per family, answered before (SFT) and after; 0: skip
     max_new_tokens: int = 48  # as SFT's eval, so the numbers compare
-    sampled: bool = True  # also one sampled answer per prompt: gold, RM and the held-out KL
+    # Sampled answers per prompt (the policy PPO trains; temperature as in training): gold and RM
+    # reward, the paired gain over SFT and the held-out KL. More samples, a smaller standard error.
+    samples: int = 4  # 0: greedy answers only
     batch_size: int = 128
 
     def validate(self) -> None:
         require(self.per_family >= 0, "eval.per_family", f"must be >= 0, got {self.per_family}")
+        require(self.samples >= 0, "eval.samples", f"must be >= 0, got {self.samples}")
         require(self.max_new_tokens > 0, "eval.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
         require(self.batch_size > 0, "eval.batch_size", f"must be > 0, got {self.batch_size}")
 
@@ -312,7 +315,9 @@ def rollout(policy: DecoderLM, ref: DecoderLM, critic: RewardModel | None, rewar
         out["entropy"].append(-(raw.exp() * raw).sum(-1))
         sampled = warp(logits, cfg)
         out["logp"].append(token_logprobs(sampled, part.tokens) if sampled is not logits else out["logp_raw"][-1])
-        out["logp_ref"].append(token_logprobs(response_logits(ref, part), part.tokens))
+        # The evaluation samples the reference itself: its log-probabilities are the policy's.
+        ref_logp = out["logp_raw"][-1] if ref is policy else token_logprobs(response_logits(ref, part), part.tokens)
+        out["logp_ref"].append(ref_logp)
         if critic is not None:
             out["values"].append(values_of(critic, part))
     if isinstance(reward, RewardModel):
@@ -597,7 +602,8 @@ def _run(cfg, rt, out, policy, ref, critic, reward, tok, resume, overwrite, log,
     if cfg.eval.per_family:
         report = evaluate(policy, ref, reward, tok, cfg)
         (out / "eval.json").write_text(json.dumps(report, indent=1))
-        summary.update({k: v for k, v in report.items() if k not in ("answers", "families", "sft_families")})
+        summary.update({k: v for k, v in report.items()
+                        if k not in ("answers", "families", "sft_families", "sampled_families")})
         summary["families"] = {f: {"gold_reward": report["families"][f]["gold_reward"],
                                    "sft_gold_reward": report["sft_families"][f]["gold_reward"]}
                                for f in report["families"]}
@@ -634,8 +640,9 @@ def evaluate(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: PPOConfig) -> 
 
     Greedy answers (as `chat` and `eval` give): gold reward (mean and standard error; the
     difference's standard error is paired, the same prompts), RM reward, win rates. Sampled
-    answers (temperature as in training): gold and RM reward, and the KL to the reference
-    (sum over tokens of log pi - log pi_ref on the policy's own samples, an unbiased estimate).
+    answers (`eval.samples` per prompt, temperature as in training: the policy PPO optimises):
+    gold and RM reward, the paired gain over SFT, and the KL to the reference (sum over tokens
+    of log pi - log pi_ref on the policy's own samples, an unbiased estimate).
     """
     policy.eval()
     tasks = [t for f in world.FAMILIES for t in world.tasks("test", f, cfg.eval.per_family, 0)]
@@ -660,23 +667,34 @@ def evaluate(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: PPOConfig) -> 
               "rm_reward": round(float(np.mean(g["rm"])), 4), "sft_rm_reward": round(float(np.mean(s["rm"])), 4),
               "win_rate_rm": round(_wins(g["rm"], s["rm"]), 4), "win_rate_gold": round(_wins(g["gold"], s["gold"]), 4),
               "families": g["report"]["families"], "sft_families": s["report"]["families"]}
-    if cfg.eval.sampled:
-        chunk = cfg.ppo.minibatch_size
+    if cfg.eval.samples:
+        # Each prompt `samples` times; both models draw with the same seeds (common random numbers:
+        # where they agree they sample alike, so the paired difference is less noisy).
+        n, chunk = cfg.eval.samples, cfg.ppo.minibatch_size
+        sampled = {}
         for name, model in (("ppo", policy), ("sft", ref)):
             golds, rms, kls = [], [], []
             for start in range(0, len(prompts), cfg.eval.batch_size):
-                part = prompts[start:start + cfg.eval.batch_size]
+                part = [p for p in prompts[start:start + cfg.eval.batch_size] for _ in range(n)]
                 ro = rollout(model, ref, None, reward, tok, part, cfg.rollout, seed=10_000 + start, chunk=chunk,
                              max_new_tokens=cfg.eval.max_new_tokens)
-                golds += [world.gold_reward(t, r) for t, r in zip(tasks[start:], ro.texts)]
+                golds += [world.gold_reward(tasks[start + i // n], r) for i, r in enumerate(ro.texts)]
                 rms += ro.scores.tolist()
                 kls += ((ro.logp_raw - ro.logp_ref) * ro.batch.mask).sum(1).tolist()
-            m, se = _mean_se(golds)
+            sampled[name] = np.asarray(golds).reshape(len(prompts), n).mean(1)  # per prompt
+            m, se = _mean_se(sampled[name])
             prefix = "" if name == "ppo" else "sft_"
             report[f"{prefix}gold_reward_sampled"], report[f"{prefix}gold_reward_sampled_se"] = round(m, 4), round(se, 4)
             report[f"{prefix}rm_reward_sampled"] = round(float(np.mean(rms)), 4)
             if name == "ppo":
                 report["kl_heldout"] = round(float(np.mean(kls)), 4)
+        dm, dse = _mean_se(sampled["ppo"] - sampled["sft"])
+        report.update({"samples": n, "gold_gain_sampled": round(dm, 4), "gold_gain_sampled_se": round(dse, 4),
+                       "gold_gain_sampled_in_se": round(dm / dse, 2) if dse > 0 else None})
+        of = np.array([t.family for t in tasks])
+        report["sampled_families"] = {f: {"sft_gold_reward": round(float(sampled["sft"][of == f].mean()), 4),
+                                          "gold_reward": round(float(sampled["ppo"][of == f].mean()), 4)}
+                                      for f in world.FAMILIES if (of == f).any()}
     report["answers"] = [{**a, "sft_response": b["response"], "sft_gold_reward": b["gold_reward"], "rm": r1, "sft_rm": r2}
                          for a, b, r1, r2 in zip(g["report"]["answers"], s["report"]["answers"], g["rm"], s["rm"])]
     return report
@@ -688,8 +706,9 @@ def format_eval(report: dict) -> str:
              f"SE); RM reward {report['sft_rm_reward']:+.3f} -> {report['rm_reward']:+.3f}; win rate vs SFT "
              f"{report['win_rate_rm']:.2f} by RM, {report['win_rate_gold']:.2f} by gold"]
     if "gold_reward_sampled" in report:
-        lines.append(f"sampled: gold reward SFT {report['sft_gold_reward_sampled']:.3f} -> PPO "
-                     f"{report['gold_reward_sampled']:.3f}; RM {report['sft_rm_reward_sampled']:+.3f} -> "
+        lines.append(f"sampled ({report['samples']} per prompt): gold reward SFT {report['sft_gold_reward_sampled']:.3f} "
+                     f"-> PPO {report['gold_reward_sampled']:.3f} (gain {report['gold_gain_sampled']:+.3f} +- "
+                     f"{report['gold_gain_sampled_se']:.3f}, paired SE); RM {report['sft_rm_reward_sampled']:+.3f} -> "
                      f"{report['rm_reward_sampled']:+.3f}; KL to SFT {report['kl_heldout']:.3f} nats per response")
     lines.append(f"{'family':<14}{'SFT gold':>10}{'PPO gold':>10}")
     for f, s in report["families"].items():
