@@ -207,6 +207,22 @@ def test_reward_model_and_language_model_folders_are_told_apart(char_tok, tmp_pa
     assert torch.equal(rm.body.embed_tokens.weight, lm.embed_tokens.weight) and rm.body.lm_head is None
 
 
+
+def test_held_out_report_pairs_spearman_and_best_of_k(monkeypatch):
+    import chatfoundry.train.reward as reward
+
+    items = [Encoded([[1], [2], [3]], [1, 0, 2], "facts", [1.0, 0.3, 0.0]),  # the RM prefers the 0.3 one
+             Encoded([[4], [5]], [1, 0], "compare", [0.3, 1.0])]  # and here the right one
+    scores = [0.1, 0.9, 0.0, 0.0, 1.0]
+    monkeypatch.setattr(reward, "score_rows", lambda model, rows, pad, batch_size=64: scores[:len(rows)])
+    r = reward.evaluate(None, items, 0)
+    # Gold pairs: (1.0 > 0.3) missed, (1.0 > 0.0) and (0.3 > 0.0) right; (1.0 > 0.3) right.
+    assert r["pairwise_accuracy"] == 0.75 and r["gold_pairs"] == 4 and r["label_accuracy"] == 1.0
+    assert r["family_accuracy"] == {"compare": 1.0, "facts": round(2 / 3, 4)}
+    # Best-of-K: 0.3 - mean(1, 0.3, 0) and 1.0 - mean(0.3, 1.0).
+    assert r["best_of_k_gold_gain"] == round(((0.3 - 1.3 / 3) + (1.0 - 0.65)) / 2, 4)
+
+
 # ---------------------------------------------------------------- the rm stage
 
 

@@ -210,10 +210,11 @@ def spearman(x, y) -> float:
 
 def evaluate(model: RewardModel, items: list[Encoded], pad_id: int, batch_size: int = 64) -> dict:
     """Held-out report: the ranking loss and pairwise accuracy against the labels and, where gold
-    rewards are known, accuracy against them (pairs whose gold rewards differ) and Spearman's
-    correlation with them."""
+    rewards are known, accuracy against them (pairs whose gold rewards differ), Spearman's
+    correlation with them, and the gold reward best-of-K by the RM gains over a random response."""
     scores = score_rows(model, [r for it in items for r in it.rows], pad_id, batch_size)
     label_hits, losses, gold_hits, per_family, pooled, chosen, rejected = [], [], [], {}, ([], []), [], []
+    best_of = []  # gold of the RM's favourite minus the mean gold of the responses
     i = 0
     for it in items:
         s = scores[i:i + len(it.rows)]
@@ -225,6 +226,7 @@ def evaluate(model: RewardModel, items: list[Encoded], pad_id: int, batch_size: 
         if it.gold is not None:
             pooled[0].extend(s)
             pooled[1].extend(it.gold)
+            best_of.append(it.gold[int(np.argmax(s))] - float(np.mean(it.gold)))
             for a in range(k):
                 for b in range(k):
                     if it.gold[a] > it.gold[b]:
@@ -241,6 +243,8 @@ def evaluate(model: RewardModel, items: list[Encoded], pad_id: int, batch_size: 
     if gold_hits:
         report.update(pairwise_accuracy=mean(gold_hits), gold_pairs=len(gold_hits),
                       spearman_gold=round(spearman(*pooled), 4),
+                      # Best-of-K by the RM: the gold it gains by picking, as rejection sampling would.
+                      best_of_k_gold_gain=mean(best_of),
                       family_accuracy={f: mean(h) for f, h in sorted(per_family.items())})
     else:
         report["pairwise_accuracy"] = report["label_accuracy"]
