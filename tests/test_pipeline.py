@@ -37,7 +37,8 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tmp_path, capsy
     assert code == 0, err
     summary = last_json(stdout)
     assert set(summary["stages"]) == {"pretrain", "sft", "label", "rm", "ppo"}
-    assert "gold_reward" in summary["stages"]["sft"] and {"gold_reward", "kl", "gold_gain_sampled"} <= set(summary["stages"]["ppo"])
+    assert "gold_reward" in summary["stages"]["sft"]
+    assert {"gold_reward", "kl", "gold_gain_sampled"} <= set(summary["stages"]["ppo"])
     assert "pairwise_accuracy" in summary["stages"]["rm"]
     for name in ("report.md", "report_scores.png", "report_overoptimization.png", "config.yaml",
                  "pretrain/checkpoint/model.safetensors", "sft/checkpoint/model.safetensors", "label/train.jsonl",

@@ -410,7 +410,6 @@ def test_folder_of_text_files_with_bpe_and_cached_shards(tmp_path, capsys, monke
     assert train_bin.stat().st_mtime_ns == mtime
 
 
-
 def test_a_tokenizer_another_run_cached_meanwhile_is_kept(tmp_path, capsys, monkeypatch):
     """Two runs on one cache may train the same tokenizer at once. Each writes its own temporary
     folder; the one that lands second keeps the first's entry (they once shared one temporary

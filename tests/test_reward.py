@@ -207,8 +207,7 @@ def test_reward_model_and_language_model_folders_are_told_apart(char_tok, tmp_pa
     assert torch.equal(rm.body.embed_tokens.weight, lm.embed_tokens.weight) and rm.body.lm_head is None
 
 
-
-def test_held_out_report_pairs_spearman_and_best_of_k(monkeypatch):
+def test_held_out_report_accuracy_by_family_and_best_of_k(monkeypatch):
     import chatfoundry.train.reward as reward
 
     items = [Encoded([[1], [2], [3]], [1, 0, 2], "facts", [1.0, 0.3, 0.0]),  # the RM prefers the 0.3 one

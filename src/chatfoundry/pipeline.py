@@ -151,8 +151,8 @@ def write_report(out: Path, s: dict) -> None:
                   f"PPO beats SFT on {ev['win_rate_rm']:.0%} of prompts by the reward model, "
                   f"{ev['win_rate_gold']:.0%} by the gold reward (ties count half).", ""]
         if "gold_gain_sampled" in ev:
-            lines += [f"Sampled answers ({ev['samples']} per prompt as in training: the policy PPO optimises): gold reward "
-                      f"SFT {ev['sft_gold_reward_sampled']:.3f} -> PPO {ev['gold_reward_sampled']:.3f} (gain "
+            lines += [f"Sampled answers ({ev['samples']} per prompt as in training: the policy PPO optimises): "
+                      f"gold reward SFT {ev['sft_gold_reward_sampled']:.3f} -> PPO {ev['gold_reward_sampled']:.3f} (gain "
                       f"{ev['gold_gain_sampled']:+.3f} ± {ev['gold_gain_sampled_se']:.3f}, paired), at "
                       f"{ev['kl_heldout']:.2f} nats from SFT.", ""]
         lines += ["| family | SFT exact match | PPO exact match | SFT gold reward | PPO gold reward |",

@@ -706,8 +706,8 @@ def format_eval(report: dict) -> str:
              f"SE); RM reward {report['sft_rm_reward']:+.3f} -> {report['rm_reward']:+.3f}; win rate vs SFT "
              f"{report['win_rate_rm']:.2f} by RM, {report['win_rate_gold']:.2f} by gold"]
     if "gold_reward_sampled" in report:
-        lines.append(f"sampled ({report['samples']} per prompt): gold reward SFT {report['sft_gold_reward_sampled']:.3f} "
-                     f"-> PPO {report['gold_reward_sampled']:.3f} (gain {report['gold_gain_sampled']:+.3f} +- "
+        lines.append(f"sampled ({report['samples']} per prompt): gold reward SFT "
+                     f"{report['sft_gold_reward_sampled']:.3f} -> PPO {report['gold_reward_sampled']:.3f} (gain {report['gold_gain_sampled']:+.3f} +- "
                      f"{report['gold_gain_sampled_se']:.3f}, paired SE); RM {report['sft_rm_reward_sampled']:+.3f} -> "
                      f"{report['rm_reward_sampled']:+.3f}; KL to SFT {report['kl_heldout']:.3f} nats per response")
     lines.append(f"{'family':<14}{'SFT gold':>10}{'PPO gold':>10}")
