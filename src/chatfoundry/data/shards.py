@@ -95,6 +95,18 @@ class Shards:
     val: np.ndarray
 
 
+def publish(tmp: Path, folder: Path, marker: str) -> None:
+    """Move a cache entry written in `tmp` (a folder private to this process) into place. An entry
+    without its `marker` file is a broken one and is replaced; a complete one that another
+    process landed meanwhile is kept."""
+    if not (folder / marker).is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process cached the same entry first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def build_shards(tokenizer, source_key: str, documents: "callable", val_fraction: float,
                  cache_dir: Path | None = None) -> Shards:
     """Memory-mapped train/val token arrays, tokenizing `documents()` only on a cache miss.
@@ -115,10 +127,7 @@ def build_shards(tokenizer, source_key: str, documents: "callable", val_fraction
         meta = {"dtype": tokens.dtype.name, "train_tokens": len(tokens) - n_val, "val_tokens": n_val,
                 "source": source_key}
         (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process cached the same entry first
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish(tmp, folder, "meta.json")
     meta = json.loads((folder / "meta.json").read_text())
 
     def load(name: str) -> np.ndarray:

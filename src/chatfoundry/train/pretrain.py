@@ -33,8 +33,8 @@ import torch
 from chatfoundry import checkpoint as ckpt
 from chatfoundry.config import require, save_config
 from chatfoundry.data import corpus
-from chatfoundry.data.shards import (BlockSampler, build_shards, default_cache_dir, files_key, read_documents,
-                                     resolve_inputs)
+from chatfoundry.data.shards import (BlockSampler, build_shards, default_cache_dir, files_key, publish,
+                                     read_documents, resolve_inputs)
 from chatfoundry.errors import UserError
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.models import encoder as enc
@@ -169,12 +169,7 @@ def _tokenizer(cfg: PretrainConfig, rt: Runtime, key: str, documents, cache: Pat
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")  # two runs may train it at once
         shutil.rmtree(tmp, ignore_errors=True)
         save_tokenizer(tok, tmp)
-        if not (folder / "tokenizer.json").is_file():
-            shutil.rmtree(folder, ignore_errors=True)  # a broken entry
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process cached the same tokenizer first
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish(tmp, folder, "tokenizer.json")
     rt.barrier()
     return load_tokenizer(folder)
 
