@@ -98,8 +98,8 @@ def setup_runtime(device: str = "auto", dtype: str = "fp32") -> Runtime:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device: {device} requested but CUDA is not available")
     dev = torch.device(device)
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device("cuda", local_rank)
+    if dev.type == "cuda" and (world > 1 or dev.index is None):  # set_device needs an index
+        dev = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: fp32 range, tensor-core speed
