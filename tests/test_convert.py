@@ -1,4 +1,4 @@
-"""`chatfoundry convert`: transformers folders in (GPT-2, Llama, Mistral, Qwen2) and out, with equal logits."""
+"""`chatfoundry convert`: transformers folders in (GPT-2, GPT-NeoX, Llama, Mistral, Qwen2) and out, with equal logits."""
 
 from __future__ import annotations
 
@@ -17,6 +17,11 @@ IDS = torch.tensor([[3, 17, 5, 42, 8, 11, 2, 60]])
 
 HF_MODELS = {
     "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4),
+    # GPT-2's block with rotary positions (our default pipeline model): sequential residual, full rotary.
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=32, use_parallel_residual=False, hidden_act="gelu_new", tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0, "partial_rotary_factor": 1.0}),
     "llama_gqa_untied": lambda: transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False, rope_theta=5000.0),
@@ -97,3 +102,27 @@ def test_export_refuses_a_shape_transformers_lacks(tmp_path, capsys, tokenizer):
     save_checkpoint(tmp_path / "ours", DecoderLM(cfg), tokenizer)
     code, _, err = run_cli(["convert", "--to-hf", str(tmp_path / "ours"), "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and "sinusoidal" in err
+
+
+def test_gpt2_block_with_rotary_exports_as_gpt_neox(tmp_path, capsys, tokenizer):
+    from chatfoundry.checkpoint import save_checkpoint
+    from chatfoundry.models.decoder import DecoderLM
+    from conftest import randomize, tiny_config
+
+    model = randomize(DecoderLM(tiny_config("gpt2", vocab_size=VOCAB, pos="rope", rope_theta=500.0))).eval()
+    save_checkpoint(tmp_path / "ours", model, tokenizer)
+    with torch.no_grad():
+        expected = model(IDS)[0]
+    code, out, err = run_cli(["convert", "--to-hf", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")], capsys)
+    assert code == 0, err
+    theirs, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert type(theirs).__name__ == "GPTNeoXForCausalLM" and theirs.config.tie_word_embeddings
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.eval()(IDS).logits, expected, atol=1e-4, rtol=0)
+
+    # A checkpoint of this shape saved before the export existed holds our own weight names: it still loads.
+    weights = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(weights, tmp_path / "ours" / "model.safetensors", metadata={"format": "pt"})
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "ours")[0](IDS)[0], expected, atol=0, rtol=0)

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # A pretrained policy with room for a question and a short answer (block 96, char tokenizer).
 POLICY = ["96" if i and TINY[i - 1] == "--model.block_size" else x for i, x in enumerate(TINY)]
-LABEL = "--k 3 --prompts 25 --val_prompts 10 --max_new_tokens 12 --device cpu".split()
+LABEL = "--k 3 --prompts 25 --val_prompts 30 --max_new_tokens 12 --device cpu".split()
 RM = ("--train.steps 6 --train.batch_size 4 --train.warmup_steps 1 --train.eval_every 3 --train.save_every 3 "
       "--device cpu").split()
 
@@ -156,10 +156,16 @@ def char_tok():
     return train_tokenizer(iter(["What is 2 plus 3? 2 plus 3 is 5. Paris is in France."]), "char", 0)
 
 
-@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
-def test_export_loads_in_transformers_with_equal_rewards(flavour, char_tok, tmp_path, capsys):
+HF_CLASS = {"gpt2": "GPT2ForSequenceClassification", "gpt_neox": "GPTNeoXForSequenceClassification",
+            "llama": "LlamaForSequenceClassification"}
+
+
+@pytest.mark.parametrize("arch", list(HF_CLASS))
+def test_export_loads_in_transformers_with_equal_rewards(arch, char_tok, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    cfg = tiny_config(flavour, vocab_size=char_tok.get_vocab_size(), block_size=64)
+    rotary = {"pos": "rope"} if arch == "gpt_neox" else {}  # GPT-2's block with rotary positions
+    cfg = tiny_config("llama" if arch == "llama" else "gpt2", vocab_size=char_tok.get_vocab_size(), block_size=64,
+                      **rotary)
     model = randomize(RewardModel(cfg)).eval()
     model.offset, model.normalization = -0.7, {"mean": 0.7, "std": 1.3, "responses": 10}
     save_checkpoint(tmp_path / "ours", model, char_tok)
@@ -168,10 +174,10 @@ def test_export_loads_in_transformers_with_equal_rewards(flavour, char_tok, tmp_
     ours = score_texts(load_reward_model(tmp_path / "ours")[0], char_tok, prompts, responses)
 
     summary = cli_ok(["convert", "--to-hf", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")], capsys)
-    assert summary["reward_model"] and summary["architecture"] == flavour
+    assert summary["reward_model"] and summary["architecture"] == arch
     hf, info = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf",
                                                                                output_loading_info=True)
-    assert type(hf).__name__ == {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification"}[flavour]
+    assert type(hf).__name__ == HF_CLASS[arch]
     assert hf.config.num_labels == 1
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     from chatfoundry.train.reward import encode_responses
@@ -182,10 +188,10 @@ def test_export_loads_in_transformers_with_equal_rewards(flavour, char_tok, tmp_
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
     with torch.no_grad():
         theirs = hf.eval()(ids, attention_mask=(ids != pad).long()).logits.squeeze(-1).tolist()
-    # GPT-2's final LayerNorm has a bias: the normalisation is folded into it, the outputs are equal.
+    # A final LayerNorm has a bias: the normalisation is folded into it, the outputs are equal.
     # Llama's RMSNorm has none: transformers gives the raw score, ours minus the recorded offset.
-    shift = 0.0 if flavour == "gpt2" else model.offset
-    assert ("note" in summary) == (flavour == "llama")
+    shift = model.offset if arch == "llama" else 0.0
+    assert ("note" in summary) == (arch == "llama")
     assert theirs == pytest.approx([o - shift for o in ours], abs=1e-4)
     # The export is still ours: it loads back with the same rewards.
     again = score_texts(load_reward_model(tmp_path / "hf")[0], char_tok, prompts, responses)

@@ -226,16 +226,27 @@ def build_config(cls: type, layers: list[tuple[str, dict[str, Any]]]) -> Any:
                 raise UserError(f"{source}: unknown config key '{name}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
             merged[name] = (source, value)
     cfg = cls()
-    for f, tp in _fields(cls):
-        keys = getattr(tp, "PRESET_KEYS", ())
-        if keys:
-            named = {k: convert(f"{f.name}.{k}", known[f"{f.name}.{k}"], merged.pop(f"{f.name}.{k}")[1])
-                     for k in keys if f"{f.name}.{k}" in merged}
-            setattr(cfg, f.name, tp.from_preset(**named))
+    _apply_presets(cfg, "", merged, known)
     for name, (source, value) in merged.items():
         set_dotted(cfg, name, convert(name, known[name], value))
     validate(cfg)
     return cfg
+
+
+def _apply_presets(cfg: Any, prefix: str, merged: dict, known: dict) -> None:
+    """Rebuild each section (at any depth) whose preset keys a layer names, from its preset; keys
+    it leaves out keep the section's default (the pretraining default's flavour, say)."""
+    for f, tp in _fields(type(cfg)):
+        if not dataclasses.is_dataclass(tp):
+            continue
+        name, section = prefix + f.name, getattr(cfg, f.name)
+        keys = getattr(tp, "PRESET_KEYS", ())
+        named = {k: convert(f"{name}.{k}", known[f"{name}.{k}"], merged.pop(f"{name}.{k}")[1])
+                 for k in keys if f"{name}.{k}" in merged}
+        if named:
+            setattr(cfg, f.name, tp.from_preset(**{**{k: getattr(section, k) for k in keys}, **named}))
+        elif not keys:
+            _apply_presets(section, name + ".", merged, known)
 
 
 def validate(cfg: Any) -> None:

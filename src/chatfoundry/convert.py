@@ -1,11 +1,11 @@
 """`chatfoundry convert`: Hugging Face folders in and out.
 
 In: a local transformers folder (config.json; model.safetensors, sharded safetensors with their
-index, or pytorch_model.bin read with weights_only=True; tokenizer.json) of a GPT-2, Llama,
-Mistral, Qwen2 or T5 (T5ForConditionalGeneration) model, or a BERT (BertForMaskedLM, BertModel,
-BertForSequenceClassification), becomes one of our checkpoints. Out: our checkpoint written for
-transformers; GPT-2-, Llama- and T5-shaped models already are, so the export checks the shape and
-leaves the trainer state behind.
+index, or pytorch_model.bin read with weights_only=True; tokenizer.json) of a GPT-2, GPT-NeoX
+(sequential block, full rotary), Llama, Mistral, Qwen2 or T5 (T5ForConditionalGeneration) model, or
+a BERT (BertForMaskedLM, BertModel, BertForSequenceClassification), becomes one of our checkpoints.
+Out: our checkpoint written for transformers; GPT-2-, GPT-NeoX-, Llama- and T5-shaped models already
+are, so the export checks the shape and leaves the trainer state behind.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def to_hf(src: str | Path, out: str | Path) -> dict:
     if arch is None:
         c = model.config
         raise UserError(f"{src}: no transformers architecture has this model's choices "
-                        f"(pos={c.pos}, norm={c.norm}, mlp={c.mlp}, bias={c.bias}); GPT-2 and Llama shapes export")
+                        f"(pos={c.pos}, norm={c.norm}, mlp={c.mlp}, bias={c.bias}); GPT-2, GPT-NeoX and Llama shapes export")
     save_checkpoint(Path(out), model, tokenizer)
     return {"out": str(out), "architecture": arch}
 
@@ -128,7 +128,7 @@ def _reward_to_hf(src: str | Path, out: str | Path) -> dict:
     model, tokenizer = load_reward_model(src)
     arch = hf_architecture(model.config)
     if arch is None:
-        raise UserError(f"{src}: no transformers architecture has this reward model's body; GPT-2 and Llama shapes export")
+        raise UserError(f"{src}: no transformers architecture has this reward model's body; GPT-2, GPT-NeoX and Llama shapes export")
     model.fold_offset()  # transformers' `score` has no bias: the normalisation goes into the final norm
     save_checkpoint(Path(out), model, tokenizer)
     result = {"out": str(out), "architecture": arch, "reward_model": True}

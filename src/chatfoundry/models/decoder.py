@@ -1,6 +1,7 @@
-"""The decoder-only Transformer (GPT): one module, two flavours.
+"""The decoder-only Transformer (GPT): one module, three flavours.
 
 GPT-2 flavour: learned positions, LayerNorm, GELU MLP, biases, tied embeddings.
+GPT-NeoX flavour: GPT-2's block with rotary positions (the pretraining default).
 Llama flavour: rotary positions, RMSNorm, SwiGLU, no biases, grouped-query attention.
 Every choice is a field of `DecoderConfig`, so the flavours are just presets and any mix
 (sinusoidal positions with RMSNorm, multi-query GPT-2, ...) is one override away.
@@ -21,6 +22,7 @@ from chatfoundry.models.layers import MLP, Attention, KVCache, make_norm, rotary
 
 FLAVOURS = {
     "gpt2": dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True, norm_eps=1e-5),
+    "neox": dict(pos="rope", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True, norm_eps=1e-5),
     "llama": dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=True, norm_eps=1e-6),
 }
 
@@ -40,7 +42,7 @@ class DecoderConfig:
     PRESET_KEYS = ("preset", "flavour")  # applied before other overrides (see config.build_config)
 
     preset: str = "tiny"
-    flavour: Literal["gpt2", "llama"] = "gpt2"
+    flavour: Literal["gpt2", "neox", "llama"] = "gpt2"
     vocab_size: int = 0  # 0: the tokenizer's size
     block_size: int = 128  # the longest context the model handles
     n_layer: int = 4

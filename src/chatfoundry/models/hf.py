@@ -1,9 +1,11 @@
 """Hugging Face names for our decoder: config.json fields and weight keys.
 
 A checkpoint whose choices match GPT-2 (learned positions, LayerNorm, GELU, biases, tied, no GQA)
-is written as `GPT2LMHeadModel`; one that matches Llama (rotary, RMSNorm, SwiGLU) as
-`LlamaForCausalLM` (`Qwen2ForCausalLM` when only q/k/v carry biases); `transformers` then loads our folder as it is. Other mixes (sinusoidal
-positions, say) are written under our own model_type. Our full config always rides along under
+is written as `GPT2LMHeadModel`; GPT-2's block with rotary positions as `GPTNeoXForCausalLM`
+(sequential residual, rotary over the whole head); one that matches Llama (rotary, RMSNorm,
+SwiGLU) as `LlamaForCausalLM` (`Qwen2ForCausalLM` when only q/k/v carry biases); `transformers`
+then loads our folder as it is. Other mixes (sinusoidal positions, say) are written under our
+own model_type. Our full config always rides along under
 the `chatfoundry` key, so loading our own folders never guesses.
 """
 
@@ -17,9 +19,11 @@ from chatfoundry.models.decoder import DecoderConfig, DecoderLM
 
 
 def hf_architecture(cfg: DecoderConfig) -> str | None:
-    if (cfg.pos, cfg.norm, cfg.mlp) == ("learned", "layernorm", "gelu") and cfg.bias and cfg.tie_embeddings \
-            and cfg.n_kv_head == cfg.n_head:
-        return "gpt2"
+    if (cfg.norm, cfg.mlp) == ("layernorm", "gelu") and cfg.bias and cfg.n_kv_head == cfg.n_head:
+        if cfg.pos == "learned" and cfg.tie_embeddings:
+            return "gpt2"
+        if cfg.pos == "rope":
+            return "gpt_neox"
     if (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu"):
         return "qwen2" if cfg.qkv_bias and not cfg.bias else "llama"
     return None
@@ -35,6 +39,15 @@ def to_hf_config(cfg: DecoderConfig, special: dict[str, int | None] | None = Non
               "n_inner": cfg.ffn_dim, "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
               "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
               "scale_attn_weights": True, "tie_word_embeddings": True}
+    elif arch == "gpt_neox":
+        rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": 1.0}
+        hf = {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "vocab_size": cfg.vocab_size,
+              "hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layer,
+              "num_attention_heads": cfg.n_head, "hidden_act": "gelu_new", "max_position_embeddings": cfg.block_size,
+              "layer_norm_eps": cfg.norm_eps, "use_parallel_residual": False, "attention_bias": True,
+              "rope_parameters": rope, "rotary_pct": 1.0, "rotary_emb_base": cfg.rope_theta,  # the last two: 4.x
+              "attention_dropout": cfg.dropout, "hidden_dropout": cfg.dropout, "classifier_dropout": cfg.dropout,
+              "tie_word_embeddings": cfg.tie_embeddings}
     elif arch in ("llama", "qwen2"):
         hf = {"vocab_size": cfg.vocab_size,
               "hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layer,
@@ -53,8 +66,8 @@ def to_hf_config(cfg: DecoderConfig, special: dict[str, int | None] | None = Non
 
 
 # transformers' sequence-classification class per architecture: the body plus a bias-free `score`.
-_SEQUENCE_CLASSIFICATION = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification",
-                            "qwen2": "Qwen2ForSequenceClassification"}
+_SEQUENCE_CLASSIFICATION = {"gpt2": "GPT2ForSequenceClassification", "gpt_neox": "GPTNeoXForSequenceClassification",
+                            "llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification"}
 
 
 def reward_to_hf_config(cfg: DecoderConfig, special: dict[str, int | None], reward: dict) -> dict:
@@ -116,12 +129,56 @@ def _gpt2_key(name: str) -> str:
     return "transformer." + name
 
 
+_NEOX_TOP = {"embed_tokens": "gpt_neox.embed_in", "layers": "gpt_neox.layers", "norm": "gpt_neox.final_layer_norm",
+             "lm_head": "embed_out"}
+_NEOX_INNER = [("self_attn.o_proj", "attention.dense"), ("mlp.up_proj", "mlp.dense_h_to_4h"),
+               ("mlp.down_proj", "mlp.dense_4h_to_h")]
+
+
+def _neox_key(name: str) -> str:
+    top, _, rest = name.partition(".")
+    name = f"{_NEOX_TOP[top]}.{rest}"
+    for ours, theirs in _NEOX_INNER:
+        name = name.replace(ours, theirs)
+    return name
+
+
+def _neox_to_hf(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if ".self_attn.q_proj." in k:  # one query_key_value, head by head: [q_h; k_h; v_h] for each head h
+            layer, kind = k.split(".self_attn.q_proj.")
+            parts = [sd[f"{layer}.self_attn.{p}_proj.{kind}"].unflatten(0, (cfg.n_head, cfg.head_dim)) for p in "qkv"]
+            out[_neox_key(layer) + f".attention.query_key_value.{kind}"] = torch.stack(parts, 1).flatten(0, 2).contiguous()
+        elif ".self_attn.k_proj." not in k and ".self_attn.v_proj." not in k:
+            out[_neox_key(k)] = v.contiguous()
+    return out
+
+
+def _neox_from_hf(hf_sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
+    if not any(k.startswith("gpt_neox.") for k in hf_sd):  # saved before this export existed: our own names
+        return dict(hf_sd)
+    ours_by_hf = {_neox_key(k): k for k in _param_names(cfg)}
+    sd = {}
+    for k, v in hf_sd.items():
+        if ".attention.query_key_value." in k:
+            layer, kind = k.split(".attention.query_key_value.")
+            layer = ours_by_hf[layer + ".input_layernorm.weight"].removesuffix(".input_layernorm.weight")
+            for p, part in zip("qkv", v.unflatten(0, (cfg.n_head, 3, cfg.head_dim)).unbind(1)):
+                sd[f"{layer}.self_attn.{p}_proj.{kind}"] = part.flatten(0, 1).contiguous()
+        elif k in ours_by_hf:
+            sd[ours_by_hf[k]] = v
+    return sd
+
+
 def state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
     """Our weights under the architecture's names; a tied head is left out, as transformers does."""
     sd = {k: v for k, v in sd.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
     arch = hf_architecture(cfg)
     if arch in ("llama", "qwen2"):
         return {(k if k.startswith("lm_head") else "model." + k): v.contiguous() for k, v in sd.items()}
+    if arch == "gpt_neox":
+        return _neox_to_hf(sd, cfg)
     if arch != "gpt2":
         return {k: v.contiguous() for k, v in sd.items()}
     out: dict[str, torch.Tensor] = {}
@@ -140,6 +197,8 @@ def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> di
     arch = hf_architecture(cfg)
     if arch in ("llama", "qwen2"):
         sd = {k.removeprefix("model."): v for k, v in hf_sd.items()}
+    elif arch == "gpt_neox":
+        sd = _neox_from_hf(hf_sd, cfg)
     elif arch == "gpt2":
         ours_by_hf = {_gpt2_key(k): k for k in _param_names(cfg)}
         sd = {}
@@ -170,7 +229,7 @@ def _param_names(cfg: DecoderConfig) -> list[str]:
 
 
 def config_from_hf(hf: dict, source: str = "config.json") -> DecoderConfig:
-    """Our config for a transformers GPT-2, Llama or Mistral config.json (fields as they name them)."""
+    """Our config for a transformers GPT-2, GPT-NeoX, Llama, Mistral or Qwen2 config.json (fields as they name them)."""
     kind = hf.get("model_type")
 
     def need(ok: bool, what: str) -> None:
@@ -205,4 +264,19 @@ def config_from_hf(hf: dict, source: str = "config.json") -> DecoderConfig:
                              bias=bool(hf.get("attention_bias", False)) and not qwen2, qkv_bias=qwen2,
                              tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                              rope_theta=float(theta), norm_eps=hf.get("rms_norm_eps", 1e-6))
-    raise ValueError(f"{source}: model_type {kind!r} is not supported (gpt2, llama, mistral, qwen2)")
+    if kind == "gpt_neox":  # only GPT-2's block with full rotary: what we export (Pythia's parallel block is not)
+        rope = {"rope_theta": hf.get("rotary_emb_base", 10000.0), "partial_rotary_factor": hf.get("rotary_pct", 0.25),
+                **(hf.get("rope_parameters") or {})}
+        need(not hf.get("use_parallel_residual", True), "use_parallel_residual (parallel attention and MLP) is not supported")
+        need(rope["partial_rotary_factor"] == 1.0, "partial rotary embeddings (rotary_pct < 1) are not supported")
+        need(hf.get("hidden_act", "gelu") in ("gelu_new", "gelu_pytorch_tanh"), f"hidden_act {hf.get('hidden_act')!r} "
+             "is not GPT-2's tanh GELU")
+        need(hf.get("attention_bias", True), "attention without biases is not supported")
+        return DecoderConfig(preset="imported", flavour="gpt2", vocab_size=hf["vocab_size"],
+                             block_size=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
+                             n_head=hf["num_attention_heads"], n_kv_head=hf["num_attention_heads"],
+                             n_embd=hf["hidden_size"], intermediate_size=hf["intermediate_size"], pos="rope",
+                             norm="layernorm", mlp="gelu", bias=True,
+                             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                             rope_theta=float(rope["rope_theta"]), norm_eps=hf.get("layer_norm_eps", 1e-5))
+    raise ValueError(f"{source}: model_type {kind!r} is not supported (gpt2, gpt_neox, llama, mistral, qwen2)")
