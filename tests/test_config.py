@@ -148,6 +148,14 @@ def test_flavour_preset_key_combines_with_preset(tmp_path):
     assert cfg.model == dataclasses.replace(DecoderConfig.from_preset("small", "llama"), bias=True)
 
 
+def test_a_preset_keeps_the_default_flavour_and_applies_in_nested_sections():
+    assert resolve([]).model == DecoderConfig.from_preset("tiny", "neox")  # the pretraining default
+    assert resolve(["--model.preset", "mini"]).model == DecoderConfig.from_preset("mini", "neox")
+    from chatfoundry.pipeline import PipelineConfig  # its pretrain.model is two sections down
+    cfg = build_config(PipelineConfig, [("cli", {"pretrain.model.preset": "mini", "pretrain.model.n_layer": 3})])
+    assert cfg.pretrain.model == dataclasses.replace(DecoderConfig.from_preset("mini", "neox"), n_layer=3)
+
+
 def test_unknown_preset_is_a_user_error():
     with pytest.raises(UserError, match=r"model\.preset.*'huge'"):
         resolve(["--model.preset", "huge"])

@@ -197,8 +197,8 @@ def test_ppo_raises_a_toy_reward(models, toy, tmp_path):
 
 def test_adaptive_kl_controller_moves_beta_toward_the_target_in_a_run(models, toy, tmp_path, capsys):
     s = cli_ok(["ppo", "--init", str(models / "sft"), "--rm", toy, "--out", str(tmp_path / "up"), *FAST,
-                "--iterations", "4", "--ppo.lr", "3e-3", "--kl.coef", "0.05", "--kl.target", "0.001",
-                "--kl.horizon", "10"], capsys)
+                "--iterations", "4", "--ppo.lr", "3e-3", "--kl.control", "adaptive", "--kl.coef", "0.05",
+                "--kl.target", "0.001", "--kl.horizon", "10"], capsys)
     rows = metrics(tmp_path / "up")
     betas = [r["kl_coef"] for r in rows] + [s["kl_coef"]]  # the beta each iteration's rewards used, then the last
     # Iteration 1 samples the reference itself: KL 0 < target, so beta falls by the capped 20% x n / horizon.

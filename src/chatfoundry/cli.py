@@ -35,7 +35,7 @@ def _pretrain_parser(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain a decoder LM (causal LM), a BERT-style encoder (--objective mlm) "
                                         "or a T5 (--objective span)",
                        description="Train a tokenizer (unless one is given), tokenize the text into cached "
-                                   "shards and pretrain a GPT- or Llama-flavoured decoder (--objective clm, the "
+                                   "shards and pretrain a decoder, GPT-2, GPT-NeoX (the default) or Llama flavoured (--objective clm, the "
                                    "default; section --model.*), a BERT-style encoder with the masked-LM "
                                    "objective (--objective mlm; sections --encoder.* and --mlm.*) or a T5-style "
                                    "encoder-decoder by span corruption (--objective span; sections --seq2seq.* "

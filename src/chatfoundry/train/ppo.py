@@ -121,8 +121,10 @@ class KLConfig:
 
     # The default RM is easy to exploit (it rates "1 minus 1 is 1." above right answers): with
     # beta 0.05 the policy ran to 4 nats and lost 0.14 gold reward (README), hence a firm beta.
-    coef: float = 0.2  # beta, initial
-    control: Literal["fixed", "adaptive"] = "adaptive"  # adaptive: Ziegler et al.'s proportional controller
+    # Fixed: the adaptive controller winds up (beta falls while the policy has not moved yet,
+    # then the KL overshoots: 5.7 nats on the default model), where a fixed 0.5 held ~1.
+    coef: float = 0.5  # beta (the initial one when adaptive)
+    control: Literal["fixed", "adaptive"] = "fixed"  # adaptive: Ziegler et al.'s proportional controller
     target: float = 1.0  # nats per response: the adaptive controller's aim, and the run's KL budget
     horizon: float = 500  # responses; smaller reacts faster (Ziegler et al.: 10,000 over far longer runs)
     estimator: Literal["k1", "k3"] = "k1"  # per-token estimate in the reward (k3: >= 0, lower variance)

@@ -117,7 +117,9 @@ class PretrainConfig:
     objective: Literal["clm", "mlm", "span"] = "clm"
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    model: DecoderConfig = field(default_factory=DecoderConfig)
+    # GPT-2's block with rotary positions: on the built-in world it pretrains to a lower loss than
+    # learned positions (0.719 against 0.777 at batch 16) and its SFT model answers better (README).
+    model: DecoderConfig = field(default_factory=lambda: DecoderConfig.from_preset("tiny", "neox"))
     encoder: enc.EncoderConfig = field(default_factory=enc.EncoderConfig)
     mlm: MLMConfig = field(default_factory=MLMConfig)
     seq2seq: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
