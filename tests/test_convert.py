@@ -1,4 +1,4 @@
-"""`chatfoundry convert`: transformers folders in (GPT-2, GPT-NeoX, Llama, Mistral, Qwen2) and out, with equal logits."""
+"""`chatfoundry convert`: transformers folders in (GPT-2, GPT-NeoX, Llama, Mistral, Qwen2) and out, equal logits."""
 
 from __future__ import annotations
 

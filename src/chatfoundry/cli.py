@@ -35,12 +35,12 @@ def _pretrain_parser(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain a decoder LM (causal LM), a BERT-style encoder (--objective mlm) "
                                         "or a T5 (--objective span)",
                        description="Train a tokenizer (unless one is given), tokenize the text into cached "
-                                   "shards and pretrain a decoder, GPT-2, GPT-NeoX (the default) or Llama flavoured (--objective clm, the "
-                                   "default; section --model.*), a BERT-style encoder with the masked-LM "
-                                   "objective (--objective mlm; sections --encoder.* and --mlm.*) or a T5-style "
-                                   "encoder-decoder by span corruption (--objective span; sections --seq2seq.* "
-                                   "and --span.*). Run under "
-                                   "`torchrun --nproc_per_node N` for data-parallel training.")
+                                   "shards and pretrain a GPT-2-, GPT-NeoX- (the default) or Llama-flavoured "
+                                   "decoder (--objective clm, the default; section --model.*), a BERT-style "
+                                   "encoder with the masked-LM objective (--objective mlm; sections --encoder.* "
+                                   "and --mlm.*) or a T5-style encoder-decoder by span corruption (--objective "
+                                   "span; sections --seq2seq.* and --span.*). Run under `torchrun "
+                                   "--nproc_per_node N` for data-parallel training.")
     add_config_args(p, PretrainConfig, aliases={"--data": "data.files", "--tokenizer": "tokenizer.path"})
     _run_flags(p)
     p.set_defaults(func=_pretrain)

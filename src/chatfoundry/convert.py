@@ -118,8 +118,8 @@ def to_hf(src: str | Path, out: str | Path) -> dict:
     arch = hf_architecture(model.config)
     if arch is None:
         c = model.config
-        raise UserError(f"{src}: no transformers architecture has this model's choices "
-                        f"(pos={c.pos}, norm={c.norm}, mlp={c.mlp}, bias={c.bias}); GPT-2, GPT-NeoX and Llama shapes export")
+        raise UserError(f"{src}: no transformers architecture has this model's choices (pos={c.pos}, "
+                        f"norm={c.norm}, mlp={c.mlp}, bias={c.bias}); GPT-2, GPT-NeoX and Llama shapes export")
     save_checkpoint(Path(out), model, tokenizer)
     return {"out": str(out), "architecture": arch}
 
@@ -128,7 +128,8 @@ def _reward_to_hf(src: str | Path, out: str | Path) -> dict:
     model, tokenizer = load_reward_model(src)
     arch = hf_architecture(model.config)
     if arch is None:
-        raise UserError(f"{src}: no transformers architecture has this reward model's body; GPT-2, GPT-NeoX and Llama shapes export")
+        raise UserError(f"{src}: no transformers architecture has this reward model's body; "
+                        "GPT-2, GPT-NeoX and Llama shapes export")
     model.fold_offset()  # transformers' `score` has no bias: the normalisation goes into the final norm
     save_checkpoint(Path(out), model, tokenizer)
     result = {"out": str(out), "architecture": arch, "reward_model": True}

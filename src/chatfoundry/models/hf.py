@@ -5,8 +5,8 @@ is written as `GPT2LMHeadModel`; GPT-2's block with rotary positions as `GPTNeoX
 (sequential residual, rotary over the whole head); one that matches Llama (rotary, RMSNorm,
 SwiGLU) as `LlamaForCausalLM` (`Qwen2ForCausalLM` when only q/k/v carry biases); `transformers`
 then loads our folder as it is. Other mixes (sinusoidal positions, say) are written under our
-own model_type. Our full config always rides along under
-the `chatfoundry` key, so loading our own folders never guesses.
+own model_type. Our full config always rides along under the `chatfoundry` key, so loading our
+own folders never guesses.
 """
 
 from __future__ import annotations
@@ -143,32 +143,45 @@ def _neox_key(name: str) -> str:
     return name
 
 
-def _neox_to_hf(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
+def _to_fused(sd: dict[str, torch.Tensor], rename, fused: str, fuse, transposed=()) -> dict[str, torch.Tensor]:
+    """Our weights under names that fuse q, k and v into one projection (GPT-2, GPT-NeoX):
+    `rename` maps a name, `fuse(parts, kind)` makes the fused tensor from [q, k, v]."""
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
-        if ".self_attn.q_proj." in k:  # one query_key_value, head by head: [q_h; k_h; v_h] for each head h
+        if ".self_attn.q_proj." in k:
             layer, kind = k.split(".self_attn.q_proj.")
-            parts = [sd[f"{layer}.self_attn.{p}_proj.{kind}"].unflatten(0, (cfg.n_head, cfg.head_dim)) for p in "qkv"]
-            out[_neox_key(layer) + f".attention.query_key_value.{kind}"] = torch.stack(parts, 1).flatten(0, 2).contiguous()
+            parts = [sd[f"{layer}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+            out[f"{rename(layer)}.{fused}.{kind}"] = fuse(parts, kind).contiguous()
         elif ".self_attn.k_proj." not in k and ".self_attn.v_proj." not in k:
-            out[_neox_key(k)] = v.contiguous()
+            out[rename(k)] = v.t().contiguous() if k.endswith(transposed) else v.contiguous()
     return out
 
 
-def _neox_from_hf(hf_sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
-    if not any(k.startswith("gpt_neox.") for k in hf_sd):  # saved before this export existed: our own names
-        return dict(hf_sd)
-    ours_by_hf = {_neox_key(k): k for k in _param_names(cfg)}
+def _from_fused(hf_sd: dict[str, torch.Tensor], cfg: DecoderConfig, rename, fused: str, split,
+                transposed=()) -> dict[str, torch.Tensor]:
+    """Inverse of `_to_fused`: `split(tensor, kind)` gives back [q, k, v]."""
+    ours_by_hf = {rename(k): k for k in _param_names(cfg)}
     sd = {}
     for k, v in hf_sd.items():
-        if ".attention.query_key_value." in k:
-            layer, kind = k.split(".attention.query_key_value.")
-            layer = ours_by_hf[layer + ".input_layernorm.weight"].removesuffix(".input_layernorm.weight")
-            for p, part in zip("qkv", v.unflatten(0, (cfg.n_head, 3, cfg.head_dim)).unbind(1)):
-                sd[f"{layer}.self_attn.{p}_proj.{kind}"] = part.flatten(0, 1).contiguous()
+        if f".{fused}." in k:
+            layer, kind = k.split(f".{fused}.")
+            layer = "layers." + layer.rsplit(".", 1)[1]  # transformer.h.3 / gpt_neox.layers.3 -> layers.3
+            for p, part in zip("qkv", split(v, kind)):
+                sd[f"{layer}.self_attn.{p}_proj.{kind}"] = part.contiguous()
         elif k in ours_by_hf:
-            sd[ours_by_hf[k]] = v
+            ours = ours_by_hf[k]
+            sd[ours] = v.t().contiguous() if ours.endswith(transposed) else v
     return sd
+
+
+def _gpt2_fuse(parts: list[torch.Tensor], kind: str) -> torch.Tensor:
+    fused = torch.cat(parts, dim=0)  # GPT-2's c_attn: [q; k; v], a Conv1D (transposed) weight
+    return fused.t() if kind == "weight" else fused
+
+
+def _neox_fuse(parts: list[torch.Tensor], heads: int) -> torch.Tensor:
+    # GPT-NeoX's query_key_value goes head by head: [q_h; k_h; v_h] for each head h.
+    return torch.stack([p.unflatten(0, (heads, -1)) for p in parts], 1).flatten(0, 2)
 
 
 def state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
@@ -178,18 +191,10 @@ def state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[st
     if arch in ("llama", "qwen2"):
         return {(k if k.startswith("lm_head") else "model." + k): v.contiguous() for k, v in sd.items()}
     if arch == "gpt_neox":
-        return _neox_to_hf(sd, cfg)
-    if arch != "gpt2":
-        return {k: v.contiguous() for k, v in sd.items()}
-    out: dict[str, torch.Tensor] = {}
-    for k, v in sd.items():
-        if ".self_attn.q_proj." in k:  # GPT-2 fuses q, k, v into one c_attn
-            layer, kind = k.split(".self_attn.q_proj.")
-            fused = torch.cat([sd[f"{layer}.self_attn.{p}_proj.{kind}"] for p in "qkv"], dim=0)
-            out[_gpt2_key(layer) + f".attn.c_attn.{kind}"] = fused.t().contiguous() if kind == "weight" else fused
-        elif ".self_attn.k_proj." not in k and ".self_attn.v_proj." not in k:
-            out[_gpt2_key(k)] = v.t().contiguous() if k.endswith(_GPT2_CONV) else v
-    return out
+        return _to_fused(sd, _neox_key, "attention.query_key_value", lambda p, kind: _neox_fuse(p, cfg.n_head))
+    if arch == "gpt2":
+        return _to_fused(sd, _gpt2_key, "attn.c_attn", _gpt2_fuse, _GPT2_CONV)
+    return {k: v.contiguous() for k, v in sd.items()}
 
 
 def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
@@ -197,21 +202,12 @@ def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> di
     arch = hf_architecture(cfg)
     if arch in ("llama", "qwen2"):
         sd = {k.removeprefix("model."): v for k, v in hf_sd.items()}
-    elif arch == "gpt_neox":
-        sd = _neox_from_hf(hf_sd, cfg)
+    elif arch == "gpt_neox" and any(k.startswith("gpt_neox.") for k in hf_sd):  # else saved before it exported
+        sd = _from_fused(hf_sd, cfg, _neox_key, "attention.query_key_value",
+                         lambda v, kind: [p.flatten(0, 1) for p in v.unflatten(0, (cfg.n_head, 3, -1)).unbind(1)])
     elif arch == "gpt2":
-        ours_by_hf = {_gpt2_key(k): k for k in _param_names(cfg)}
-        sd = {}
-        for k, v in hf_sd.items():
-            if ".attn.c_attn." in k:
-                layer, kind = k.split(".attn.c_attn.")
-                layer = ours_by_hf[layer + ".ln_1.weight"].removesuffix(".input_layernorm.weight")
-                w = v.t() if kind == "weight" else v
-                for p, part in zip("qkv", w.split(cfg.n_embd, dim=0)):
-                    sd[f"{layer}.self_attn.{p}_proj.{kind}"] = part.contiguous()
-            elif k in ours_by_hf:
-                ours = ours_by_hf[k]
-                sd[ours] = v.t().contiguous() if ours.endswith(_GPT2_CONV) else v
+        sd = _from_fused(hf_sd, cfg, _gpt2_key, "attn.c_attn",
+                         lambda v, kind: (v.t() if kind == "weight" else v).split(cfg.n_embd), _GPT2_CONV)
     else:
         sd = dict(hf_sd)
     if cfg.tie_embeddings:
@@ -229,7 +225,7 @@ def _param_names(cfg: DecoderConfig) -> list[str]:
 
 
 def config_from_hf(hf: dict, source: str = "config.json") -> DecoderConfig:
-    """Our config for a transformers GPT-2, GPT-NeoX, Llama, Mistral or Qwen2 config.json (fields as they name them)."""
+    """Our config for a transformers GPT-2, GPT-NeoX, Llama, Mistral or Qwen2 config.json (their field names)."""
     kind = hf.get("model_type")
 
     def need(ok: bool, what: str) -> None:
@@ -267,12 +263,13 @@ def config_from_hf(hf: dict, source: str = "config.json") -> DecoderConfig:
     if kind == "gpt_neox":  # only GPT-2's block with full rotary: what we export (Pythia's parallel block is not)
         rope = {"rope_theta": hf.get("rotary_emb_base", 10000.0), "partial_rotary_factor": hf.get("rotary_pct", 0.25),
                 **(hf.get("rope_parameters") or {})}
-        need(not hf.get("use_parallel_residual", True), "use_parallel_residual (parallel attention and MLP) is not supported")
+        need(not hf.get("use_parallel_residual", True), "use_parallel_residual (attention and MLP side by side) "
+             "is not supported")
         need(rope["partial_rotary_factor"] == 1.0, "partial rotary embeddings (rotary_pct < 1) are not supported")
         need(hf.get("hidden_act", "gelu") in ("gelu_new", "gelu_pytorch_tanh"), f"hidden_act {hf.get('hidden_act')!r} "
              "is not GPT-2's tanh GELU")
         need(hf.get("attention_bias", True), "attention without biases is not supported")
-        return DecoderConfig(preset="imported", flavour="gpt2", vocab_size=hf["vocab_size"],
+        return DecoderConfig(preset="imported", flavour="neox", vocab_size=hf["vocab_size"],
                              block_size=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
                              n_head=hf["num_attention_heads"], n_kv_head=hf["num_attention_heads"],
                              n_embd=hf["hidden_size"], intermediate_size=hf["intermediate_size"], pos="rope",
