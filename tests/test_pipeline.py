@@ -46,7 +46,7 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tmp_path, capsy
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
     assert "| arithmetic |" in report and "chatfoundry chat --ckpt" in report and "**PPO:**" in report
-    assert "Sampled answers (4 per prompt" in report
+    assert "Sampled answers (4 per prompt" in report and "on held-out prompts (budget 1.0)" in report
     assert f"chatfoundry chat --ckpt {out / 'ppo'}" in stdout
 
     # Interrupted after the reward model: only PPO runs again.

@@ -142,7 +142,9 @@ def write_report(out: Path, s: dict) -> None:
              f"| label | {_wall(s['label'])} | {s['label']['splits']['train']['comparisons']:,} comparisons |",
              f"| rm | {_wall(s['rm'])} | held-out pairwise accuracy {s['rm'].get('pairwise_accuracy')}, Spearman with "
              f"gold {s['rm'].get('spearman_gold')}, best-of-K gold gain {s['rm'].get('best_of_k_gold_gain')} |",
-             f"| ppo | {_wall(s['ppo'])} | KL to SFT {s['ppo'].get('kl')} nats (budget {s['ppo'].get('kl_budget')}) |", ""]
+             f"| ppo | {_wall(s['ppo'])} | KL to SFT {s['ppo'].get('kl')} nats in training (the last fifth)"
+             + (f", {s['ppo']['kl_heldout']} on held-out prompts" if s['ppo'].get('kl_heldout') is not None else "")
+             + f" (budget {s['ppo'].get('kl_budget')}) |", ""]
     if ev:
         lines += ["## Held-out test prompts (greedy answers)", "",
                   f"Gold reward SFT {ev['sft_gold_reward']:.3f} ± {ev['sft_gold_reward_se']:.3f} -> PPO "
