@@ -118,7 +118,7 @@ def test_k_wise_loss_equals_a_hand_computation():
     items = [Encoded([[1, 2], [1, 3], [1, 4, 5]], [0, 1, 1]), Encoded([[6], [7, 8]], [0, 1])]
     batch = collate(items, pad_id=0)
     assert batch["idx"].tolist() == [[1, 2, 0], [1, 3, 0], [1, 4, 5], [6, 0, 0], [7, 8, 0]]
-    assert batch["last"].tolist() == [1, 1, 2, 0, 1]
+    assert batch["last"].tolist() == [1, 4, 8, 9, 13]  # into idx.flatten()
     assert list(zip(batch["winner"].tolist(), batch["loser"].tolist())) == [(0, 1), (0, 2), (3, 4)]
     r = torch.tensor([0.5, -0.2, 0.1, 1.0, 2.0])
     ls = lambda x: math.log(1 / (1 + math.exp(-x)))  # noqa: E731
@@ -134,6 +134,23 @@ def test_k_wise_loss_equals_a_hand_computation():
     pair = collate([Encoded([[1], [2]], [0, 1])], 0)
     x = torch.tensor([0.3, 1.1])
     assert comparison_loss(x, pair).item() == pytest.approx(-F.logsigmoid(x[0] - x[1]).item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "neox", "llama"])
+def test_packed_responses_score_as_they_do_alone(flavour):
+    # Packing is how `rm` trains: each response must see only itself, from position 0.
+    model = randomize(RewardModel(tiny_config(flavour))).eval()
+    g = torch.Generator().manual_seed(0)
+    lengths = [[5, 9, 3], [12, 2], [7, 7, 7, 1]]
+    items = [Encoded([torch.randint(1, 61, (n,), generator=g).tolist() for n in ns], list(range(len(ns))))
+             for ns in lengths]
+    batch = collate(items, pad_id=0, width=16)
+    assert batch["idx"].shape == (4, 16)  # 60 tokens in 4 rows (first fit, longest first), not 9 x 12
+    with torch.no_grad():
+        packed = model(batch["idx"], segments=batch["segments"]).flatten()[batch["last"]]
+        alone = [model(torch.tensor([row]))[0, -1] for it in items for row in it.rows]
+    torch.testing.assert_close(packed, torch.stack(alone), atol=1e-5, rtol=1e-5)
+    assert batch["winner"].tolist() == collate(items, pad_id=0)["winner"].tolist()
 
 
 def test_spearman():

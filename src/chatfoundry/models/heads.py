@@ -37,9 +37,12 @@ class RewardModel(nn.Module):
         model.body.load_state_dict(body)
         return model.to(lm.embed_tokens.weight.device)
 
-    def forward(self, idx: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The head's output at every position (a left-padded batch passes `key_mask`, as DecoderLM)."""
-        return self.score(self.body.hidden_states(idx, key_mask=key_mask)).squeeze(-1).float() + self.offset
+    def forward(self, idx: torch.Tensor, key_mask: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        """The head's output at every position (a left-padded batch passes `key_mask`, a packed one
+        `segments`, as DecoderLM.hidden_states)."""
+        hidden = self.body.hidden_states(idx, key_mask=key_mask, segments=segments)
+        return self.score(hidden).squeeze(-1).float() + self.offset
 
     def rewards(self, idx: torch.Tensor, last: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) the output at position last[b] of each row: the response's final token."""

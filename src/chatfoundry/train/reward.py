@@ -131,13 +131,41 @@ def encode_comparisons(tokenizer, comparisons: list[Comparison], block: int,
     return out, cut
 
 
-def collate(items: list[Encoded], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Every response of every comparison as one right-padded row, and the ranked pairs between them.
+def collate(items: list[Encoded], pad_id: int, device: torch.device | str = "cpu",
+            width: int = 0) -> dict[str, torch.Tensor]:
+    """Every response of every comparison as token rows, and the ranked pairs between them.
 
-    idx (R, T), last (R,): each row's final token; winner, loser (P,) row indices; gap (P,) rank
-    difference; weight (P,): 1 / (pairs of its comparison), so each comparison weighs the same."""
+    width 0: one right-padded row per response. width > 0: responses packed into rows of `width`
+    tokens (first fit, longest first), `segments` marking them; a response attends only to itself
+    and its positions start at 0, so its reward is the one it gets alone. The RM's responses are
+    short and vary in length, so padding them wastes more than half of every step.
+
+    idx (L, T); last (R,): each response's final token as an index into idx.flatten(); winner,
+    loser (P,) response indices; gap (P,) rank difference; weight (P,): 1 / (pairs of its
+    comparison), so each comparison weighs the same."""
     rows = [r for item in items for r in item.rows]
-    width = max(len(r) for r in rows)
+    lines: list[list[int]] = []  # response indices in each row
+    if width:
+        free: list[int] = []
+        for i in sorted(range(len(rows)), key=lambda i: -len(rows[i])):
+            at = next((n for n, f in enumerate(free) if f >= len(rows[i])), len(lines))
+            if at == len(lines):
+                lines.append([])
+                free.append(width)
+            lines[at].append(i)
+            free[at] -= len(rows[i])
+    else:
+        lines = [[i] for i in range(len(rows))]
+    T = max(sum(len(rows[i]) for i in line) for line in lines)
+    idx, segments, last = torch.full((len(lines), T), pad_id), torch.zeros((len(lines), T), dtype=torch.long), [0] * len(rows)
+    for n, line in enumerate(lines):
+        used = 0
+        for s, i in enumerate(line):
+            idx[n, used:used + len(rows[i])] = torch.tensor(rows[i])
+            segments[n, used:used + len(rows[i])] = s
+            used += len(rows[i])
+            last[i] = n * T + used - 1
+        segments[n, used:] = len(line)  # padding: a segment of its own
     winner, loser, gap, weight = [], [], [], []
     base = 0
     for item in items:
@@ -149,9 +177,11 @@ def collate(items: list[Encoded], pad_id: int, device: torch.device | str = "cpu
             weight.append(1.0 / len(pairs))
         base += len(item.rows)
     t = lambda x, dtype=torch.long: torch.tensor(x, dtype=dtype, device=device)  # noqa: E731
-    return {"idx": t([r + [pad_id] * (width - len(r)) for r in rows]), "last": t([len(r) - 1 for r in rows]),
-            "winner": t(winner), "loser": t(loser), "gap": t(gap, torch.float32), "weight": t(weight, torch.float32),
-            "comparisons": t(len(items))}
+    batch = {"idx": idx.to(device), "last": t(last), "winner": t(winner), "loser": t(loser),
+             "gap": t(gap, torch.float32), "weight": t(weight, torch.float32), "comparisons": t(len(items))}
+    if width:
+        batch["segments"] = segments.to(device)
+    return batch
 
 
 def comparison_loss(rewards: torch.Tensor, batch: dict[str, torch.Tensor], margin: float = 0.0,
@@ -364,11 +394,11 @@ def _run(cfg, rt, out, model, tokenizer, train, val, extras, source, resume, ove
     def micro_batches():
         step = [items[order.next()] for _ in range(cfg.train.batch_size)]
         mine = step[rt.rank * micro * accum:(rt.rank + 1) * micro * accum]
-        return [collate(mine[i * micro:(i + 1) * micro], pad_id, rt.device) for i in range(accum)]
+        return [collate(mine[i * micro:(i + 1) * micro], pad_id, rt.device, width=block) for i in range(accum)]
 
     def loss_fn(m, batch):
-        return comparison_loss(m(batch["idx"]).gather(1, batch["last"][:, None]).squeeze(1), batch,
-                               cfg.loss.margin, cfg.loss.center)
+        rewards = m(batch["idx"], segments=batch.get("segments")).flatten()[batch["last"]]
+        return comparison_loss(rewards, batch, cfg.loss.margin, cfg.loss.center)
 
     def evaluate_step(step: int):
         if not val_items:
