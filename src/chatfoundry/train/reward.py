@@ -157,7 +157,9 @@ def collate(items: list[Encoded], pad_id: int, device: torch.device | str = "cpu
     else:
         lines = [[i] for i in range(len(rows))]
     T = max(sum(len(rows[i]) for i in line) for line in lines)
-    idx, segments, last = torch.full((len(lines), T), pad_id), torch.zeros((len(lines), T), dtype=torch.long), [0] * len(rows)
+    idx = torch.full((len(lines), T), pad_id)
+    segments = torch.zeros((len(lines), T), dtype=torch.long)
+    last = [0] * len(rows)
     for n, line in enumerate(lines):
         used = 0
         for s, i in enumerate(line):
