@@ -223,6 +223,14 @@ def test_cli_run_writes_artifacts_is_deterministic_and_resumes_exactly(models, t
     assert s["gold_gain_sampled"] == pytest.approx(s["gold_reward_sampled"] - s["sft_gold_reward_sampled"], abs=2e-4)
     assert s["samples"] == 4 and s["gold_gain_sampled_se"] >= 0
     assert set(json.loads((a / "eval.json").read_text())["sampled_families"]) == set(world.FAMILIES)
+    # Evaluated again from the run folder alone: the same numbers; more samples per prompt on request;
+    # nothing in the folder changes.
+    before = {p.name: p.stat().st_mtime_ns for p in a.rglob("*")}
+    again = cli_ok(["ppo", "--out", str(a), "--eval-only"], capsys)
+    assert {k: again[k] for k in ("gold_gain", "gold_gain_sampled", "gold_gain_sampled_se", "kl_heldout")} == \
+        {k: s[k] for k in ("gold_gain", "gold_gain_sampled", "gold_gain_sampled_se", "kl_heldout")}
+    assert cli_ok(["ppo", "--out", str(a), "--eval-only", "--eval.samples", "8"], capsys)["samples"] == 8
+    assert {p.name: p.stat().st_mtime_ns for p in a.rglob("*")} == before
     first = metrics(a)
     assert len(first) == 3 and all(k in first[0] for k in (
         "rm_reward", "gold_reward", "kl", "entropy", "clip_fraction", "approx_kl", "value_loss",
@@ -278,6 +286,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, models, tok, tmp_
                              capsys)
     assert code == 2 and expect in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_only_without_a_run_is_one_line_exit_2(tmp_path, capsys):
+    code, _, err = run_cli(["ppo", "--out", str(tmp_path / "nothing"), "--eval-only"], capsys)
+    assert code == 2 and "no run to evaluate here" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "nothing").exists()
 
 
 def test_special_ids_of_the_test_tokenizer(tok):

@@ -441,22 +441,26 @@ def ppo_update(policy: DecoderLM, critic: RewardModel, optimizer: torch.optim.Op
 # ---------------------------------------------------------------- the stage
 
 
+def _reward(cfg: PPOConfig, tok, ref: DecoderLM, device):
+    """The frozen reward: a reward model checked against the policy's tokenizer and context, or a callable."""
+    if cfg.rm.startswith("python:"):
+        return callable_reward(cfg.rm)
+    reward, rm_tok = ckpt.load_reward_model(cfg.rm, device)
+    if tokenizer_hash(rm_tok) != tokenizer_hash(tok):
+        raise UserError(f"{cfg.rm}: the reward model's tokenizer differs from the policy's ({cfg.init}); "
+                        "train the RM from this SFT model")
+    if reward.config.block_size < ref.config.block_size:
+        raise UserError(f"{cfg.rm}: the reward model's context ({reward.config.block_size}) is shorter than "
+                        f"the policy's ({ref.config.block_size})")
+    return reward.requires_grad_(False)
+
+
 def _load(cfg: PPOConfig, resume: bool, out: Path, device):
     """(policy, reference, critic, reward, tokenizer), checked against each other."""
     ref, tok = ckpt.load_model(cfg.init, device)
     if not chat_stop_ids(tok) or special_id(tok, "end") is None:
         raise UserError(f"{cfg.init}: the tokenizer lacks the chat tokens <|end|> and <|eos|>; PPO needs a chat model")
-    if cfg.rm.startswith("python:"):
-        reward = callable_reward(cfg.rm)
-    else:
-        reward, rm_tok = ckpt.load_reward_model(cfg.rm, device)
-        if tokenizer_hash(rm_tok) != tokenizer_hash(tok):
-            raise UserError(f"{cfg.rm}: the reward model's tokenizer differs from the policy's ({cfg.init}); "
-                            "train the RM from this SFT model")
-        if reward.config.block_size < ref.config.block_size:
-            raise UserError(f"{cfg.rm}: the reward model's context ({reward.config.block_size}) is shorter than "
-                            f"the policy's ({ref.config.block_size})")
-        reward.requires_grad_(False)
+    reward = _reward(cfg, tok, ref, device)
     ref.requires_grad_(False)
     if resume:
         policy, _ = ckpt.load_model(out, device)
@@ -492,6 +496,31 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, log=print
     finally:
         torch.set_num_threads(threads)
         teardown(rt)
+
+
+def evaluate_run(cfg: PPOConfig, log=print) -> dict:
+    """Score a finished run's policy (in `out`) against the reference again, with the `eval`
+    settings given now: more samples per prompt give a smaller standard error than the run's own
+    evaluation. Trains nothing and writes nothing; returns the summary that `--json` prints."""
+    t0 = time.perf_counter()
+    require(cfg.eval.per_family > 0, "eval.per_family", "must be > 0 to evaluate")
+    rt = setup_runtime(cfg.device)
+    threads = torch.get_num_threads()
+    if cfg.threads and rt.device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
+    try:
+        ref, tok = ckpt.load_model(cfg.init, rt.device)
+        policy, policy_tok = ckpt.load_model(cfg.out, rt.device)
+        if tokenizer_hash(policy_tok) != tokenizer_hash(tok):
+            raise UserError(f"{cfg.out}: the policy's tokenizer differs from the reference's ({cfg.init})")
+        report = evaluate(policy, ref, _reward(cfg, tok, ref, rt.device), tok, cfg)
+    finally:
+        torch.set_num_threads(threads)
+        teardown(rt)
+    log(format_eval(report))
+    summary = {"out": cfg.out, **{k: v for k, v in report.items() if k != "answers"}}
+    summary["wall_s"] = round(time.perf_counter() - t0, 2)
+    return summary
 
 
 def _run(cfg, rt, out, policy, ref, critic, reward, tok, resume, overwrite, log, t0) -> dict:
