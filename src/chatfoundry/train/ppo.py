@@ -27,6 +27,7 @@ the same functions CartPole's PPO calls.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import json
@@ -484,15 +485,22 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, log=print
     t0 = time.perf_counter()
     out = Path(cfg.out)
     check_output(out, resume, overwrite)
+    with _runtime(cfg) as rt:
+        if rt.distributed:
+            raise UserError("ppo runs in one process (no torchrun)")
+        policy, ref, critic, reward, tok = _load(cfg, resume, out, rt.device)
+        return _run(cfg, rt, out, policy, ref, critic, reward, tok, resume, overwrite, log, t0)
+
+
+@contextlib.contextmanager
+def _runtime(cfg: PPOConfig):
+    """The device, with torch's CPU threads set to `cfg.threads` until the stage ends."""
     rt = setup_runtime(cfg.device)
     threads = torch.get_num_threads()
     if cfg.threads and rt.device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     try:
-        if rt.distributed:
-            raise UserError("ppo runs in one process (no torchrun)")
-        policy, ref, critic, reward, tok = _load(cfg, resume, out, rt.device)
-        return _run(cfg, rt, out, policy, ref, critic, reward, tok, resume, overwrite, log, t0)
+        yield rt
     finally:
         torch.set_num_threads(threads)
         teardown(rt)
@@ -504,19 +512,12 @@ def evaluate_run(cfg: PPOConfig, log=print) -> dict:
     evaluation. Trains nothing and writes nothing; returns the summary that `--json` prints."""
     t0 = time.perf_counter()
     require(cfg.eval.per_family > 0, "eval.per_family", "must be > 0 to evaluate")
-    rt = setup_runtime(cfg.device)
-    threads = torch.get_num_threads()
-    if cfg.threads and rt.device.type == "cpu":
-        torch.set_num_threads(cfg.threads)
-    try:
+    with _runtime(cfg) as rt:
         ref, tok = ckpt.load_model(cfg.init, rt.device)
         policy, policy_tok = ckpt.load_model(cfg.out, rt.device)
         if tokenizer_hash(policy_tok) != tokenizer_hash(tok):
             raise UserError(f"{cfg.out}: the policy's tokenizer differs from the reference's ({cfg.init})")
         report = evaluate(policy, ref, _reward(cfg, tok, ref, rt.device), tok, cfg)
-    finally:
-        torch.set_num_threads(threads)
-        teardown(rt)
     log(format_eval(report))
     summary = {"out": cfg.out, **{k: v for k, v in report.items() if k != "answers"}}
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
