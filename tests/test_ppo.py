@@ -225,12 +225,12 @@ def test_cli_run_writes_artifacts_is_deterministic_and_resumes_exactly(models, t
     assert set(json.loads((a / "eval.json").read_text())["sampled_families"]) == set(world.FAMILIES)
     # Evaluated again from the run folder alone: the same numbers; more samples per prompt on request;
     # nothing in the folder changes.
-    before = {p.name: p.stat().st_mtime_ns for p in a.rglob("*")}
+    before = {p: p.stat().st_mtime_ns for p in a.rglob("*")}
     again = cli_ok(["ppo", "--out", str(a), "--eval-only"], capsys)
     assert {k: again[k] for k in ("gold_gain", "gold_gain_sampled", "gold_gain_sampled_se", "kl_heldout")} == \
         {k: s[k] for k in ("gold_gain", "gold_gain_sampled", "gold_gain_sampled_se", "kl_heldout")}
     assert cli_ok(["ppo", "--out", str(a), "--eval-only", "--eval.samples", "8"], capsys)["samples"] == 8
-    assert {p.name: p.stat().st_mtime_ns for p in a.rglob("*")} == before
+    assert {p: p.stat().st_mtime_ns for p in a.rglob("*")} == before
     first = metrics(a)
     assert len(first) == 3 and all(k in first[0] for k in (
         "rm_reward", "gold_reward", "kl", "entropy", "clip_fraction", "approx_kl", "value_loss",
