@@ -68,6 +68,30 @@ def test_batched_sampling_is_reproducible_and_stops_rows_at_eos():
     assert all(eos not in s[:-1] for s in stopped)
 
 
+
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
+def test_rows_leaving_the_batch_at_eos_change_no_other_row(do_sample):
+    # Rows that reach EOS leave the batch (their cache rows are dropped). Every other row must go
+    # on exactly as in the batch where nothing stops, through the window's slide past the
+    # 32-token context too; a sampled row draws the same numbers whoever left.
+    model = model_for("llama")
+    prompts = [[(7 * i + j) % 60 + 1 for j in range(1 + i % 6)] for i in range(12)]
+    cfg = dict(max_new_tokens=40, do_sample=do_sample, seed=4)
+    free = generate_batch(model, prompts, GenerationConfig(**cfg))
+    firsts = [s[2] for s in free.sequences]
+    eos = max(set(firsts), key=firsts.count)  # a token that ends several rows early, others later or never
+    widths, forward = [], model.forward
+    model.forward = lambda idx, *a, **kw: widths.append(idx.shape[0]) or forward(idx, *a, **kw)
+    stopped = generate_batch(model, prompts, GenerationConfig(eos_token_id=eos, **cfg))
+    del model.forward
+    assert widths[0] == 12 and widths[-1] < 12  # done rows did leave
+    ends = [s.index(eos) + 1 if eos in s else len(s) for s in free.sequences]
+    assert 2 <= sum(e < 40 for e in ends) < 12
+    for got, lps, want, want_lps, end in zip(stopped.sequences, stopped.token_logprobs, free.sequences,
+                                             free.token_logprobs, ends):
+        assert got == want[:end]
+        assert lps == pytest.approx(want_lps[:end], abs=1e-5)
+
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])
 def test_batched_greedy_equals_transformers_with_attention_mask(flavour):
     model = model_for(flavour)

@@ -11,7 +11,7 @@ import torch
 
 from chatfoundry.errors import UserError
 from chatfoundry.generation import (GenerationConfig, generate, min_p_filter, no_repeat_ngram, process_logits,
-                                    repetition_penalty, sample, top_k_filter, top_p_filter)
+                                    repetition_penalty, sample, sample_rows, top_k_filter, top_p_filter)
 from chatfoundry.models import hf
 from chatfoundry.models.decoder import DecoderLM
 
@@ -264,6 +264,24 @@ def test_sampling_stops_rows_at_eos():
     assert out[0] == free[0][:4]
     for s, f in zip(out, free):
         assert s == strip(f, eos)
+
+
+def test_sample_rows_draws_from_each_rows_distribution():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0], [0.25, 0.25, 0.25, 0.25, 0.0]])
+    n = 20000
+    picked = sample_rows(probs.repeat_interleave(n, 0), torch.Generator().manual_seed(0)).view(3, n)
+    freq = torch.stack([torch.bincount(row, minlength=5) for row in picked]).float() / n
+    torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)  # 4.5 standard errors at p = 0.5
+    assert not picked[probs.repeat_interleave(n, 0).view(3, n, 5).gather(2, picked[..., None])[..., 0] == 0].numel()
+    a = sample_rows(probs, torch.Generator().manual_seed(3))
+    assert torch.equal(a, sample_rows(probs, torch.Generator().manual_seed(3)))  # seeded
+
+
+def test_sample_rows_never_picks_an_impossible_token_at_the_top_end(monkeypatch):
+    # A draw that rounds up to the whole mass would fall past the end; it lands on the last
+    # token that has probability, never on the zero-probability tail.
+    monkeypatch.setattr(torch, "rand", lambda n, _, **kw: torch.ones(n, 1, dtype=torch.float64))
+    assert sample_rows(torch.tensor([[0.3, 0.7, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])).tolist() == [1, 3]
 
 
 # ---------------------------------------------------------------- validation
