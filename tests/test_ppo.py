@@ -238,8 +238,9 @@ def test_cli_run_writes_artifacts_is_deterministic_and_resumes_exactly(models, t
     # The output is a chat model; the critic a reward-model folder.
     lm, _ = load_model(a)
     assert json.loads((a / "checkpoint" / "generation_config.json").read_text())["eos_token_id"] == [7, 2]
-    # Same seed, same run.
+    # Same seed, same run; also when it replaces a finished run (--overwrite clears its critic/ folder too).
     cli_ok([*base, "--out", str(tmp_path / "b")], capsys)
+    cli_ok([*base, "--out", str(tmp_path / "b"), "--overwrite"], capsys)
     assert metrics(tmp_path / "b") == [{**r, "rollout_s": metrics(tmp_path / "b")[i]["rollout_s"],
                                         "update_s": metrics(tmp_path / "b")[i]["update_s"]} for i, r in enumerate(first)]
     # Two iterations, then resumed to three: the same weights as the straight run.

@@ -198,8 +198,11 @@ def prepare_output(out: Path, cfg, resume: bool, overwrite: bool, artifacts: tup
     out.mkdir(parents=True, exist_ok=True)
     if not resume and overwrite:
         shutil.rmtree(out / ckpt.CHECKPOINT, ignore_errors=True)
-        for stale in artifacts:
-            (out / stale).unlink(missing_ok=True)
+        for stale in map(out.joinpath, artifacts):
+            if stale.is_dir():  # PPO's critic/
+                shutil.rmtree(stale)
+            else:
+                stale.unlink(missing_ok=True)
     save_config(cfg, out / "config.yaml")
 
 
