@@ -64,3 +64,18 @@ def test_pipeline_help_and_bad_flag(capsys):
     assert code == 0 and "--ppo.iterations" in out and "--pretrain.train.steps" in out
     code, _, err = run_cli(["pipeline", "--ppo.iterations", "0"], capsys)
     assert code == 2 and "iterations" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [["pipeline"], ["label", "--policy", "sft"], ["ppo", "--init", "sft", "--rm", "rm"],
+                                  ["ppo", "--eval-only"]], ids=["pipeline", "label", "ppo", "ppo-eval-only"])
+def test_one_process_stages_refuse_torchrun_before_writing(argv, tmp_path, monkeypatch, capsys):
+    # Under torchrun every rank would sample, label and write the same files; the DDP stages
+    # (pretrain, sft, rm) are the ones to launch that way. No process group is joined first.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    if argv == ["ppo", "--eval-only"]:  # a finished run's folder, as eval-only reads it
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "config.yaml").write_text("init: sft\nrm: rm\n")
+    code, _, err = run_cli([*argv, "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "runs in one process: launch it without torchrun" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.rglob("*")) == (["config.yaml", "run"] if "--eval-only" in argv else [])

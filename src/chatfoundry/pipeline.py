@@ -26,6 +26,7 @@ from chatfoundry.config import save_config
 from chatfoundry.errors import UserError
 from chatfoundry.metrics import plot_bars, read_metrics
 from chatfoundry.train import label, ppo, pretrain, reward, sft
+from chatfoundry.train.loop import single_process
 
 SUMMARY = "summary.json"
 WIRED = "<pipeline>"  # a stage's input and output folders, set by the pipeline from `out`
@@ -72,6 +73,7 @@ def _start(folder: Path) -> tuple[bool, bool]:
 def run(cfg: PipelineConfig, overwrite: bool = False, log=print) -> dict:
     """Run (or finish) every stage, then write the report; returns the summary `--json` prints."""
     t0 = time.perf_counter()
+    single_process("pipeline")  # label and ppo run in one process; run the DDP stages on their own
     out = Path(cfg.out)
     if overwrite and out.exists():
         for name in ("pretrain", "sft", "label", "rm", "ppo"):

@@ -42,7 +42,7 @@ from chatfoundry.errors import UserError
 from chatfoundry.generation import GenerationConfig, generate_batch
 from chatfoundry.metrics import MetricsLog, plot_bars, read_metrics
 from chatfoundry.tokenizer import chat_stop_ids, encode_chat
-from chatfoundry.train.loop import setup_runtime
+from chatfoundry.train.loop import setup_runtime, single_process
 from chatfoundry.train.pretrain import check_output, prepare_output
 
 
@@ -216,6 +216,7 @@ def run(cfg: LabelConfig, overwrite: bool = False, log=print) -> dict:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     check_output(out, resume=False, overwrite=overwrite)
+    single_process("label")
     rt = setup_runtime(cfg.device)
     model, tokenizer = ckpt.load_model(cfg.policy, rt.device)
     if not chat_stop_ids(tokenizer):

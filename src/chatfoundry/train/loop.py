@@ -110,6 +110,14 @@ def setup_runtime(device: str = "auto", dtype: str = "fp32") -> Runtime:
     return Runtime(dev, dtype, rank, world)
 
 
+def single_process(stage: str) -> None:
+    """Refuse torchrun for a stage that runs in one process: every rank would do all of its work
+    and write the same files. Checked before any process group is joined."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"{stage} runs in one process: launch it without torchrun "
+                        "(pretrain, sft and rm train data-parallel under torchrun)")
+
+
 def teardown(rt: Runtime) -> None:
     if rt.distributed and dist.is_initialized():
         dist.destroy_process_group()

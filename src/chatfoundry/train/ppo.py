@@ -55,7 +55,7 @@ from chatfoundry.models.heads import RewardModel
 from chatfoundry.rl import core
 from chatfoundry.tokenizer import chat_stop_ids, encode_batch_ids, encode_chat, special_id, tokenizer_hash
 from chatfoundry.train.label import prompt_tasks
-from chatfoundry.train.loop import Epochs, setup_runtime, teardown
+from chatfoundry.train.loop import Epochs, setup_runtime, single_process, teardown
 from chatfoundry.train.pretrain import check_output, prepare_output
 
 CRITIC = "critic"
@@ -486,8 +486,6 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, log=print
     out = Path(cfg.out)
     check_output(out, resume, overwrite)
     with _runtime(cfg) as rt:
-        if rt.distributed:
-            raise UserError("ppo runs in one process (no torchrun)")
         policy, ref, critic, reward, tok = _load(cfg, resume, out, rt.device)
         return _run(cfg, rt, out, policy, ref, critic, reward, tok, resume, overwrite, log, t0)
 
@@ -495,6 +493,7 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, log=print
 @contextlib.contextmanager
 def _runtime(cfg: PPOConfig):
     """The device, with torch's CPU threads set to `cfg.threads` until the stage ends."""
+    single_process("ppo")
     rt = setup_runtime(cfg.device)
     threads = torch.get_num_threads()
     if cfg.threads and rt.device.type == "cpu":
