@@ -81,8 +81,8 @@ def test_batch_layout_puts_each_response_after_its_prompt_and_the_rm_reads_a_clo
     assert b.idx.tolist() == [[5, 11, 6, 20, 21, end, 0, 0, 0], [5, 12, 13, 14, 6, 22, 23, 24, 25]]
     assert b.tokens.tolist() == [[20, 21, end, 0], [22, 23, 24, 25]]
     assert b.mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
-    # Response token t is predicted at column len(prompt) - 1 + t.
-    assert b.pos.tolist() == [[2, 3, 4, 5], [4, 5, 6, 7]]
+    # Response token t is predicted at column len(prompt) - 1 + t; past the end, the last such column.
+    assert b.pos.tolist() == [[2, 3, 4, 4], [4, 5, 6, 7]]
     assert all(b.idx[r, b.pos[r, t] + 1] == b.tokens[r, t] for r in range(2) for t in range(4) if b.mask[r, t])
     # The RM reads prompt + content + <|end|>: the second response was cut, so <|end|> is appended.
     assert b.ended.tolist() == [True, False]
@@ -91,6 +91,29 @@ def test_batch_layout_puts_each_response_after_its_prompt_and_the_rm_reads_a_clo
     # An <|eos|> stop is read as <|end|> too.
     b = make_batch([[5, 6]], [[30, eos]], [end, eos], end, pad, "cpu")
     assert b.rm_idx.tolist() == [[5, 6, 30, end]] and b.ended.tolist() == [True]
+
+
+def test_select_packs_rows_and_each_row_gets_what_it_gets_alone(models):
+    # Minibatch rows are packed into lines with segments; logits and values at each response
+    # position must equal those of the row run alone.
+    policy, _ = load_model(models / "sft")
+    critic = randomize(RewardModel.from_lm(policy), seed=2, std=0.1)
+    g = torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(8, 60, (n,), generator=g).tolist()  # noqa: E731
+    prompts = [rand(n) for n in (3, 9, 4, 12, 5, 2)]
+    responses = [rand(n) + [7] for n in (1, 6, 2, 14, 3, 0)]
+    b = make_batch(prompts, responses, [7, 2], 7, 0, "cpu")
+    part = ppo.select(b, torch.arange(len(prompts)))
+    assert part.idx.shape[0] < len(prompts) and part.idx.shape[1] == max(len(p) + len(r) for p, r in
+                                                                          zip(prompts, responses)) - 1
+    with torch.no_grad():
+        logits, values = ppo.response_logits(policy, part), ppo.values_of(critic, part)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            alone, _ = policy(torch.tensor([p + r]))
+            torch.testing.assert_close(logits[i, :len(r)], alone[0, len(p) - 1:len(p) + len(r) - 1], atol=1e-5, rtol=0)
+            v = critic(torch.tensor([p + r]))[0, len(p) - 1:len(p) + len(r) - 1]
+            torch.testing.assert_close(values[i, :len(r)], v, atol=1e-5, rtol=0)
+    assert torch.isfinite(logits).all() and torch.isfinite(values).all()  # padding positions too
 
 
 def test_per_token_rewards_and_gae_equal_a_hand_computation():

@@ -203,18 +203,20 @@ def callable_reward(spec: str) -> RewardFn:
 class Batch:
     """B responses to B prompts. Rows are prompt + response, right-padded to one width (so no
     attention mask is needed: causal attention never looks right). Response token t of row b
-    sits at column start[b] + t and is predicted from column start[b] + t - 1."""
+    sits at column start[b] + t and is predicted from column start[b] + t - 1. A `select`ed
+    part is packed instead (`segments` set, `pos` into the flattened idx)."""
 
-    idx: torch.Tensor  # (B, L) prompt + response token ids
-    pos: torch.Tensor  # (B, R) column of the state before each response token (start - 1 + t)
+    idx: torch.Tensor  # (B, L) prompt + response token ids; packed: (lines, width)
+    pos: torch.Tensor  # (B, R) column of the state before each response token (start - 1 + t); packed: in idx.flatten()
     tokens: torch.Tensor  # (B, R) response token ids (pad beyond each row's length)
     mask: torch.Tensor  # (B, R) float, 1 on real response tokens
     rm_idx: torch.Tensor  # (B, L') prompt + response content + <|end|>: the chat the RM reads
     rm_last: torch.Tensor  # (B,) the column of that <|end|>
     ended: torch.Tensor  # (B,) bool, the response stopped by itself
+    segments: torch.Tensor | None = None  # packed: which row each column of idx belongs to
 
     def __len__(self) -> int:
-        return self.idx.shape[0]
+        return self.tokens.shape[0]
 
 
 def make_batch(prompts: list[list[int]], responses: list[list[int]], stop_ids: list[int], end_id: int,
@@ -228,7 +230,9 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], stop_ids: l
     rm_rows = [p + (r[:-1] if e else r) + [end_id] for p, r, e in zip(prompts, responses, ended)]
     Lr = max(len(x) for x in rm_rows)
     t = lambda x, dtype=torch.long: torch.tensor(x, dtype=dtype, device=device)  # noqa: E731
-    pos = [[min(len(p) - 1 + j, L - 1) for j in range(R)] for p in prompts]
+    # Past a response's end the position stays on the state before its last token: masked out,
+    # and no column beyond what the row's real tokens need.
+    pos = [[min(len(p) - 1 + j, len(x) - 2) for j in range(R)] for p, x in zip(prompts, rows)]
     return Batch(idx=t([x + [pad_id] * (L - len(x)) for x in rows]), pos=t(pos),
                  tokens=t([r + [pad_id] * (R - len(r)) for r in responses]),
                  mask=t([[1.0] * len(r) + [0.0] * (R - len(r)) for r in responses], torch.float32),
@@ -237,10 +241,35 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], stop_ids: l
 
 
 def select(batch: Batch, rows) -> Batch:
-    """The rows' sub-batch, cut to the width they need (the policy and critic see no column past
-    the last response token; a chunk of short responses costs only its own length)."""
-    part = Batch(*(getattr(batch, f)[rows] for f in Batch.__dataclass_fields__))
-    part.idx = part.idx[:, :int(part.pos.max()) + 2]
+    """The rows' sub-batch for the policy and critic, packed: rows go first fit, longest first,
+    into lines as wide as the longest, each row attending only to itself with its positions from
+    0 (`segments`), so each gets what it would alone. Rows are short and their lengths vary, so
+    padding them to one width wasted a quarter or more of every PPO step."""
+    part = Batch(*(getattr(batch, f)[rows] for f in Batch.__dataclass_fields__ if f != "segments"))
+    lengths = (part.pos.max(1).values + 1).tolist()  # the columns its states read (not the last token)
+    width = max(lengths)
+    lines: list[list[int]] = []  # row indices per line
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        at = next((n for n, f in enumerate(free) if f >= lengths[i]), len(lines))
+        if at == len(lines):
+            lines.append([])
+            free.append(width)
+        lines[at].append(i)
+        free[at] -= lengths[i]
+    idx = part.idx.new_zeros(len(lines), width)
+    segments = part.idx.new_zeros(len(lines), width)
+    offset = [0] * len(lengths)
+    for n, line in enumerate(lines):
+        used = 0
+        for s, i in enumerate(line):
+            idx[n, used:used + lengths[i]] = part.idx[i, :lengths[i]]
+            segments[n, used:used + lengths[i]] = s
+            offset[i] = n * width + used
+            used += lengths[i]
+        segments[n, used:] = len(line)  # the line's padding: a segment of its own
+    part.pos = part.pos + torch.tensor(offset, device=part.pos.device)[:, None]
+    part.idx, part.segments = idx, segments
     return part
 
 
@@ -259,8 +288,8 @@ def warp(logits: torch.Tensor, cfg: RolloutConfig) -> torch.Tensor:
 def response_logits(model: DecoderLM, batch: Batch) -> torch.Tensor:
     """(B, R, V) the next-token logits before each response token; the vocabulary projection
     runs on response positions only (the prompt's would be thrown away)."""
-    h = model.hidden_states(batch.idx)
-    h = h.gather(1, batch.pos[..., None].expand(-1, -1, h.shape[-1]))
+    batch = batch if batch.segments is not None else select(batch, slice(None))
+    h = model.hidden_states(batch.idx, segments=batch.segments).flatten(0, 1)[batch.pos]
     return model.lm_head(h).float()
 
 
@@ -270,7 +299,8 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def values_of(critic: RewardModel, batch: Batch) -> torch.Tensor:
     """(B, R) V(state before each response token): the critic's output at those positions."""
-    return critic(batch.idx).gather(1, batch.pos)
+    batch = batch if batch.segments is not None else select(batch, slice(None))
+    return critic(batch.idx, segments=batch.segments).flatten()[batch.pos]
 
 
 # ---------------------------------------------------------------- rollouts
