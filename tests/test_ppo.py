@@ -107,13 +107,14 @@ def test_select_packs_rows_and_each_row_gets_what_it_gets_alone(models):
     assert part.idx.shape[0] < len(prompts) and part.idx.shape[1] == max(len(p) + len(r) for p, r in
                                                                           zip(prompts, responses)) - 1
     with torch.no_grad():
-        logits, values = ppo.response_logits(policy, part), ppo.values_of(critic, part)
-        for i, (p, r) in enumerate(zip(prompts, responses)):
+        logits, values = ppo.response_logits(policy, part), ppo.values_of(critic, part)  # logits: real tokens only
+        assert logits.shape[0] == sum(map(len, responses))
+        for i, (p, r, row_logits) in enumerate(zip(prompts, responses, logits.split([len(r) for r in responses]))):
             alone, _ = policy(torch.tensor([p + r]))
-            torch.testing.assert_close(logits[i, :len(r)], alone[0, len(p) - 1:len(p) + len(r) - 1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(row_logits, alone[0, len(p) - 1:len(p) + len(r) - 1], atol=1e-5, rtol=0)
             v = critic(torch.tensor([p + r]))[0, len(p) - 1:len(p) + len(r) - 1]
             torch.testing.assert_close(values[i, :len(r)], v, atol=1e-5, rtol=0)
-    assert torch.isfinite(logits).all() and torch.isfinite(values).all()  # padding positions too
+    assert torch.isfinite(values).all()  # padding positions too
 
 
 def test_per_token_rewards_and_gae_equal_a_hand_computation():
@@ -177,7 +178,8 @@ def test_rollout_logprobs_are_the_sampled_distributions(models):
     cfg.temperature = 0.5
     hot = rollout(policy, policy, None, lambda p, r: [0.0] * len(r), tok, prompts, cfg, seed=5, chunk=3)
     logits = ppo.response_logits(policy, hot.batch)
-    expect = torch.log_softmax(logits / 0.5, -1).gather(-1, hot.batch.tokens[..., None]).squeeze(-1) * hot.batch.mask
+    real = hot.batch.mask.bool()
+    expect = ppo.spread(torch.log_softmax(logits / 0.5, -1).gather(-1, hot.batch.tokens[real][:, None]).squeeze(-1), real)
     assert torch.allclose(hot.logp, expect, atol=1e-5)
     assert not torch.allclose(hot.logp, hot.logp_raw)
 

@@ -286,11 +286,18 @@ def warp(logits: torch.Tensor, cfg: RolloutConfig) -> torch.Tensor:
 
 
 def response_logits(model: DecoderLM, batch: Batch) -> torch.Tensor:
-    """(B, R, V) the next-token logits before each response token; the vocabulary projection
-    runs on response positions only (the prompt's would be thrown away)."""
+    """(N, V) the next-token logits before each real response token (N = batch.mask.sum(), row
+    after row; `spread` puts per-token results back in (B, R)). The vocabulary projection and
+    the softmaxes after it run on those positions only: most of a batch's R columns are padding
+    (mean response ~11 tokens of 32), and the prompt's would be thrown away."""
     batch = batch if batch.segments is not None else select(batch, slice(None))
-    h = model.hidden_states(batch.idx, segments=batch.segments).flatten(0, 1)[batch.pos]
+    h = model.hidden_states(batch.idx, segments=batch.segments).flatten(0, 1)[batch.pos[batch.mask.bool()]]
     return model.lm_head(h).float()
+
+
+def spread(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N,) values of the real response tokens -> (B, R), zero at padding (differentiable)."""
+    return torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_scatter(mask.bool(), x)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -342,14 +349,18 @@ def rollout(policy: DecoderLM, ref: DecoderLM, critic: RewardModel | None, rewar
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("logp", "logp_raw", "logp_ref", "values", "entropy")}
     for start in range(0, len(batch), chunk):
         part = select(batch, slice(start, start + chunk))
+        real = part.mask.bool()
+        tokens = part.tokens[real]
         logits = response_logits(policy, part)
         raw = torch.log_softmax(logits, dim=-1)
-        out["logp_raw"].append(raw.gather(-1, part.tokens[..., None]).squeeze(-1))
-        out["entropy"].append(-(raw.exp() * raw).sum(-1))
+        out["logp_raw"].append(spread(raw.gather(-1, tokens[:, None]).squeeze(-1), real))
+        out["entropy"].append(spread(-(raw.exp() * raw).sum(-1), real))
         sampled = warp(logits, cfg)
-        out["logp"].append(token_logprobs(sampled, part.tokens) if sampled is not logits else out["logp_raw"][-1])
+        out["logp"].append(spread(token_logprobs(sampled, tokens), real) if sampled is not logits
+                           else out["logp_raw"][-1])
         # The evaluation samples the reference itself: its log-probabilities are the policy's.
-        ref_logp = out["logp_raw"][-1] if ref is policy else token_logprobs(response_logits(ref, part), part.tokens)
+        ref_logp = out["logp_raw"][-1] if ref is policy else spread(token_logprobs(response_logits(ref, part), tokens),
+                                                                    real)
         out["logp_ref"].append(ref_logp)
         if critic is not None:
             out["values"].append(values_of(critic, part))
@@ -429,7 +440,7 @@ def ppo_update(policy: DecoderLM, critic: RewardModel, optimizer: torch.optim.Op
             part = select(ro.batch, rows)
             mask = part.mask
             logits = response_logits(policy, part)
-            logp = token_logprobs(warp(logits, cfg.rollout), part.tokens)
+            logp = spread(token_logprobs(warp(logits, cfg.rollout), part.tokens[mask.bool()]), mask)
             adv = advantages[rows]
             if cfg.ppo.objective == "clip":
                 pg_loss, s = core.clipped_surrogate(logp, ro.logp[rows], adv, cfg.ppo.clip, mask)
