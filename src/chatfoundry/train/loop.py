@@ -132,6 +132,21 @@ def accumulation(cfg: TrainConfig, rt: Runtime) -> tuple[int, int]:
     return micro, cfg.batch_size // (micro * rt.world)
 
 
+def first_fit(lengths: list[int], width: int) -> list[list[int]]:
+    """Pack items of these lengths into lines of `width` (first fit, longest first): the item
+    indices of each line. Packed sequences (`segments`) waste no compute on padding."""
+    lines: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        at = next((n for n, f in enumerate(free) if f >= lengths[i]), len(lines))
+        if at == len(lines):
+            lines.append([])
+            free.append(width)
+        lines[at].append(i)
+        free[at] -= lengths[i]
+    return lines
+
+
 # ---------------------------------------------------------------- data order
 
 

@@ -55,7 +55,7 @@ from chatfoundry.models.heads import RewardModel
 from chatfoundry.rl import core
 from chatfoundry.tokenizer import chat_stop_ids, encode_batch_ids, encode_chat, special_id, tokenizer_hash
 from chatfoundry.train.label import prompt_tasks
-from chatfoundry.train.loop import Epochs, setup_runtime, single_process, teardown
+from chatfoundry.train.loop import Epochs, first_fit, setup_runtime, single_process, teardown
 from chatfoundry.train.pretrain import check_output, prepare_output
 
 CRITIC = "critic"
@@ -248,15 +248,7 @@ def select(batch: Batch, rows) -> Batch:
     part = Batch(*(getattr(batch, f)[rows] for f in Batch.__dataclass_fields__ if f != "segments"))
     lengths = (part.pos.max(1).values + 1).tolist()  # the columns its states read (not the last token)
     width = max(lengths)
-    lines: list[list[int]] = []  # row indices per line
-    free: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        at = next((n for n, f in enumerate(free) if f >= lengths[i]), len(lines))
-        if at == len(lines):
-            lines.append([])
-            free.append(width)
-        lines[at].append(i)
-        free[at] -= lengths[i]
+    lines = first_fit(lengths, width)
     idx = part.idx.new_zeros(len(lines), width)
     segments = part.idx.new_zeros(len(lines), width)
     offset = [0] * len(lengths)

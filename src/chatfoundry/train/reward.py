@@ -35,8 +35,8 @@ from chatfoundry.errors import UserError
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.models.heads import RewardModel
 from chatfoundry.tokenizer import encode_batch_ids, encode_chat, special_id
-from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, fit, make_optimizer, resume_step, setup_runtime,
-                                    teardown, trainer_state, wrap)
+from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, first_fit, fit, make_optimizer, resume_step,
+                                    setup_runtime, teardown, trainer_state, wrap)
 from chatfoundry.train.pretrain import check_output, prepare_output
 
 
@@ -144,18 +144,8 @@ def collate(items: list[Encoded], pad_id: int, device: torch.device | str = "cpu
     loser (P,) response indices; gap (P,) rank difference; weight (P,): 1 / (pairs of its
     comparison), so each comparison weighs the same."""
     rows = [r for item in items for r in item.rows]
-    lines: list[list[int]] = []  # response indices in each row
-    if width:
-        free: list[int] = []
-        for i in sorted(range(len(rows)), key=lambda i: -len(rows[i])):
-            at = next((n for n, f in enumerate(free) if f >= len(rows[i])), len(lines))
-            if at == len(lines):
-                lines.append([])
-                free.append(width)
-            lines[at].append(i)
-            free[at] -= len(rows[i])
-    else:
-        lines = [[i] for i in range(len(rows))]
+    # response indices in each row
+    lines = first_fit([len(r) for r in rows], width) if width else [[i] for i in range(len(rows))]
     T = max(sum(len(rows[i]) for i in line) for line in lines)
     idx = torch.full((len(lines), T), pad_id)
     segments = torch.zeros((len(lines), T), dtype=torch.long)
