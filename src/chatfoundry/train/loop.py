@@ -132,19 +132,34 @@ def accumulation(cfg: TrainConfig, rt: Runtime) -> tuple[int, int]:
     return micro, cfg.batch_size // (micro * rt.world)
 
 
-def first_fit(lengths: list[int], width: int) -> list[list[int]]:
-    """Pack items of these lengths into lines of `width` (first fit, longest first): the item
-    indices of each line. Packed sequences (`segments`) waste no compute on padding."""
-    lines: list[list[int]] = []
+def pack(rows: list[list[int]], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Token rows packed first fit, longest first, into lines of `width` (0: one row a line, in order):
+    (idx (lines, T), segments (lines, T), where each row starts in idx.flatten()); T is the
+    fullest line's length. Each row is a segment of its line and the line's padding one more, so
+    with `segments` a row attends only to itself from position 0: packed rows waste no compute
+    on padding and each gets what it would alone."""
+    lines: list[list[int]] = [] if width else [[i] for i in range(len(rows))]
     free: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        at = next((n for n, f in enumerate(free) if f >= lengths[i]), len(lines))
+    for i in sorted(range(len(rows)), key=lambda i: -len(rows[i])) if width else ():
+        at = next((n for n, f in enumerate(free) if f >= len(rows[i])), len(lines))
         if at == len(lines):
             lines.append([])
             free.append(width)
         lines[at].append(i)
-        free[at] -= lengths[i]
-    return lines
+        free[at] -= len(rows[i])
+    T = max(sum(len(rows[i]) for i in line) for line in lines)
+    idx = torch.full((len(lines), T), pad_id)
+    segments = torch.zeros((len(lines), T), dtype=torch.long)
+    starts = [0] * len(rows)
+    for n, line in enumerate(lines):
+        used = 0
+        for s, i in enumerate(line):
+            idx[n, used:used + len(rows[i])] = torch.tensor(rows[i])
+            segments[n, used:used + len(rows[i])] = s
+            starts[i] = n * T + used
+            used += len(rows[i])
+        segments[n, used:] = len(line)
+    return idx, segments, starts
 
 
 # ---------------------------------------------------------------- data order

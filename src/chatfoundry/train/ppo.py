@@ -55,7 +55,7 @@ from chatfoundry.models.heads import RewardModel
 from chatfoundry.rl import core
 from chatfoundry.tokenizer import chat_stop_ids, encode_batch_ids, encode_chat, special_id, tokenizer_hash
 from chatfoundry.train.label import prompt_tasks
-from chatfoundry.train.loop import Epochs, first_fit, setup_runtime, single_process, teardown
+from chatfoundry.train.loop import Epochs, pack, setup_runtime, single_process, teardown
 from chatfoundry.train.pretrain import check_output, prepare_output
 
 CRITIC = "critic"
@@ -247,21 +247,9 @@ def select(batch: Batch, rows) -> Batch:
     padding them to one width wasted a quarter or more of every PPO step."""
     part = Batch(*(getattr(batch, f)[rows] for f in Batch.__dataclass_fields__ if f != "segments"))
     lengths = (part.pos.max(1).values + 1).tolist()  # the columns its states read (not the last token)
-    width = max(lengths)
-    lines = first_fit(lengths, width)
-    idx = part.idx.new_zeros(len(lines), width)
-    segments = part.idx.new_zeros(len(lines), width)
-    offset = [0] * len(lengths)
-    for n, line in enumerate(lines):
-        used = 0
-        for s, i in enumerate(line):
-            idx[n, used:used + lengths[i]] = part.idx[i, :lengths[i]]
-            segments[n, used:used + lengths[i]] = s
-            offset[i] = n * width + used
-            used += lengths[i]
-        segments[n, used:] = len(line)  # the line's padding: a segment of its own
-    part.pos = part.pos + torch.tensor(offset, device=part.pos.device)[:, None]
-    part.idx, part.segments = idx, segments
+    idx, segments, starts = pack([part.idx[i, :n].tolist() for i, n in enumerate(lengths)], max(lengths), 0)
+    part.pos = part.pos + torch.tensor(starts, device=part.pos.device)[:, None]
+    part.idx, part.segments = idx.to(part.pos.device), segments.to(part.pos.device)
     return part
 
 

@@ -35,8 +35,8 @@ from chatfoundry.errors import UserError
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.models.heads import RewardModel
 from chatfoundry.tokenizer import encode_batch_ids, encode_chat, special_id
-from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, first_fit, fit, make_optimizer, resume_step,
-                                    setup_runtime, teardown, trainer_state, wrap)
+from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, fit, make_optimizer, resume_step,
+                                    pack, setup_runtime, teardown, trainer_state, wrap)
 from chatfoundry.train.pretrain import check_output, prepare_output
 
 
@@ -144,20 +144,8 @@ def collate(items: list[Encoded], pad_id: int, device: torch.device | str = "cpu
     loser (P,) response indices; gap (P,) rank difference; weight (P,): 1 / (pairs of its
     comparison), so each comparison weighs the same."""
     rows = [r for item in items for r in item.rows]
-    # response indices in each row
-    lines = first_fit([len(r) for r in rows], width) if width else [[i] for i in range(len(rows))]
-    T = max(sum(len(rows[i]) for i in line) for line in lines)
-    idx = torch.full((len(lines), T), pad_id)
-    segments = torch.zeros((len(lines), T), dtype=torch.long)
-    last = [0] * len(rows)
-    for n, line in enumerate(lines):
-        used = 0
-        for s, i in enumerate(line):
-            idx[n, used:used + len(rows[i])] = torch.tensor(rows[i])
-            segments[n, used:used + len(rows[i])] = s
-            used += len(rows[i])
-            last[i] = n * T + used - 1
-        segments[n, used:] = len(line)  # padding: a segment of its own
+    idx, segments, starts = pack(rows, width, pad_id)
+    last = [start + len(row) - 1 for start, row in zip(starts, rows)]
     winner, loser, gap, weight = [], [], [], []
     base = 0
     for item in items:
