@@ -199,7 +199,7 @@ def test_export_loads_in_transformers_with_equal_rewards(arch, char_tok, tmp_pat
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     from chatfoundry.train.reward import encode_responses
 
-    rows, _ = encode_responses(char_tok, prompts, responses, 64)
+    rows, _, _ = encode_responses(char_tok, prompts, responses, 64)
     pad = hf.config.pad_token_id
     width = max(map(len, rows))
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
@@ -256,6 +256,8 @@ def test_rm_on_labels_writes_a_normalised_model_and_its_report(policy, labels, t
     for key in ("pairwise_accuracy", "spearman_gold", "label_accuracy", "normalization"):
         assert key in s
     assert 0 <= s["pairwise_accuracy"] <= 1 and -1 <= s["spearman_gold"] <= 1
+    baseline = json.loads((out / "eval.json").read_text())["loglik_baseline"]
+    assert s["loglik_baseline"] == baseline and 0 <= baseline["pairwise_accuracy"] <= 1
     model, tok = load_reward_model(out)
     assert model.offset == pytest.approx(-s["normalization"]["mean"])
     # Normalised: the training responses (the policy's samples) score 0 on average.
@@ -361,6 +363,28 @@ def test_labeler_can_be_a_reward_model(policy, tmp_path, capsys):
     for c in load_comparisons(tmp_path / "run" / "train.jsonl")[:5]:
         scores = score_texts(judge, tok, [list(c.prompt)] * len(c.responses), list(c.responses))
         assert scores == sorted(scores, reverse=True)
+
+
+def test_loglik_baseline_sums_the_response_tokens_log_probabilities(char_tok):
+    """Rows of different lengths in one batch, and a row cut at the front (its response starts at
+    column 0, whose token has no context): each gets log p(response + <|end|> | what precedes)."""
+    from chatfoundry.models.decoder import DecoderLM
+    from chatfoundry.train.reward import loglik_scores
+
+    torch.manual_seed(0)
+    lm = randomize(DecoderLM(tiny_config(vocab_size=char_tok.get_vocab_size(), block_size=64))).eval()
+    c = Comparison(({"role": "user", "content": "Name a fruit."},), ("A pear.", "Plums, I think, or a fig."), (0, 1))
+    [item], _ = encode_comparisons(char_tok, [c], block=64)
+    [cut], n_cut = encode_comparisons(char_tok, [c], block=20)
+    assert n_cut == 2 and cut.starts == [max(0, s - (len(r) - 20)) for s, r in zip(item.starts, item.rows)]
+    scores = loglik_scores(lm, [item, cut], pad_id=0, batch_size=3)
+    expected = []
+    for row, start in zip(item.rows + cut.rows, item.starts + cut.starts):
+        with torch.no_grad():
+            logp = torch.log_softmax(lm(torch.tensor([row]))[0][0], -1)
+        expected.append(sum(logp[t - 1, row[t]].item() for t in range(max(start, 1), len(row))))
+    assert scores == pytest.approx(expected, abs=1e-4)
+    assert item.rows[0][item.starts[0]:] == char_tok.encode("A pear.", add_special_tokens=False).ids + item.rows[0][-1:]
 
 
 def test_comparisons_encode_as_the_chat_they_end(char_tok):

@@ -114,8 +114,11 @@ def stage_summaries(s: dict) -> dict:
                    "tool_use": s["sft"].get("tool_use")},
            "label": {"comparisons": s["label"]["splits"]["train"]["comparisons"],
                      "sft_gold_reward_sampled": s["label"]["splits"]["train"]["sft_gold_reward"]},
-           "rm": {k: s["rm"].get(k) for k in ("pairwise_accuracy", "spearman_gold", "best_of_k_gold_gain",
-                                               "label_accuracy")},
+           "rm": {**{k: s["rm"].get(k) for k in ("pairwise_accuracy", "spearman_gold", "best_of_k_gold_gain",
+                                                  "label_accuracy")},
+                  # The same held-out pairs ordered by the SFT model's own log-likelihood.
+                  "loglik_baseline": {k: v for k, v in s["rm"].get("loglik_baseline", {}).items()
+                                      if k in ("pairwise_accuracy", "spearman_gold")}},
            "ppo": {k: s["ppo"].get(k) for k in ("gold_reward", "gold_reward_se", "gold_gain", "gold_gain_se", "kl",
                                                  "kl_budget", "kl_heldout", "rm_reward", "win_rate_rm", "win_rate_gold",
                                                  "gold_reward_sampled", "gold_gain_sampled", "gold_gain_sampled_se")}}
@@ -143,7 +146,10 @@ def write_report(out: Path, s: dict) -> None:
              f"| sft | {_wall(s['sft'])} | validation loss {s['sft'].get('val_loss') or 0:.3f}{_tool_use(s['sft'])} |",
              f"| label | {_wall(s['label'])} | {s['label']['splits']['train']['comparisons']:,} comparisons |",
              f"| rm | {_wall(s['rm'])} | held-out pairwise accuracy {s['rm'].get('pairwise_accuracy')}, Spearman with "
-             f"gold {s['rm'].get('spearman_gold')}, best-of-K gold gain {s['rm'].get('best_of_k_gold_gain')} |",
+             f"gold {s['rm'].get('spearman_gold')}, best-of-K gold gain {s['rm'].get('best_of_k_gold_gain')}"
+             + (f" (the SFT model's own log-likelihood orders the same pairs {b['pairwise_accuracy']}, Spearman "
+                f"{b['spearman_gold']})" if (b := s['rm'].get('loglik_baseline')) and 'spearman_gold' in b else "")
+             + " |",
              f"| ppo | {_wall(s['ppo'])} | KL to SFT {s['ppo'].get('kl')} nats in training (the last fifth)"
              + (f", {s['ppo']['kl_heldout']} on held-out prompts" if s['ppo'].get('kl_heldout') is not None else "")
              + f" (budget {s['ppo'].get('kl_budget')}) |", ""]

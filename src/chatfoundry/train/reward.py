@@ -13,7 +13,8 @@
       -> run/checkpoint/ (transformers' ...ForSequenceClassification), metrics.jsonl, loss.png,
          rewards.png and eval.json: pairwise accuracy on held-out comparisons (against the gold
          reward where one is known, else against the labels) and Spearman's rank correlation with
-         the gold reward
+         the gold reward; beside them the same figures for the SFT model's own log-likelihood of
+         each response (`loglik_baseline`), what the RM could learn to read from its start
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from chatfoundry.config import require
 from chatfoundry.data.formats import Comparison, load_comparisons, read_jsonl
 from chatfoundry.errors import UserError
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
+from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.models.heads import RewardModel
 from chatfoundry.tokenizer import encode_batch_ids, encode_chat, special_id
 from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, fit, make_optimizer, resume_step,
@@ -96,12 +98,14 @@ class Encoded:
     ranks: list[int]
     family: str = ""
     gold: list[float] | None = None
+    starts: list[int] = field(default_factory=list)  # where each row's response begins
 
 
 def encode_responses(tokenizer, prompts: list[tuple[dict, ...] | list[dict]], responses: list[str],
-                     block: int) -> tuple[list[list[int]], int]:
+                     block: int) -> tuple[list[list[int]], list[int], int]:
     """Token ids of each (prompt, response) as the chat it ends: ... <|assistant|> response <|end|>.
-    A row longer than the context keeps its last `block` tokens. Returns (rows, how many were cut)."""
+    A row longer than the context keeps its last `block` tokens. Returns (rows, where each row's
+    response begins, how many rows were cut)."""
     end = special_id(tokenizer, "end")
     if end is None:
         raise UserError("tokenizer: lacks the chat token <|end|>; the reward model reads chat-format responses")
@@ -110,24 +114,27 @@ def encode_responses(tokenizer, prompts: list[tuple[dict, ...] | list[dict]], re
         key = json.dumps(list(p))
         if key not in prompt_ids:
             prompt_ids[key] = encode_chat(tokenizer, list(p))
-    rows, cut = [], 0
+    rows, starts, cut = [], [], 0
     for p, r in zip(prompts, encode_batch_ids(tokenizer, responses)):
+        start = len(prompt_ids[json.dumps(list(p))])
         row = prompt_ids[json.dumps(list(p))] + r + [end]
         if len(row) > block:
-            row, cut = row[-block:], cut + 1
+            row, start, cut = row[-block:], max(0, start - (len(row) - block)), cut + 1
         rows.append(row)
-    return rows, cut
+        starts.append(start)
+    return rows, starts, cut
 
 
 def encode_comparisons(tokenizer, comparisons: list[Comparison], block: int,
                        extras: list[dict] | None = None) -> tuple[list[Encoded], int]:
     prompts = [c.prompt for c in comparisons for _ in c.responses]
-    rows, cut = encode_responses(tokenizer, prompts, [r for c in comparisons for r in c.responses], block)
+    rows, starts, cut = encode_responses(tokenizer, prompts, [r for c in comparisons for r in c.responses], block)
     out, i = [], 0
     for n, c in enumerate(comparisons):
         extra = extras[n] if extras else {}
-        out.append(Encoded(rows[i:i + len(c.responses)], list(c.ranks), extra.get("family", ""), extra.get("gold")))
-        i += len(c.responses)
+        j = i + len(c.responses)
+        out.append(Encoded(rows[i:j], list(c.ranks), extra.get("family", ""), extra.get("gold"), starts[i:j]))
+        i = j
     return out, cut
 
 
@@ -196,10 +203,36 @@ def score_rows(model: RewardModel, rows: list[list[int]], pad_id: int, batch_siz
     return out
 
 
+@torch.no_grad()
+def loglik_scores(lm: DecoderLM, items: list[Encoded], pad_id: int, batch_size: int = 64) -> list[float]:
+    """Each response's log-likelihood under a language model, sum of log p(token | all before)
+    over its tokens and <|end|>: what the model the RM starts from already knows about the
+    responses, read as a reward. The held-out report scores it beside the RM."""
+    rows = [r for it in items for r in it.rows]
+    starts = [s for it in items for s in it.starts]
+    device = lm.embed_tokens.weight.device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out = [0.0] * len(rows)
+    for begin in range(0, len(order), batch_size):
+        chunk = order[begin:begin + batch_size]
+        width = max(len(rows[i]) for i in chunk)
+        idx = torch.tensor([rows[i] + [pad_id] * (width - len(rows[i])) for i in chunk], device=device)
+        logits, _ = lm(idx[:, :-1])
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, idx[:, 1:, None]).squeeze(-1)
+        col = torch.arange(1, width, device=device)
+        first = torch.tensor([max(starts[i], 1) for i in chunk], device=device)
+        end = torch.tensor([len(rows[i]) for i in chunk], device=device)
+        # Token at column c is predicted from column c - 1; a cut row's first token has no context.
+        keep = (col[None] >= first[:, None]) & (col[None] < end[:, None])
+        for i, v in zip(chunk, (logp * keep).sum(1).tolist()):
+            out[i] = v
+    return out
+
+
 def score_texts(model: RewardModel, tokenizer, prompts: list[list[dict]], responses: list[str],
                 batch_size: int = 64) -> list[float]:
     """The reward of each response to its prompt (a conversation ending with a user message)."""
-    rows, _ = encode_responses(tokenizer, prompts, responses, model.config.block_size)
+    rows, _, _ = encode_responses(tokenizer, prompts, responses, model.config.block_size)
     return score_rows(model, rows, special_id(tokenizer, "pad") or 0, batch_size)
 
 
@@ -218,11 +251,14 @@ def spearman(x, y) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def evaluate(model: RewardModel, items: list[Encoded], pad_id: int, batch_size: int = 64) -> dict:
+def evaluate(model: RewardModel | None, items: list[Encoded], pad_id: int, batch_size: int = 64,
+             scores: list[float] | None = None) -> dict:
     """Held-out report: the ranking loss and pairwise accuracy against the labels and, where gold
     rewards are known, accuracy against them (pairs whose gold rewards differ), Spearman's
-    correlation with them, and the gold reward best-of-K by the RM gains over a random response."""
-    scores = score_rows(model, [r for it in items for r in it.rows], pad_id, batch_size)
+    correlation with them, and the gold reward best-of-K by the RM gains over a random response.
+    `scores` (one per response, in order) stand in for the model's rewards."""
+    if scores is None:
+        scores = score_rows(model, [r for it in items for r in it.rows], pad_id, batch_size)
     label_hits, losses, gold_hits, per_family, pooled, chosen, rejected = [], [], [], {}, ([], []), [], []
     best_of = []  # gold of the RM's favourite minus the mean gold of the responses
     i = 0
@@ -332,23 +368,22 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, log=print)
     t0 = time.perf_counter()
     out = Path(cfg.out)
     check_output(out, resume, overwrite)
+    lm, tokenizer = ckpt.load_model(cfg.init)  # the RM's start, and the held-out report's baseline
     if resume:
         model, tokenizer = ckpt.load_reward_model(out)
         model.offset, model.normalization = 0.0, {}  # trained on raw scores; normalised again at the end
     else:
-        lm, tokenizer = ckpt.load_model(cfg.init)
         torch.manual_seed(cfg.seed)  # the head's initial weights
         model = RewardModel.from_lm(lm)
-        del lm
     train, val, extras, source = _comparisons(cfg)
     rt = setup_runtime(cfg.device, cfg.dtype)
     try:
-        return _run(cfg, rt, out, model, tokenizer, train, val, extras, source, resume, overwrite, log, t0)
+        return _run(cfg, rt, out, model, lm, tokenizer, train, val, extras, source, resume, overwrite, log, t0)
     finally:
         teardown(rt)
 
 
-def _run(cfg, rt, out, model, tokenizer, train, val, extras, source, resume, overwrite, log, t0) -> dict:
+def _run(cfg, rt, out, model, lm, tokenizer, train, val, extras, source, resume, overwrite, log, t0) -> dict:
     torch.manual_seed(cfg.seed)
     block = model.config.block_size
     items, cut = encode_comparisons(tokenizer, train, block)
@@ -420,8 +455,17 @@ def _run(cfg, rt, out, model, tokenizer, train, val, extras, source, resume, ove
             report = evaluate(model, val_items, pad_id)
             plot_rewards(report, out / "rewards.png")
             report.pop("_plot")
+            # The same pairs ordered by the init model's own log-likelihood of each response: how
+            # much of what that model knows about them the RM has learned to read.
+            baseline = evaluate(None, val_items, pad_id, scores=loglik_scores(lm.to(rt.device).eval(), val_items,
+                                                                              pad_id))
+            report["loglik_baseline"] = {k: baseline[k] for k in ("pairwise_accuracy", "spearman_gold",
+                                                                  "best_of_k_gold_gain", "family_accuracy")
+                                         if k in baseline}
             (out / "eval.json").write_text(json.dumps(report, indent=1))
             summary.update({k: v for k, v in report.items() if k != "comparisons"})
             log("rm held out: " + ", ".join(f"{k} {v}" for k, v in report.items() if not isinstance(v, dict)))
+            log(f"rm held out, the {cfg.init} model's log-likelihood as the reward: "
+                + ", ".join(f"{k} {v}" for k, v in report["loglik_baseline"].items() if not isinstance(v, dict)))
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
     return summary
