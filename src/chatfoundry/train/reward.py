@@ -184,18 +184,23 @@ def comparison_loss(rewards: torch.Tensor, batch: dict[str, torch.Tensor], margi
 # ---------------------------------------------------------------- scoring and the report
 
 
+def _by_length(rows: list[list[int]], pad_id: int, batch_size: int, device):
+    """(row indices, right-padded idx) for batches of rows of similar length."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(rows[i]) for i in chunk)
+        yield chunk, torch.tensor([rows[i] + [pad_id] * (width - len(rows[i])) for i in chunk], device=device)
+
+
 @torch.no_grad()
 def score_rows(model: RewardModel, rows: list[list[int]], pad_id: int, batch_size: int = 64) -> list[float]:
     """The reward of each token row (read at its last token), batched by length."""
     device = model.score.weight.device
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out = [0.0] * len(rows)
     was_training = model.training
     model.eval()
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        width = max(len(rows[i]) for i in chunk)
-        idx = torch.tensor([rows[i] + [pad_id] * (width - len(rows[i])) for i in chunk], device=device)
+    for chunk, idx in _by_length(rows, pad_id, batch_size, device):
         last = torch.tensor([len(rows[i]) - 1 for i in chunk], device=device)
         for i, r in zip(chunk, model.rewards(idx, last).tolist()):
             out[i] = r
@@ -211,15 +216,11 @@ def loglik_scores(lm: DecoderLM, items: list[Encoded], pad_id: int, batch_size: 
     rows = [r for it in items for r in it.rows]
     starts = [s for it in items for s in it.starts]
     device = lm.embed_tokens.weight.device
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out = [0.0] * len(rows)
-    for begin in range(0, len(order), batch_size):
-        chunk = order[begin:begin + batch_size]
-        width = max(len(rows[i]) for i in chunk)
-        idx = torch.tensor([rows[i] + [pad_id] * (width - len(rows[i])) for i in chunk], device=device)
+    for chunk, idx in _by_length(rows, pad_id, batch_size, device):
         logits, _ = lm(idx[:, :-1])
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, idx[:, 1:, None]).squeeze(-1)
-        col = torch.arange(1, width, device=device)
+        col = torch.arange(1, idx.shape[1], device=device)
         first = torch.tensor([max(starts[i], 1) for i in chunk], device=device)
         end = torch.tensor([len(rows[i]) for i in chunk], device=device)
         # Token at column c is predicted from column c - 1; a cut row's first token has no context.
@@ -368,11 +369,12 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, log=print)
     t0 = time.perf_counter()
     out = Path(cfg.out)
     check_output(out, resume, overwrite)
-    lm, tokenizer = ckpt.load_model(cfg.init)  # the RM's start, and the held-out report's baseline
+    lm = None  # the RM's start; the held-out report's baseline reads it too
     if resume:
         model, tokenizer = ckpt.load_reward_model(out)
         model.offset, model.normalization = 0.0, {}  # trained on raw scores; normalised again at the end
     else:
+        lm, tokenizer = ckpt.load_model(cfg.init)
         torch.manual_seed(cfg.seed)  # the head's initial weights
         model = RewardModel.from_lm(lm)
     train, val, extras, source = _comparisons(cfg)
@@ -457,8 +459,8 @@ def _run(cfg, rt, out, model, lm, tokenizer, train, val, extras, source, resume,
             report.pop("_plot")
             # The same pairs ordered by the init model's own log-likelihood of each response: how
             # much of what that model knows about them the RM has learned to read.
-            baseline = evaluate(None, val_items, pad_id, scores=loglik_scores(lm.to(rt.device).eval(), val_items,
-                                                                              pad_id))
+            lm = (lm if lm is not None else ckpt.load_model(cfg.init)[0]).to(rt.device).eval()
+            baseline = evaluate(None, val_items, pad_id, scores=loglik_scores(lm, val_items, pad_id))
             report["loglik_baseline"] = {k: baseline[k] for k in ("pairwise_accuracy", "spearman_gold",
                                                                   "best_of_k_gold_gain", "family_accuracy")
                                          if k in baseline}
