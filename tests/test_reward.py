@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -270,15 +271,21 @@ def test_rm_on_labels_writes_a_normalised_model_and_its_report(policy, labels, t
 
 def test_rm_resume_continues_exactly(policy, labels, tmp_path, capsys):
     # A flat learning rate after warmup: the schedule of a 3-step run is then the start of a 6-step one.
-    args = ["--init", str(policy), "--data", str(labels), *RM, "--train.min_lr_ratio", "1"]
-    straight, half = tmp_path / "straight", tmp_path / "half"
-    a = cli_ok(["rm", *args, "--out", str(straight)], capsys)
-    cli_ok(["rm", *args, "--out", str(half), "--train.steps", "3"], capsys)
-    b = cli_ok(["rm", "--out", str(half), "--resume", "--train.steps", "6"], capsys)  # resumes a normalised model
+    args = ["--data", str(labels), *RM, "--train.min_lr_ratio", "1"]
+    straight, half, init = tmp_path / "straight", tmp_path / "half", tmp_path / "init"
+    a = cli_ok(["rm", *args, "--init", str(policy), "--out", str(straight)], capsys)
+    shutil.copytree(policy, init)
+    cli_ok(["rm", *args, "--init", str(init), "--out", str(half), "--train.steps", "3"], capsys)
+    shutil.rmtree(init)  # the resumed run needs only its own checkpoint; the baseline is skipped
+    code, out, err = run_cli(["rm", "--out", str(half), "--resume", "--train.steps", "6", "--json"], capsys)
+    assert code == 0, err  # it resumes a normalised model
+    b = last_json(out)
     ma, mb = load_reward_model(straight)[0], load_reward_model(half)[0]
     for (name, x), (_, y) in zip(ma.state_dict().items(), mb.state_dict().items()):
         assert torch.equal(x, y), name
     assert a["normalization"] == b["normalization"] and ma.offset == mb.offset
+    assert b["pairwise_accuracy"] == a["pairwise_accuracy"] and "loglik_baseline" not in b
+    assert "no log-likelihood baseline" in out + err
 
 
 def write_jsonl(path, records) -> str:

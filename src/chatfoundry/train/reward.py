@@ -459,15 +459,21 @@ def _run(cfg, rt, out, model, lm, tokenizer, train, val, extras, source, resume,
             report.pop("_plot")
             # The same pairs ordered by the init model's own log-likelihood of each response: how
             # much of what that model knows about them the RM has learned to read.
-            lm = (lm if lm is not None else ckpt.load_model(cfg.init)[0]).to(rt.device).eval()
-            baseline = evaluate(None, val_items, pad_id, scores=loglik_scores(lm, val_items, pad_id))
-            report["loglik_baseline"] = {k: baseline[k] for k in ("pairwise_accuracy", "spearman_gold",
-                                                                  "best_of_k_gold_gain", "family_accuracy")
-                                         if k in baseline}
+            try:
+                lm = lm if lm is not None else ckpt.load_model(cfg.init)[0]
+            except UserError as e:  # a resumed run whose init has gone: the RM itself is done
+                log(f"rm held out: no log-likelihood baseline, the init model is not there ({e})")
+            if lm is not None:
+                baseline = evaluate(None, val_items, pad_id, scores=loglik_scores(lm.to(rt.device).eval(), val_items,
+                                                                                   pad_id))
+                report["loglik_baseline"] = {k: baseline[k] for k in ("pairwise_accuracy", "spearman_gold",
+                                                                      "best_of_k_gold_gain", "family_accuracy")
+                                             if k in baseline}
             (out / "eval.json").write_text(json.dumps(report, indent=1))
             summary.update({k: v for k, v in report.items() if k != "comparisons"})
             log("rm held out: " + ", ".join(f"{k} {v}" for k, v in report.items() if not isinstance(v, dict)))
-            log(f"rm held out, the {cfg.init} model's log-likelihood as the reward: "
-                + ", ".join(f"{k} {v}" for k, v in report["loglik_baseline"].items() if not isinstance(v, dict)))
+            if lm is not None:
+                log(f"rm held out, the {cfg.init} model's log-likelihood as the reward: "
+                    + ", ".join(f"{k} {v}" for k, v in report["loglik_baseline"].items() if not isinstance(v, dict)))
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
     return summary
