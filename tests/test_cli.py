@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -344,3 +345,21 @@ def test_sample_requires_ckpt(capsys):
     assert code == 2
     assert "--ckpt" in one_error_line(err)
 
+
+
+def test_a_saved_runs_relative_paths_are_read_from_the_folder_it_ran_in(tmp_path, monkeypatch):
+    from chatfoundry.cli import _from_where_it_ran
+
+    saved = {"out": "runs/x/rm", "init": "runs/x/sft", "device": "auto", "rm": "python:mod:fn",
+             "data": {"files": ["a.jsonl", str(tmp_path / "b.jsonl")], "cache_dir": ""}}
+    run = tmp_path / "project" / "runs" / "x" / "rm"
+    run.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path.resolve() / "project"
+    assert _from_where_it_ran(saved, run) == {
+        "out": "runs/x/rm", "init": str(root / "runs/x/sft"), "device": "auto", "rm": "python:mod:fn",
+        "data": {"files": [str(root / "a.jsonl"), str(tmp_path / "b.jsonl")], "cache_dir": ""}}
+    monkeypatch.chdir(root)  # where it ran: as written
+    assert _from_where_it_ran(saved, Path("runs/x/rm")) == saved
+    # A run folder moved or renamed since: nothing to go by, as written.
+    assert _from_where_it_ran({**saved, "out": "runs/y/rm"}, run) == {**saved, "out": "runs/y/rm"}

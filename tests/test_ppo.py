@@ -233,9 +233,14 @@ def test_adaptive_kl_controller_moves_beta_toward_the_target_in_a_run(models, to
     assert all(above == up for above, up in moves) and any(up for _, up in moves), moves
 
 
-def test_cli_run_writes_artifacts_is_deterministic_and_resumes_exactly(models, tmp_path, capsys):
-    base = ["ppo", "--init", str(models / "sft"), "--rm", str(models / "rm"), *FAST]
-    s = cli_ok([*base, "--out", str(tmp_path / "a")], capsys)
+def test_cli_run_writes_artifacts_is_deterministic_and_resumes_exactly(models, tmp_path, capsys, monkeypatch):
+    # Runs started with paths relative to their folder; --eval-only and --resume work from any other.
+    (tmp_path / "m").symlink_to(models)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(tmp_path)
+    base = ["ppo", "--init", "m/sft", "--rm", "m/rm", *FAST]
+    s = cli_ok([*base, "--out", "a"], capsys)
     a = tmp_path / "a"
     assert {p.name for p in a.iterdir()} >= {"config.yaml", "metrics.jsonl", "ppo.png", "eval.json", "checkpoint",
                                             "critic"}
@@ -251,11 +256,13 @@ def test_cli_run_writes_artifacts_is_deterministic_and_resumes_exactly(models, t
     # Evaluated again from the run folder alone: the same numbers; more samples per prompt on request;
     # nothing in the folder changes.
     before = {p: p.stat().st_mtime_ns for p in a.rglob("*")}
+    monkeypatch.chdir(elsewhere)
     again = cli_ok(["ppo", "--out", str(a), "--eval-only"], capsys)
     assert {k: again[k] for k in ("gold_gain", "gold_gain_sampled", "gold_gain_sampled_se", "kl_heldout")} == \
         {k: s[k] for k in ("gold_gain", "gold_gain_sampled", "gold_gain_sampled_se", "kl_heldout")}
     assert cli_ok(["ppo", "--out", str(a), "--eval-only", "--eval.samples", "8"], capsys)["samples"] == 8
     assert {p: p.stat().st_mtime_ns for p in a.rglob("*")} == before
+    monkeypatch.chdir(tmp_path)
     first = metrics(a)
     assert len(first) == 3 and all(k in first[0] for k in (
         "rm_reward", "gold_reward", "kl", "entropy", "clip_fraction", "approx_kl", "value_loss",
@@ -269,8 +276,9 @@ def test_cli_run_writes_artifacts_is_deterministic_and_resumes_exactly(models, t
     assert metrics(tmp_path / "b") == [{**r, "rollout_s": metrics(tmp_path / "b")[i]["rollout_s"],
                                         "update_s": metrics(tmp_path / "b")[i]["update_s"]} for i, r in enumerate(first)]
     # Two iterations, then resumed to three: the same weights as the straight run.
-    cli_ok([*base, "--out", str(tmp_path / "c"), "--iterations", "2"], capsys)
-    cli_ok([*base, "--out", str(tmp_path / "c"), "--iterations", "3", "--resume"], capsys)
+    cli_ok([*base, "--out", "c", "--iterations", "2"], capsys)
+    monkeypatch.chdir(elsewhere)
+    cli_ok(["ppo", "--out", str(tmp_path / "c"), "--iterations", "3", "--resume"], capsys)
     resumed, _ = load_model(tmp_path / "c")
     for (name, p), q in zip(lm.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(p, q), name

@@ -56,11 +56,38 @@ def _stage_config(cls, args):
     """The stage's config: defaults < the resumed (or re-evaluated) run's config.yaml < --config YAML < flags."""
     base = None
     if args.resume or getattr(args, "eval_only", False):
-        saved = Path(getattr(args, "out", cls().out)) / "config.yaml"
+        out = Path(getattr(args, "out", cls().out))
+        saved = out / "config.yaml"
         if not saved.is_file():
             raise UserError(f"{saved}: no run to {'resume' if args.resume else 'evaluate'} here")
-        base = load_yaml(saved)
+        base = _from_where_it_ran(load_yaml(saved), out)
     return resolve_config(cls, args, base)
+
+
+_PATH_KEYS = ("init", "rm", "files", "cache_dir", "path")  # config fields that name files or folders
+
+
+def _from_where_it_ran(tree: dict, out: Path) -> dict:
+    """A saved run's relative paths, rebased to the folder the run was started in, so that
+    --resume and --eval-only work from any folder: the config's `out` is the --out given then,
+    so that folder is the run's folder now less that suffix. Unchanged if it cannot tell."""
+    then = Path(str(tree.get("out", "")))
+    now = out.resolve().parts
+    if then.is_absolute() or not then.parts or ".." in then.parts or now[-len(then.parts):] != then.parts:
+        return tree
+    root = Path(*now[:-len(then.parts)])
+
+    def rebase(v):
+        if isinstance(v, list):
+            return [rebase(x) for x in v]
+        if not isinstance(v, str) or not v or v.startswith("python:") or Path(v).is_absolute():
+            return v
+        return str(root / v)
+
+    def walk(node: dict) -> dict:
+        return {k: walk(v) if isinstance(v, dict) else rebase(v) if k in _PATH_KEYS else v for k, v in node.items()}
+
+    return walk(tree) if root != Path.cwd().resolve() else tree
 
 
 # ---------------------------------------------------------------- encoders: heads, fill-mask, embed
