@@ -41,6 +41,7 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tmp_path, capsy
     assert {"gold_reward", "kl", "gold_gain_sampled"} <= set(summary["stages"]["ppo"])
     assert "pairwise_accuracy" in summary["stages"]["rm"]
     assert set(summary["stages"]["rm"]["loglik_baseline"]) == {"pairwise_accuracy", "spearman_gold"}
+    assert [t["temperature"] for t in summary["stages"]["ppo"]["sft_tempered"]] == [0.8, 0.6]
     for name in ("report.md", "report_scores.png", "report_overoptimization.png", "config.yaml",
                  "pretrain/checkpoint/model.safetensors", "sft/checkpoint/model.safetensors", "label/train.jsonl",
                  "rm/checkpoint/model.safetensors", "ppo/checkpoint/model.safetensors", "ppo/ppo.png"):
@@ -49,6 +50,7 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tmp_path, capsy
     assert "| arithmetic |" in report and "chatfoundry chat --ckpt" in report and "**PPO:**" in report
     assert "Sampled answers (4 per prompt" in report and "on held-out prompts (budget 1.0)" in report
     assert "the SFT model's own log-likelihood orders the same pairs" in report
+    assert "SFT itself sampled at temperature 0.8, with no reward model: gain" in report
     assert f"chatfoundry chat --ckpt {out / 'ppo'}" in stdout
 
     # Interrupted after the reward model: only PPO runs again.

@@ -253,6 +253,9 @@ def test_cli_run_writes_artifacts_is_deterministic_and_resumes_exactly(models, t
     assert s["gold_gain_sampled"] == pytest.approx(s["gold_reward_sampled"] - s["sft_gold_reward_sampled"], abs=2e-4)
     assert s["samples"] == 4 and s["gold_gain_sampled_se"] >= 0
     assert set(json.loads((a / "eval.json").read_text())["sampled_families"]) == set(world.FAMILIES)
+    # SFT sampled cooler, the sharpening baseline: further from SFT's own distribution as it cools.
+    cool = s["sft_tempered"]
+    assert [t["temperature"] for t in cool] == [0.8, 0.6] and all("gold_gain_sampled" in t for t in cool)
     # Evaluated again from the run folder alone: the same numbers; more samples per prompt on request;
     # nothing in the folder changes.
     before = {p: p.stat().st_mtime_ns for p in a.rglob("*")}
@@ -260,7 +263,8 @@ def test_cli_run_writes_artifacts_is_deterministic_and_resumes_exactly(models, t
     again = cli_ok(["ppo", "--out", str(a), "--eval-only"], capsys)
     assert {k: again[k] for k in ("gold_gain", "gold_gain_sampled", "gold_gain_sampled_se", "kl_heldout")} == \
         {k: s[k] for k in ("gold_gain", "gold_gain_sampled", "gold_gain_sampled_se", "kl_heldout")}
-    assert cli_ok(["ppo", "--out", str(a), "--eval-only", "--eval.samples", "8"], capsys)["samples"] == 8
+    more = cli_ok(["ppo", "--out", str(a), "--eval-only", "--eval.samples", "8", "--eval.temperatures", "0.25"], capsys)
+    assert more["samples"] == 8 and more["sft_tempered"][0]["kl_heldout"] > 0.1  # far from SFT's own sampling
     assert {p: p.stat().st_mtime_ns for p in a.rglob("*")} == before
     monkeypatch.chdir(tmp_path)
     first = metrics(a)

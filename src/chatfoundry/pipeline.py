@@ -122,6 +122,9 @@ def stage_summaries(s: dict) -> dict:
            "ppo": {k: s["ppo"].get(k) for k in ("gold_reward", "gold_reward_se", "gold_gain", "gold_gain_se", "kl",
                                                  "kl_budget", "kl_heldout", "rm_reward", "win_rate_rm", "win_rate_gold",
                                                  "gold_reward_sampled", "gold_gain_sampled", "gold_gain_sampled_se")}}
+    # The SFT model sampled cooler with no reward model: the gain sharpening alone gives, and its KL.
+    out["ppo"]["sft_tempered"] = [{k: t[k] for k in ("temperature", "gold_gain_sampled", "kl_heldout")}
+                                  for t in s["ppo"].get("sft_tempered", [])]
     for name, summary in s.items():
         out[name]["wall_s"] = summary.get("pipeline_wall_s", summary.get("wall_s"))
     return out
@@ -164,7 +167,10 @@ def write_report(out: Path, s: dict) -> None:
             lines += [f"Sampled answers ({ev['samples']} per prompt as in training: the policy PPO optimises): "
                       f"gold reward SFT {ev['sft_gold_reward_sampled']:.3f} -> PPO {ev['gold_reward_sampled']:.3f} (gain "
                       f"{ev['gold_gain_sampled']:+.3f} ± {ev['gold_gain_sampled_se']:.3f}, paired), at "
-                      f"{ev['kl_heldout']:.2f} nats from SFT.", ""]
+                      f"{ev['kl_heldout']:.2f} nats from SFT."
+                      + "".join(f" SFT itself sampled at temperature {t['temperature']:g}, with no reward model: gain "
+                                f"{t['gold_gain_sampled']:+.3f} ± {t['gold_gain_sampled_se']:.3f} at {t['kl_heldout']:.2f} nats."
+                                for t in ev.get("sft_tempered", [])), ""]
         lines += ["| family | SFT exact match | PPO exact match | SFT gold reward | PPO gold reward |",
                   "| --- | --- | --- | --- | --- |"]
         for f, p in ev["families"].items():

@@ -34,7 +34,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -143,11 +143,15 @@ class PPOEvalConfig:
     # Sampled answers per prompt (the policy PPO trains; temperature as in training): gold and RM
     # reward, the paired gain over SFT and the held-out KL. More samples, a smaller standard error.
     samples: int = 4  # 0: greedy answers only
+    # The SFT model sampled at these temperatures too, with no reward model: a sharper policy gains
+    # gold reward by itself, so this is what PPO's sampled gain has to beat at a like KL.
+    temperatures: list[float] = field(default_factory=lambda: [0.8, 0.6])
     batch_size: int = 128
 
     def validate(self) -> None:
         require(self.per_family >= 0, "eval.per_family", f"must be >= 0, got {self.per_family}")
         require(self.samples >= 0, "eval.samples", f"must be >= 0, got {self.samples}")
+        require(all(t > 0 for t in self.temperatures), "eval.temperatures", f"must be > 0, got {self.temperatures}")
         require(self.max_new_tokens > 0, "eval.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
         require(self.batch_size > 0, "eval.batch_size", f"must be > 0, got {self.batch_size}")
 
@@ -687,6 +691,24 @@ def _rm_scores(reward, tok, prompts, responses) -> list[float]:
     return [float(s) for s in reward(prompts, responses)]
 
 
+def _sampled(model: DecoderLM, ref: DecoderLM, reward, tok, prompts: list[list[dict]], tasks: list, rollout_cfg:
+             RolloutConfig, cfg: PPOConfig) -> tuple[np.ndarray, float, float]:
+    """`eval.samples` answers to each prompt drawn as `rollout_cfg` says: (mean gold reward per
+    prompt, mean RM reward, mean KL of the distribution sampled to the reference: the sum over
+    tokens of log p_sampled - log pi_ref on its own samples, an unbiased estimate). Every model
+    draws with the same seeds (common random numbers: where two agree they sample alike, so the
+    paired difference is less noisy)."""
+    n, golds, rms, kls = cfg.eval.samples, [], [], []
+    for start in range(0, len(prompts), cfg.eval.batch_size):
+        part = [p for p in prompts[start:start + cfg.eval.batch_size] for _ in range(n)]
+        ro = rollout(model, ref, None, reward, tok, part, rollout_cfg, seed=10_000 + start,
+                     chunk=cfg.ppo.minibatch_size, max_new_tokens=cfg.eval.max_new_tokens)
+        golds += [world.gold_reward(tasks[start + i // n], r) for i, r in enumerate(ro.texts)]
+        rms += ro.scores.tolist()
+        kls += ((ro.logp - ro.logp_ref) * ro.batch.mask).sum(1).tolist()
+    return np.asarray(golds).reshape(len(prompts), n).mean(1), float(np.mean(rms)), float(np.mean(kls))
+
+
 def evaluate(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: PPOConfig) -> dict:
     """The world's held-out test prompts, answered by the PPO policy and by SFT (the reference).
 
@@ -694,7 +716,8 @@ def evaluate(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: PPOConfig) -> 
     difference's standard error is paired, the same prompts), RM reward, win rates. Sampled
     answers (`eval.samples` per prompt, temperature as in training: the policy PPO optimises):
     gold and RM reward, the paired gain over SFT, and the KL to the reference (sum over tokens
-    of log pi - log pi_ref on the policy's own samples, an unbiased estimate).
+    of log pi - log pi_ref on the policy's own samples, an unbiased estimate). Then SFT sampled
+    cooler (`eval.temperatures`): the gain and KL that sharpening alone gives, with no RM.
     """
     policy.eval()
     tasks = [t for f in world.FAMILIES for t in world.tasks("test", f, cfg.eval.per_family, 0)]
@@ -720,33 +743,29 @@ def evaluate(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: PPOConfig) -> 
               "win_rate_rm": round(_wins(g["rm"], s["rm"]), 4), "win_rate_gold": round(_wins(g["gold"], s["gold"]), 4),
               "families": g["report"]["families"], "sft_families": s["report"]["families"]}
     if cfg.eval.samples:
-        # Each prompt `samples` times; both models draw with the same seeds (common random numbers:
-        # where they agree they sample alike, so the paired difference is less noisy).
-        n, chunk = cfg.eval.samples, cfg.ppo.minibatch_size
-        sampled = {}
-        for name, model in (("ppo", policy), ("sft", ref)):
-            golds, rms, kls = [], [], []
-            for start in range(0, len(prompts), cfg.eval.batch_size):
-                part = [p for p in prompts[start:start + cfg.eval.batch_size] for _ in range(n)]
-                ro = rollout(model, ref, None, reward, tok, part, cfg.rollout, seed=10_000 + start, chunk=chunk,
-                             max_new_tokens=cfg.eval.max_new_tokens)
-                golds += [world.gold_reward(tasks[start + i // n], r) for i, r in enumerate(ro.texts)]
-                rms += ro.scores.tolist()
-                kls += ((ro.logp_raw - ro.logp_ref) * ro.batch.mask).sum(1).tolist()
-            sampled[name] = np.asarray(golds).reshape(len(prompts), n).mean(1)  # per prompt
-            m, se = _mean_se(sampled[name])
+        sampled = {name: _sampled(model, ref, reward, tok, prompts, tasks, cfg.rollout, cfg)
+                   for name, model in (("ppo", policy), ("sft", ref))}
+        for name, (golds, rm, kl) in sampled.items():
+            m, se = _mean_se(golds)
             prefix = "" if name == "ppo" else "sft_"
             report[f"{prefix}gold_reward_sampled"], report[f"{prefix}gold_reward_sampled_se"] = round(m, 4), round(se, 4)
-            report[f"{prefix}rm_reward_sampled"] = round(float(np.mean(rms)), 4)
-            if name == "ppo":
-                report["kl_heldout"] = round(float(np.mean(kls)), 4)
-        dm, dse = _mean_se(sampled["ppo"] - sampled["sft"])
-        report.update({"samples": n, "gold_gain_sampled": round(dm, 4), "gold_gain_sampled_se": round(dse, 4),
-                       "gold_gain_sampled_in_se": round(dm / dse, 2) if dse > 0 else None})
+            report[f"{prefix}rm_reward_sampled"] = round(rm, 4)
+        report["kl_heldout"] = round(sampled["ppo"][2], 4)
+        gain = lambda golds: _mean_se(golds - sampled["sft"][0])  # noqa: E731  (paired, per prompt)
+        dm, dse = gain(sampled["ppo"][0])
+        report.update({"samples": cfg.eval.samples, "gold_gain_sampled": round(dm, 4),
+                       "gold_gain_sampled_se": round(dse, 4), "gold_gain_sampled_in_se": round(dm / dse, 2) if dse > 0 else None})
         of = np.array([t.family for t in tasks])
-        report["sampled_families"] = {f: {"sft_gold_reward": round(float(sampled["sft"][of == f].mean()), 4),
-                                          "gold_reward": round(float(sampled["ppo"][of == f].mean()), 4)}
+        report["sampled_families"] = {f: {"sft_gold_reward": round(float(sampled["sft"][0][of == f].mean()), 4),
+                                          "gold_reward": round(float(sampled["ppo"][0][of == f].mean()), 4)}
                                       for f in world.FAMILIES if (of == f).any()}
+        report["sft_tempered"] = []
+        for t in cfg.eval.temperatures:
+            golds, rm, kl = _sampled(ref, ref, reward, tok, prompts, tasks, replace(cfg.rollout, temperature=t), cfg)
+            dm, dse = gain(golds)
+            report["sft_tempered"].append({"temperature": t, "gold_reward_sampled": round(float(golds.mean()), 4),
+                                           "gold_gain_sampled": round(dm, 4), "gold_gain_sampled_se": round(dse, 4),
+                                           "rm_reward_sampled": round(rm, 4), "kl_heldout": round(kl, 4)})
     report["answers"] = [{**a, "sft_response": b["response"], "sft_gold_reward": b["gold_reward"], "rm": r1, "sft_rm": r2}
                          for a, b, r1, r2 in zip(g["report"]["answers"], s["report"]["answers"], g["rm"], s["rm"])]
     return report
@@ -762,6 +781,9 @@ def format_eval(report: dict) -> str:
                      f"{report['sft_gold_reward_sampled']:.3f} -> PPO {report['gold_reward_sampled']:.3f} (gain {report['gold_gain_sampled']:+.3f} +- "
                      f"{report['gold_gain_sampled_se']:.3f}, paired SE); RM {report['sft_rm_reward_sampled']:+.3f} -> "
                      f"{report['rm_reward_sampled']:+.3f}; KL to SFT {report['kl_heldout']:.3f} nats per response")
+    for t in report.get("sft_tempered", []):
+        lines.append(f"  SFT itself at temperature {t['temperature']:g}, no reward model: gold gain "
+                     f"{t['gold_gain_sampled']:+.3f} +- {t['gold_gain_sampled_se']:.3f} at {t['kl_heldout']:.3f} nats")
     lines.append(f"{'family':<14}{'SFT gold':>10}{'PPO gold':>10}")
     for f, s in report["families"].items():
         lines.append(f"{f:<14}{report['sft_families'][f]['gold_reward']:>10.3f}{s['gold_reward']:>10.3f}")
