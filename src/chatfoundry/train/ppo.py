@@ -715,8 +715,8 @@ def evaluate(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: PPOConfig) -> 
     Greedy answers (as `chat` and `eval` give): gold reward (mean and standard error; the
     difference's standard error is paired, the same prompts), RM reward, win rates. Sampled
     answers (`eval.samples` per prompt, temperature as in training: the policy PPO optimises):
-    gold and RM reward, the paired gain over SFT, and the KL to the reference (sum over tokens
-    of log pi - log pi_ref on the policy's own samples, an unbiased estimate). Then SFT sampled
+    gold and RM reward, the paired gain over SFT, and the KL to the reference (`_sampled`: sum
+    over tokens of log p - log pi_ref on the sampled distribution's own samples). Then SFT sampled
     cooler (`eval.temperatures`): the gain and KL that sharpening alone gives, with no RM.
     """
     policy.eval()

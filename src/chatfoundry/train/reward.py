@@ -369,7 +369,6 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, log=print)
     t0 = time.perf_counter()
     out = Path(cfg.out)
     check_output(out, resume, overwrite)
-    lm = None  # the RM's start; the held-out report's baseline reads it too
     if resume:
         model, tokenizer = ckpt.load_reward_model(out)
         model.offset, model.normalization = 0.0, {}  # trained on raw scores; normalised again at the end
@@ -377,15 +376,16 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, log=print)
         lm, tokenizer = ckpt.load_model(cfg.init)
         torch.manual_seed(cfg.seed)  # the head's initial weights
         model = RewardModel.from_lm(lm)
+        del lm  # the held-out baseline reads it again at the end, not held through training
     train, val, extras, source = _comparisons(cfg)
     rt = setup_runtime(cfg.device, cfg.dtype)
     try:
-        return _run(cfg, rt, out, model, lm, tokenizer, train, val, extras, source, resume, overwrite, log, t0)
+        return _run(cfg, rt, out, model, tokenizer, train, val, extras, source, resume, overwrite, log, t0)
     finally:
         teardown(rt)
 
 
-def _run(cfg, rt, out, model, lm, tokenizer, train, val, extras, source, resume, overwrite, log, t0) -> dict:
+def _run(cfg, rt, out, model, tokenizer, train, val, extras, source, resume, overwrite, log, t0) -> dict:
     torch.manual_seed(cfg.seed)
     block = model.config.block_size
     items, cut = encode_comparisons(tokenizer, train, block)
@@ -460,19 +460,17 @@ def _run(cfg, rt, out, model, lm, tokenizer, train, val, extras, source, resume,
             # The same pairs ordered by the init model's own log-likelihood of each response: how
             # much of what that model knows about them the RM has learned to read.
             try:
-                lm = lm if lm is not None else ckpt.load_model(cfg.init)[0]
-            except UserError as e:  # a resumed run whose init has gone: the RM itself is done
-                log(f"rm held out: no log-likelihood baseline, the init model is not there ({e})")
-            if lm is not None:
-                baseline = evaluate(None, val_items, pad_id, scores=loglik_scores(lm.to(rt.device).eval(), val_items,
-                                                                                   pad_id))
+                lm = ckpt.load_model(cfg.init, rt.device)[0]
+                baseline = evaluate(None, val_items, pad_id, scores=loglik_scores(lm, val_items, pad_id))
                 report["loglik_baseline"] = {k: baseline[k] for k in ("pairwise_accuracy", "spearman_gold",
                                                                       "best_of_k_gold_gain", "family_accuracy")
                                              if k in baseline}
+            except UserError as e:  # a resumed run whose init has gone: the RM itself is done
+                log(f"rm held out: no log-likelihood baseline, the init model is not there ({e})")
             (out / "eval.json").write_text(json.dumps(report, indent=1))
             summary.update({k: v for k, v in report.items() if k != "comparisons"})
             log("rm held out: " + ", ".join(f"{k} {v}" for k, v in report.items() if not isinstance(v, dict)))
-            if lm is not None:
+            if "loglik_baseline" in report:
                 log(f"rm held out, the {cfg.init} model's log-likelihood as the reward: "
                     + ", ".join(f"{k} {v}" for k, v in report["loglik_baseline"].items() if not isinstance(v, dict)))
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
