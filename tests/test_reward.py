@@ -111,6 +111,16 @@ def test_label_stops_when_a_split_gives_no_comparison(policy, tmp_path, capsys, 
     assert code == 2 and "prompts: none of the 24 train prompts" in err.strip().splitlines()[-1]  # after the bar
 
 
+
+def test_label_says_when_a_family_runs_out_of_questions(policy, tmp_path, capsys, monkeypatch):
+    real = world.tasks  # a split that holds only two facts questions
+    monkeypatch.setattr(world, "tasks", lambda split, family, n, seed=0:
+                        real(split, family, min(n, 2) if family == "facts" else n, seed))
+    code, out, err = run_cli(["label", "--policy", str(policy), "--out", str(tmp_path / "run"), *LABEL], capsys)
+    assert code == 0
+    assert "label train: the world's train split holds no more facts questions, so 16 prompts, not 25" in out + err
+    assert "label val: the world's val split holds no more facts questions" in out + err
+
 # ---------------------------------------------------------------- the loss
 
 

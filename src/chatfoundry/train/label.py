@@ -144,10 +144,15 @@ def ranks_from(utilities: Sequence[float], tie: float) -> list[int]:
 # ---------------------------------------------------------------- sampling
 
 
-def prompt_tasks(split: str, n: int, seed: int) -> list[world.Task]:
-    """About `n` tasks of the split, families in SFT's proportions (world.SHARES)."""
+def family_counts(n: int) -> dict[str, int]:
+    """How many of `n` prompts each family gets: SFT's proportions (world.SHARES)."""
     total = sum(world.SHARES.values())
-    return [t for f in world.FAMILIES for t in world.tasks(split, f, max(1, round(n * world.SHARES[f] / total)), seed)]
+    return {f: max(1, round(n * world.SHARES[f] / total)) for f in world.FAMILIES}
+
+
+def prompt_tasks(split: str, n: int, seed: int) -> list[world.Task]:
+    """About `n` tasks of the split, families in SFT's proportions; fewer where a family runs out."""
+    return [t for f, m in family_counts(n).items() for t in world.tasks(split, f, m, seed)]
 
 
 def sample_responses(model, tokenizer, prompts: list[list[dict]], k: int, cfg: LabelConfig,
@@ -232,6 +237,10 @@ def run(cfg: LabelConfig, overwrite: bool = False, log=print) -> dict:
         if not n:
             continue
         tasks = prompt_tasks(split, n, cfg.seed)
+        short = [f for f, m in family_counts(n).items() if sum(t.family == f for t in tasks) < m]
+        if short:  # more prompts only repeat questions; say so rather than label fewer silently
+            log(f"label {split}: the world's {split} split holds no more {', '.join(short)} questions, "
+                f"so {len(tasks):,} prompts, not {n:,}")
         records, stats = label_split(model, tokenizer, tasks, labeler, cfg, held_out, f"label {split}")
         if not records:  # the reward model could neither train nor be scored on this split
             raise UserError(f"{'val_prompts' if held_out else 'prompts'}: none of the {len(tasks)} {split} prompts got "
