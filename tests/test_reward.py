@@ -118,8 +118,9 @@ def test_label_says_when_a_family_runs_out_of_questions(policy, tmp_path, capsys
                         real(split, family, min(n, 2) if family == "facts" else n, seed))
     code, out, err = run_cli(["label", "--policy", str(policy), "--out", str(tmp_path / "run"), *LABEL], capsys)
     assert code == 0
-    assert "label train: the world's train split holds no more facts questions, so 16 prompts, not 25" in out + err
-    assert "label val: the world's val split holds no more facts questions" in out + err
+    said = out + err
+    assert "label train: the world's train split gave too few distinct facts questions, so 16 prompts, not 25" in said
+    assert "label val: the world's val split gave too few distinct facts questions" in said
 
 # ---------------------------------------------------------------- the loss
 

@@ -239,7 +239,7 @@ def run(cfg: LabelConfig, overwrite: bool = False, log=print) -> dict:
         tasks = prompt_tasks(split, n, cfg.seed)
         short = [f for f, m in family_counts(n).items() if sum(t.family == f for t in tasks) < m]
         if short:  # more prompts only repeat questions; say so rather than label fewer silently
-            log(f"label {split}: the world's {split} split holds no more {', '.join(short)} questions, "
+            log(f"label {split}: the world's {split} split gave too few distinct {', '.join(short)} questions, "
                 f"so {len(tasks):,} prompts, not {n:,}")
         records, stats = label_split(model, tokenizer, tasks, labeler, cfg, held_out, f"label {split}")
         if not records:  # the reward model could neither train nor be scored on this split
