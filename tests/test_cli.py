@@ -346,7 +346,6 @@ def test_sample_requires_ckpt(capsys):
     assert "--ckpt" in one_error_line(err)
 
 
-
 def test_a_saved_runs_relative_paths_are_read_from_the_folder_it_ran_in(tmp_path, monkeypatch):
     from chatfoundry.cli import _from_where_it_ran
 

@@ -111,7 +111,6 @@ def test_label_stops_when_a_split_gives_no_comparison(policy, tmp_path, capsys, 
     assert code == 2 and "prompts: none of the 24 train prompts" in err.strip().splitlines()[-1]  # after the bar
 
 
-
 def test_label_says_when_a_family_runs_out_of_questions(policy, tmp_path, capsys, monkeypatch):
     real = world.tasks  # a split that holds only two facts questions
     monkeypatch.setattr(world, "tasks", lambda split, family, n, seed=0:
@@ -121,6 +120,7 @@ def test_label_says_when_a_family_runs_out_of_questions(policy, tmp_path, capsys
     said = out + err
     assert "label train: the world's train split gave too few distinct facts questions, so 16 prompts, not 25" in said
     assert "label val: the world's val split gave too few distinct facts questions" in said
+
 
 # ---------------------------------------------------------------- the loss
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,7 +238,8 @@ def run(cfg: LabelConfig, overwrite: bool = False, log=print) -> dict:
         if not n:
             continue
         tasks = prompt_tasks(split, n, cfg.seed)
-        short = [f for f, m in family_counts(n).items() if sum(t.family == f for t in tasks) < m]
+        got = Counter(t.family for t in tasks)
+        short = [f for f, m in family_counts(n).items() if got[f] < m]
         if short:  # more prompts only repeat questions; say so rather than label fewer silently
             log(f"label {split}: the world's {split} split gave too few distinct {', '.join(short)} questions, "
                 f"so {len(tasks):,} prompts, not {n:,}")

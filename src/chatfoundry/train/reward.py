@@ -116,8 +116,8 @@ def encode_responses(tokenizer, prompts: list[tuple[dict, ...] | list[dict]], re
             prompt_ids[key] = encode_chat(tokenizer, list(p))
     rows, starts, cut = [], [], 0
     for p, r in zip(prompts, encode_batch_ids(tokenizer, responses)):
-        start = len(prompt_ids[json.dumps(list(p))])
-        row = prompt_ids[json.dumps(list(p))] + r + [end]
+        prompt = prompt_ids[json.dumps(list(p))]
+        start, row = len(prompt), prompt + r + [end]
         if len(row) > block:
             row, start, cut = row[-block:], max(0, start - (len(row) - block)), cut + 1
         rows.append(row)
