@@ -23,7 +23,16 @@ chunk carrying content or a finish reason, not the role chunk) and end-to-end la
 Every request must complete (status 200, a finish reason, usage): the run fails otherwise. The
 throughput ratio is batched tokens/s over one-at-a-time tokens/s; the target (issue 8) is >= 4x.
 
-`--serial-server` adds a third phase: the 16 clients against a second server with max_batch 1 (the
+Fairness (issue 28): `--heavy-rounds` (default 2) rounds of two more phases, order alternating:
+15 light clients (`--clients` - 1, the same streamed chats) alone, and the same 15 beside one heavy
+client that sends, back to back for the whole phase, non-streamed completions of 4 prompts x n=8
+(32 choices, the server's cap per request) of `--max-tokens` each; the heavy client starts first,
+so it finds the batch empty. Reported: the light clients' latency p95 in both (each phase's best
+round), and their ratio; the target is <= 2x. The batcher admits fairly (the request with the
+fewest rows first; one request holds at most 12 of 16 rows), so the light requests join within
+a step or so instead of queueing behind 32 choices.
+
+`--serial-server` adds another phase: the 16 clients against a second server with max_batch 1 (the
 server serializing itself). `--batcher FILE` serves with the `Batcher` class of another file, e.g.
 the previous batcher to compare against:
 
@@ -87,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=16, help="the server's batch limit")
     p.add_argument("--threads", type=int, default=1, help="torch threads in the server process")
     p.add_argument("--warmup", type=int, default=4, help="untimed requests first")
+    p.add_argument("--heavy-rounds", type=int, default=2,
+                   help="rounds of clients-1 light clients alone and beside one heavy client (0: skip)")
     p.add_argument("--serial-server", action="store_true", help="also: the clients against a max_batch 1 server")
     p.add_argument("--batcher", default=None, help="serve with the Batcher class of this file")
     p.add_argument("--out", default="benchmarks/results/serve_load.json")
@@ -110,12 +121,22 @@ def main(argv: list[str] | None = None) -> int:
                         (1, args.clients * args.requests)
                     rounds[name].append(run_phase(url, clients, requests, args))
                     print(f"round {r + 1} {name}: {rounds[name][-1]['tokens_per_s']:.1f} tokens/s", flush=True)
+            light = {"light_alone": [], "light_beside_heavy": []}
+            for r in range(args.heavy_rounds):
+                for name in ["light_alone", "light_beside_heavy"][::1 if r % 2 == 0 else -1]:
+                    light[name].append(run_phase(url, args.clients - 1, args.requests, args,
+                                                 heavy=name == "light_beside_heavy"))
+                    print(f"round {r + 1} {name}: light p95 {light[name][-1]['latency_p95_s']:.3f} s", flush=True)
         if args.serial_server:
             with Server(ckpt, 1, args) as url:
                 warm(url, args)
                 rounds["server_max_batch_1"] = [run_phase(url, args.clients, args.requests, args)]
         phases = {name: {**max(rs, key=lambda r: r["tokens_per_s"]),
                          "tokens_per_s_rounds": [r["tokens_per_s"] for r in rs]} for name, rs in rounds.items()}
+        for name, rs in light.items():  # latency phases: the best round is the one with the lowest p95
+            if rs:
+                phases[name] = {**min(rs, key=lambda r: r["latency_p95_s"]),
+                                "latency_p95_s_rounds": [r["latency_p95_s"] for r in rs]}
     report_and_write(phases, model_info, args)
     return 0
 
@@ -230,11 +251,35 @@ def warm(url: str, args) -> None:
             one_request(client, QUESTIONS[i % len(QUESTIONS)], args)
 
 
-def run_phase(url: str, clients: int, requests: int, args) -> dict:
-    """`clients` threads, each sending `requests` requests back to back; the phase's figures."""
+HEAVY_PROMPTS = QUESTIONS[:4]
+
+
+def heavy_loop(url: str, args, stop: threading.Event, started: threading.Event, done: list[dict]) -> None:
+    """One client asking for 32 choices a request (4 prompts x n=8), back to back until `stop`."""
+    body = {"model": "bench", "prompt": HEAVY_PROMPTS, "n": 8, "max_tokens": args.max_tokens,
+            "temperature": args.temperature}
+    with httpx.Client(base_url=url, timeout=600) as client:
+        while not stop.is_set():
+            start = time.perf_counter()
+            started.set()
+            r = client.post("/v1/completions", json=body)
+            if r.status_code != 200:
+                raise RuntimeError(f"heavy request: status {r.status_code}: {r.text[:200]}")
+            done.append({"latency": time.perf_counter() - start, "tokens": r.json()["usage"]["completion_tokens"]})
+
+
+def run_phase(url: str, clients: int, requests: int, args, heavy: bool = False) -> dict:
+    """`clients` threads, each sending `requests` requests back to back; the phase's figures. With
+    `heavy`, one more client sends 32-choice requests for the whole phase, starting first."""
     results: list[list[dict]] = [[] for _ in range(clients)]
     errors: list[str] = []
     go = threading.Barrier(clients + 1)
+    stop, started, heavy_done = threading.Event(), threading.Event(), []
+    if heavy:
+        heavy_thread = threading.Thread(target=heavy_loop, args=(url, args, stop, started, heavy_done))
+        heavy_thread.start()
+        started.wait()
+        time.sleep(0.2)  # its 32 choices are in the batch before the light clients come
 
     def client_loop(c: int) -> None:
         rng = random.Random(c)
@@ -254,6 +299,9 @@ def run_phase(url: str, clients: int, requests: int, args) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    if heavy:
+        stop.set()
+        heavy_thread.join()
     done = [r for rs in results for r in rs]
     completed = sum(len(rs) == requests for rs in results)
     if errors or completed != clients:
@@ -265,7 +313,9 @@ def run_phase(url: str, clients: int, requests: int, args) -> dict:
             "tokens": tokens, "tokens_per_s": tokens / wall, "mean_completion_tokens": tokens / len(done),
             "finish_reasons": {f: sum(r["finish"] == f for r in done) for f in {r["finish"] for r in done}},
             "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
-            "latency_p50_s": percentile(latency, 50), "latency_p95_s": percentile(latency, 95)}
+            "latency_p50_s": percentile(latency, 50), "latency_p95_s": percentile(latency, 95),
+            **({"heavy_requests_done": len(heavy_done), "heavy_tokens": sum(h["tokens"] for h in heavy_done)}
+               if heavy else {})}
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -293,12 +343,22 @@ def report_and_write(phases: dict, model_info: dict, args) -> None:
     target_met = ratios["batched_vs_one_at_a_time"] >= 4.0
     for name, ratio in ratios.items():
         print(f"throughput ratio {name}: {ratio:.2f}x")
+    fair_met = None
+    if "light_beside_heavy" in phases:
+        ratios["light_p95_beside_heavy_vs_alone"] = (phases["light_beside_heavy"]["latency_p95_s"]
+                                                     / phases["light_alone"]["latency_p95_s"])
+        fair_met = ratios["light_p95_beside_heavy_vs_alone"] <= 2.0
+        print(f"light clients' p95: {phases['light_alone']['latency_p95_s']:.3f} s alone, "
+              f"{phases['light_beside_heavy']['latency_p95_s']:.3f} s beside a heavy client "
+              f"({phases['light_beside_heavy']['heavy_requests_done']} requests of 32 choices done): "
+              f"{ratios['light_p95_beside_heavy_vs_alone']:.2f}x; target <= 2x: {'met' if fair_met else 'NOT met'}")
     print(f"target: batched >= 4x one-at-a-time: {'met' if target_met else 'NOT met'}; "
           f"all {args.clients} clients completed all their requests in every round")
-    settings = {k: getattr(args, k) for k in ("clients", "requests", "rounds", "max_tokens", "temperature", "max_batch",
-                                              "threads", "warmup", "batcher")}
+    settings = {k: getattr(args, k) for k in ("clients", "requests", "rounds", "heavy_rounds", "max_tokens",
+                                              "temperature", "max_batch", "threads", "warmup", "batcher")}
     write_report({"machine": machine_info(args.threads), "model": model_info, "settings": settings,
-                  "phases": phases, "ratios": ratios, "target_4x_met": target_met}, args.out)
+                  "phases": phases, "ratios": ratios, "target_4x_met": target_met,
+                  "target_light_p95_2x_met": fair_met}, args.out)
 
 
 if __name__ == "__main__":

@@ -12,17 +12,25 @@ A save writes `checkpoint.tmp/`, fsyncs it, then swaps it in with two renames. A
 moment leaves either `checkpoint/` or, between the renames, `checkpoint.old/`: both complete,
 and `resolve_checkpoint` finds whichever is there. Weights are never pickled; trainer state is
 read back with `torch.load(weights_only=True)`.
+
+Loading trusts nothing in the folder: a config.json that is not an object or has a field of the
+wrong type, a model.safetensors that is truncated, empty or not one, or a trainer_state.pt that
+cannot be read is one UserError naming the file (and field). The sizes config.json asks for are
+checked against the shapes model.safetensors' header declares, on a model built on the meta
+device, before anything is allocated.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from chatfoundry.errors import UserError
@@ -32,12 +40,14 @@ from chatfoundry.models import hf_t5
 from chatfoundry.models.encoder import Encoder, EncoderClassifier, EncoderLM
 from chatfoundry.models.heads import RewardModel
 from chatfoundry.models.seq2seq import Seq2SeqConfig, Seq2SeqLM
-from chatfoundry.models.hf import (from_hf_config, reward_state_dict_from_hf, reward_state_dict_to_hf,
+from chatfoundry.models.hf import (check_types, from_hf_config, reward_state_dict_from_hf, reward_state_dict_to_hf,
                                    reward_to_hf_config, state_dict_from_hf, state_dict_to_hf, to_hf_config)
 from chatfoundry.tokenizer import load_tokenizer, save_tokenizer, special_id
 
 CHECKPOINT = "checkpoint"
 TRAINER_STATE = "trainer_state.pt"
+MAX_CONTEXT = 1 << 20  # the longest block_size loaded: rotary tables and caches grow with it, no weight says it
+_LAYER_FIELDS = ("n_layer", "num_layers", "num_decoder_layers", "num_hidden_layers")
 
 
 def _fsync(path: Path) -> None:
@@ -109,17 +119,77 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise UserError(f"{path}: not a checkpoint (no config.json and model.safetensors here or in {CHECKPOINT}/)")
 
 
-def _read_config(ckpt: Path) -> tuple[dict, DecoderConfig | Seq2SeqConfig]:
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; UserError naming the file if it is unreadable, not JSON or not an object."""
     try:
-        hf = json.loads((ckpt / "config.json").read_text())
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _read_config(ckpt: Path) -> tuple[dict, DecoderConfig | Seq2SeqConfig]:
+    hf = read_json(ckpt / "config.json")
+    try:
         if is_encoder_config(hf):
             raise UserError("an encoder (BERT) checkpoint, not a decoder: it fills masks and embeds text "
                             "(chatfoundry fill-mask, embed, finetune-head)")
         cfg = hf_t5.from_hf_config(hf) if hf_t5.is_t5(hf) else from_hf_config(hf)
+        check_types(cfg)
         cfg.validate()
-    except (ValueError, TypeError, KeyError, json.JSONDecodeError, UserError) as e:
+    except (ValueError, TypeError, KeyError, UserError) as e:
         raise UserError(f"{ckpt / 'config.json'}: {e}") from None
+    if cfg.block_size > MAX_CONTEXT:
+        raise UserError(f"{ckpt / 'config.json'}: block_size {cfg.block_size:,} is over {MAX_CONTEXT:,}, the longest "
+                        "context chatfoundry loads")
     return hf, cfg
+
+
+def _weight_shapes(file: Path) -> dict[str, list[int]]:
+    """The tensor shapes a safetensors file's header declares, read without loading the tensors;
+    UserError if the file is not a whole safetensors file (safetensors checks the header against
+    the file's length)."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{file}: not a valid safetensors file ({str(e).strip() or type(e).__name__})") from None
+
+
+def read_weights(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{file}: not a valid safetensors file ({str(e).strip() or type(e).__name__})") from None
+
+
+def check_layer_counts(cfg, weight_names, config: Path, weights: str) -> None:
+    """UserError if a layer count of `cfg` is more than the layers the weights number (".3." in a
+    name): checked before a model is built, even on the meta device, as modules cost time."""
+    layers = 1 + max((int(i) for key in weight_names for i in re.findall(r"\.(\d+)\.", key)), default=-1)
+    for name in _LAYER_FIELDS:
+        count = getattr(cfg, name, None)
+        if count is not None and count > layers:
+            raise UserError(f"{config}: {name} is {count:,} but {weights} holds {layers} layers")
+
+
+def _load(ckpt: Path, cfg, build: Callable[[], torch.nn.Module],
+          from_hf: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> torch.nn.Module:
+    """`build()` with the weights of ckpt/model.safetensors, which `from_hf` renames to ours.
+    First the sizes: config.json's layer counts against the layers the file holds, then its every
+    shape, on a model built on the meta device, against the file's header; only then the model."""
+    file = ckpt / "model.safetensors"
+    shapes = _weight_shapes(file)
+    check_layer_counts(cfg, shapes, ckpt / "config.json", file.name)
+    with torch.device("meta"):
+        _load_weights(build(), from_hf({k: torch.empty(shape) for k, shape in shapes.items()}), ckpt)
+    model = build()
+    _load_weights(model, from_hf(read_weights(file)), ckpt)
+    return model
 
 
 def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], ckpt: Path) -> None:
@@ -140,7 +210,7 @@ def is_encoder_config(hf: dict) -> bool:
 
 
 def is_encoder(path: str | Path) -> bool:
-    return is_encoder_config(json.loads((resolve_checkpoint(path) / "config.json").read_text()))
+    return is_encoder_config(read_json(resolve_checkpoint(path) / "config.json"))
 
 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu", kinds: tuple[str, ...] = ("mlm", "body", "classifier")):
@@ -149,23 +219,23 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu", kinds: tu
     (BertForSequenceClassification), as config.json's architectures say; `kinds` are those the
     caller can use."""
     ckpt = resolve_checkpoint(path)
+    hf = read_json(ckpt / "config.json")
     try:
-        hf = json.loads((ckpt / "config.json").read_text())
         if not is_encoder_config(hf):
             raise UserError("a decoder checkpoint, not an encoder (BERT): "
                             "train one with chatfoundry pretrain --objective mlm")
         cfg = hf_encoder.from_hf_config(hf)
+        check_types(cfg)
         cfg.validate()
-    except (ValueError, TypeError, KeyError, json.JSONDecodeError, UserError) as e:
+        num_labels = hf_encoder.num_labels_of(hf)
+    except (ValueError, TypeError, KeyError, UserError) as e:
         raise UserError(f"{ckpt / 'config.json'}: {e}") from None
     kind = hf_encoder.kind_from_hf(hf)
     if kind not in kinds:
         need = " or ".join(hf_encoder.ARCHITECTURES[k] for k in kinds)
         raise UserError(f"{ckpt}: a {hf_encoder.ARCHITECTURES[kind]} checkpoint; this needs a {need}")
-    num_labels = hf_encoder.num_labels_of(hf)
-    model = hf_encoder.build(cfg, kind, num_labels)
-    weights = hf_encoder.state_dict_from_hf(load_file(ckpt / "model.safetensors"), cfg, kind, num_labels)
-    _load_weights(model, weights, ckpt)
+    model = _load(ckpt, cfg, lambda: hf_encoder.build(cfg, kind, num_labels),
+                  lambda w: hf_encoder.state_dict_from_hf(w, cfg, kind, num_labels))
     if kind == "classifier":
         model.head = dict(hf.get("chatfoundry_head") or {"task": "regress" if num_labels == 1 else "classify",
                                                           "labels": [hf["id2label"][str(i)] for i in range(num_labels)]
@@ -174,7 +244,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu", kinds: tu
 
 
 def is_reward_model(path: str | Path) -> bool:
-    return "chatfoundry_reward" in json.loads((resolve_checkpoint(path) / "config.json").read_text())
+    return "chatfoundry_reward" in read_json(resolve_checkpoint(path) / "config.json")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
@@ -190,12 +260,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         if not seq2seq:
             raise UserError(f"{ckpt}: an encoder-decoder (T5) checkpoint; this command takes a decoder-only "
                             "language model (T5 checkpoints: chatfoundry generate, finetune-seq2seq, convert)")
-        model = Seq2SeqLM(cfg)
-        weights = hf_t5.state_dict_from_hf(load_file(ckpt / "model.safetensors"), cfg)
+        model = _load(ckpt, cfg, lambda: Seq2SeqLM(cfg), lambda w: hf_t5.state_dict_from_hf(w, cfg))
     else:
-        model = DecoderLM(cfg)
-        weights = state_dict_from_hf(load_file(ckpt / "model.safetensors"), cfg)
-    _load_weights(model, weights, ckpt)
+        model = _load(ckpt, cfg, lambda: DecoderLM(cfg), lambda w: state_dict_from_hf(w, cfg))
     return model.to(device).eval(), load_tokenizer(ckpt)
 
 
@@ -206,8 +273,7 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> t
     reward = hf.get("chatfoundry_reward")
     if not isinstance(reward, dict):
         raise UserError(f"{ckpt}: a language model, not a reward model (train one: chatfoundry rm --init {path})")
-    model = RewardModel(cfg)
-    _load_weights(model, reward_state_dict_from_hf(load_file(ckpt / "model.safetensors"), cfg), ckpt)
+    model = _load(ckpt, cfg, lambda: RewardModel(cfg), lambda w: reward_state_dict_from_hf(w, cfg))
     model.offset = float(reward.get("offset", 0.0))
     model.normalization = {k: v for k, v in reward.items() if k != "offset"}
     return model.to(device).eval(), load_tokenizer(ckpt)
@@ -218,9 +284,15 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
     state_file = ckpt / TRAINER_STATE
     if not state_file.is_file():
         raise UserError(f"{ckpt}: no {TRAINER_STATE} to resume from")
-    return torch.load(state_file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated zip, garbage, a pickle weights_only refuses: all one story
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{state_file}: cannot be read, so the run cannot resume from it ({reason[:200]})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{state_file}: holds a {type(state).__name__}, not a trainer state")
+    return state
 
 
 def model_config(path: str | Path) -> DecoderConfig | Seq2SeqConfig:
-    hf = json.loads((resolve_checkpoint(path) / "config.json").read_text())
-    return hf_t5.from_hf_config(hf) if hf_t5.is_t5(hf) else from_hf_config(hf)
+    return _read_config(resolve_checkpoint(path))[1]

@@ -441,7 +441,10 @@ def _serve_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes")
-    p.add_argument("--model-name", default=None, help="the model's id in the API (default: the folder's name)")
+    p.add_argument("--model-name", default=None, help="the model's id in the API (default: the folder's name); "
+                                                      "a request naming another model gets this one")
+    p.add_argument("--max-choices", type=int, default=None,
+                   help="choices one request may ask for, prompts x n (default: 32); more get a 400")
     p.add_argument("--device", default="cpu")
     _compile_flag(p)
     p.set_defaults(func=_serve)
@@ -451,19 +454,20 @@ def _serve(args) -> dict:
     from pathlib import Path
 
     from chatfoundry.checkpoint import load_model
+    from chatfoundry.serve.api import MAX_CHOICES, check_api_key, create_app
 
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port: must be in 0..65535, got {args.port}")
-    if args.api_key is not None and not args.api_key.strip():
-        raise UserError("--api-key: must not be empty")
+    check_api_key(args.api_key)  # before loading: a key no client can send is refused at once
+    max_choices = MAX_CHOICES if args.max_choices is None else args.max_choices
+    if max_choices < 1:
+        raise UserError(f"--max-choices: must be >= 1, got {max_choices}")
     model, tokenizer = load_model(args.ckpt, args.device)
     model = _maybe_compile(model, args)
     import uvicorn
 
-    from chatfoundry.serve.api import create_app
-
     name = args.model_name or Path(args.ckpt).resolve().name
-    app = create_app(model, tokenizer, name, api_key=args.api_key)
+    app = create_app(model, tokenizer, name, api_key=args.api_key, max_choices=max_choices)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return {}
 

@@ -6,36 +6,82 @@ index, or pytorch_model.bin read with weights_only=True; tokenizer.json) of a GP
 a BERT (BertForMaskedLM, BertModel, BertForSequenceClassification), becomes one of our checkpoints.
 Out: our checkpoint written for transformers; GPT-2-, GPT-NeoX-, Llama- and T5-shaped models already
 are, so the export checks the shape and leaves the trainer state behind.
+
+An import keeps the source's special token ids (bos, eos, pad): from its config.json, else its
+generation_config.json, else the tokens its tokenizer_config.json names. The tokens keep those
+roles in our folder (tokenizer_config.json's eos_token..., see tokenizer.set_special_names), so
+generation stops at the source's end-of-sequence token and T5 inputs end with it.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from chatfoundry.checkpoint import (is_encoder, is_encoder_config, is_reward_model, load_encoder, load_model,
-                                   load_reward_model, save_checkpoint)
+from chatfoundry.checkpoint import (check_layer_counts, is_encoder, is_encoder_config, is_reward_model, load_encoder, load_model,
+                                   load_reward_model, read_json, read_weights, save_checkpoint)
 from chatfoundry.errors import UserError
 from chatfoundry.models import hf_encoder, hf_t5
 from chatfoundry.models.decoder import DecoderLM
-from chatfoundry.models.hf import config_from_hf, hf_architecture, state_dict_from_hf
+from chatfoundry.models.hf import check_types, config_from_hf, hf_architecture, state_dict_from_hf
 from chatfoundry.models.seq2seq import Seq2SeqLM
-from chatfoundry.tokenizer import load_tokenizer
+from chatfoundry.tokenizer import load_tokenizer, set_special_names, special_id
 
 
 def _hf_weights(src: Path) -> dict[str, torch.Tensor]:
     index = src / "model.safetensors.index.json"
     if (src / "model.safetensors").is_file():
-        return load_file(src / "model.safetensors")
+        return read_weights(src / "model.safetensors")
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(src / shard).items()}
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{index}: weight_map: expected an object of weight names to shard files")
+        shards = sorted(set(weight_map.values()))
+        return {k: v for shard in shards for k, v in read_weights(src / shard).items()}
     if (src / "pytorch_model.bin").is_file():
-        return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            weights = torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - truncated, garbage or refused by weights_only: one line
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"{src / 'pytorch_model.bin'}: cannot be read ({reason[:200]})") from None
+        if not isinstance(weights, dict):
+            raise UserError(f"{src / 'pytorch_model.bin'}: holds a {type(weights).__name__}, not a state dict")
+        return weights
     raise UserError(f"{src}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _config(hf: dict, src: Path, read):
+    """Our config from a transformers config.json by `read`; UserError naming the file and field."""
+    where = src / "config.json"
+    try:
+        cfg = read(hf, str(where))
+        check_types(cfg)
+        cfg.validate()
+    except KeyError as e:
+        raise UserError(f"{where}: missing field {e}") from None
+    except (ValueError, TypeError) as e:
+        message = str(e)
+        raise UserError(message if message.startswith(str(where)) else f"{where}: {message}") from None
+    return cfg
+
+
+def _keep_special_ids(src: Path, hf: dict, tokenizer) -> dict[str, int | None]:
+    """Name the source's bos/eos/pad tokens as those roles in `tokenizer` (config.json's ids, else
+    generation_config.json's; the first of a list; load_tokenizer already took the names its
+    tokenizer_config.json gives). Returns the ids the import keeps."""
+    gen = src / "generation_config.json"
+    sources = [hf] + ([read_json(gen)] if gen.is_file() else [])
+    names = {}
+    for role in ("bos", "eos", "pad"):
+        for config in sources:
+            value = config.get(f"{role}_token_id")
+            value = value[0] if isinstance(value, list) and value else value
+            if isinstance(value, int) and not isinstance(value, bool) and tokenizer.id_to_token(value) is not None:
+                names[role] = tokenizer.id_to_token(value)
+                break
+    set_special_names(tokenizer, names)
+    return {role: special_id(tokenizer, role) for role in ("bos", "eos", "pad")}
 
 
 def from_hf(src: str | Path, out: str | Path) -> dict:
@@ -43,20 +89,15 @@ def from_hf(src: str | Path, out: str | Path) -> dict:
     src = Path(src)
     if not (src / "config.json").is_file():
         raise UserError(f"{src}: no config.json (a Hugging Face model folder is expected)")
-    try:
-        hf = json.loads((src / "config.json").read_text())
-    except ValueError as e:
-        raise UserError(f"{src / 'config.json'}: not valid JSON ({e})") from None
+    hf = read_json(src / "config.json")
     if is_encoder_config(hf):
         return _encoder_from_hf(src, out, hf)
-    try:
-        t5 = hf_t5.is_t5(hf)
-        cfg = (hf_t5.config_from_hf if t5 else config_from_hf)(hf, str(src / "config.json"))
-        cfg.validate()
-    except (ValueError, KeyError) as e:
-        raise UserError(str(e) if isinstance(e, ValueError) else f"{src / 'config.json'}: missing field {e}") from None
+    t5 = hf_t5.is_t5(hf)
+    cfg = _config(hf, src, hf_t5.config_from_hf if t5 else config_from_hf)
     tokenizer = load_tokenizer(src)
+    special = _keep_special_ids(src, hf, tokenizer)
     weights = _hf_weights(src)
+    check_layer_counts(cfg, weights, src / "config.json", "its weights")
     family = Seq2SeqLM if t5 else DecoderLM
     with torch.device("meta"):
         expected = set(family(cfg).state_dict())
@@ -71,18 +112,16 @@ def from_hf(src: str | Path, out: str | Path) -> dict:
         raise UserError(f"{src}: weights do not match config.json ({str(e).splitlines()[-1].strip()})") from None
     save_checkpoint(Path(out), model, tokenizer)
     return {"out": str(out), "architecture": "t5" if t5 else hf_architecture(cfg),
-            "params": sum(p.numel() for p in model.parameters())}
+            "params": sum(p.numel() for p in model.parameters()), "special_ids": special}
 
 
 def _encoder_from_hf(src: Path, out: str | Path, hf: dict) -> dict:
     """A BERT folder: BertForMaskedLM, BertModel or BertForSequenceClassification, by its architectures."""
-    try:
-        cfg = hf_encoder.config_from_hf(hf, str(src / "config.json"))
-        cfg.validate()
-    except (ValueError, KeyError) as e:
-        raise UserError(str(e) if isinstance(e, ValueError) else f"{src / 'config.json'}: missing field {e}") from None
+    cfg = _config(hf, src, hf_encoder.config_from_hf)
     tokenizer = load_tokenizer(src)
+    special = _keep_special_ids(src, hf, tokenizer)
     weights = _hf_weights(src)
+    check_layer_counts(cfg, weights, src / "config.json", "its weights")
     kind, num_labels = hf_encoder.kind_from_hf(hf, weights), hf_encoder.num_labels_of(hf)
     model = hf_encoder.build(cfg, kind, num_labels)
     ours = hf_encoder.state_dict_from_hf(weights, cfg, kind, num_labels)
@@ -99,7 +138,7 @@ def _encoder_from_hf(src: Path, out: str | Path, hf: dict) -> dict:
                       "labels": labels, "dropout": hf.get("classifier_dropout") or 0.1}
     save_checkpoint(Path(out), model, tokenizer)
     return {"out": str(out), "architecture": hf_encoder.ARCHITECTURES[kind],
-            "params": sum(p.numel() for p in model.parameters())}
+            "params": sum(p.numel() for p in model.parameters()), "special_ids": special}
 
 
 def to_hf(src: str | Path, out: str | Path) -> dict:

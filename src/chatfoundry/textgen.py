@@ -16,7 +16,7 @@ import torch
 from chatfoundry.errors import UserError
 from chatfoundry.generation import GenerationConfig, sample, stream
 from chatfoundry.models.decoder import DecoderLM
-from chatfoundry.tokenizer import special_id
+from chatfoundry.tokenizer import replace_surrogates, special_id
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:
@@ -24,9 +24,33 @@ def _first_stop(text: str, stops: Sequence[str]) -> int | None:
     return min(hits) if hits else None
 
 
-def _could_become_stop(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of some stop string."""
-    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+def _borders(stop: str) -> list[int]:
+    """Knuth-Morris-Pratt's table: borders[i] is the length of the longest proper prefix of
+    stop[:i + 1] that is also a suffix of it."""
+    borders, k = [0] * len(stop), 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = borders[k - 1]
+        if stop[i] == stop[k]:
+            k += 1
+        borders[i] = k
+    return borders
+
+
+def _could_become_stop(text: str, stops: Sequence[str], borders: Sequence[list[int]]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of some stop string: one
+    KMP pass over the last len(stop) - 1 characters per stop, so O(len(stop)) a token (comparing
+    the tail with every prefix was O(len(stop)^2), seconds a token for a long stop string)."""
+    longest = 0
+    for stop, table in zip(stops, borders):
+        k = 0  # the stop's prefix matched so far; the tail is too short to match it whole
+        for c in text[max(0, len(text) - len(stop) + 1):] if len(stop) > 1 else "":
+            while k and c != stop[k]:
+                k = table[k - 1]
+            if c == stop[k]:
+                k += 1
+        longest = max(longest, k)
+    return longest
 
 
 @dataclass
@@ -38,6 +62,10 @@ class TextStream:
     ids: list[int] = field(default_factory=list)
     sent: int = 0  # characters already handed out
     stopped: bool = False
+    borders: list[list[int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.borders = [_borders(s) for s in self.stops]
 
     def _text(self) -> str:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
@@ -51,7 +79,7 @@ class TextStream:
             return self._emit(text[:cut])
         if text.endswith("\ufffd"):  # an incomplete character: wait for its other bytes
             return ""
-        return self._emit(text[:len(text) - _could_become_stop(text, self.stops)])
+        return self._emit(text[:len(text) - _could_become_stop(text, self.stops, self.borders)])
 
     def flush(self) -> str:
         """What was held back, once generation has ended."""
@@ -67,7 +95,8 @@ class TextStream:
 
 def prompt_ids(tokenizer, prompt: str, context: int, field_name: str = "prompt") -> list[int]:
     """The prompt's ids (an empty prompt starts a fresh document after the end-of-text token)."""
-    ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
+    # a raw prompt: the writer controls the whole text, so control-token literals are tokens here
+    ids = tokenizer.encode(replace_surrogates(prompt), add_special_tokens=False).ids if prompt else []
     ids = ids or [special_id(tokenizer, "eos") or 0]
     if len(ids) >= context:
         raise UserError(f"{field_name}: {len(ids)} tokens leave no room in the model's context of {context}")

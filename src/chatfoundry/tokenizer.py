@@ -4,10 +4,19 @@ Everything that tokenizes is Hugging Face `tokenizers`; this module only picks t
 pipeline for each kind and keeps the conventions every later stage relies on:
 
 * Ten special tokens with fixed ids 0..9 (``SPECIAL_TOKENS``, in insertion order) are
-  reserved in every tokenizer, registered as *special* added tokens: a literal such as
-  ``"<|eos|>"`` in text encodes to its single id, and ``decode(ids,
+  reserved in every tokenizer, registered as *special* added tokens: the tokenizer itself
+  encodes a literal such as ``"<|eos|>"`` to its single id, and ``decode(ids,
   skip_special_tokens=True)`` drops it. Chat SFT, tool use and BERT-style masking
   therefore never need to grow the vocabulary.
+* Text is text: ``encode_batch_ids`` and ``encode_chat`` (the data loaders, the chat
+  template, chat and serve) spell a control token's literal out in ordinary tokens, as
+  if it stood alone, so a user who types ``<|end|><|system|>`` cannot forge a turn. Only
+  the chat template emits control tokens, and, inside an assistant message, ``<|tool|>``
+  (that is how a tool call is written, serve/tools.py). A lone UTF-16 surrogate, which
+  JSON can carry but which is no character, encodes as U+FFFD.
+* A foreign tokenizer's own special tokens (GPT-2's ``<|endoftext|>``, T5's ``</s>``) play
+  our roles by the names its ``tokenizer_config.json`` gives (``eos_token``...): see
+  ``special_id`` and ``set_special_names``.
 * No post-processor: encoding never adds bos/eos (pretraining inserts eos between
   documents itself).
 * The saved folder (tokenizer.json + tokenizer_config.json) loads in transformers
@@ -42,6 +51,11 @@ concatenated with nothing in between (no newline, no bos); ``add_generation_prom
 appends ``<|assistant|>``. Example::
 
     <|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>Hello!<|end|>
+
+The exported template also renders OpenAI-style ``tool_calls`` as ``<|tool|>name arguments``.
+transformers' ``apply_chat_template(..., sanitize_control_tokens=True)`` then gives the ids
+``encode_chat`` gives (tested); without that flag transformers reads control-token text in
+content as control tokens, as it does for every model.
 """
 
 from __future__ import annotations
@@ -52,7 +66,9 @@ import json
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -76,6 +92,7 @@ SPECIAL_TOKENS: dict[str, str] = {
 }
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+NAMED_ROLES = ("bos", "eos", "pad", "unk", "mask")  # the roles a tokenizer_config.json names (eos_token...)
 TOKENIZER_FORMAT = 4  # bumped when training changes (4: BPE splits digits one by one): keys the trained-tokenizer cache
 
 # BERT's roles, played by our special tokens; a foreign BERT tokenizer's own names count too.
@@ -86,13 +103,27 @@ ENCODER_TOKENS = {"cls": ("bos", "[CLS]"), "sep": ("eos", "[SEP]"), "mask": ("ma
 
 # Whitespace-controlled ({%- -%}) so the template emits only the message text, whatever
 # jinja options (trim_blocks, lstrip_blocks) the renderer uses. `raise_exception` is the
-# helper transformers provides to chat templates.
+# helper transformers provides to chat templates. Each control token is a whole literal
+# (never '<|' ~ role ~ '|>'), so transformers' sanitize_control_tokens knows them all.
+# OpenAI-style tool_calls ({"function": {"name", "arguments"}}) render as our calls do.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{%- if message['role'] not in ['system', 'user', 'assistant', 'tool'] -%}"
-    "{{- raise_exception('unknown chat role: ' ~ message['role']) -}}"
+    "{%- if message['role'] == 'system' -%}{{- '<|system|>' -}}"
+    "{%- elif message['role'] == 'user' -%}{{- '<|user|>' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- '<|assistant|>' -}}"
+    "{%- elif message['role'] == 'tool' -%}{{- '<|tool|>' -}}"
+    "{%- else -%}{{- raise_exception('unknown chat role: ' ~ message['role']) -}}"
     "{%- endif -%}"
-    "{{- '<|' ~ message['role'] ~ '|>' ~ message['content'] ~ '<|end|>' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}{%- endif -%}"
+    "{%- if message['tool_calls'] is defined and message['tool_calls'] -%}"
+    "{%- for call in message['tool_calls'] -%}"
+    "{%- set function = call['function'] -%}"
+    "{{- '<|tool|>' ~ function['name'] ~ ' ' -}}"
+    "{%- if function['arguments'] is string -%}{{- function['arguments'] -}}"
+    "{%- else -%}{{- function['arguments'] | tojson -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|end|>' -}}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
 )
@@ -398,9 +429,9 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | Path, model_max_length: int | 
 
     has = {name: special_id(tok, name) is not None for name in SPECIAL_TOKENS}
     config: dict = {"tokenizer_class": "PreTrainedTokenizerFast"}
-    for name in ("bos", "eos", "pad", "unk", "mask"):
-        if has[name]:
-            config[f"{name}_token"] = SPECIAL_TOKENS[name]
+    for name in NAMED_ROLES:
+        if has[name]:  # ours, or the foreign token that plays the role (set_special_names)
+            config[f"{name}_token"] = tok.id_to_token(special_id(tok, name))
     if encoder:
         ids = encoder_ids(tok)
         for role in ("cls", "sep"):
@@ -452,20 +483,55 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not file.is_file():
         raise UserError(f"{path}: no tokenizer.json")
     try:
-        return Tokenizer.from_file(str(file))
+        tok = Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception for bad JSON / schema
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{file}: not a valid tokenizer.json ({reason})") from None
+    config = file.with_name("tokenizer_config.json")
+    if config.is_file():
+        set_special_names(tok, _names_in_config(config))
+    return tok
+
+
+def _names_in_config(path: Path) -> dict[str, str]:
+    """{"eos": "</s>", ...}: the special tokens a tokenizer_config.json names (a string, or
+    transformers' {"content": ...} form); one that cannot be read names none."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    names = {}
+    for role in NAMED_ROLES:
+        value = config.get(f"{role}_token")
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str) and value:
+            names[role] = value
+    return names
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
 def special_id(tok: Tokenizer, name: str) -> int | None:
-    """Id of the special token `name` (a key of SPECIAL_TOKENS) in `tok`, None if absent."""
+    """Id of the special token `name` (a key of SPECIAL_TOKENS) in `tok`: ours, else (bos, eos,
+    pad, unk, mask) the token its tokenizer_config.json names for the role; None if neither."""
     if name not in SPECIAL_TOKENS:
         raise KeyError(f"unknown special token name {name!r}: one of {', '.join(SPECIAL_TOKENS)}")
-    return tok.token_to_id(SPECIAL_TOKENS[name])
+    found = tok.token_to_id(SPECIAL_TOKENS[name])
+    if found is None and name in NAMED_ROLES:
+        other = getattr(tok, _NAMES_ATTR, {}).get(name)
+        found = tok.token_to_id(other) if other else None
+    return found
+
+
+def set_special_names(tok: Tokenizer, names: dict[str, str]) -> None:
+    """Let a foreign tokenizer's tokens play our roles: {"eos": "</s>", "pad": "<pad>"}. Kept
+    on the tokenizer object; `save_tokenizer` writes them to tokenizer_config.json and
+    `load_tokenizer` reads them back. Roles that `tok` has under our names keep those."""
+    known = {role: token for role, token in names.items() if role in NAMED_ROLES and tok.token_to_id(token) is not None}
+    setattr(tok, _NAMES_ATTR, {**getattr(tok, _NAMES_ATTR, {}), **known})
 
 
 def encoder_ids(tok: Tokenizer) -> dict[str, int | None]:
@@ -487,10 +553,29 @@ def tokenizer_hash(tok: Tokenizer) -> str:
     return hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()
 
 
-def encode_batch_ids(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, without added specials (parallel, no offsets computed)."""
+def replace_surrogates(text: str) -> str:
+    """`text` with each lone UTF-16 surrogate as U+FFFD. JSON's \\ud800 escapes and Python's
+    surrogateescape can put one in a str; it is no character, and the tokenizer refuses it."""
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
+
+
+def encode_batch_ids(tok: Tokenizer, texts: list[str], roles: Sequence[str | None] | None = None) -> list[list[int]]:
+    """Token ids of each text as text (parallel, no offsets, no specials added): a control
+    token's literal in it ("<|end|>") is spelled out in ordinary tokens, as it would be alone,
+    never read as the control token. With `roles`, texts[i] is the content of a message of
+    roles[i]; in an assistant message "<|tool|>" opens a tool call (serve/tools.py) and
+    encodes as that token. Text without control-token literals encodes as `tok.encode` does."""
+    texts = [replace_surrogates(t) for t in texts]
+    roles = roles if roles is not None else [None] * len(texts)
+    if len(roles) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(roles)} roles")
+    control = _control(tok)
+    # each text as pieces: strings to encode, and lists of ids to take as they are
+    pieced = [control.pieces(t, role == "assistant") if control.literals else [t] for t, role in zip(texts, roles)]
+    strings = [p for pieces in pieced for p in pieces if isinstance(p, str)]
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast: tokenizers >= 0.20
-    return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+    encoded = iter([e.ids for e in encode(strings, add_special_tokens=False)])
+    return [[i for p in pieces for i in (next(encoded) if isinstance(p, str) else p)] for pieces in pieced]
 
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -515,5 +600,85 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> st
 
 
 def encode_chat(tok: Tokenizer, messages: list[dict]) -> list[int]:
-    """Ids of the conversation in the chat format, ending with the generation prompt."""
-    return tok.encode(render_chat(messages, add_generation_prompt=True), add_special_tokens=False).ids
+    """Ids of the conversation in the chat format, ending with the generation prompt. The
+    format's own markers are control tokens; every message's content is text (see
+    `encode_batch_ids`: only an assistant message's "<|tool|>" is read as the call marker).
+    For text without control-token literals these are the ids of `render_chat`'s string."""
+    render_chat(messages)  # the same checks: roles, content strings
+    marker = _control(tok).marker
+    contents = encode_batch_ids(tok, [m["content"] for m in messages], [m["role"] for m in messages])
+    ids = []
+    for message, content in zip(messages, contents):
+        ids += marker(f"<|{message['role']}|>") + content + marker(SPECIAL_TOKENS["end"])
+    return ids + marker(SPECIAL_TOKENS["assistant"])
+
+
+@dataclass(frozen=True)
+class _Control:
+    """A tokenizer's control tokens, as `encode_batch_ids` needs them."""
+
+    tok: Tokenizer
+    size: int  # vocabulary size when built: a tokenizer that gained tokens is looked at again
+    literals: dict[str, list[int]]  # each special token's text -> its ids as plain text
+    split: re.Pattern | None  # finds any of them, longest first
+    call: int | None  # the <|tool|> id
+
+    def pieces(self, text: str, calls: bool) -> list[str | list[int]]:
+        if not any(literal in text for literal in self.literals):  # the common case, fast
+            return [text]
+        out: list[str | list[int]] = []
+        for i, part in enumerate(self.split.split(text)):
+            if i % 2 == 0:
+                if part:
+                    out.append(part)
+            elif calls and part == CALL_TOKEN and self.call is not None:
+                out.append([self.call])
+            else:
+                out.append(self.literals[part])
+        return out
+
+    def marker(self, literal: str) -> list[int]:
+        """The template's own control token: its id (as text if this tokenizer lacks it)."""
+        found = self.tok.token_to_id(literal)
+        return [found] if found is not None else self.tok.encode(literal, add_special_tokens=False).ids
+
+
+_CONTROL: dict[int, _Control] = {}  # id(tokenizer) -> its _Control; the entry keeps the tokenizer alive
+_CONTROL_LOCK = threading.Lock()  # the server encodes from several threads
+_NAMES_ATTR = "chatfoundry_special_names"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+CALL_TOKEN = SPECIAL_TOKENS["tool"]
+
+
+def _spelled(plain: Tokenizer, literal: str, controls: set[int], unk: int | None) -> list[int]:
+    """A control token's literal as text. WordPiece and Unigram vocabularies hold the specials
+    as pieces too, so a plain encoding can still give the control id: then each character is
+    encoded on its own (no piece of one character is a control token's; if one is, <|unk|>)."""
+    ids = plain.encode(literal, add_special_tokens=False).ids
+    if controls.isdisjoint(ids):
+        return ids
+    ids = [i for c in literal for i in plain.encode(c, add_special_tokens=False).ids]
+    return [i for i in (unk if i in controls else i for i in ids) if i is not None]
+
+
+def _control(tok: Tokenizer) -> _Control:
+    """The _Control of `tok`, built once (a copy of the tokenizer that does not parse special
+    tokens spells each literal out; the copy is dropped, the ids stay)."""
+    size = tok.get_vocab_size(with_added_tokens=True)
+    hit = _CONTROL.get(id(tok))
+    if hit is not None and hit.tok is tok and hit.size == size:
+        return hit
+    specials = sorted({t.content for t in tok.get_added_tokens_decoder().values() if t.special}, key=len, reverse=True)
+    literals = {}
+    if specials:
+        plain = Tokenizer.from_str(tok.to_str())
+        plain.encode_special_tokens = True
+        controls = {tok.token_to_id(s) for s in specials} - {special_id(tok, "unk")}
+        literals = {s: _spelled(plain, s, controls, special_id(tok, "unk")) for s in specials}
+    split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+    control = _Control(tok, size, literals, split, tok.token_to_id(CALL_TOKEN))
+    with _CONTROL_LOCK:
+        if len(_CONTROL) >= 16:  # a few tokenizers live in a process; drop the oldest entry
+            _CONTROL.pop(next(iter(_CONTROL)))
+        _CONTROL[id(tok)] = control
+    return control

@@ -19,7 +19,9 @@ reply. SFT reads every format into `Example`s (a preference or ranking line give
 response); reward modelling reads preference and ranking lines into `Comparison`s.
 
 A malformed line stops loading with one UserError "path:line: what is wrong": skipping it
-silently would quietly change what the model learns. The per-object parsers raise ValueError
+silently would quietly change what the model learns. So does a line over MAX_LINE_BYTES (1 MiB,
+hundreds of times any context here), read no further than the bound: tokenizing one huge line
+takes ~150 bytes of memory per character. The per-object parsers raise ValueError
 without the location, so they also serve callers that hold objects rather than files.
 """
 
@@ -37,6 +39,7 @@ from chatfoundry.errors import UserError
 from chatfoundry.tokenizer import CHAT_ROLES
 
 FORMATS = ("text", "prompt_completion", "messages", "alpaca", "preference", "ranking")
+MAX_LINE_BYTES = 1 << 20  # one JSONL line: about 250k tokens of English, far past any model's context here
 
 # Each format is recognised by a key only it has, tried in this order, so that a line missing a
 # field hears which one ("missing field 'rejected'") rather than "unknown format". Preference
@@ -97,8 +100,12 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
         with open(path, "rb") as f:
             # Bytes split on b"\n" only: decoding line by line lets an encoding error name its
             # line, and text-mode splitting would also break on characters JSON allows in strings.
-            for lineno, raw in enumerate(f, 1):
+            # A line is read at most MAX_LINE_BYTES + 1 bytes at a time, so a huge one costs no memory.
+            for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
                 where = f"{path}:{lineno}"
+                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                    raise UserError(f"{where}: line longer than {MAX_LINE_BYTES:,} bytes; split the example "
+                                    "(the model reads a few thousand tokens of it at most)")
                 try:
                     line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # -sig: drop a BOM
                 except UnicodeDecodeError as e:

@@ -11,6 +11,8 @@ own folders never guesses.
 
 from __future__ import annotations
 
+import math
+import typing
 from dataclasses import asdict, fields
 
 import torch
@@ -96,12 +98,41 @@ def reward_state_dict_from_hf(hf_sd: dict[str, torch.Tensor], cfg: DecoderConfig
 
 def our_config(hf: dict, cls):
     """The `cls` config stored under a config.json's `chatfoundry` entry (fields it no longer has
-    are dropped), or None when the file has no such entry (a foreign checkpoint)."""
+    are dropped), or None when the file has no such entry (a foreign checkpoint). A field of the
+    wrong type is a ValueError naming it ("chatfoundry.n_layer: expected an integer, got 'four'")."""
     ours = hf.get("chatfoundry")
-    if not isinstance(ours, dict):
+    if ours is None:
         return None
+    if not isinstance(ours, dict):
+        raise ValueError(f"chatfoundry: expected an object of config fields, got {type(ours).__name__}")
     known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in ours.items() if k in known})
+    cfg = cls(**{k: v for k, v in ours.items() if k in known})
+    check_types(cfg, "chatfoundry.")
+    return cfg
+
+
+def check_types(cfg, prefix: str = "") -> None:
+    """ValueError naming the first field of the dataclass `cfg` whose value is not of its declared
+    type (int, float, bool, str or a Literal): a config read from JSON is checked before any size
+    in it is used (an n_layer of "four" or 1e9 would otherwise fail deep inside, or allocate)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in fields(cfg):
+        value, kind = getattr(cfg, f.name), hints[f.name]
+        if typing.get_origin(kind) is typing.Literal:
+            ok, want = value in typing.get_args(kind), "one of " + ", ".join(map(repr, typing.get_args(kind)))
+        elif kind is bool:
+            ok, want = isinstance(value, bool), "true or false"
+        elif kind is int:
+            ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            want = "a finite number"
+        elif kind is str:
+            ok, want = isinstance(value, str), "a string"
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"{prefix}{f.name}: expected {want}, got {value!r}")
 
 
 def from_hf_config(hf: dict) -> DecoderConfig:

@@ -4,15 +4,23 @@ Routes: `GET /` (the web chat page, `static/index.html`), `GET /health`, `GET /v
 plain JSON or (`stream: true`) server-sent events in OpenAI's chunk format ending in
 `data: [DONE]`. The official `openai` client works against it unchanged.
 
-Requests that arrive together decode as rows of one batch (`batcher.Batcher`); a streamed answer
-the server closes (as it does when its client goes away) leaves the batch at the next token.
-Bad input never reaches the model: it gets a 400 (401 without the bearer key, 413 for too large
-a body) with OpenAI's error object `{"error": {"message", "type", "param", "code"}}`.
+Requests that arrive together decode as rows of one batch (`batcher.Batcher`), admitted fairly
+(a request with many choices gets no slot ahead of one with fewer running). A client that goes
+away cancels its request, streamed or not: its rows leave the batch at the next token, and its
+jobs still waiting for a slot are dropped. Bad input never reaches the model: it gets a 400 (401
+without the bearer key, 413 for too large a body) with OpenAI's error object
+`{"error": {"message", "type", "param", "code"}}`.
+
+The work one request can ask for is bounded: at most `max_choices` choices (prompts x n), 4
+stop strings of at most 256 characters, max_tokens within the context. A `model` name other
+than the served one is accepted and answered by the served model, under its own name.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import itertools
 import json
 from importlib import resources
 import threading
@@ -24,9 +32,9 @@ from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
-from starlette.concurrency import iterate_in_threadpool
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatfoundry.generation import GenerationConfig
@@ -34,11 +42,15 @@ from chatfoundry.errors import UserError
 from chatfoundry.serve.batcher import Batcher
 from chatfoundry.serve.tools import ToolError, call_text, declare, parse_call, split_calls
 from chatfoundry.textgen import prompt_ids
-from chatfoundry.tokenizer import chat_stop_ids, encode_chat, special_id
+from chatfoundry.tokenizer import chat_stop_ids, encode_batch_ids, encode_chat, special_id
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any prompt that fits a context
-MAX_N = 8  # choices per request
+MAX_N = 8  # choices per prompt
+MAX_CHOICES = 32  # choices per request (prompts x n), the default of create_app's max_choices
 MAX_STOPS = 4  # stop strings per request, as OpenAI
+MAX_STOP_CHARS = 256  # characters per stop string (OpenAI's are short; a long one costs every token)
+DISCONNECT_POLL_S = 0.05  # how often a non-streamed request looks whether its client is still there
+_requests = itertools.count(1)  # tells the batcher which jobs are one request's (fair admission)
 
 
 # ---------------------------------------------------------------- request bodies
@@ -124,12 +136,18 @@ class CompletionRequest(_Body):
 
 @dataclass
 class Job:
-    """One choice to decode: prompt ids, config, stop strings; `cancel` stops it at the next token."""
+    """One choice to decode: prompt ids, config, stop strings; `cancel` stops it at the next token
+    (or drops it before it starts). Jobs of one `request` share a key, which admission reads."""
 
     ids: list[int]
     cfg: GenerationConfig
     stops: list[str]
     cancel: threading.Event = field(default_factory=threading.Event)
+    request: int | None = None  # None: a request of its own
+
+
+class _Gone(Exception):
+    """A job ended without its finish event: its request was cancelled (the client went away)."""
 
 
 # ---------------------------------------------------------------- errors
@@ -195,11 +213,28 @@ def _too_large(limit: int) -> JSONResponse:
 # ---------------------------------------------------------------- the app
 
 
+def check_api_key(api_key: str | None) -> None:
+    """UserError for a key no client can send as `Authorization: Bearer KEY`: an HTTP header holds
+    visible ASCII, and clients strip the spaces around a value."""
+    if api_key is None:
+        return
+    if not api_key.strip():
+        raise UserError("--api-key: must not be empty")
+    if api_key != api_key.strip():
+        raise UserError("--api-key: has spaces at its start or end, which clients strip from the header")
+    bad = next((c for c in api_key if not " " <= c <= "~"), None)
+    if bad is not None:
+        raise UserError(f"--api-key: holds {bad!r}; an HTTP header carries only printable ASCII")
+
+
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, max_batch: int = 16) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, max_batch: int = 16, max_choices: int = MAX_CHOICES) -> FastAPI:
     """The API serving `model` (a DecoderLM in eval mode) with `tokenizer` under `model_name`;
     with `api_key`, every /v1 route wants `Authorization: Bearer API_KEY`. Up to `max_batch`
-    requests (choices) decode together."""
+    choices decode together; one request may ask for up to `max_choices` (prompts x n)."""
+    check_api_key(api_key)
+    if max_choices < 1:
+        raise UserError(f"--max-choices: must be >= 1, got {max_choices}")
     batcher = Batcher(model, tokenizer, max_batch=max_batch)
     app = FastAPI(title="chatfoundry", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher = batcher
@@ -233,7 +268,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None,
     def page() -> str:  # the web chat page: one static file that talks to /v1/chat/completions
         return resources.files("chatfoundry.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what load balancers and uptime checks send
     def health() -> dict:
         return {"status": "ok", "model": model_name}
 
@@ -248,22 +283,29 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None,
                            code="model_not_found")
         return _model_card(model_name, created)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    def chat_completions(req: ChatRequest):
+    # The routes are async so that a non-streamed request can watch its client (`_whole`); the
+    # work (tokenizing, decoding) runs in worker threads, never on the event loop.
+
+    def chat_jobs(req: ChatRequest) -> tuple[list[Job], list[int] | None]:
+        _check_limits(req, 1, max_choices)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         forced = _offer_tools(req, messages, tokenizer)
         ids = encode_chat(tokenizer, messages) + (forced or [])
         limit = req.max_completion_tokens or req.max_tokens
-        jobs = _jobs(req, [ids], limit, context, chat_stop_ids(tokenizer), "messages")
+        return _jobs(req, [ids], limit, context, chat_stop_ids(tokenizer), "messages"), forced
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat_completions(req: ChatRequest, request: Request):
+        jobs, forced = await run_in_threadpool(chat_jobs, req)
         if req.stream:
             return _sse(_chat_chunks(batcher, jobs, model_name, _include_usage(req), forced))
-        return _chat_response(batcher, jobs, model_name, req.logprobs, forced)
+        return await _whole(request, jobs, lambda: _chat_response(batcher, jobs, model_name, req.logprobs, forced))
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    def completions(req: CompletionRequest):
+    def completion_jobs(req: CompletionRequest) -> list[Job]:
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts:
             raise APIError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
+        _check_limits(req, len(prompts), max_choices)
         try:
             all_ids = [prompt_ids(tokenizer, p, context) for p in prompts]
         except UserError as e:
@@ -271,30 +313,72 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None,
         eos = [i for i in (special_id(tokenizer, "eos"),) if i is not None]
         room = context - max(len(ids) for ids in all_ids)  # >= 1: prompt_ids checked
         max_tokens = req.max_tokens if req.max_tokens is not None else min(16, room)  # OpenAI's default: 16
-        jobs = _jobs(req, all_ids, max_tokens, context, eos, "prompt")
+        return _jobs(req, all_ids, max_tokens, context, eos, "prompt")
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def completions(req: CompletionRequest, request: Request):
+        jobs = await run_in_threadpool(completion_jobs, req)
         if req.stream:
             return _sse(_completion_chunks(batcher, jobs, model_name, _include_usage(req)))
-        return _completion_response(batcher, jobs, model_name, req.logprobs is not None)
+        return await _whole(request, jobs,
+                            lambda: _completion_response(batcher, jobs, model_name, req.logprobs is not None))
 
     return app
+
+
+def _check_limits(req: _Body, prompts: int, max_choices: int) -> None:
+    """The bounds on one request's work that its body alone decides (before any tokenizing)."""
+    choices = prompts * req.n
+    if choices > max_choices:
+        raise APIError(400, f"{prompts} prompt(s) x n={req.n} ask for {choices} choices; this server answers at "
+                            f"most {max_choices} per request", param="prompt" if prompts > 1 else "n")
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > MAX_STOPS:
+        raise APIError(400, f"stop: at most {MAX_STOPS} stop strings, got {len(stops)}", param="stop")
+    for i, stop in enumerate(stops):
+        if len(stop) > MAX_STOP_CHARS:
+            raise APIError(400, f"stop[{i}]: {len(stop):,} characters; at most {MAX_STOP_CHARS}", param="stop")
+
+
+async def _whole(request: Request, jobs: list[Job], respond):
+    """A non-streamed answer: `respond()` decodes in a worker thread while this watches the
+    client; one that goes away cancels the jobs (a running row leaves at its next token, a
+    waiting one is dropped), so abandoned work stops at once, as for a stream."""
+    work = asyncio.ensure_future(run_in_threadpool(respond))
+    try:
+        while not work.done():
+            await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
+            if not work.done() and await request.is_disconnected():
+                _cancel(jobs)
+        return work.result()
+    except _Gone:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+    finally:
+        if not work.done():  # this task itself was cancelled (the server shutting down)
+            _cancel(jobs)
 
 
 def _offer_tools(req: ChatRequest, messages: list[dict], tokenizer) -> list[int] | None:
     """Name the request's tools in the system message (serve/tools.py's format), in place. Returns
     None when no tools are on offer (calls are not parsed), else the ids forced at the start of
     the reply: [] for tool_choice auto, <|tool|> for required, `<|tool|>name {` for a named tool."""
-    if not req.tools or req.tool_choice == "none":
+    choice = req.tool_choice
+    if not req.tools:
+        if choice == "required" or isinstance(choice, NamedToolChoice):
+            what = "required" if choice == "required" else f"the tool {choice.function.name!r}"
+            raise APIError(400, f"tool_choice: {what} needs tools, and the request gives none", param="tool_choice")
+        return None
+    if choice == "none":
         return None
     names = [t.function.name for t in req.tools]
     tool = special_id(tokenizer, "tool")
     if tool is None:
         raise APIError(400, "tools: this model's tokenizer has no tool-call token", param="tools")
-    choice = req.tool_choice
     if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
         raise APIError(400, f"tool_choice: {choice.function.name!r} is not among the tools", param="tool_choice")
     messages[:] = declare(messages, names)
     if isinstance(choice, NamedToolChoice):  # the name and the opening of its JSON arguments
-        return [tool, *tokenizer.encode(f"{choice.function.name} {{").ids]
+        return [tool, *encode_batch_ids(tokenizer, [f"{choice.function.name} {{"])[0]]
     return [tool] if choice == "required" else []
 
 
@@ -341,10 +425,9 @@ def _jobs(req: _Body, prompts: list[list[int]], max_tokens: int | None, context:
         raise APIError(400, f"max_tokens: {max_tokens} new tokens after a prompt of {longest} exceed the model's "
                             f"context of {context} (at most {room})", param="max_tokens",
                        code="context_length_exceeded")
-    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stops) > MAX_STOPS:
-        raise APIError(400, f"stop: at most {MAX_STOPS} stop strings, got {len(stops)}", param="stop")
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])  # bounded by _check_limits
     greedy = req.temperature == 0
+    request = next(_requests)
     jobs = []
     for ids in prompts:
         for i in range(req.n):
@@ -352,7 +435,7 @@ def _jobs(req: _Body, prompts: list[list[int]], max_tokens: int | None, context:
             cfg = GenerationConfig(max_new_tokens=max_tokens, do_sample=not greedy,
                                    temperature=1.0 if greedy else req.temperature, top_p=req.top_p,
                                    eos_token_id=eos, seed=None if req.seed is None else req.seed + i)
-            jobs.append(Job(ids, cfg, stops))
+            jobs.append(Job(ids, cfg, stops, request=request))
     return jobs
 
 
@@ -409,17 +492,20 @@ def _collect(events: Iterator[dict]) -> tuple[str, list[tuple[int, float]], str,
         pieces.append(event["text"])
         if event["token"] >= 0:
             tokens.append((event["token"], event["logprob"]))
-    raise RuntimeError("a job ended without a finish reason")
+    raise _Gone()
 
 
 def _decode_all(batcher: Batcher, jobs: list[Job]) -> tuple[list[tuple[str, list[tuple[int, float]], str]], int]:
     """Every choice whole: [(text, [(token, logprob)], finish_reason)] and the completion tokens."""
     streams = [batcher.submit(job) for job in jobs]  # all at once: the n choices share a batch
     results, completion = [], 0
-    for events in streams:
-        text, tokens, finish, count = _collect(events)
-        results.append((text, tokens, finish))
-        completion += count
+    try:
+        for events in streams:
+            text, tokens, finish, count = _collect(events)
+            results.append((text, tokens, finish))
+            completion += count
+    finally:
+        _cancel(jobs)  # one choice failed or was cancelled: the others stop too (finished ones are done)
     return results, completion
 
 

@@ -30,8 +30,17 @@ tokens equal its lone greedy run.
 A seeded job replays exactly: it waits until the running batch drains, then runs alone through
 the generator's token loop (`generation._steps`), as `generate` would, and nothing joins it.
 So does a job that does not fit the context alone (the loop slides its window); the API never
-sends one. Jobs are admitted first come, first served: a job waiting for a drain holds back those
-behind it.
+sends one.
+
+Admission is fair between requests: a free slot goes to the waiting job whose request has the
+fewest rows running, the earliest first among equals (jobs of one request share `job.request`;
+a job without one is a request of its own). And one request holds at most `max_batch -
+max_batch // 4` rows (12 of 16): rows are never preempted, so without that reserve a request
+with many choices that found the server idle would hold every slot until its rows end. So a
+new request's first choice joins within a step or so, however many choices came before it, and
+a request with many choices fills only the slots nobody else waits for. A job picked to run
+alone (seeded) holds back the others until the batch has drained. Waiting jobs whose client
+went away (`job.cancel`) are dropped before they cost a step.
 """
 
 from __future__ import annotations
@@ -77,7 +86,7 @@ class Batcher:
         self.max_batch, self.window = max_batch, window
         self.context = model.config.block_size
         self.inbox: queue.Queue = queue.Queue()
-        self.waiting: collections.deque = collections.deque()  # taken from the inbox, not yet admitted
+        self.waiting: list = []  # (job, out) taken from the inbox, not yet admitted, in arrival order
         self.rows: list[_Row] = []  # row i lives in slot i of the cache
         self.pos = 0  # the shared write column: every row ends here
         self._k: list[torch.Tensor] = []  # per layer (max_batch, kv heads, context, head dim), on first use
@@ -166,17 +175,23 @@ class Batcher:
             pass
 
     def _admit(self) -> None:
-        while self.waiting and len(self.rows) < self.max_batch:
-            job, out = self.waiting[0]
+        kept = []
+        for job, out in self.waiting:
             if job.cancel.is_set():  # gone before it started
-                self.waiting.popleft()
                 self.cancelled += 1
                 out.put(None)
-                continue
+            else:
+                kept.append((job, out))
+        self.waiting = kept
+        while self.waiting and len(self.rows) < self.max_batch:
+            i = self._fairest()
+            if i is None:
+                return  # every waiting request holds its share: the free slots stay for newcomers
+            job, out = self.waiting[i]
             alone = job.cfg.seed is not None or not self._fits(job)
             if alone and self.rows:
-                return  # it waits for the batch to drain, and so do the jobs behind it
-            self.waiting.popleft()
+                return  # it waits for the batch to drain, and so do the others
+            del self.waiting[i]
             if alone:
                 self.batch_sizes.append(1)
                 self._run_open = False
@@ -189,6 +204,15 @@ class Batcher:
                 self._run_alone(job, out) if alone else self._join(job, out)
             except Exception as e:  # noqa: BLE001 - this request hears of it; the worker lives on
                 _fail(out, e)
+
+    def _fairest(self) -> int | None:
+        """Index in `waiting` of the job to admit next: of the requests below their share of
+        the batch, the one with the fewest rows running; the earliest job among equals."""
+        share = self.max_batch - self.max_batch // 4
+        running = collections.Counter(_request(r.job) for r in self.rows)
+        counts = [running[_request(job)] for job, _ in self.waiting]
+        eligible = [i for i, n in enumerate(counts) if n < share]
+        return min(eligible, key=lambda i: (counts[i], i)) if eligible else None
 
     def _fits(self, job) -> bool:
         """Whether the job runs within the context alone: its prompt, then max_new_tokens - 1 more
@@ -336,6 +360,12 @@ class Batcher:
             self._mask[i, :self.pos] = self._mask[last, :self.pos]
             self.rows[i] = self.rows[last]
         self.rows.pop()
+
+
+def _request(job) -> object:
+    """Which request a job belongs to: its `request` key, or the job itself."""
+    key = getattr(job, "request", None)
+    return id(job) if key is None else key
 
 
 def _reads_history(cfg) -> bool:

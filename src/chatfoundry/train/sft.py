@@ -108,10 +108,12 @@ def encode(examples: list[Example], tokenizer) -> list[tuple[list[int], list[boo
     missing = [SPECIAL_TOKENS[k] for k, v in needed.items() if v is None]
     if missing:
         raise UserError(f"tokenizer: lacks the chat tokens {', '.join(missing)}; SFT needs the chatfoundry chat format")
-    texts = []
+    texts, roles = [], []
     for ex in examples:
         texts += [ex.text] if ex.text is not None else [m["content"] for m in ex.messages]
-    encoded = iter(encode_batch_ids(tokenizer, texts))  # one parallel call for all texts
+        roles += [None] if ex.text is not None else [m["role"] for m in ex.messages]
+    # one parallel call for all texts; content is text (an assistant's <|tool|> opens a call)
+    encoded = iter(encode_batch_ids(tokenizer, texts, roles))
     out = []
     for ex in examples:
         if ex.text is not None:
