@@ -66,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        args.max_batch, args.requests = 16, 1  # what serve_load.build_model reads
         ckpt, info = build_model(tmp, args)
         report["model"] = info
         print(f"model: {info}")

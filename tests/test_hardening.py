@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from safetensors.torch import save_file
 
-from chatfoundry.checkpoint import load_model, load_trainer_state, save_checkpoint
+from chatfoundry.checkpoint import load_trainer_state, save_checkpoint
 from chatfoundry.data.formats import MAX_LINE_BYTES, Example, load_sft
 from chatfoundry.errors import UserError
 from chatfoundry.generation import GenerationConfig
