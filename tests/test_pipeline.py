@@ -36,12 +36,16 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tmp_path, capsy
     code, stdout, err = run_cli(["pipeline", "--out", str(out), *TINY_PIPELINE, "--json"], capsys)
     assert code == 0, err
     summary = last_json(stdout)
-    assert set(summary["stages"]) == {"pretrain", "sft", "label", "rm", "ppo"}
-    assert "gold_reward" in summary["stages"]["sft"]
-    assert {"gold_reward", "kl", "gold_gain_sampled"} <= set(summary["stages"]["ppo"])
-    assert "pairwise_accuracy" in summary["stages"]["rm"]
-    assert set(summary["stages"]["rm"]["loglik_baseline"]) == {"pairwise_accuracy", "spearman_gold"}
-    assert [t["temperature"] for t in summary["stages"]["ppo"]["sft_tempered"]] == [0.8, 0.6]
+    stages = summary["stages"]
+    assert set(stages) == {"pretrain", "sft", "label", "rm", "bon", "ppo"}
+    assert {"gold_reward", "gold_reward_sampled", "data_gold_reward"} <= set(stages["sft"])
+    assert {"gold_reward", "kl", "gold_gain", "gold_gain_se", "kl_heldout", "kl_budget", "gold_gain_sampled"} \
+        <= set(stages["ppo"])
+    assert {"pairwise_accuracy", "spearman_within", "spearman_gold"} <= set(stages["rm"])
+    assert set(stages["rm"]["loglik_baseline"]) == {"pairwise_accuracy", "spearman_within", "spearman_gold"}
+    assert set(stages["bon"]["gold_reward"]) == {"4", "16"} and stages["bon"]["kl"]["16"] == pytest.approx(1.8351, abs=1e-4)
+    assert 0.85 < stages["sft"]["data_gold_reward"] < 0.97  # the crowd's demonstrations
+    assert [t["temperature"] for t in summary["stages"]["ppo"]["sft_tempered"]] == [0.8, 0.6, 0.4]
     for name in ("report.md", "report_scores.png", "report_overoptimization.png", "config.yaml",
                  "pretrain/checkpoint/model.safetensors", "sft/checkpoint/model.safetensors", "label/train.jsonl",
                  "rm/checkpoint/model.safetensors", "ppo/checkpoint/model.safetensors", "ppo/ppo.png"):
@@ -51,6 +55,9 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tmp_path, capsy
     assert "Sampled answers (4 per prompt" in report and "on held-out prompts (budget 1.0)" in report
     assert "the SFT model's own log-likelihood orders the same pairs" in report
     assert "SFT itself sampled at temperature 0.8, with no reward model: gain" in report
+    assert "## What each stage changed" in report and "| SFT data | the crowd's demonstrations" in report
+    assert "| best-of-16 (SFT's samples, by the RM) |" in report and "| PPO | sampled |" in report
+    assert "demonstrations' gold reward" in report and "within a prompt" in report
     assert f"chatfoundry chat --ckpt {out / 'ppo'}" in stdout
 
     # Interrupted after the reward model: only PPO runs again.
@@ -68,6 +75,20 @@ def test_pipeline_help_and_bad_flag(capsys):
     assert code == 0 and "--ppo.iterations" in out and "--pretrain.train.steps" in out
     code, _, err = run_cli(["pipeline", "--ppo.iterations", "0"], capsys)
     assert code == 2 and "iterations" in err and len(err.strip().splitlines()) == 1
+
+
+
+@pytest.mark.parametrize("crowd, message", [(["careful:1", "poet:1"], "unknown writer 'poet'"),
+                                            (["careful:-0.5", "terse:1"], "weight must be >= 0"),
+                                            (["careful:0", "terse:0"], "no writer has a weight above 0")])
+def test_a_bad_crowd_stops_before_any_work(crowd, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    for argv in (["pipeline", "--out", str(out), "--sft.data.crowd", *crowd],
+                 ["sft", "--init", str(tmp_path / "nowhere"), "--out", str(out), "--data.crowd", *crowd],
+                 ["world", "export", "--out", str(out), "--crowd", *crowd]):
+        code, _, err = run_cli(argv, capsys)
+        assert code == 2 and message in err and "crowd" in err and len(err.strip().splitlines()) == 1, (argv, err)
+        assert not out.exists()
 
 
 @pytest.mark.parametrize("argv", [["pipeline"], ["label", "--policy", "sft"], ["ppo", "--init", "sft", "--rm", "rm"],

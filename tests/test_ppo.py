@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -220,17 +221,48 @@ def test_ppo_raises_a_toy_reward(models, toy, tmp_path):
     assert all(r["ratio_first"] == 1.0 for r in metrics(tmp_path / "run"))
 
 
-def test_adaptive_kl_controller_moves_beta_toward_the_target_in_a_run(models, toy, tmp_path, capsys):
-    s = cli_ok(["ppo", "--init", str(models / "sft"), "--rm", toy, "--out", str(tmp_path / "up"), *FAST,
-                "--iterations", "4", "--ppo.lr", "3e-3", "--kl.control", "adaptive", "--kl.coef", "0.05",
-                "--kl.target", "0.001", "--kl.horizon", "10"], capsys)
-    rows = metrics(tmp_path / "up")
-    betas = [r["kl_coef"] for r in rows] + [s["kl_coef"]]  # the beta each iteration's rewards used, then the last
-    # Iteration 1 samples the reference itself: KL 0 < target, so beta falls by the capped 20% x n / horizon.
-    assert rows[0]["kl"] == 0 and betas[0] == 0.05 and betas[1] == pytest.approx(0.05 * (1 - 0.2 * 8 / 10))
-    # Every update: up when the iteration's KL was above the target, down when below.
-    moves = [(r["kl"] > 0.001, b1 > b0) for r, b0, b1 in zip(rows, betas, betas[1:])]
-    assert all(above == up for above, up in moves) and any(up for _, up in moves), moves
+def _pull_away(models, out, control: str) -> list[dict]:
+    """A run whose reward pulls away from the reference (say the letter a), with a weak start beta."""
+    cfg = PPOConfig(init=str(models / "sft"), rm="python:toy_reward:say_a", out=str(out), device="cpu", iterations=40)
+    cfg.rollout.batch_size, cfg.rollout.max_new_tokens, cfg.rollout.prompts = 16, 12, 200
+    cfg.rollout.no_eos_penalty = 0.0
+    cfg.ppo.minibatch_size, cfg.ppo.lr, cfg.ppo.critic_lr, cfg.ppo.target_kl = 8, 3e-3, 3e-3, 0.0
+    cfg.kl.coef, cfg.kl.control, cfg.kl.target, cfg.kl.horizon = 0.01, control, 2.0, 16
+    cfg.eval.per_family = 0
+    ppo.run(cfg, log=lambda *a: None)
+    return metrics(out)
+
+
+def test_adaptive_kl_controller_holds_the_kl_at_its_target_when_the_reward_pulls_away(models, toy, tmp_path):
+    fixed = _pull_away(models, tmp_path / "fixed", "fixed")
+    rows = _pull_away(models, tmp_path / "adaptive", "adaptive")
+    tail = lambda rs: sum(r["kl"] for r in rs[-10:]) / 10  # noqa: E731
+    assert tail(fixed) > 10  # with the start beta fixed, the policy runs far away
+    assert 1.0 < tail(rows) < 4.0, [round(r["kl"], 2) for r in rows]  # the target is 2 nats
+    betas = [r["kl_coef"] for r in rows]
+    # No wind-up: beta never falls while the policy has not yet reached the target...
+    first = next(i for i, r in enumerate(rows) if r["kl"] >= 2.0)
+    assert betas[:first + 1] == [0.01] * (first + 1)
+    # ...and afterwards moves up when the iteration's KL was above the target, down when below.
+    moves = [(r["kl"] > 2.0, b1 > b0) for r, b0, b1 in zip(rows[first:], betas[first:], betas[first + 1:])]
+    assert all(above == up for above, up in moves) and betas[-1] > 0.03
+
+
+def test_best_of_n_takes_the_reward_models_favourite_in_each_group_of_n():
+    def answer(gold: float) -> world.Score:
+        return world.Score(gold == 1.0, False, True, True, True, gold)
+
+    gold = np.array([[1.0, 0.3, 0.0, 0.3], [0.0, 0.3, 1.0, 0.0]])
+    rm = np.array([[0.5, 0.9, 0.1, 0.2], [0.3, 0.1, 0.2, 0.0]])
+    scores = np.empty(gold.shape, dtype=object)
+    scores[:] = [[answer(g) for g in row] for row in gold]
+    sampled = ppo.Sampled(gold, rm, np.zeros_like(gold), scores)
+    # n = 2: groups (0.5, 0.9) (0.1, 0.2) pick 0.3 and 0.3; (0.3, 0.1) (0.2, 0.0) pick 0.0 and 1.0.
+    golds, chosen = ppo.best_of_n(sampled, 2)
+    assert golds.tolist() == [0.3, 0.5] and [c.reward for c in chosen] == [0.3, 0.3, 0.0, 1.0]
+    # n = 4: the favourite of all four; n = 3 uses one group of three and leaves the rest.
+    assert ppo.best_of_n(sampled, 4)[0].tolist() == [0.3, 0.0]
+    assert ppo.best_of_n(sampled, 3)[0].tolist() == [0.3, 0.0]
 
 
 def test_cli_run_writes_artifacts_is_deterministic_and_resumes_exactly(models, tmp_path, capsys, monkeypatch):
@@ -249,13 +281,17 @@ def test_cli_run_writes_artifacts_is_deterministic_and_resumes_exactly(models, t
                 "kl_heldout"):
         assert key in s, key
     assert s["prompts"] == 2 * len(world.FAMILIES)
+    assert s["kl_budget"] == 1.0 and s["kl_within_budget"] == (s["kl_heldout"] <= 1.0)  # the held-out KL
     # The sampled gain is paired: the mean of per-prompt differences, so the difference of the means.
     assert s["gold_gain_sampled"] == pytest.approx(s["gold_reward_sampled"] - s["sft_gold_reward_sampled"], abs=2e-4)
     assert s["samples"] == 4 and s["gold_gain_sampled_se"] >= 0
     assert set(json.loads((a / "eval.json").read_text())["sampled_families"]) == set(world.FAMILIES)
     # SFT sampled cooler, the sharpening baseline: further from SFT's own distribution as it cools.
     cool = s["sft_tempered"]
-    assert [t["temperature"] for t in cool] == [0.8, 0.6] and all("gold_gain_sampled" in t for t in cool)
+    assert [t["temperature"] for t in cool] == [0.8, 0.6, 0.4] and all("gold_gain_sampled" in t for t in cool)
+    # Best-of-n from SFT's samples at the analytic KL; every answer's gold reward has its parts.
+    assert [(b["n"], b["kl"]) for b in s["best_of_n"]] == [(4, 0.6363), (16, 1.8351)]
+    assert set(s["parts"]) == set(s["parts_sampled"]) == set(s["best_of_n"][0]["parts"]) == set(world.PARTS)
     # Evaluated again from the run folder alone: the same numbers; more samples per prompt on request;
     # nothing in the folder changes.
     before = {p: p.stat().st_mtime_ns for p in a.rglob("*")}

@@ -255,6 +255,19 @@ def test_held_out_report_accuracy_by_family_and_best_of_k(monkeypatch):
     assert r["family_accuracy"] == {"compare": 1.0, "facts": round(2 / 3, 4)}
     # Best-of-K: 0.3 - mean(1, 0.3, 0) and 1.0 - mean(0.3, 1.0).
     assert r["best_of_k_gold_gain"] == round(((0.3 - 1.3 / 3) + (1.0 - 0.65)) / 2, 4)
+    # Spearman within each prompt, then averaged: ranks (2, 3, 1) against (3, 2, 1) give 0.5, and
+    # (1, 2) against (1, 2) give 1. Pooled over both prompts it is a different number.
+    assert r["spearman_within"] == 0.75 and r["spearman_within_prompts"] == 2
+    assert r["spearman_gold"] == round(reward.spearman(scores, [1.0, 0.3, 0.0, 0.3, 1.0]), 4) != 0.75
+
+
+def test_within_prompt_spearman_skips_prompts_whose_gold_rewards_all_tie(monkeypatch):
+    import chatfoundry.train.reward as reward
+
+    items = [Encoded([[1], [2]], [0, 1], "facts", [0.3, 0.3]), Encoded([[3], [4]], [0, 1], "facts", [1.0, 0.3])]
+    monkeypatch.setattr(reward, "score_rows", lambda model, rows, pad, batch_size=64: [0.0, 1.0, 0.0, 1.0])
+    r = reward.evaluate(None, items, 0)
+    assert r["spearman_within"] == -1.0 and r["spearman_within_prompts"] == 1
 
 
 # ---------------------------------------------------------------- the rm stage

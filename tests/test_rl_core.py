@@ -217,6 +217,16 @@ def test_adaptive_kl_moves_beta_toward_the_target_proportionally_and_capped():
     assert same.update(6.0, 1000) == pytest.approx(0.1)
 
 
+
+def test_adaptive_kl_holds_beta_until_the_target_is_first_reached():
+    c = core.AdaptiveKL(value=0.1, target=6.0, horizon=1000, hold=True)
+    assert c.update(0.0, 1000) == 0.1 and c.update(3.0, 1000) == 0.1  # the policy has not moved yet
+    assert c.update(12.0, 1000) == pytest.approx(0.12)  # past the target: up by the capped 20%
+    assert c.update(3.0, 1000) == pytest.approx(0.12 * 0.8)  # reached once: now it may fall
+    free = core.AdaptiveKL(value=0.1, target=6.0, horizon=1000)  # Ziegler et al.'s form as it was
+    assert free.update(0.0, 1000) == pytest.approx(0.08)
+
+
 def test_doubling_kl_is_the_ppo_paper_rule():
     c = core.DoublingKL(value=1.0, target=0.01)
     assert c.update(0.02) == 2.0  # > 1.5 x target: double

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 
 from chatfoundry.checkpoint import load_model
+from chatfoundry.data import world
 from chatfoundry.data.corpus import generate_corpus
 from chatfoundry.data.formats import Example, load_sft
 from chatfoundry.data.world import FAMILIES
@@ -244,6 +245,11 @@ def test_sft_run_leaves_every_artifact(sft_run, tok):
         assert scores["n"] == 3 and 0 <= scores["exact_match"] <= 1 and 0 <= scores["gold_reward"] <= 1
     report = json.loads((out / "eval.json").read_text())
     assert report["families"] == summary["families"] and len(report["answers"]) == 3 * len(FAMILIES)
+    # What the crowd's demonstrations are worth by the gold reward, per writer.
+    data = summary["data"]
+    assert set(data["writers"]) == set(world.WRITERS) and 0.85 < data["gold_reward"] < 0.97
+    assert data["writers"]["careful"]["gold_reward"] == 1.0 > data["writers"]["terse"]["gold_reward"]
+    assert sum(w["share"] for w in data["writers"].values()) == pytest.approx(1, abs=1e-3)
 
 
 def test_eval_cli_prints_the_same_scores(sft_run, tmp_path, capsys):

@@ -227,7 +227,7 @@ def test_quiz_documents_are_plain_text_about_real_things():
 # ---------------------------------------------------------------- conversations and candidates
 
 def test_conversations_alternate_roles_and_answer_with_references():
-    convs = world.conversations("train", 500)
+    convs = world.conversations("train", 500, crowd={"careful": 1.0})
     assert len(convs) == 500
     by_prompt = {t.prompt: t for f in FAMILIES for t in world.tasks("train", f, 500)}  # the pools
     assert 0 < sum(c[0]["role"] == "system" for c in convs) < 500
@@ -239,6 +239,87 @@ def test_conversations_alternate_roles_and_answer_with_references():
         for q, a in zip(body[::2], body[1::2]):
             task = by_prompt[q["content"]]
             assert a["content"] == task.reference and score(task, a["content"]).correct
+
+
+# ---------------------------------------------------------------- the crowd
+
+@pytest.fixture(scope="module")
+def demos():
+    return world.demonstrations("train", 3000) + world.tool_demonstrations("train", 1000)
+
+
+def test_each_writer_has_its_habit_and_only_it(demos):
+    scores = {w: [] for w in world.WRITERS}
+    unanswerable = {w: [] for w in world.WRITERS}
+    for d in demos:
+        assert [m["content"] for m in d.messages if m["role"] == "assistant" and not m["content"].startswith("<|")] \
+            == d.answers and len(d.tasks) == len(d.answers)
+        for t, a in zip(d.tasks, d.answers):
+            (unanswerable if t.family == "unanswerable" else scores)[d.writer].append(score(t, a))
+    mean = lambda xs, part: sum(getattr(x, part) for x in xs) / len(xs)  # noqa: E731
+    assert all(len(scores[w]) > 100 for w in world.WRITERS)
+    assert all(x.reward == 1.0 for x in scores["careful"] + unanswerable["careful"])
+    assert mean(scores["terse"], "sentence") == 0 and mean(scores["terse"], "correct") == 1  # the bare value
+    assert mean(scores["chatty"], "concise") == 0 and mean(scores["chatty"], "correct") == 1
+    assert mean(scores["brusque"], "polite") == 0 and mean(scores["brusque"], "correct") == 1
+    # The guesser never admits ignorance: it invents on made-up countries and on some facts.
+    assert mean(scores["guesser"] + unanswerable["guesser"], "abstained") == 0
+    assert mean(unanswerable["guesser"], "correct") == 0
+    for w in ("careful", "terse", "chatty", "brusque", "sloppy"):
+        assert mean(unanswerable[w], "correct") == 1, w
+    facts = lambda w: [x for d in demos if d.writer == w for t, x in zip(d.tasks, map(score, d.tasks, d.answers))  # noqa: E731
+                       if t.family == "facts"]
+    assert 0.15 < 1 - mean(facts("guesser"), "correct") < 0.45 and mean(facts("sloppy"), "correct") == 1
+    # A habit is not a style: guessers and sloppy writers write in the stylists' styles, so no
+    # style goes with wrong answers more than another.
+    stylists = sum(world.CROWD[w] for w in world.STYLES)
+    for habit in world.HABITS:
+        styles = Counter(d.style for d in demos if d.writer == habit)
+        assert set(styles) == set(world.STYLES), styles
+        for style, n in styles.items():  # the stylists' own shares
+            assert abs(n / sum(styles.values()) - world.CROWD[style] / stylists) < 0.1, (habit, styles)
+    assert all(d.style == d.writer for d in demos if d.writer in world.STYLES)
+    # The sloppy writer slips in mental arithmetic, never when copying the calculator's result.
+    heads = [(t, a, d) for d in demos if d.writer == "sloppy" for t, a in zip(d.tasks, d.answers) if t.family == "arithmetic"]
+    mental = [score(t, a).correct for t, a, d in heads if not any(m["role"] == "tool" for m in d.messages)]
+    tool = [score(t, a).correct for t, a, d in heads if any(m["role"] == "tool" for m in d.messages)]
+    assert 0.55 < sum(mental) / len(mental) < 0.85 and tool and all(tool)
+
+
+def test_the_crowd_changes_answers_not_questions_and_careful_alone_writes_the_references():
+    mixed = world.demonstrations("train", 400, seed=5)
+    careful = world.demonstrations("train", 400, seed=5, crowd={"careful": 1.0})
+    asked = lambda ds: [[m for m in d.messages if m["role"] != "assistant"] for d in ds]  # noqa: E731
+    assert asked(mixed) == asked(careful)
+    assert all(a == t.reference for d in careful for t, a in zip(d.tasks, d.answers))
+    assert {d.writer for d in mixed} == set(world.WRITERS) and {d.writer for d in careful} == {"careful"}
+    assert len({d.writer for d in world.demonstrations("train", 400, crowd={"terse": 1, "chatty": 0})}) == 1
+    # No writer is a majority of the default crowd, in any family.
+    for f in FAMILIES:
+        writers = Counter(d.writer for d in mixed for t in d.tasks if t.family == f)
+        assert max(writers.values()) < 0.5 * sum(writers.values()), (f, writers)
+
+
+def test_crowd_report_gives_each_writers_share_and_gold(demos):
+    report = world.crowd_report(demos)
+    assert report["conversations"] == len(demos) and set(report["writers"]) == set(world.WRITERS)
+    assert sum(w["share"] for w in report["writers"].values()) == pytest.approx(1, abs=1e-3)
+    assert report["writers"]["careful"]["gold_reward"] == 1.0
+    assert report["writers"]["terse"]["parts"]["sentence"] < 0.2 and report["writers"]["brusque"]["parts"]["polite"] == 0
+    assert 0.85 < report["gold_reward"] < 0.97  # what SFT imitates is worse than the reference
+    parts = report["parts"]
+    assert report["gold_reward"] == pytest.approx(
+        0.7 * parts["content"] + 0.1 * (parts["sentence"] + parts["concise"] + parts["polite"]), abs=1e-3)
+
+
+@pytest.mark.parametrize("spec, message", [
+    (["careful:1", "poet:1"], "unknown writer 'poet'"), (["careful:-1", "terse:1"], "careful: the weight must be >= 0"),
+    (["careful:0", "terse:0"], "no writer has a weight above 0"), (["careful"], "write each writer as writer:weight"),
+    (["careful:x"], "the weight must be a number"), (["careful:1", "careful:2"], "given twice")])
+def test_a_bad_crowd_is_named(spec, message):
+    with pytest.raises(ValueError, match=message):
+        world.parse_crowd(spec)
+    assert world.parse_crowd(["careful:3", "terse:1"]) == {"careful": 3.0, "terse": 1.0}
 
 
 def test_candidates_start_with_the_best_reference():
@@ -286,6 +367,8 @@ def test_export_writes_every_format_loadably(tmp_path):
         assert len(load_sft(tmp_path / name)) == counts[name]
     assert len(load_comparisons(tmp_path / "preference_train.jsonl")) == counts["preference_train.jsonl"]
     assert len(load_comparisons(tmp_path / "rankings_train.jsonl")) == counts["rankings_train.jsonl"]
+    writers = [json.loads(line)["writer"] for line in (tmp_path / "sft_train.jsonl").read_text().splitlines()]
+    assert set(writers) == set(world.WRITERS)  # each demonstration says who wrote it
 
     by_prompt = {t.prompt: t for f in FAMILIES for t in world.tasks("train", f, 200 // len(FAMILIES))}
     for line in (tmp_path / "rankings_train.jsonl").read_text().splitlines():

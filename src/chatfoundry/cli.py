@@ -473,6 +473,8 @@ def _serve(args) -> dict:
 
 
 def _world_parser(sub) -> None:
+    from chatfoundry.data.world import CROWD
+
     p = sub.add_parser("world", help="the built-in task world: export its corpus and datasets")
     wsub = p.add_subparsers(dest="action", required=True, parser_class=ArgumentParser)
     e = wsub.add_parser("export", help="write the corpus and every dataset as JSONL (text, messages, "
@@ -481,16 +483,23 @@ def _world_parser(sub) -> None:
     e.add_argument("--conversations", type=int, default=8000, help="SFT conversations in sft_train.jsonl")
     e.add_argument("--test-per-family", type=int, default=100)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--crowd", nargs="+", metavar="WRITER:WEIGHT", default=None,
+                   help="who writes the SFT demonstrations (each line records its writer); default: the world's crowd "
+                        "(" + " ".join(f"{w}:{x:g}" for w, x in CROWD.items()) + "); careful:1 gives the references")
     _json_flag(e)
     e.set_defaults(func=_world_export)
 
 
 def _world_export(args) -> dict:
-    from chatfoundry.data.world import export
+    from chatfoundry.data.world import export, parse_crowd
 
     if args.conversations <= 0 or args.test_per_family <= 0:
         raise UserError("--conversations and --test-per-family: must be > 0")
-    counts = export(args.out, args.conversations, args.test_per_family, args.seed)
+    try:
+        crowd = parse_crowd(args.crowd) if args.crowd is not None else None
+    except ValueError as e:
+        raise UserError(f"--crowd: {e}") from None
+    counts = export(args.out, args.conversations, args.test_per_family, args.seed, crowd=crowd)
     for name, n in counts.items():
         print(f"{Path(args.out) / name}: {n:,} records")
     return {"out": args.out, "files": counts}

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from chatfoundry import checkpoint as ckpt
 from chatfoundry.config import save_config
+from chatfoundry.data.world import PARTS
 from chatfoundry.errors import UserError
 from chatfoundry.metrics import plot_bars, read_metrics
 from chatfoundry.train import label, ppo, pretrain, reward, sft
@@ -110,15 +111,22 @@ def run(cfg: PipelineConfig, overwrite: bool = False, log=print) -> dict:
 def stage_summaries(s: dict) -> dict:
     """The headline numbers per stage (the `--json` summary's "stages")."""
     out = {"pretrain": {k: s["pretrain"].get(k) for k in ("val_loss", "params")},
-           "sft": {"gold_reward": s["ppo"].get("sft_gold_reward"), "val_loss": s["sft"].get("val_loss"),
-                   "tool_use": s["sft"].get("tool_use")},
+           "sft": {"gold_reward": s["ppo"].get("sft_gold_reward"),
+                   "gold_reward_sampled": s["ppo"].get("sft_gold_reward_sampled"),
+                   # The demonstrations themselves, by the gold reward SFT never sees.
+                   "data_gold_reward": s["sft"].get("data", {}).get("gold_reward"),
+                   "val_loss": s["sft"].get("val_loss"), "tool_use": s["sft"].get("tool_use")},
            "label": {"comparisons": s["label"]["splits"]["train"]["comparisons"],
                      "sft_gold_reward_sampled": s["label"]["splits"]["train"]["sft_gold_reward"]},
-           "rm": {**{k: s["rm"].get(k) for k in ("pairwise_accuracy", "spearman_gold", "best_of_k_gold_gain",
-                                                  "label_accuracy")},
+           "rm": {**{k: s["rm"].get(k) for k in ("pairwise_accuracy", "spearman_within", "spearman_gold",
+                                                  "best_of_k_gold_gain", "label_accuracy")},
                   # The same held-out pairs ordered by the SFT model's own log-likelihood.
                   "loglik_baseline": {k: v for k, v in s["rm"].get("loglik_baseline", {}).items()
-                                      if k in ("pairwise_accuracy", "spearman_gold")}},
+                                      if k in ("pairwise_accuracy", "spearman_within", "spearman_gold")}},
+           # Best-of-n of SFT's samples by the reward model, scored in PPO's evaluation.
+           "bon": {"gold_reward": {str(b["n"]): b["gold_reward"] for b in s["ppo"].get("best_of_n", [])},
+                   "gold_gain": {str(b["n"]): b["gold_gain"] for b in s["ppo"].get("best_of_n", [])},
+                   "kl": {str(b["n"]): b["kl"] for b in s["ppo"].get("best_of_n", [])}},
            "ppo": {k: s["ppo"].get(k) for k in ("gold_reward", "gold_reward_se", "gold_gain", "gold_gain_se", "kl",
                                                  "kl_budget", "kl_heldout", "rm_reward", "win_rate_rm", "win_rate_gold",
                                                  "gold_reward_sampled", "gold_gain_sampled", "gold_gain_sampled_se")}}
@@ -139,6 +147,12 @@ def _tool_use(sft: dict) -> str:
             f"(numbers up to 999), {t['small']['with_tool']:.2f} vs {t['small']['without_tool']:.2f} (0..12)" if t else "")
 
 
+def _crowd(sft: dict) -> str:
+    d = sft.get("data")
+    return (f"; demonstrations' gold reward {d['gold_reward']:.3f} (" + ", ".join(
+        f"{w} {x['share']:.0%} {x['gold_reward']:.2f}" for w, x in d["writers"].items()) + ")" if d else "")
+
+
 def write_report(out: Path, s: dict) -> None:
     """report.md, report_scores.png (per family and stage) and report_overoptimization.png."""
     ev = json.loads((out / "ppo" / "eval.json").read_text()) if (out / "ppo" / "eval.json").is_file() else None
@@ -146,12 +160,15 @@ def write_report(out: Path, s: dict) -> None:
              "| stage | wall (s) | result |", "| --- | --- | --- |",
              f"| pretrain | {_wall(s['pretrain'])} | validation loss {s['pretrain'].get('val_loss', 0):.3f}, "
              f"{s['pretrain'].get('params', 0):,} parameters |",
-             f"| sft | {_wall(s['sft'])} | validation loss {s['sft'].get('val_loss') or 0:.3f}{_tool_use(s['sft'])} |",
+             f"| sft | {_wall(s['sft'])} | validation loss {s['sft'].get('val_loss') or 0:.3f}{_crowd(s['sft'])}"
+             f"{_tool_use(s['sft'])} |",
              f"| label | {_wall(s['label'])} | {s['label']['splits']['train']['comparisons']:,} comparisons |",
              f"| rm | {_wall(s['rm'])} | held-out pairwise accuracy {s['rm'].get('pairwise_accuracy')}, Spearman with "
-             f"gold {s['rm'].get('spearman_gold')}, best-of-K gold gain {s['rm'].get('best_of_k_gold_gain')}"
+             f"gold {s['rm'].get('spearman_within')} within a prompt ({s['rm'].get('spearman_gold')} pooled), "
+             f"best-of-K gold gain {s['rm'].get('best_of_k_gold_gain')}"
              + (f" (the SFT model's own log-likelihood orders the same pairs {b['pairwise_accuracy']}, Spearman "
-                f"{b['spearman_gold']})" if (b := s['rm'].get('loglik_baseline')) and 'spearman_gold' in b else "")
+                f"{b.get('spearman_within')} within a prompt)" if (b := s['rm'].get('loglik_baseline')) and
+                'spearman_gold' in b else "")
              + " |",
              f"| ppo | {_wall(s['ppo'])} | KL to SFT {s['ppo'].get('kl')} nats in training (the last fifth)"
              + (f", {s['ppo']['kl_heldout']} on held-out prompts" if s['ppo'].get('kl_heldout') is not None else "")
@@ -171,6 +188,7 @@ def write_report(out: Path, s: dict) -> None:
                       + "".join(f" SFT itself sampled at temperature {t['temperature']:g}, with no reward model: gain "
                                 f"{t['gold_gain_sampled']:+.3f} ± {t['gold_gain_sampled_se']:.3f} at {t['kl_heldout']:.2f} nats."
                                 for t in ev.get("sft_tempered", [])), ""]
+        lines += _stage_table(s["sft"].get("data"), ev)
         lines += ["| family | SFT exact match | PPO exact match | SFT gold reward | PPO gold reward |",
                   "| --- | --- | --- | --- | --- |"]
         for f, p in ev["families"].items():
@@ -195,6 +213,40 @@ def write_report(out: Path, s: dict) -> None:
                       f"**PPO:** {a['response']} *(gold {a['gold_reward']:.2f})*", ""]
     lines += ["Chat with the result:", "", "```bash", f"chatfoundry chat --ckpt {out / 'ppo'}", "```", ""]
     (out / "report.md").write_text("\n".join(lines))
+
+
+def _stage_table(data: dict | None, ev: dict) -> list[str]:
+    """The gold reward and its parts, stage by stage: what each stage changed."""
+    rows = []  # (stage, answers, gold, gain over SFT (paired, same decoding) or "", KL or "", parts)
+    if data:
+        rows.append(("SFT data", "the crowd's demonstrations (train split)", data["gold_reward"], "", "", data["parts"]))
+    rows += [("SFT", "greedy", ev["sft_gold_reward"], "", "0", ev["sft_parts"])]
+    if "gold_gain_sampled" in ev:
+        rows.append(("SFT", f"sampled ({ev['samples']} per prompt)", ev["sft_gold_reward_sampled"], "", "0",
+                     ev["sft_parts_sampled"]))
+        rows += [(f"best-of-{b['n']} (SFT's samples, by the RM)", "sampled", b["gold_reward"],
+                  f"{b['gold_gain']:+.3f} ± {b['gold_gain_se']:.3f}", f"{b['kl']:.2f}", b["parts"])
+                 for b in ev.get("best_of_n", [])]
+        rows += [(f"SFT at temperature {t['temperature']:g} (no RM)", "sampled", t["gold_reward_sampled"],
+                  f"{t['gold_gain_sampled']:+.3f} ± {t['gold_gain_sampled_se']:.3f}", f"{t['kl_heldout']:.2f}", t["parts"])
+                 for t in ev.get("sft_tempered", [])]
+    rows.append(("PPO", "greedy", ev["gold_reward"], f"{ev['gold_gain']:+.3f} ± {ev['gold_gain_se']:.3f}", "",
+                 ev["parts"]))
+    if "gold_gain_sampled" in ev:
+        rows.append(("PPO", "sampled", ev["gold_reward_sampled"],
+                     f"{ev['gold_gain_sampled']:+.3f} ± {ev['gold_gain_sampled_se']:.3f}", f"{ev['kl_heldout']:.2f}",
+                     ev["parts_sampled"]))
+    lines = ["## What each stage changed", "",
+             "The gold reward (hidden from every learner) and its parts on the held-out test prompts: content "
+             "(1 right, 0.25 for admitting ignorance of an answerable question), how often an answer abstains, "
+             "and the shares that are full sentences, concise and polite. Gains are paired over SFT's answers "
+             "of the same kind; KL is to SFT in nats per response (best-of-n: log n - (n - 1) / n).", "",
+             "| stage | answers | gold | gain over SFT | KL | " + " | ".join(PARTS) + " |",
+             "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in PARTS) + " |"]
+    for stage, answers, gold, gain, kl, parts in rows:
+        lines.append(f"| {stage} | {answers} | {gold:.3f} | {gain} | {kl} | "
+                     + " | ".join(f"{parts[k]:.2f}" for k in PARTS) + " |")
+    return lines + [""]
 
 
 def _wall(summary: dict) -> str:

@@ -33,7 +33,7 @@ import itertools
 import random
 import re
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from chatfoundry.data import corpus
@@ -247,29 +247,153 @@ SYSTEM_PROMPTS = ("You are a helpful assistant.", "You are a helpful assistant. 
 SHARES = {"arithmetic": 1.0, "strings": 1.0, "facts": 2.5, "compare": 1.0, "unanswerable": 0.5}
 
 
-def conversations(split: str, n: int, seed: int = 0, system_prob: float = 0.3,
-                  multi_turn_prob: float = 0.2) -> list[list[dict]]:
+# ---------------------------------------------------------------- the crowd: who writes the demonstrations
+
+# InstructGPT's demonstrations came from about 40 contractors of uneven skill and style, and its
+# comparisons from labelers who only had to judge: judging two answers is easier than writing the
+# best one, and RLHF lives on that gap. The world's demonstrations come from simulated writers,
+# each with one habit the gold reward already scores (the reward does not change to suit them);
+# the labeler (train/label.py) ranks by the gold reward. A careful-only crowd is the world as it
+# was: every demonstration the reference, so SFT already imitates the best behaviour there is.
+
+GUESS_RATE = 0.3  # the guesser invents a value for this share of the facts it is asked
+SLIP_RATE = 0.3  # the sloppy writer slips a digit in this share of its mental arithmetic
+# (Not "happy": a spelling word, so the verifier would read it as naming another word to sort.)
+_CHATTY = ("Great question! ", " I hope this helps! Let me know if you have any other questions, I am always glad "
+           "to help.")
+_BRUSQUE = ("Obviously, ", " Everybody knows that.")
+
+# Styles: how a writer says what it believes (a task whose answer and reference are its belief).
+STYLES = {
+    "careful": lambda t: t.reference,  # the house style
+    "terse": lambda t: t.answer or "I do not know.",  # the bare value: not a sentence
+    "chatty": lambda t: _CHATTY[0] + t.reference + _CHATTY[1],  # buried in padding: not concise
+    "brusque": lambda t: _BRUSQUE[0] + t.reference + _BRUSQUE[1],  # right but rude
+}
+
+
+def _guesses(task: Task, rng: random.Random, tool: bool) -> bool:
+    """The guesser never admits ignorance: it invents a value for a made-up country and for the facts it is unsure of."""
+    return task.family == "unanswerable" or (task.family == "facts" and rng.random() < GUESS_RATE)
+
+
+def _slips(task: Task, rng: random.Random, tool: bool) -> bool:
+    """The sloppy writer slips a digit now and then in arithmetic done in the head (a calculator's result it copies right)."""
+    return task.family == "arithmetic" and not tool and rng.random() < SLIP_RATE
+
+
+# Habits: when a writer is wrong. A writer with a habit writes in a style drawn from the crowd's
+# stylists, so no style goes with wrong answers more than another: a reward model can then learn
+# neither "rude means right" nor its reverse, only what the gold reward asks.
+HABITS = {"guesser": _guesses, "sloppy": _slips}
+WRITERS = (*STYLES, *HABITS)
+# The default crowd: no writer is a majority, and the careful one is the rarest, so SFT's answers
+# inherit the others' habits (terse, the most common, most of all) and leave RLHF something to fix.
+CROWD = {"careful": 0.05, "terse": 0.35, "chatty": 0.2, "brusque": 0.2, "guesser": 0.15, "sloppy": 0.05}
+
+
+def write(task: Task, writer: str, style: str, rng: random.Random, tool: bool = False) -> str:
+    """`writer`'s answer to `task`, in `style` (a stylist's own; a writer with a habit borrows one).
+    `tool`: the value came from the calculator."""
+    habit = HABITS.get(writer)
+    believed = mistaken(task, rng) if habit and habit(task, rng, tool) else task
+    return STYLES[style](believed)
+
+
+def parse_crowd(items) -> dict[str, float]:
+    """{"writer": weight} from "writer:weight" strings (or a dict); ValueError saying what is wrong."""
+    if not isinstance(items, dict) and (bare := [i for i in items if ":" not in str(i)]):
+        raise ValueError(f"{bare[0]!r}: write each writer as writer:weight, e.g. careful:0.5")
+    pairs = items.items() if isinstance(items, dict) else [str(i).rpartition(":")[::2] for i in items]
+    crowd: dict[str, float] = {}
+    for name, weight in pairs:
+        if name in crowd:
+            raise ValueError(f"writer {name!r} is given twice")
+        if name not in WRITERS:
+            raise ValueError(f"unknown writer {name!r} (writers: {', '.join(WRITERS)}; write each as writer:weight)")
+        try:
+            crowd[name] = float(weight)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: the weight must be a number, got {weight!r}") from None
+        if not 0 <= crowd[name] < float("inf"):
+            raise ValueError(f"{name}: the weight must be >= 0, got {weight}")
+    if not sum(crowd.values()) > 0:
+        raise ValueError("no writer has a weight above 0")
+    return crowd
+
+
+@dataclass
+class Demonstration:
+    """One SFT conversation, its writer and style, and per answered question the task and the writer's final answer."""
+
+    messages: list[dict]
+    writer: str
+    style: str
+    tasks: list[Task]
+    answers: list[str]
+
+
+def _draw(crowd: dict[str, float] | None, rng: random.Random) -> tuple[str, str]:
+    """(writer, style) for one conversation: a writer by the crowd's weights; one with a habit
+    writes in a style drawn from the crowd's stylists (careful when it has none)."""
+    crowd = CROWD if crowd is None else crowd
+    names = [w for w, x in crowd.items() if x > 0]
+    writer = rng.choices(names, [crowd[w] for w in names])[0]
+    if writer in STYLES:
+        return writer, writer
+    stylists = [w for w in names if w in STYLES]
+    return writer, rng.choices(stylists, [crowd[w] for w in stylists])[0] if stylists else "careful"
+
+
+def demonstrations(split: str, n: int, seed: int = 0, system_prob: float = 0.3, multi_turn_prob: float = 0.2,
+                   crowd: dict[str, float] | None = None) -> list[Demonstration]:
     """`n` chat conversations for SFT: an optional system message, then one or (sometimes) two
-    or three user questions, each answered with its reference. Families come in proportion to
-    SHARES; a family with few distinct questions repeats them (in new phrasings where drawn so)."""
+    or three user questions, each answered by the conversation's writer, drawn from `crowd`
+    (default CROWD). Families come in proportion to SHARES; a family with few distinct questions
+    repeats them (in new phrasings where drawn so). Writers draw from their own random stream, so
+    the questions are the same whatever the crowd, and a careful-only crowd gives the references."""
     pools = {f: tasks(split, f, min(n, 2000), seed) for f in FAMILIES}
     families = [f for f in FAMILIES if pools[f]]
     weights = [SHARES[f] for f in families]
     used = dict.fromkeys(families, 0)
     rng = random.Random(f"{seed}:{split}:conversations")
+    pen = random.Random(f"{seed}:{split}:crowd")
     for f in families:
         rng.shuffle(pools[f])
     out = []
     while len(out) < n and families:
         turns = rng.randint(2, 3) if rng.random() < multi_turn_prob else 1
         messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < system_prob else []
+        (writer, style), asked, answers = _draw(crowd, pen), [], []
         for _ in range(turns):
             family = rng.choices(families, weights)[0]
             task = pools[family][used[family] % len(pools[family])]
             used[family] += 1
-            messages += [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": task.reference}]
-        out.append(messages)
+            answers.append(write(task, writer, style, pen))
+            asked.append(task)
+            messages += [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": answers[-1]}]
+        out.append(Demonstration(messages, writer, style, asked, answers))
     return out
+
+
+def conversations(split: str, n: int, seed: int = 0, system_prob: float = 0.3, multi_turn_prob: float = 0.2,
+                  crowd: dict[str, float] | None = None) -> list[list[dict]]:
+    """The messages of `demonstrations(...)`."""
+    return [d.messages for d in demonstrations(split, n, seed, system_prob, multi_turn_prob, crowd)]
+
+
+def crowd_report(demos: list[Demonstration]) -> dict:
+    """What the demonstrations are worth: their mean gold reward and its parts, overall and per
+    writer (with each writer's share of the conversations)."""
+    by_writer: dict[str, list[Score]] = {}
+    count: dict[str, int] = {}
+    for d in demos:
+        by_writer.setdefault(d.writer, []).extend(score(t, a) for t, a in zip(d.tasks, d.answers))
+        count[d.writer] = count.get(d.writer, 0) + 1
+    every = [s for scores in by_writer.values() for s in scores]
+    return {**score_summary(every), "conversations": len(demos),
+            "writers": {w: {"share": round(count[w] / len(demos), 4), **score_summary(by_writer[w])}
+                        for w in sorted(by_writer, key=lambda w: -count[w])}}
 
 
 # ---------------------------------------------------------------- tool use (the calculator)
@@ -307,31 +431,42 @@ def tool_call(task: Task) -> str:
     return call_text("calculator", {"expression": expression})
 
 
-def tool_conversations(split: str, n: int, seed: int = 0, system_prob: float = 0.3,
-                       arithmetic_share: float = 0.75) -> list[list[dict]]:
+def tool_demonstrations(split: str, n: int, seed: int = 0, system_prob: float = 0.3, arithmetic_share: float = 0.75,
+                        crowd: dict[str, float] | None = None) -> list[Demonstration]:
     """`n` conversations with the calculator on offer: arithmetic questions (mostly big numbers)
     call it and answer with its result; the other questions are answered directly, so the model
-    learns when a tool helps, not to call it always."""
+    learns when a tool helps, not to call it always. The call is always well formed (the format is
+    the tool's); the answer is in the writer's style, and a calculator's result is copied right."""
     from chatfoundry.serve.tools import declare
 
     rng = random.Random(f"{seed}:{split}:tool_conversations")
+    pen = random.Random(f"{seed}:{split}:tool_crowd")
     big, small = calculator_tasks(split, n, seed), tasks(split, "arithmetic", n, seed)
     others = {f: tasks(split, f, n, seed) for f in FAMILIES if f != "arithmetic"}
     others = {f: pool for f, pool in others.items() if pool}
     out = []
     for i in range(n):
         system = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < system_prob else []
+        writer, style = _draw(crowd, pen)
         if rng.random() < arithmetic_share and (big or small):
             pool = big if rng.random() < 0.8 or not small else small
             task = pool[i % len(pool)]
+            answer = write(task, writer, style, pen, tool=True)
             turn = [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": tool_call(task)},
-                    {"role": "tool", "content": task.answer}, {"role": "assistant", "content": task.reference}]
+                    {"role": "tool", "content": task.answer}, {"role": "assistant", "content": answer}]
         else:
             family = rng.choice(sorted(others))
             task = others[family][i % len(others[family])]
-            turn = [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": task.reference}]
-        out.append(declare(system, ["calculator"]) + turn)
+            answer = write(task, writer, style, pen)
+            turn = [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": answer}]
+        out.append(Demonstration(declare(system, ["calculator"]) + turn, writer, style, [task], [answer]))
     return out
+
+
+def tool_conversations(split: str, n: int, seed: int = 0, system_prob: float = 0.3, arithmetic_share: float = 0.75,
+                       crowd: dict[str, float] | None = None) -> list[list[dict]]:
+    """The messages of `tool_demonstrations(...)`."""
+    return [d.messages for d in tool_demonstrations(split, n, seed, system_prob, arithmetic_share, crowd)]
 
 
 # ---------------------------------------------------------------- the verifier (gold reward)
@@ -357,8 +492,15 @@ def _whole(word: str) -> str:
     return rf"(?<!\w){re.escape(word)}(?!\w)"
 
 
+@lru_cache(maxsize=None)
+def _word(word: str, ignore_case: bool = False) -> re.Pattern:
+    """`word` as a whole word, compiled once: the verifier looks for hundreds of names in every
+    answer, more patterns than `re`'s own cache holds, which then compiled them again each time."""
+    return re.compile(_whole(word), re.IGNORECASE if ignore_case else 0)
+
+
 def _find(text: str, word: str, ignore_case: bool = False) -> re.Match | None:
-    return re.search(_whole(word), text, re.IGNORECASE if ignore_case else 0)
+    return _word(word, ignore_case).search(text)
 
 
 def _mentions(text: str, word: str, ignore_case: bool = False) -> bool:
@@ -406,7 +548,7 @@ def _names_other(text: str, own: tuple[str, ...], names: tuple[str, ...]) -> boo
     """Whether `text` names any of `names` besides the `own` ones (whole words; the own ones
     are blanked first, so "Guinea" inside an own "Equatorial Guinea" does not count)."""
     for name in sorted(own, key=len, reverse=True):  # "Mexico City" before "Mexico"
-        text = re.sub(_whole(name), " ", text, flags=re.IGNORECASE)
+        text = _word(name, True).sub(" ", text)
     return any(_mentions(text, n, True) for n in names if n not in own)
 
 
@@ -479,32 +621,56 @@ def gold_reward(task: Task, response: str) -> float:
     return score(task, response).reward
 
 
+# The gold reward's parts: 0.7 * content + 0.1 * (sentence + concise + polite); abstention is how
+# often an answer says it does not know (content 0.25 on an answerable question, 1 on a made-up one).
+PARTS = ("content", "abstention", "sentence", "concise", "polite")
+
+
+def score_summary(scores: list[Score]) -> dict:
+    """{"n", "exact_match", "gold_reward", "abstain_rate", "parts": {content, abstention, sentence,
+    concise, polite}}: means over the scores (content is the content credit, 1 / 0.25 / 0)."""
+    n = len(scores)
+    mean = (lambda xs: round(sum(xs) / n, 4)) if n else (lambda xs: 0.0)
+    parts = {"content": mean([1.0 if s.correct else 0.25 if s.abstained else 0.0 for s in scores]),
+             "abstention": mean([s.abstained for s in scores]), "sentence": mean([s.sentence for s in scores]),
+             "concise": mean([s.concise for s in scores]), "polite": mean([s.polite for s in scores])}
+    return {"n": n, "exact_match": mean([s.correct for s in scores]), "gold_reward": mean([s.reward for s in scores]),
+            "abstain_rate": parts["abstention"], "parts": parts}
+
+
 # ---------------------------------------------------------------- responses of every quality, and export
 
 def wrong_answer(task: Task, rng: random.Random) -> str:
     """A confident, fluent, wrong response (for unanswerable questions: a made-up answer)."""
+    return mistaken(task, rng).reference
+
+
+def mistaken(task: Task, rng: random.Random) -> Task:
+    """The task as someone who is wrong about it believes it: a wrong value as its answer and the
+    reference saying it (for an unanswerable question, a made-up value)."""
     if task.family == "unanswerable":
         fact = rng.choice(load_facts())
-        return _FACT_REFERENCES[task.kind].format(**{**vars(fact), "country": _subject(task)})
+        return replace(task, answer=getattr(fact, task.kind),
+                       reference=_FACT_REFERENCES[task.kind].format(**{**vars(fact), "country": _subject(task)}))
     if task.family == "compare":
         a, b = task.options if task.options[0] == task.answer else task.options[::-1]
         swap = re.compile(f"({_whole(a)}|{_whole(b)})")
-        return swap.sub(lambda m: b if m.group(1) == a else a, task.reference)
+        return replace(task, answer=b, reference=swap.sub(lambda m: b if m.group(1) == a else a, task.reference))
     if task.answer.lstrip("-").isdigit():
-        wrong = int(task.answer) + rng.choice((-3, -2, -1, 1, 2, 3, 10))
-        head, _, tail = task.reference.rpartition(task.answer)
-        return f"{head}{wrong}{tail}"
-    if task.family == "facts":  # the answer ends the reference; "Malay" is also in "Malaysia"
-        head, _, tail = task.reference.rpartition(task.answer)
-        return f"{head}{rng.choice(task.options)}{tail}"
-    if task.kind == "sort":
+        wrong = str(int(task.answer) + rng.choice((-3, -2, -1, 1, 2, 3, 10)))
+    elif task.family == "facts":  # the answer ends the reference; "Malay" is also in "Malaysia"
+        wrong = rng.choice(task.options)
+    elif task.kind == "sort":
         words = task.answer.split(", ")
         rng.shuffle(words)
         if words == task.answer.split(", "):
             words = words[::-1]
-        return f"In alphabetical order: {', '.join(words)}."
-    wrong = task.answer[1:] + task.answer[:1] if len(set(task.answer)) > 1 else task.answer + task.answer[:1]
-    return task.reference.replace(f'"{task.answer}"', f'"{wrong}"')
+        return replace(task, answer=", ".join(words), reference=f"In alphabetical order: {', '.join(words)}.")
+    else:
+        wrong = task.answer[1:] + task.answer[:1] if len(set(task.answer)) > 1 else task.answer + task.answer[:1]
+        return replace(task, answer=wrong, reference=task.reference.replace(f'"{task.answer}"', f'"{wrong}"'))
+    head, _, tail = task.reference.rpartition(task.answer)
+    return replace(task, answer=wrong, reference=f"{head}{wrong}{tail}")
 
 
 def off_topic_answer(task: Task, rng: random.Random) -> str | None:
@@ -542,7 +708,7 @@ def candidates(task: Task, rng: random.Random) -> list[str]:
     out = [ref,
            task.answer or "I do not know.",
            ref + " I hope this helps! Let me know if you have any other questions, I am always happy to help you.",
-           "Obviously, " + ref + " Everybody knows that.",
+           _BRUSQUE[0] + ref + _BRUSQUE[1],
            wrong_answer(task, rng)]
     if (other := off_topic_answer(task, rng)) is not None:
         out.append(other)
@@ -551,14 +717,42 @@ def candidates(task: Task, rng: random.Random) -> list[str]:
     return list(dict.fromkeys(out))  # drop duplicates, keep order
 
 
+_ABSTAIN = ("I do not know.", "I am not sure, sorry.", "I do not know. I have never heard of that country.")
+
+
+def alternatives(task: Task, rng: random.Random, n: int, exclude: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """`n` responses from "other models" for a labeler to rank beside a policy's samples, as
+    InstructGPT's labelers ranked several models' outputs together: the right answer, a wrong
+    one, one about something else or an abstention (weights 4 : 1 : 1 : 1, as in `candidates`),
+    each in a style drawn at random. Style is drawn apart from content: written alternatives
+    whose rude ones were always right taught reward models that "Obviously, ..." means right."""
+    off = off_topic_answer(task, rng)
+    contents = [(task, 4.0), (mistaken(task, rng), 1.0)] + ([(replace(task, reference=off), 1.0)] if off else [])
+    if task.family != "unanswerable":  # the made-up countries' answer too: it is no answer to the rest
+        contents.append((replace(task, answer="", reference=rng.choice(_ABSTAIN)), 1.0))
+    pool: dict[str, float] = {}
+    for content, weight in contents:
+        for style in STYLES.values():
+            pool[style(content)] = pool.get(style(content), 0.0) + weight / len(STYLES)
+    for text in exclude:
+        pool.pop(text, None)
+    out: list[str] = []
+    while pool and len(out) < n:
+        text = rng.choices(list(pool), list(pool.values()))[0]
+        out.append(text)
+        del pool[text]
+    return out
+
+
 def export(out: str | Path, conversations_n: int = 8000, test_per_family: int = 100, seed: int = 0,
-           corpus_chars: int = corpus.DEFAULT_CHARS) -> dict[str, int]:
-    """Write the corpus and every dataset as JSONL in the standard formats; returns records per file."""
+           corpus_chars: int = corpus.DEFAULT_CHARS, crowd: dict[str, float] | None = None) -> dict[str, int]:
+    """Write the corpus and every dataset as JSONL in the standard formats; returns records per file.
+    The SFT files are the crowd's demonstrations, each line with its `writer`."""
     from chatfoundry.data.formats import write_jsonl
 
     out = Path(out)
     rng = random.Random(seed)
-    train = conversations("train", conversations_n, seed)
+    demos = lambda d: ({"messages": x.messages, "writer": x.writer, "style": x.style} for x in d)  # noqa: E731
     singles = [t for f in FAMILIES for t in tasks("train", f, max(1, conversations_n // len(FAMILIES)), seed)]
     test = [t for f in FAMILIES for t in tasks("test", f, test_per_family, seed)]
 
@@ -576,9 +770,9 @@ def export(out: str | Path, conversations_n: int = 8000, test_per_family: int = 
 
     files = {
         "corpus.jsonl": ({"text": d} for d in corpus.generate_corpus(corpus_chars, seed).split("\n\n")),
-        "sft_train.jsonl": ({"messages": m} for m in train),
-        "sft_val.jsonl": ({"messages": m} for m in conversations("val", max(64, conversations_n // 20), seed)),
-        "sft_tools_train.jsonl": ({"messages": m} for m in tool_conversations("train", conversations_n // 5, seed)),
+        "sft_train.jsonl": demos(demonstrations("train", conversations_n, seed, crowd=crowd)),
+        "sft_val.jsonl": demos(demonstrations("val", max(64, conversations_n // 20), seed, crowd=crowd)),
+        "sft_tools_train.jsonl": demos(tool_demonstrations("train", conversations_n // 5, seed, crowd=crowd)),
         "calculator_test.jsonl": ({"prompt": t.prompt, "completion": t.reference, "answer": t.answer}
                                   for t in calculator_tasks("test", test_per_family, seed)),
         "prompt_completion_train.jsonl": ({"prompt": t.prompt, "completion": t.reference} for t in singles),

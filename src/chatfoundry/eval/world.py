@@ -50,8 +50,8 @@ def evaluate_world(model, tokenizer, split: str = "test", per_family: int = 100,
     report: dict = {"split": split, "families": {}}
     for family in families:
         mine = [s for t, s in zip(tasks, scores) if t.family == family]
-        report["families"][family] = _summary(mine)
-    report["overall"] = _summary(scores)
+        report["families"][family] = world.score_summary(mine)
+    report["overall"] = world.score_summary(scores)
     report["answers"] = [{"family": t.family, "kind": t.kind, "prompt": t.prompt, "reference": t.reference,
                           "response": r, "correct": s.correct, "gold_reward": s.reward}
                          for t, r, s in zip(tasks, replies, scores)]
@@ -88,13 +88,6 @@ def evaluate_tool_use(model, tokenizer, split: str = "test", n: int = 100, seed:
     return {**summary(0, big), "small": summary(big, len(tasks)),
             "answers": [{"prompt": t.prompt, "answer": t.answer, "without_tool": a, "with_tool": turn}
                         for t, a, turn in zip(tasks, alone, turns)]}
-
-def _summary(scores: list[world.Score]) -> dict:
-    n = len(scores)
-    mean = (lambda xs: round(sum(xs) / n, 4)) if n else (lambda xs: 0.0)
-    return {"n": n, "exact_match": mean([s.correct for s in scores]), "gold_reward": mean([s.reward for s in scores]),
-            "abstain_rate": mean([s.abstained for s in scores])}
-
 
 def plot_report(report: dict, out: str | Path, title: str) -> None:
     """Bars of exact match and gold reward per family."""

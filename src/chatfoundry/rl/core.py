@@ -217,14 +217,23 @@ class AdaptiveKL:
     """Ziegler et al. (2019): a proportional controller steering the observed KL to `target`.
 
     e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon)
+
+    `hold`: beta does not fall until the KL has reached the target once (anti-windup). A policy
+    starts at the reference, so its KL is small at first because it has not moved yet, not
+    because the penalty is too firm; lowering beta then only lets the KL overshoot later.
     """
 
     value: float
     target: float
     horizon: float = 10_000
+    hold: bool = False
+    reached: bool = False  # the KL has been at or past the target
 
     def update(self, observed_kl: float, n_steps: int) -> float:
+        self.reached = self.reached or observed_kl >= self.target
         error = min(max(observed_kl / self.target - 1, -0.2), 0.2)
+        if error < 0 and self.hold and not self.reached:
+            return self.value
         self.value *= 1 + error * n_steps / self.horizon
         return self.value
 

@@ -55,8 +55,9 @@ class LabelConfig:
     device: str = "auto"
     k: int = 4  # responses per prompt sampled from the policy (InstructGPT: 4 to 9)
     # Train split: this many more responses per prompt from "other models", the world's written
-    # alternatives (reference, terse, rambling, rude, abstaining, wrong, off-topic), as InstructGPT's
-    # labelers ranked several models' outputs together. The held-out split is the policy's samples only.
+    # alternatives (right, wrong, off-topic or abstaining, in any style: world.alternatives), as
+    # InstructGPT's labelers ranked several models' outputs together. The held-out split is the
+    # policy's samples only.
     alternatives: int = 2
     prompts: int = 2000  # world train-split prompts, families in SFT's proportions
     val_prompts: int = 400  # world val-split prompts, held out
@@ -192,8 +193,7 @@ def label_split(model, tokenizer, tasks: list[world.Task], labeler: Labeler, cfg
         s["gold"], s["samples"] = s["gold"] + sum(gold_all), s["samples"] + len(responses)
         distinct = [r for r in dict.fromkeys(responses) if r]
         if cfg.alternatives and not held_out:
-            others = [r for r in world.candidates(task, rng) if r not in distinct]
-            distinct += rng.sample(others, min(cfg.alternatives, len(others)))
+            distinct += world.alternatives(task, rng, cfg.alternatives, exclude=distinct)
         if len(distinct) < 2:
             continue
         ranks = ranks_from(labeler(task, prompt, distinct), cfg.tie)

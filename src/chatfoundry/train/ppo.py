@@ -120,19 +120,24 @@ class PPOLossConfig:
 class KLConfig:
     """The KL-to-reference term of the reward, -beta * KL per token."""
 
-    # The default RM is easy to exploit (it rates "1 minus 1 is 1." above right answers): with
-    # beta 0.05 the policy ran to 4 nats and lost 0.14 gold reward (README), hence a firm beta.
-    # Fixed: the adaptive controller winds up (beta falls while the policy has not moved yet,
-    # then the KL overshoots: 5.7 nats on the default model), where a fixed 0.5 held ~1.
-    coef: float = 0.5  # beta (the initial one when adaptive)
-    control: Literal["fixed", "adaptive"] = "fixed"  # adaptive: Ziegler et al.'s proportional controller
-    target: float = 1.0  # nats per response: the adaptive controller's aim, and the run's KL budget
-    horizon: float = 500  # responses; smaller reacts faster (Ziegler et al.: 10,000 over far longer runs)
+    coef: float = 0.5  # beta, the KL penalty's coefficient (the starting one when adaptive)
+    # adaptive: Ziegler et al.'s proportional controller steers beta so the rollouts' KL holds at
+    # `target`; it holds beta until the KL first reaches the target (no wind-up: a fixed-horizon
+    # controller that lowered beta while the policy had not moved yet let the KL run to 5.7 nats).
+    control: Literal["fixed", "adaptive"] = "adaptive"
+    # Nats per response: the adaptive controller's aim, below the budget because the KL it holds
+    # swings about it (0.6 to 1.8 nats around a target of 1 on the default world).
+    target: float = 0.7
+    budget: float = 1.0  # nats per response the run may spend: reported (kl_within_budget), held out
+    # Responses per full step: beta moves at most 20% x batch / horizon an iteration. One batch
+    # (64) lets a 40-iteration run react; Ziegler et al. used 10,000 over far longer runs.
+    horizon: float = 64
     estimator: Literal["k1", "k3"] = "k1"  # per-token estimate in the reward (k3: >= 0, lower variance)
 
     def validate(self) -> None:
         require(self.coef >= 0, "kl.coef", f"must be >= 0, got {self.coef}")
         require(self.target > 0, "kl.target", f"must be > 0, got {self.target}")
+        require(self.budget > 0, "kl.budget", f"must be > 0, got {self.budget}")
         require(self.horizon > 0, "kl.horizon", f"must be > 0, got {self.horizon}")
 
 
@@ -145,13 +150,17 @@ class PPOEvalConfig:
     samples: int = 4  # 0: greedy answers only
     # The SFT model sampled at these temperatures too, with no reward model: a sharper policy gains
     # gold reward by itself, so this is what PPO's sampled gain has to beat at a like KL.
-    temperatures: list[float] = field(default_factory=lambda: [0.8, 0.6])
+    temperatures: list[float] = field(default_factory=lambda: [0.8, 0.6, 0.4])
+    # Best-of-n by the RM over SFT's samples (drawn in groups of `samples`): the baseline an RL
+    # method should approach, at KL log n - (n - 1) / n. Empty: none.
+    best_of: list[int] = field(default_factory=lambda: [4, 16])
     batch_size: int = 128
 
     def validate(self) -> None:
         require(self.per_family >= 0, "eval.per_family", f"must be >= 0, got {self.per_family}")
         require(self.samples >= 0, "eval.samples", f"must be >= 0, got {self.samples}")
         require(all(t > 0 for t in self.temperatures), "eval.temperatures", f"must be > 0, got {self.temperatures}")
+        require(all(b >= 2 for b in self.best_of), "eval.best_of", f"must be >= 2, got {self.best_of}")
         require(self.max_new_tokens > 0, "eval.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
         require(self.batch_size > 0, "eval.batch_size", f"must be > 0, got {self.batch_size}")
 
@@ -562,8 +571,8 @@ def _run(cfg, rt, out, policy, ref, critic, reward, tok, resume, overwrite, log,
                                    {"params": list(critic.parameters()), "lr": cfg.ppo.critic_lr}],
                                   betas=(0.9, 0.95), weight_decay=0.0, eps=1e-6,
                                   fused=rt.device.type in ("cuda", "cpu"))
-    kl_ctl = core.AdaptiveKL(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.control == "adaptive" \
-        else core.FixedKL(cfg.kl.coef)
+    kl_ctl = core.AdaptiveKL(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon, hold=True) \
+        if cfg.kl.control == "adaptive" else core.FixedKL(cfg.kl.coef)
     penalty = core.DoublingKL(cfg.ppo.penalty_beta, cfg.ppo.penalty_target)
     ptx = PretrainRows(tok, min(block, 128), cfg.seed + 1) if cfg.ppo.ptx_coef else None
     start = 0
@@ -574,6 +583,8 @@ def _run(cfg, rt, out, policy, ref, critic, reward, tok, resume, overwrite, log,
         optimizer.load_state_dict(state["optimizer"])
         order.set_state(state["order"])
         kl_ctl.value, penalty.value = float(state["kl_coef"]), float(state["penalty_beta"])
+        if isinstance(kl_ctl, core.AdaptiveKL):
+            kl_ctl.reached = bool(state.get("kl_reached", False))
         start = int(state["iteration"])
         if ptx is not None and state["ptx_rows"]:
             ptx.next(int(state["ptx_rows"]))
@@ -593,7 +604,8 @@ def _run(cfg, rt, out, policy, ref, critic, reward, tok, resume, overwrite, log,
 
     def save(iteration: int):
         state = {"iteration": iteration, "optimizer": optimizer.state_dict(), "order": order.state(),
-                 "kl_coef": kl_ctl.value, "penalty_beta": penalty.value,
+                 "kl_coef": kl_ctl.value, "kl_reached": getattr(kl_ctl, "reached", False),
+                 "penalty_beta": penalty.value,
                  "ptx_rows": ptx.drawn if ptx is not None else 0}
         ckpt.save_checkpoint(out / CRITIC, critic, tok)
         ckpt.save_checkpoint(out / ckpt.CHECKPOINT, policy, tok, state,
@@ -643,7 +655,7 @@ def _run(cfg, rt, out, policy, ref, critic, reward, tok, resume, overwrite, log,
     train_s = time.perf_counter() - t0
 
     records = read_metrics(out / "metrics.jsonl")
-    plot_ppo(records, out / "ppo.png", cfg.kl.target)
+    plot_ppo(records, out / "ppo.png", cfg.kl)
     tail = records[-max(1, len(records) // 5):]  # the last fifth of the run
     summary = {"out": str(out), "checkpoint": str(out / ckpt.CHECKPOINT), "iterations": cfg.iterations,
                "objective": cfg.ppo.objective, "train_s": round(train_s, 2),
@@ -652,7 +664,7 @@ def _run(cfg, rt, out, policy, ref, critic, reward, tok, resume, overwrite, log,
                "train_gold_reward": {"first": first and round(first["gold_reward"], 4),
                                      "last_fifth": round(float(np.mean([r["gold_reward"] for r in tail])), 4)},
                "train_kl": round(float(np.mean([r["kl"] for r in tail])), 4), "kl_coef": round(kl_ctl.value, 6),
-               "kl_budget": cfg.kl.target}
+               "kl_budget": cfg.kl.budget}
     if last is not None:
         summary["kl"] = summary["train_kl"]
     if cfg.eval.per_family:
@@ -664,7 +676,8 @@ def _run(cfg, rt, out, policy, ref, critic, reward, tok, resume, overwrite, log,
                                    "sft_gold_reward": report["sft_families"][f]["gold_reward"]}
                                for f in report["families"]}
         log(format_eval(report))
-    summary["kl_within_budget"] = summary.get("kl", 0.0) <= cfg.kl.target
+    # Held out where it was measured (the answers the report scores), else the training rollouts'.
+    summary["kl_within_budget"] = summary.get("kl_heldout", summary.get("kl", 0.0)) <= cfg.kl.budget
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
     return summary
 
@@ -691,22 +704,48 @@ def _rm_scores(reward, tok, prompts, responses) -> list[float]:
     return [float(s) for s in reward(prompts, responses)]
 
 
+@dataclass
+class Sampled:
+    """Answers sampled to each held-out prompt: (P, m) arrays, m = groups x eval.samples."""
+
+    gold: np.ndarray  # gold reward
+    rm: np.ndarray  # reward model score
+    kl: np.ndarray  # log p_sampled - log pi_ref summed over the response: an unbiased KL estimate
+    scores: np.ndarray  # world.Score of each answer (objects), for the gold reward's parts
+
+
 def _sampled(model: DecoderLM, ref: DecoderLM, reward, tok, prompts: list[list[dict]], tasks: list, rollout_cfg:
-             RolloutConfig, cfg: PPOConfig) -> tuple[np.ndarray, float, float]:
-    """`eval.samples` answers to each prompt drawn as `rollout_cfg` says: (mean gold reward per
-    prompt, mean RM reward, mean KL of the distribution sampled to the reference: the sum over
-    tokens of log p_sampled - log pi_ref on its own samples, an unbiased estimate). Every model
-    draws with the same seeds (common random numbers: where two agree they sample alike, so the
-    paired difference is less noisy)."""
-    n, golds, rms, kls = cfg.eval.samples, [], [], []
-    for start in range(0, len(prompts), cfg.eval.batch_size):
-        part = [p for p in prompts[start:start + cfg.eval.batch_size] for _ in range(n)]
-        ro = rollout(model, ref, None, reward, tok, part, rollout_cfg, seed=10_000 + start,
-                     chunk=cfg.ppo.minibatch_size, max_new_tokens=cfg.eval.max_new_tokens)
-        golds += [world.gold_reward(tasks[start + i // n], r) for i, r in enumerate(ro.texts)]
-        rms += ro.scores.tolist()
-        kls += ((ro.logp - ro.logp_ref) * ro.batch.mask).sum(1).tolist()
-    return np.asarray(golds).reshape(len(prompts), n).mean(1), float(np.mean(rms)), float(np.mean(kls))
+             RolloutConfig, cfg: PPOConfig, groups: int = 1) -> Sampled:
+    """`groups` x `eval.samples` answers to each prompt, drawn as `rollout_cfg` says. Every model
+    draws group g with the same seeds (common random numbers: where two agree they sample alike,
+    so the paired difference is less noisy); more groups add samples for best-of-n."""
+    n, P = cfg.eval.samples, len(prompts)
+    cols: dict[str, list[list]] = {k: [[] for _ in range(P)] for k in ("rm", "kl", "scores")}
+    for g in range(groups):
+        for start in range(0, P, cfg.eval.batch_size):
+            part = [p for p in prompts[start:start + cfg.eval.batch_size] for _ in range(n)]
+            ro = rollout(model, ref, None, reward, tok, part, rollout_cfg, seed=10_000 + start + 7_919_003 * g,
+                         chunk=cfg.ppo.minibatch_size, max_new_tokens=cfg.eval.max_new_tokens)
+            kls = ((ro.logp - ro.logp_ref) * ro.batch.mask).sum(1).tolist()
+            for i, (text, rm, kl) in enumerate(zip(ro.texts, ro.scores.tolist(), kls)):
+                j = start + i // n
+                cols["scores"][j].append(world.score(tasks[j], text))
+                cols["rm"][j].append(rm)
+                cols["kl"][j].append(kl)
+    scores = np.empty((P, groups * n), dtype=object)
+    scores[:] = [[*row] for row in cols["scores"]]
+    gold = np.vectorize(lambda sc: sc.reward, otypes=[float])(scores)
+    return Sampled(gold, np.asarray(cols["rm"]), np.asarray(cols["kl"]), scores)
+
+
+def best_of_n(sampled: Sampled, n: int) -> tuple[np.ndarray, list]:
+    """Best-of-n by the reward model: per prompt, the gold reward of the RM's favourite among n
+    samples, averaged over the disjoint groups of n the samples hold; and the chosen answers' Scores."""
+    P, m = sampled.gold.shape
+    groups = sampled.rm[:, :m // n * n].reshape(P, m // n, n)
+    pick = groups.argmax(-1)  # (P, groups)
+    chosen = sampled.scores[:, :m // n * n].reshape(P, m // n, n)[np.arange(P)[:, None], np.arange(m // n), pick]
+    return np.vectorize(lambda sc: sc.reward, otypes=[float])(chosen).mean(1), list(chosen.flatten())
 
 
 def evaluate(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: PPOConfig) -> dict:
@@ -716,8 +755,10 @@ def evaluate(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: PPOConfig) -> 
     difference's standard error is paired, the same prompts), RM reward, win rates. Sampled
     answers (`eval.samples` per prompt, temperature as in training: the policy PPO optimises):
     gold and RM reward, the paired gain over SFT, and the KL to the reference (`_sampled`: sum
-    over tokens of log p - log pi_ref on the sampled distribution's own samples). Then SFT sampled
-    cooler (`eval.temperatures`): the gain and KL that sharpening alone gives, with no RM.
+    over tokens of log p - log pi_ref on the sampled distribution's own samples). Best-of-n by the
+    RM from SFT's samples (`eval.best_of`), at the analytic KL log n - (n - 1) / n: what an RL
+    method should approach. Then SFT sampled cooler (`eval.temperatures`): the gain and KL that
+    sharpening alone gives, with no RM. Each carries the gold reward's parts.
     """
     policy.eval()
     tasks = [t for f in world.FAMILIES for t in world.tasks("test", f, cfg.eval.per_family, 0)]
@@ -741,31 +782,47 @@ def evaluate(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: PPOConfig) -> 
               "gold_gain_in_se": round(dm / dse, 2) if dse > 0 else None,
               "rm_reward": round(float(np.mean(g["rm"])), 4), "sft_rm_reward": round(float(np.mean(s["rm"])), 4),
               "win_rate_rm": round(_wins(g["rm"], s["rm"]), 4), "win_rate_gold": round(_wins(g["gold"], s["gold"]), 4),
+              "parts": g["report"]["overall"]["parts"], "sft_parts": s["report"]["overall"]["parts"],
               "families": g["report"]["families"], "sft_families": s["report"]["families"]}
     if cfg.eval.samples:
-        sampled = {name: _sampled(model, ref, reward, tok, prompts, tasks, cfg.rollout, cfg)
-                   for name, model in (("ppo", policy), ("sft", ref))}
-        for name, (golds, rm, kl) in sampled.items():
-            m, se = _mean_se(golds)
-            prefix = "" if name == "ppo" else "sft_"
+        n = cfg.eval.samples
+        groups = max([1] + [math.ceil(b / n) for b in cfg.eval.best_of])
+        sampled = {"ppo": _sampled(policy, ref, reward, tok, prompts, tasks, cfg.rollout, cfg),
+                   "sft": _sampled(ref, ref, reward, tok, prompts, tasks, cfg.rollout, cfg, groups)}
+        paired = sampled["sft"].gold[:, :n]  # the SFT samples drawn with PPO's seeds
+        for name, prefix in (("ppo", ""), ("sft", "sft_")):
+            x = sampled[name]
+            m, se = _mean_se(x.gold[:, :n].mean(1))
             report[f"{prefix}gold_reward_sampled"], report[f"{prefix}gold_reward_sampled_se"] = round(m, 4), round(se, 4)
-            report[f"{prefix}rm_reward_sampled"] = round(rm, 4)
-        report["kl_heldout"] = round(sampled["ppo"][2], 4)
-        gain = lambda golds: _mean_se(golds - sampled["sft"][0])  # noqa: E731  (paired, per prompt)
-        dm, dse = gain(sampled["ppo"][0])
-        report.update({"samples": cfg.eval.samples, "gold_gain_sampled": round(dm, 4),
+            report[f"{prefix}rm_reward_sampled"] = round(float(x.rm[:, :n].mean()), 4)
+            report[f"{prefix}parts_sampled"] = world.score_summary(list(x.scores[:, :n].flatten()))["parts"]
+        report["kl_heldout"] = round(float(sampled["ppo"].kl.mean()), 4)
+        gain = lambda golds: _mean_se(golds - paired.mean(1))  # noqa: E731  (paired, per prompt)
+        dm, dse = gain(sampled["ppo"].gold.mean(1))
+        report.update({"samples": n, "gold_gain_sampled": round(dm, 4),
                        "gold_gain_sampled_se": round(dse, 4), "gold_gain_sampled_in_se": round(dm / dse, 2) if dse > 0 else None})
         of = np.array([t.family for t in tasks])
-        report["sampled_families"] = {f: {"sft_gold_reward": round(float(sampled["sft"][0][of == f].mean()), 4),
-                                          "gold_reward": round(float(sampled["ppo"][0][of == f].mean()), 4)}
+        report["sampled_families"] = {f: {"sft_gold_reward": round(float(paired[of == f].mean()), 4),
+                                          "gold_reward": round(float(sampled["ppo"].gold[of == f].mean()), 4)}
                                       for f in world.FAMILIES if (of == f).any()}
+        # Best-of-n against one SFT sample's expected gold: the mean over all of SFT's samples.
+        everything = sampled["sft"].gold.mean(1)
+        report["best_of_n"] = []
+        for b in cfg.eval.best_of:
+            golds, chosen = best_of_n(sampled["sft"], b)
+            bm, bse = _mean_se(golds - everything)
+            report["best_of_n"].append({"n": b, "gold_reward": round(float(golds.mean()), 4), "gold_gain": round(bm, 4),
+                                        "gold_gain_se": round(bse, 4), "kl": round(math.log(b) - (b - 1) / b, 4),
+                                        "parts": world.score_summary(chosen)["parts"]})
         report["sft_tempered"] = []
         for t in cfg.eval.temperatures:
-            golds, rm, kl = _sampled(ref, ref, reward, tok, prompts, tasks, replace(cfg.rollout, temperature=t), cfg)
-            dm, dse = gain(golds)
-            report["sft_tempered"].append({"temperature": t, "gold_reward_sampled": round(float(golds.mean()), 4),
+            x = _sampled(ref, ref, reward, tok, prompts, tasks, replace(cfg.rollout, temperature=t), cfg)
+            dm, dse = gain(x.gold.mean(1))
+            report["sft_tempered"].append({"temperature": t, "gold_reward_sampled": round(float(x.gold.mean()), 4),
                                            "gold_gain_sampled": round(dm, 4), "gold_gain_sampled_se": round(dse, 4),
-                                           "rm_reward_sampled": round(rm, 4), "kl_heldout": round(kl, 4)})
+                                           "rm_reward_sampled": round(float(x.rm.mean()), 4),
+                                           "kl_heldout": round(float(x.kl.mean()), 4),
+                                           "parts": world.score_summary(list(x.scores.flatten()))["parts"]})
     report["answers"] = [{**a, "sft_response": b["response"], "sft_gold_reward": b["gold_reward"], "rm": r1, "sft_rm": r2}
                          for a, b, r1, r2 in zip(g["report"]["answers"], s["report"]["answers"], g["rm"], s["rm"])]
     return report
@@ -781,6 +838,9 @@ def format_eval(report: dict) -> str:
                      f"{report['sft_gold_reward_sampled']:.3f} -> PPO {report['gold_reward_sampled']:.3f} (gain {report['gold_gain_sampled']:+.3f} +- "
                      f"{report['gold_gain_sampled_se']:.3f}, paired SE); RM {report['sft_rm_reward_sampled']:+.3f} -> "
                      f"{report['rm_reward_sampled']:+.3f}; KL to SFT {report['kl_heldout']:.3f} nats per response")
+    for b in report.get("best_of_n", []):
+        lines.append(f"  best-of-{b['n']} of SFT's samples by the reward model: gold gain {b['gold_gain']:+.3f} +- "
+                     f"{b['gold_gain_se']:.3f} at {b['kl']:.3f} nats")
     for t in report.get("sft_tempered", []):
         lines.append(f"  SFT itself at temperature {t['temperature']:g}, no reward model: gold gain "
                      f"{t['gold_gain_sampled']:+.3f} +- {t['gold_gain_sampled_se']:.3f} at {t['kl_heldout']:.3f} nats")
@@ -790,7 +850,7 @@ def format_eval(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_ppo(records: list[dict], path: Path, kl_target: float) -> None:
+def plot_ppo(records: list[dict], path: Path, kl: KLConfig) -> None:
     """Rewards (RM and gold, per iteration's rollouts) and the KL to the reference with its budget."""
     import matplotlib.pyplot as plt
 
@@ -804,12 +864,19 @@ def plot_ppo(records: list[dict], path: Path, kl_target: float) -> None:
     a.grid(alpha=0.3)
     a.legend()
     b.plot(steps, [r["kl"] for r in records], label="KL(policy || reference)")
-    b.axhline(kl_target, color="grey", linestyle="--", label="target (budget)")
+    b.axhline(kl.budget, color="grey", linestyle="--", label="budget")
+    if kl.control == "adaptive":
+        b.axhline(kl.target, color="tab:green", linestyle=":", label="the controller's target")
     b.set_xlabel("iteration")
     b.set_ylabel("nats per response")
-    b.set_title("KL to the SFT model")
+    b.set_title("KL to the SFT model, and the KL coefficient beta")
     b.grid(alpha=0.3)
-    b.legend()
+    c = b.twinx()  # the controller's trajectory (flat when beta is fixed)
+    c.plot(steps, [r["kl_coef"] for r in records], color="tab:red", alpha=0.7, label="beta (right axis)")
+    c.set_ylabel("beta", color="tab:red")
+    c.set_ylim(bottom=0)
+    handles = [h for axis in (b, c) for h in axis.get_legend_handles_labels()[0]]
+    b.legend(handles, [h.get_label() for h in handles])
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -262,6 +262,7 @@ def evaluate(model: RewardModel | None, items: list[Encoded], pad_id: int, batch
         scores = score_rows(model, [r for it in items for r in it.rows], pad_id, batch_size)
     label_hits, losses, gold_hits, per_family, pooled, chosen, rejected = [], [], [], {}, ([], []), [], []
     best_of = []  # gold of the RM's favourite minus the mean gold of the responses
+    within = []  # Spearman with the gold reward inside each prompt whose gold rewards differ
     i = 0
     for it in items:
         s = scores[i:i + len(it.rows)]
@@ -274,6 +275,8 @@ def evaluate(model: RewardModel | None, items: list[Encoded], pad_id: int, batch
             pooled[0].extend(s)
             pooled[1].extend(it.gold)
             best_of.append(it.gold[int(np.argmax(s))] - float(np.mean(it.gold)))
+            if len(set(it.gold)) > 1:
+                within.append(spearman(s, it.gold))
             for a in range(k):
                 for b in range(k):
                     if it.gold[a] > it.gold[b]:
@@ -290,6 +293,9 @@ def evaluate(model: RewardModel | None, items: list[Encoded], pad_id: int, batch
     if gold_hits:
         report.update(pairwise_accuracy=mean(gold_hits), gold_pairs=len(gold_hits),
                       spearman_gold=round(spearman(*pooled), 4),
+                      # A Bradley-Terry reward is defined up to a shift per prompt: within a prompt
+                      # is where rankings can teach it to agree with the gold reward.
+                      spearman_within=mean(within), spearman_within_prompts=len(within),
                       # Best-of-K by the RM: the gold it gains by picking, as rejection sampling would.
                       best_of_k_gold_gain=mean(best_of),
                       family_accuracy={f: mean(h) for f, h in sorted(per_family.items())})
@@ -322,7 +328,7 @@ def plot_rewards(report: dict, out: Path) -> None:
         ax.scatter(np.asarray(data["gold"]) + jitter, data["rm"], s=4, alpha=0.3)
         ax.set_xlabel("gold reward (hidden from the RM)")
         ax.set_ylabel("reward model score")
-        ax.set_title(f"Spearman {report['spearman_gold']:.3f}")
+        ax.set_title(f"Spearman {report['spearman_gold']:.3f} pooled, {report['spearman_within']:.3f} within a prompt")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -463,7 +469,8 @@ def _run(cfg, rt, out, model, tokenizer, train, val, extras, source, resume, ove
                 lm = ckpt.load_model(cfg.init, rt.device)[0]
                 baseline = evaluate(None, val_items, pad_id, scores=loglik_scores(lm, val_items, pad_id))
                 report["loglik_baseline"] = {k: baseline[k] for k in ("pairwise_accuracy", "spearman_gold",
-                                                                      "best_of_k_gold_gain", "family_accuracy")
+                                                                      "spearman_within", "best_of_k_gold_gain",
+                                                                      "family_accuracy")
                                              if k in baseline}
             except UserError as e:  # a resumed run whose init has gone: the RM itself is done
                 log(f"rm held out: no log-likelihood baseline, the init model is not there ({e})")

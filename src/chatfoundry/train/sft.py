@@ -38,9 +38,15 @@ from chatfoundry.train.pretrain import check_output, prepare_output
 class SFTDataConfig:
     files: list[str] = field(default_factory=list)  # JSONL files (any SFT format); empty: the task world
     conversations: int = 8000  # world conversations drawn from its train split
+    # World: who writes the demonstrations, as writer:weight (data/world.py WRITERS: careful,
+    # terse, chatty, brusque, guesser, sloppy). careful:1 is the world of perfect demonstrations.
+    crowd: list[str] = field(default_factory=lambda: [f"{w}:{x:g}" for w, x in world.CROWD.items()])
     system_prob: float = 0.3  # world: share of conversations that open with a system message
     multi_turn_prob: float = 0.2  # world: share with two or three exchanges
-    tool_conversations: int = 2500  # world: conversations with the calculator on offer (serve/tools.py)
+    # World: conversations with the calculator on offer (serve/tools.py). 5,000 rather than 2,500:
+    # with the crowd's styles a 1M model copied the calculator's result right 3% of the time on
+    # 2,500, 48% on 5,000 (docs/log.md).
+    tool_conversations: int = 5000
     val_fraction: float = 0.05  # user files: share held out for validation loss (the world has a val split)
     packing: bool = False  # pack conversations into full rows instead of padding each
     # World only: the share of training examples that are pretraining documents (plain text, every
@@ -50,6 +56,10 @@ class SFTDataConfig:
 
     def validate(self) -> None:
         require(self.conversations > 0, "data.conversations", f"must be > 0, got {self.conversations}")
+        try:
+            world.parse_crowd(self.crowd)
+        except ValueError as e:
+            raise UserError(f"data.crowd: {e}") from None
         require(self.tool_conversations >= 0, "data.tool_conversations", f"must be >= 0, got {self.tool_conversations}")
         for name in ("system_prob", "multi_turn_prob"):
             require(0 <= getattr(self, name) <= 1, f"data.{name}", f"must be in [0, 1], got {getattr(self, name)}")
@@ -198,17 +208,29 @@ class Batches:
 # ---------------------------------------------------------------- the stage
 
 
-def _examples(cfg: SFTConfig) -> tuple[list[Example], list[Example], str]:
-    """(train, validation, source description)."""
+def world_demonstrations(cfg: SFTConfig, split: str, n: int, with_tools: int,
+                         crowd: dict[str, float]) -> list[world.Demonstration]:
+    """The world's conversations for a split, as the crowd wrote them, with the calculator's after them."""
+    return (world.demonstrations(split, n, cfg.seed, cfg.data.system_prob, cfg.data.multi_turn_prob, crowd)
+            + world.tool_demonstrations(split, with_tools, cfg.seed, cfg.data.system_prob, crowd=crowd))
+
+
+def _examples(cfg: SFTConfig) -> tuple[list[Example], list[Example], str, dict | None]:
+    """(train, validation, source description, the world's demonstrations' worth: `world.crowd_report`)."""
     if cfg.data.files:
         examples = load_sft(cfg.data.files)
         random.Random(cfg.seed).shuffle(examples)
         n_val = max(1, int(len(examples) * cfg.data.val_fraction)) if len(examples) > 1 else 0
-        return examples[n_val:], examples[:n_val], f"{len(examples)} examples from files"
+        return examples[n_val:], examples[:n_val], f"{len(examples)} examples from files", None
+
+    crowd = world.parse_crowd(cfg.data.crowd)
+
+    reports = {}
 
     def world_examples(split: str, n: int, with_tools: int) -> list[Example]:
-        convs = world.conversations(split, n, cfg.seed, cfg.data.system_prob, cfg.data.multi_turn_prob)
-        convs += world.tool_conversations(split, with_tools, cfg.seed, cfg.data.system_prob)
+        demos = world_demonstrations(cfg, split, n, with_tools, crowd)
+        reports[split] = world.crowd_report(demos)
+        convs = [d.messages for d in demos]
         random.Random(f"{cfg.seed}:{split}").shuffle(convs)
         return [Example(messages=tuple(m)) for m in convs]
 
@@ -217,8 +239,8 @@ def _examples(cfg: SFTConfig) -> tuple[list[Example], list[Example], str]:
         n = round(len(train) * cfg.data.pretrain_mix / (1 - cfg.data.pretrain_mix))
         docs = corpus.generate_documents(cfg.seed + 1)
         train += [Example(text=next(docs)) for _ in range(n)]
-    return (train, world_examples("val", max(64, cfg.data.conversations // 20), cfg.data.tool_conversations // 20),
-            "the task world")
+    val = world_examples("val", max(64, cfg.data.conversations // 20), cfg.data.tool_conversations // 20)
+    return train, val, "the task world's crowd (" + ", ".join(cfg.data.crowd) + ")", reports["train"]
 
 
 def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
@@ -227,15 +249,16 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, log=print
     out = Path(cfg.out)
     check_output(out, resume, overwrite)
     base, tokenizer = ckpt.load_model(ckpt.resolve_checkpoint(out) if resume else cfg.init)
-    train_examples, val_examples, source = _examples(cfg)
+    train_examples, val_examples, source, data = _examples(cfg)
     rt = setup_runtime(cfg.device, cfg.dtype)
     try:
-        return _run(cfg, rt, out, base, tokenizer, train_examples, val_examples, source, resume, overwrite, log, t0)
+        return _run(cfg, rt, out, base, tokenizer, train_examples, val_examples, source, data, resume, overwrite, log,
+                    t0)
     finally:
         teardown(rt)
 
 
-def _run(cfg, rt, out, model, tokenizer, train_examples, val_examples, source, resume, overwrite, log, t0) -> dict:
+def _run(cfg, rt, out, model, tokenizer, train_examples, val_examples, source, data, resume, overwrite, log, t0) -> dict:
     torch.manual_seed(cfg.seed)
     block = cfg.train.block_size or model.config.block_size
     require(block <= model.config.block_size, "train.block_size",
@@ -262,6 +285,9 @@ def _run(cfg, rt, out, model, tokenizer, train_examples, val_examples, source, r
             + (f", {cut} cut to the context of {block}" if cut else "") + f"); {len(val_rows):,} for validation; "
             f"batch {cfg.train.batch_size} ({'packed' if cfg.data.packing else 'padded'}) = {micro} x {accum} steps "
             f"x {rt.world} processes; device {rt.device}")
+        if data:
+            log(f"sft: the demonstrations' gold reward {data['gold_reward']:.3f} ("
+                + ", ".join(f"{w} {d['share']:.0%}: {d['gold_reward']:.3f}" for w, d in data["writers"].items()) + ")")
     metrics = MetricsLog(out / "metrics.jsonl", start_step if resume else None, enabled=rt.is_main)
 
     train_model = wrap(model, rt, cfg.compile)
@@ -309,6 +335,8 @@ def _run(cfg, rt, out, model, tokenizer, train_examples, val_examples, source, r
     summary = {"out": str(out), "checkpoint": str(out / ckpt.CHECKPOINT), "steps": cfg.train.steps,
                "examples": len(rows), "train_loss": last.get("loss"), "val_loss": last.get("val_loss"),
                "train_s": round(train_s, 2)}
+    if data:
+        summary["data"] = data  # what the demonstrations are worth, by the gold reward SFT never sees
     if rt.is_main:
         plot_curves(read_metrics(out / "metrics.jsonl"), out / "loss.png",
                     {"loss": "train loss", "val_loss": "validation loss"}, title="SFT (assistant tokens only)",
