@@ -57,6 +57,7 @@ class Task:
     options: tuple[str, ...] = ()  # compare: the two things; facts: the rival values; sort: the words
 
 
+@lru_cache(maxsize=None)
 def split_of(group: str) -> str:
     """train / val / test for a group, by a stable hash (80/10/10)."""
     bucket = int(hashlib.sha256(group.encode()).hexdigest()[:8], 16) % 100
@@ -145,11 +146,16 @@ def facts_task(rng: random.Random) -> Task:
     fact = rng.choice(facts)
     kind = rng.choice(tuple(_FACT_PROMPTS))
     answer = getattr(fact, kind)  # each kind is named after the field it asks for
-    rivals = tuple(sorted({getattr(f, kind) for f in facts} - {answer}))
     values = vars(fact)
     return Task("facts", kind, f"country:{fact.country}", f"{kind}:{fact.country}",
                 rng.choice(_FACT_PROMPTS[kind]).format(**values), answer, _FACT_REFERENCES[kind].format(**values),
-                rivals)
+                _rivals(kind, answer))
+
+
+@lru_cache(maxsize=None)
+def _rivals(kind: str, answer: str) -> tuple[str, ...]:
+    """Every other value of the field (a wrong capital, currency...), in a fixed order."""
+    return tuple(sorted({getattr(f, kind) for f in load_facts()} - {answer}))
 
 
 _NAME_PARTS = (("Zor", "Vel", "Kar", "Mal", "Tor", "Bel", "Quen", "Dra", "Fen", "Lum", "Nor", "Osk", "Pral", "Sar",
@@ -603,6 +609,7 @@ def is_correct(task: Task, response: str) -> bool:
     return _mentions(response, task.answer)  # reverse, uppercase: the exact string
 
 
+@lru_cache(maxsize=1 << 16)  # a pure function; demonstrations and samples repeat answers often
 def score(task: Task, response: str) -> Score:
     text = response.strip()
     if not text:
