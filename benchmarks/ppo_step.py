@@ -102,7 +102,7 @@ def side_ours(args) -> dict:
                 timer.total.get("generation", 0.0) - gen_before)
 
     ppo.generate_batch, ppo.rollout = generate_timed, rollout_timed
-    cfg = ppo.PPOConfig(init=args.sft, rm=args.rm, device="cpu", threads=args.threads, seed=args.seed,
+    cfg = ppo.PPOConfig(init=args.sft, reward=f"rm:{args.rm}", device="cpu", threads=args.threads, seed=args.seed,
                         iterations=args.warmup + args.iters)
     cfg.out = tempfile.mkdtemp(prefix="ppo_bench_")
     cfg.rollout.batch_size, cfg.rollout.max_new_tokens = args.batch, args.response_length
@@ -220,7 +220,7 @@ def main() -> None:
 
     from chatfoundry.checkpoint import load_model
     from chatfoundry.tokenizer import encode_chat
-    from chatfoundry.train.label import prompt_tasks
+    from chatfoundry.data.tasks import prompt_tasks
 
     _, tok = load_model(args.sft)
     prompts = [encode_chat(tok, [{"role": "user", "content": t.prompt}]) for t in prompt_tasks("train", 2000, args.seed)]

@@ -38,6 +38,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_load import Served  # noqa: E402  (the same script folder)
 
 LIGHT = {"model": "bench", "messages": [{"role": "user", "content": "What is 2 plus 3?"}], "max_tokens": 8,
          "temperature": 0}
@@ -108,30 +109,9 @@ def serve(args) -> int:
     return 0
 
 
-class Server:
-    def __init__(self, ckpt: str, args):
-        self.cmd = [sys.executable, __file__, "--serve", "--ckpt", ckpt, "--threads", str(args.threads)]
-
-    def __enter__(self) -> str:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.proc = subprocess.Popen([*self.cmd, "--port", str(port)])
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    return url
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the server did not start")
-            time.sleep(0.1)
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+def Server(ckpt: str, args) -> Served:
+    """`python serve_hostile.py --serve` on a free port."""
+    return Served([sys.executable, __file__, "--serve", "--ckpt", ckpt, "--threads", str(args.threads)])
 
 
 def light(url: str) -> float:

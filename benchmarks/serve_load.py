@@ -188,18 +188,24 @@ def serve(args) -> int:
     return 0
 
 
-class Server:
-    """`python serve_load.py --serve` on a free port; the URL while it runs."""
+def Server(ckpt: str, max_batch: int, args) -> Served:
+    """`python serve_load.py --serve` on a free port."""
+    return Served([sys.executable, __file__, "--serve", "--ckpt", ckpt, "--max-batch", str(max_batch), "--threads",
+                   str(args.threads)] + (["--batcher", args.batcher] if args.batcher else []), args.threads)
 
-    def __init__(self, ckpt: str, max_batch: int, args):
-        self.cmd = [sys.executable, __file__, "--serve", "--ckpt", ckpt, "--max-batch", str(max_batch),
-                    "--threads", str(args.threads)] + (["--batcher", args.batcher] if args.batcher else [])
+
+class Served:
+    """A server command (it takes `--port`) run on a free port, with `threads` OpenMP threads; the
+    URL once /health answers. serve_hostile.py serves this way too."""
+
+    def __init__(self, cmd: list[str], threads: int | None = None):
+        self.cmd, self.threads = cmd, threads
 
     def __enter__(self) -> str:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        env = {**os.environ, "OMP_NUM_THREADS": self.cmd[self.cmd.index("--threads") + 1]}
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(self.threads)} if self.threads else {})}
         self.proc = subprocess.Popen([*self.cmd, "--port", str(port)], env=env)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120

@@ -21,10 +21,10 @@ TINY_PIPELINE = [
                             if x != "--device" and (not i or TINY[i - 1] != "--device")]),
     *"--sft.train.steps 4 --sft.train.batch_size 4 --sft.train.warmup_steps 1 --sft.train.eval_every 2".split(),
     *"--sft.train.save_every 4 --sft.data.conversations 32 --sft.eval.per_family 0".split(),
-    *"--label.k 3 --label.prompts 20 --label.val_prompts 30 --label.max_new_tokens 10".split(),
+    *"--label.k 3 --label.train_prompts 20 --label.val_prompts 30 --label.max_new_tokens 10".split(),
     *"--rm.train.steps 4 --rm.train.batch_size 4 --rm.train.warmup_steps 1 --rm.train.eval_every 2".split(),
     *"--rm.train.save_every 4".split(),
-    *"--ppo.iterations 2 --ppo.rollout.batch_size 8 --ppo.rollout.max_new_tokens 8 --ppo.rollout.prompts 40".split(),
+    *"--ppo.iterations 2 --ppo.rollout.batch_size 8 --ppo.rollout.max_new_tokens 8 --ppo.rollout.pool 40".split(),
     *"--ppo.ppo.minibatch_size 4 --ppo.ppo.epochs 1 --ppo.eval.per_family 2 --ppo.eval.max_new_tokens 8".split(),
     "--device", "cpu",
 ]
@@ -45,7 +45,7 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tmp_path, capsy
     assert set(stages["rm"]["loglik_baseline"]) == {"pairwise_accuracy", "spearman_within", "spearman_gold"}
     assert set(stages["bon"]["gold_reward"]) == {"4", "16"} and stages["bon"]["kl"]["16"] == pytest.approx(1.8351, abs=1e-4)
     assert 0.85 < stages["sft"]["data_gold_reward"] < 0.97  # the crowd's demonstrations
-    assert [t["temperature"] for t in summary["stages"]["ppo"]["sft_tempered"]] == [0.8, 0.6, 0.4]
+    assert [t["temperature"] for t in summary["stages"]["ppo"]["sft_tempered"]] == [0.6, 0.4]
     for name in ("report.md", "report_scores.png", "report_overoptimization.png", "config.yaml",
                  "pretrain/checkpoint/model.safetensors", "sft/checkpoint/model.safetensors", "label/train.jsonl",
                  "rm/checkpoint/model.safetensors", "ppo/checkpoint/model.safetensors", "ppo/ppo.png"):
@@ -54,7 +54,7 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tmp_path, capsy
     assert "| arithmetic |" in report and "chatfoundry chat --ckpt" in report and "**PPO:**" in report
     assert "Sampled answers (4 per prompt" in report and "on held-out prompts (budget 1.0)" in report
     assert "the SFT model's own log-likelihood orders the same pairs" in report
-    assert "SFT itself sampled at temperature 0.8, with no reward model: gain" in report
+    assert "SFT itself sampled at temperature 0.6, with no reward model: gain" in report
     assert "## What each stage changed" in report and "| SFT data | the crowd's demonstrations" in report
     assert "| best-of-16 (SFT's samples, by the RM) |" in report and "| PPO | sampled |" in report
     assert "demonstrations' gold reward" in report and "within a prompt" in report
@@ -91,7 +91,7 @@ def test_a_bad_crowd_stops_before_any_work(crowd, message, tmp_path, capsys):
         assert not out.exists()
 
 
-@pytest.mark.parametrize("argv", [["pipeline"], ["label", "--policy", "sft"], ["ppo", "--init", "sft", "--rm", "rm"],
+@pytest.mark.parametrize("argv", [["pipeline"], ["label", "--policy", "sft"], ["ppo", "--init", "sft", "--reward", "rm:rm"],
                                   ["ppo", "--eval-only"]], ids=["pipeline", "label", "ppo", "ppo-eval-only"])
 def test_one_process_stages_refuse_torchrun_before_writing(argv, tmp_path, monkeypatch, capsys):
     # Under torchrun every rank would sample, label and write the same files; the DDP stages
@@ -99,7 +99,7 @@ def test_one_process_stages_refuse_torchrun_before_writing(argv, tmp_path, monke
     monkeypatch.setenv("WORLD_SIZE", "2")
     if argv == ["ppo", "--eval-only"]:  # a finished run's folder, as eval-only reads it
         (tmp_path / "run").mkdir()
-        (tmp_path / "run" / "config.yaml").write_text("init: sft\nrm: rm\n")
+        (tmp_path / "run" / "config.yaml").write_text("init: sft\nreward: rm:rm\n")
     code, _, err = run_cli([*argv, "--out", str(tmp_path / "run")], capsys)
     assert code == 2 and "runs in one process: launch it without torchrun" in err, err
     assert len(err.strip().splitlines()) == 1

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from chatfoundry.checkpoint import load_model, save_checkpoint
-from chatfoundry.data import world
+from chatfoundry.data import tasks, world
 from chatfoundry.generation import GenerationConfig, generate_batch
 from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.models.heads import RewardModel
@@ -27,8 +27,8 @@ from conftest import last_json, randomize, run_cli, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TOY = "def say_a(prompts, responses):\n    return [r.count('a') / max(len(r), 1) for r in responses]\n"
-FAST = ["--iterations", "3", "--rollout.batch_size", "8", "--rollout.max_new_tokens", "8", "--rollout.prompts", "50",
+TOY = "def say_a(prompt, response):\n    return response.count('a') / max(len(response), 1)\n"
+FAST = ["--iterations", "3", "--rollout.batch_size", "8", "--rollout.max_new_tokens", "8", "--rollout.pool", "50",
         "--ppo.minibatch_size", "4", "--ppo.epochs", "2", "--eval.per_family", "2", "--eval.max_new_tokens", "8",
         "--device", "cpu"]
 
@@ -119,7 +119,7 @@ def test_select_packs_rows_and_each_row_gets_what_it_gets_alone(models):
 
 
 def test_per_token_rewards_and_gae_equal_a_hand_computation():
-    cfg = PPOConfig(init="x", rm="y")
+    cfg = PPOConfig(init="x", reward="rm:y")
     cfg.rollout.no_eos_penalty = 0.5
     mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
     batch = ppo.Batch(idx=None, pos=None, tokens=None, mask=mask, rm_idx=None, rm_last=None,
@@ -156,19 +156,19 @@ def test_per_token_rewards_and_gae_equal_a_hand_computation():
 # ---------------------------------------------------------------- log-probabilities and the ratio
 
 
-def _prompts(n: int) -> list[list[dict]]:
-    return [[{"role": "user", "content": t.prompt}] for t in world.tasks("train", "arithmetic", n, 0)]
+def _prompts(n: int) -> list[tasks.Prompt]:
+    return tasks.source("world:arithmetic").prompts("train", n, 0)
 
 
 def test_rollout_logprobs_are_the_sampled_distributions(models):
     policy, tok = load_model(models / "sft")
     randomize(policy, seed=3, std=0.1)  # peaked logits, so a temperature visibly changes them
     prompts = _prompts(6)
-    cfg = PPOConfig(init="x", rm="y").rollout
+    cfg = PPOConfig(init="x", reward="rm:y").rollout
     cfg.max_new_tokens = 10
     ro = rollout(policy, policy, None, lambda p, r: [0.0] * len(r), tok, prompts, cfg, seed=5, chunk=3)
     # Temperature 1: the recomputed log-probabilities are those generation reported for its samples.
-    gen = generate_batch(policy, [encode_chat(tok, p) for p in prompts],
+    gen = generate_batch(policy, [encode_chat(tok, list(p.messages)) for p in prompts],
                          GenerationConfig(max_new_tokens=10, do_sample=True, eos_token_id=chat_stop_ids(tok), seed=5))
     assert [ro.batch.tokens[i, :len(s)].tolist() for i, s in enumerate(gen.sequences)] == gen.sequences
     for i, lp in enumerate(gen.token_logprobs):
@@ -189,7 +189,7 @@ def test_first_minibatch_ratio_is_exactly_one_and_the_update_moves_the_policy(mo
     policy, tok = load_model(models / "sft")
     ref, _ = load_model(models / "sft")
     critic = RewardModel.from_lm(policy)
-    cfg = PPOConfig(init="x", rm="y")
+    cfg = PPOConfig(init="x", reward="rm:y")
     cfg.rollout.max_new_tokens, cfg.ppo.minibatch_size, cfg.ppo.epochs, cfg.ppo.lr = 8, 4, 2, 1e-3
     ro = rollout(policy, ref, critic, lambda p, r: [float(len(x)) for x in r], tok, _prompts(8), cfg.rollout,
                  seed=0, chunk=4)
@@ -207,8 +207,8 @@ def test_first_minibatch_ratio_is_exactly_one_and_the_update_moves_the_policy(mo
 
 def test_ppo_raises_a_toy_reward(models, toy, tmp_path):
     """Say the letter a: the reward is the share of a's in the response; PPO must raise it."""
-    cfg = PPOConfig(init=str(models / "sft"), rm=toy, out=str(tmp_path / "run"), device="cpu", iterations=25)
-    cfg.rollout.batch_size, cfg.rollout.max_new_tokens, cfg.rollout.prompts = 32, 12, 200
+    cfg = PPOConfig(init=str(models / "sft"), reward=toy, out=str(tmp_path / "run"), device="cpu", iterations=25)
+    cfg.rollout.batch_size, cfg.rollout.max_new_tokens, cfg.rollout.pool = 32, 12, 200
     cfg.rollout.no_eos_penalty = 0.0
     cfg.ppo.minibatch_size, cfg.ppo.lr, cfg.ppo.critic_lr, cfg.ppo.target_kl = 16, 3e-3, 3e-3, 0.0
     cfg.kl.coef, cfg.kl.control = 0.01, "fixed"
@@ -223,8 +223,8 @@ def test_ppo_raises_a_toy_reward(models, toy, tmp_path):
 
 def _pull_away(models, out, control: str) -> list[dict]:
     """A run whose reward pulls away from the reference (say the letter a), with a weak start beta."""
-    cfg = PPOConfig(init=str(models / "sft"), rm="python:toy_reward:say_a", out=str(out), device="cpu", iterations=40)
-    cfg.rollout.batch_size, cfg.rollout.max_new_tokens, cfg.rollout.prompts = 16, 12, 200
+    cfg = PPOConfig(init=str(models / "sft"), reward="python:toy_reward:say_a", out=str(out), device="cpu", iterations=40)
+    cfg.rollout.batch_size, cfg.rollout.max_new_tokens, cfg.rollout.pool = 16, 12, 200
     cfg.rollout.no_eos_penalty = 0.0
     cfg.ppo.minibatch_size, cfg.ppo.lr, cfg.ppo.critic_lr, cfg.ppo.target_kl = 8, 3e-3, 3e-3, 0.0
     cfg.kl.coef, cfg.kl.control, cfg.kl.target, cfg.kl.horizon = 0.01, control, 2.0, 16
@@ -271,7 +271,7 @@ def test_cli_run_writes_artifacts_is_deterministic_and_resumes_exactly(models, t
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(tmp_path)
-    base = ["ppo", "--init", "m/sft", "--rm", "m/rm", *FAST]
+    base = ["ppo", "--init", "m/sft", "--reward", "rm:m/rm", *FAST]
     s = cli_ok([*base, "--out", "a"], capsys)
     a = tmp_path / "a"
     assert {p.name for p in a.iterdir()} >= {"config.yaml", "metrics.jsonl", "ppo.png", "eval.json", "checkpoint",
@@ -285,10 +285,12 @@ def test_cli_run_writes_artifacts_is_deterministic_and_resumes_exactly(models, t
     # The sampled gain is paired: the mean of per-prompt differences, so the difference of the means.
     assert s["gold_gain_sampled"] == pytest.approx(s["gold_reward_sampled"] - s["sft_gold_reward_sampled"], abs=2e-4)
     assert s["samples"] == 4 and s["gold_gain_sampled_se"] >= 0
+    assert s["exact_match_sampled_gain"] == pytest.approx(s["exact_match_sampled"] - s["sft_exact_match_sampled"], abs=2e-4)
+    assert s["reward_heldout_ppo"] == s["rm_reward"] and s["heldout_prompts"] == s["prompts"]
     assert set(json.loads((a / "eval.json").read_text())["sampled_families"]) == set(world.FAMILIES)
-    # SFT sampled cooler, the sharpening baseline: further from SFT's own distribution as it cools.
+    # SFT sampled cooler, the sharpening baseline.
     cool = s["sft_tempered"]
-    assert [t["temperature"] for t in cool] == [0.8, 0.6, 0.4] and all("gold_gain_sampled" in t for t in cool)
+    assert [t["temperature"] for t in cool] == [0.6, 0.4] and all("gold_gain_sampled" in t for t in cool)
     # Best-of-n from SFT's samples at the analytic KL; every answer's gold reward has its parts.
     assert [(b["n"], b["kl"]) for b in s["best_of_n"]] == [(4, 0.6363), (16, 1.8351)]
     assert set(s["parts"]) == set(s["parts_sampled"]) == set(s["best_of_n"][0]["parts"]) == set(world.PARTS)
@@ -326,7 +328,8 @@ def test_cli_run_writes_artifacts_is_deterministic_and_resumes_exactly(models, t
 
 
 def test_kl_penalty_objective_and_ptx_run(models, tmp_path, capsys):
-    s = cli_ok(["ppo", "--init", str(models / "sft"), "--rm", str(models / "rm"), "--out", str(tmp_path / "k"), *FAST,
+    s = cli_ok(["ppo", "--init", str(models / "sft"), "--reward", f"rm:{models / 'rm'}", "--out", str(tmp_path / "k"),
+                *FAST,
                 "--ppo.objective", "kl_penalty", "--ppo.ptx_coef", "0.5", "--ppo.ptx_batch_size", "2",
                 "--eval.samples", "0"], capsys)
     rows = metrics(tmp_path / "k")
@@ -356,7 +359,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, models, tok, tmp_
         extra = ["--ppo.minibatch_size", "3"]
     else:
         rm = "python:no_such_module:f"
-    code, out, err = run_cli(["ppo", "--init", init, "--rm", rm, "--out", str(tmp_path / "run"), *FAST, *extra],
+    reward = rm if rm.startswith("python:") else f"rm:{rm}"
+    code, out, err = run_cli(["ppo", "--init", init, "--reward", reward, "--out", str(tmp_path / "run"), *FAST, *extra],
                              capsys)
     assert code == 2 and expect in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # A pretrained policy with room for a question and a short answer (block 96, char tokenizer).
 POLICY = ["96" if i and TINY[i - 1] == "--model.block_size" else x for i, x in enumerate(TINY)]
-LABEL = "--k 3 --prompts 25 --val_prompts 30 --max_new_tokens 12 --device cpu".split()
+LABEL = "--k 3 --train_prompts 25 --val_prompts 30 --max_new_tokens 12 --device cpu".split()
 RM = ("--train.steps 6 --train.batch_size 4 --train.warmup_steps 1 --train.eval_every 3 --train.save_every 3 "
       "--device cpu").split()
 
@@ -88,9 +88,9 @@ def test_label_writes_rankings_that_follow_the_gold_reward(labels):
 
 
 def test_label_with_a_python_callable_judge(policy, tmp_path, capsys, monkeypatch):
-    (tmp_path / "judge_mod.py").write_text("def shortest(prompt, responses):\n"
-                                           "    assert prompt[-1]['role'] == 'user'\n"
-                                           "    return [-len(r) for r in responses]\n")
+    (tmp_path / "judge_mod.py").write_text("def shortest(prompt, response):\n"
+                                           "    assert isinstance(prompt, str) and prompt\n"
+                                           "    return -len(response)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     summary = cli_ok(["label", "--policy", str(policy), "--out", str(tmp_path / "run"), *LABEL, "--val_prompts", "0",
                       "--labeler", "python:judge_mod:shortest"], capsys)
@@ -104,11 +104,11 @@ def test_label_with_a_python_callable_judge(policy, tmp_path, capsys, monkeypatc
 
 
 def test_label_stops_when_a_split_gives_no_comparison(policy, tmp_path, capsys, monkeypatch):
-    (tmp_path / "flat_mod.py").write_text("def flat(prompt, responses):\n    return [0.0 for _ in responses]\n")
+    (tmp_path / "flat_mod.py").write_text("def flat(prompt, response):\n    return 0.0\n")
     monkeypatch.syspath_prepend(str(tmp_path))  # every response ties: no prompt gives a comparison
     code, _, err = run_cli(["label", "--policy", str(policy), "--out", str(tmp_path / "run"), *LABEL,
                             "--labeler", "python:flat_mod:flat"], capsys)
-    assert code == 2 and "prompts: none of the 24 train prompts" in err.strip().splitlines()[-1]  # after the bar
+    assert code == 2 and "train_prompts: none of the 24 train prompts" in err.strip().splitlines()[-1]  # after the bar
 
 
 def test_label_says_when_a_family_runs_out_of_questions(policy, tmp_path, capsys, monkeypatch):

@@ -64,7 +64,9 @@ def _stage_config(cls, args):
     return resolve_config(cls, args, base)
 
 
-_PATH_KEYS = ("init", "rm", "files", "cache_dir", "path")  # config fields that name files or folders
+# Config fields that name files or folders; `reward` and `labeler` may (rm:PATH, python:FILE.py:FUNC),
+# as may `prompts` (a JSONL file, or the world).
+_PATH_KEYS = ("init", "rm", "files", "cache_dir", "path", "reward", "labeler", "prompts", "eval_prompts")
 
 
 def _from_where_it_ran(tree: dict, out: Path) -> dict:
@@ -80,9 +82,14 @@ def _from_where_it_ran(tree: dict, out: Path) -> dict:
     def rebase(v):
         if isinstance(v, list):
             return [rebase(x) for x in v]
-        if not isinstance(v, str) or not v or v.startswith("python:") or Path(v).is_absolute():
+        if not isinstance(v, str) or not v or v in ("verifier", "simulated", "world") or v.startswith("world:"):
             return v
-        return str(root / v)
+        if v.startswith("rm:"):
+            return "rm:" + rebase(v[3:])
+        if v.startswith("python:"):  # a module on sys.path stays; a file's path is rebased
+            target, _, name = v[7:].rpartition(":")
+            return f"python:{rebase(target)}:{name}" if target.endswith(".py") or "/" in target else v
+        return v if Path(v).is_absolute() else str(root / v)
 
     def walk(node: dict) -> dict:
         return {k: walk(v) if isinstance(v, dict) else rebase(v) if k in _PATH_KEYS else v for k, v in node.items()}
@@ -225,10 +232,12 @@ def _label_parser(sub) -> None:
     from chatfoundry.train.label import LabelConfig
 
     p = sub.add_parser("label", help="sample K responses per prompt from a chat model and rank them (comparison data)",
-                       description="Sample K responses to each of the task world's prompts from the policy and "
-                                   "have a labeler rank them: a simulated human (gold reward + noise, ties), a "
-                                   "reward model (rm:PATH) or any Python callable (python:MODULE:FUNC). Writes "
-                                   "train.jsonl and held-out val.jsonl in the rankings format `chatfoundry rm` reads.")
+                       description="Sample K responses to each prompt from the policy (--prompts: the task world, "
+                                   "or a JSONL file of {\"prompt\": ...} lines) and have a labeler rank them: a "
+                                   "simulated human (the world's gold reward + noise, ties), a reward model "
+                                   "(rm:PATH) or a Python function (python:MODULE:FUNC, called as FUNC(prompt, "
+                                   "response, **fields) -> float). Writes train.jsonl and held-out val.jsonl in the "
+                                   "rankings format `chatfoundry rm` reads.")
     add_config_args(p, LabelConfig)
     p.add_argument("--overwrite", action="store_true", help="replace labels already in --out")
     _json_flag(p)
@@ -263,12 +272,14 @@ def _rm(args) -> dict:
 def _ppo_parser(sub) -> None:
     from chatfoundry.train.ppo import PPOConfig
 
-    p = sub.add_parser("ppo", help="RLHF: optimise a chat model against a reward model with PPO (KL to SFT)",
+    p = sub.add_parser("ppo", help="RLHF: optimise a chat model against a reward with PPO (KL to SFT)",
                        description="InstructGPT's PPO: the policy and a frozen reference start from the SFT model, "
-                                   "the critic from the reward model; rewards are the RM's score minus beta * KL to "
-                                   "the reference per token; clipped surrogate (or the KL-penalty objective), GAE, "
-                                   "optional PPO-ptx. Scores greedy and sampled answers to the world's held-out test "
-                                   "prompts before and after (gold reward, RM reward, win rates, KL).")
+                                   "the critic from the reward model; rewards are the reward's score (--reward "
+                                   "rm:PATH, verifier or python:MODULE:FUNC) minus beta * KL to the reference per "
+                                   "token; clipped surrogate (or the KL-penalty objective), GAE, optional PPO-ptx. "
+                                   "Prompts from --prompts (the task world, or a JSONL file of {\"prompt\": ...} "
+                                   "lines). Scores greedy and sampled answers to the held-out prompts before and "
+                                   "after (the reward, KL, win rates; the world adds its gold reward).")
     add_config_args(p, PPOConfig)
     _run_flags(p)
     p.add_argument("--eval-only", action="store_true",

@@ -123,6 +123,18 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 # ---------------------------------------------------------------- command line
 
 
+# Fields renamed without a shim: an old config file or flag hears the new name. Keyed by the
+# name's last parts, so `ppo.rm` in a pipeline's config matches `rm`.
+RENAMED = {"rm": "reward (rm:PATH)", "rollout.prompts": "rollout.pool"}
+
+
+def _renamed(name: str) -> str | None:
+    for old, new in RENAMED.items():
+        if name == old or name.endswith("." + old):
+            return name[:len(name) - len(old)] + new
+    return None
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line (with a suggestion) and exit status 2."""
 
@@ -136,8 +148,11 @@ class ArgumentParser(argparse.ArgumentParser):
             bad = message.split(":", 1)[1].split()
             flags = [b for b in bad if b.startswith("--")]
             if flags:
-                hint = difflib.get_close_matches(flags[0].split("=")[0], known, n=1)
-                message = f"unknown option {flags[0]}" + (f" (did you mean {hint[0]}?)" if hint else "")
+                flag = flags[0].split("=")[0]
+                renamed = _renamed(flag[2:])
+                hint = difflib.get_close_matches(flag, known, n=1)
+                message = f"unknown option {flags[0]}" + (f" (renamed: --{renamed})" if renamed else
+                                                          f" (did you mean {hint[0]}?)" if hint else "")
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -222,8 +237,9 @@ def build_config(cls: type, layers: list[tuple[str, dict[str, Any]]]) -> Any:
     for source, values in layers:
         for name, value in values.items():
             if name not in known:
-                hint = difflib.get_close_matches(name, known, n=1)
-                raise UserError(f"{source}: unknown config key '{name}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+                renamed, hint = _renamed(name), difflib.get_close_matches(name, known, n=1)
+                raise UserError(f"{source}: unknown config key '{name}'" + (
+                    f" (renamed: '{renamed}')" if renamed else f" (did you mean '{hint[0]}'?)" if hint else ""))
             merged[name] = (source, value)
     cfg = cls()
     _apply_presets(cfg, "", merged, known)

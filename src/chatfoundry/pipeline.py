@@ -43,7 +43,7 @@ class PipelineConfig:
     label: label.LabelConfig = field(default_factory=lambda: label.LabelConfig(policy=WIRED))
     rm: reward.RMConfig = field(default_factory=lambda: reward.RMConfig(
         init=WIRED, data=reward.RMDataConfig(files=[WIRED])))
-    ppo: ppo.PPOConfig = field(default_factory=lambda: ppo.PPOConfig(init=WIRED, rm=WIRED))
+    ppo: ppo.PPOConfig = field(default_factory=lambda: ppo.PPOConfig(init=WIRED, reward=f"rm:{WIRED}"))
 
 
 def stage_configs(cfg: PipelineConfig) -> dict:
@@ -54,7 +54,7 @@ def stage_configs(cfg: PipelineConfig) -> dict:
     cfg.sft.init, cfg.sft.out = folder["pretrain"], folder["sft"]
     cfg.label.policy, cfg.label.out = folder["sft"], folder["label"]
     cfg.rm.init, cfg.rm.out, cfg.rm.data.files = folder["sft"], folder["rm"], [folder["label"]]
-    cfg.ppo.init, cfg.ppo.rm, cfg.ppo.out = folder["sft"], folder["rm"], folder["ppo"]
+    cfg.ppo.init, cfg.ppo.reward, cfg.ppo.out = folder["sft"], f"rm:{folder['rm']}", folder["ppo"]
     stages = {"pretrain": (cfg.pretrain, pretrain.run), "sft": (cfg.sft, sft.run), "label": (cfg.label, label.run),
               "rm": (cfg.rm, reward.run), "ppo": (cfg.ppo, ppo.run)}
     for stage_cfg, _ in stages.values():
@@ -80,6 +80,10 @@ def run(cfg: PipelineConfig, overwrite: bool = False, log=print) -> dict:
         for name in ("pretrain", "sft", "label", "rm", "ppo"):
             (out / name / SUMMARY).unlink(missing_ok=True)
     stages = stage_configs(cfg)
+    for name in ("label", "ppo"):  # its report reads the world's gold reward; run the stages for a prompt file
+        if stages[name][0].prompts != "world":
+            raise UserError(f"{name}.prompts: the pipeline runs on the built-in world; run `chatfoundry label` and "
+                            f"`chatfoundry ppo` with --prompts {stages[name][0].prompts} instead")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     summaries, walls = {}, {}

@@ -11,6 +11,9 @@ sources) are ignored. Each line is one of:
                      or, without "prompt", chosen and rejected as whole conversations sharing it
   ranking            {"prompt": str | messages, "responses": [str, ...], "ranks": [int, ...] (optional)}
 
+RL stages read prompts alone (TRL's prompt-only format), {"prompt": str | messages, ...}: the
+line's other keys ("answer", ...) travel with the prompt to a reward function (`load_prompts`).
+
 Encoder heads (`chatfoundry finetune-head`) read labelled texts, {"text": str, "label": ...}:
 a class name (string or integer) to classify, a number to regress (`load_labelled`).
 
@@ -64,6 +67,14 @@ class Example:
 
     messages: tuple[dict, ...] = ()  # {"role", "content"} each; empty for a plain text
     text: str | None = None
+
+
+@dataclass(frozen=True)
+class PromptLine:
+    """One prompt for an RL stage, with the line's other fields for the reward function."""
+
+    prompt: tuple[dict, ...]  # the conversation so far; ends with a user or tool message
+    fields: dict
 
 
 @dataclass(frozen=True)
@@ -135,6 +146,11 @@ def load_comparisons(paths: str | Path | list) -> list[Comparison]:
     return _load(paths, parse_comparison)
 
 
+def load_prompts(paths: str | Path | list) -> list[PromptLine]:
+    """Every line of every file as a prompt: {"prompt": str | messages, ...other fields}."""
+    return _load(paths, parse_prompt)
+
+
 def load_labelled(paths: str | Path | list, task: str) -> list[tuple[str, str | float]]:
     """(text, label) for every line: a class name for task "classify" (integers become their
     string), a finite number for "regress"."""
@@ -192,6 +208,17 @@ def parse_example(obj: dict) -> Example:
     # preference / ranking: learn to produce the best response
     c = parse_comparison(obj)
     return Example(messages=c.prompt + ({"role": "assistant", "content": c.responses[0]},))
+
+
+def parse_prompt(obj: dict) -> PromptLine:
+    """One prompt-only object; its other keys are the reward function's keyword arguments."""
+    if "prompt" not in obj:
+        found = ", ".join(sorted(map(str, obj))) or "none"
+        raise ValueError(f"missing field 'prompt' (a prompt file's lines are {{\"prompt\": str | messages, ...}}; "
+                         f"found {found})")
+    if "response" in obj:  # the reward function receives the response under that name
+        raise ValueError("field 'response' is reserved: the reward function is called with the response under it")
+    return PromptLine(_check_prompt(_prompt(obj)), {k: v for k, v in obj.items() if k != "prompt"})
 
 
 def parse_labelled(obj: dict, task: str) -> tuple[str, str | float]:

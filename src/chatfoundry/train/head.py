@@ -36,9 +36,8 @@ from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.models.encoder import EncoderClassifier
 from chatfoundry.textenc import encode_texts, pad_rows
 from chatfoundry.tokenizer import encoder_ids
-from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, fit, make_optimizer, setup_runtime, teardown,
-                                    trainer_state, wrap)
-from chatfoundry.train.pretrain import check_output, prepare_output
+from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, check_output, fit, make_optimizer,
+                                    prepare_output, setup_runtime, teardown, trainer_state, wrap)
 
 
 @dataclass

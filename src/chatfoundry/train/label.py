@@ -1,30 +1,30 @@
 """Stage 3a, comparisons: sample K responses per prompt from the SFT model and have a labeler rank them.
 
-    prompts: the task world's train split (to learn from) and its val split (held out)
+    prompts: a task source's train split (to learn from) and its held-out split (`--prompts`: the
+      built-in world, whose held-out split is val, or your JSONL prompt file; data/tasks.py)
       -> K samples each from the policy at temperature 1 (its own distribution, as PPO will see it)
-      -> distinct, non-empty responses only (for the train split, plus a few written alternatives
-         standing in for other models); a labeler gives each a utility
+      -> distinct, non-empty responses only (for the world's train split, plus a few written
+         alternatives standing in for other models); a labeler gives each a utility
       -> ranks: best 0, utilities no further apart than `tie` share a rank (a prompt whose K responses are
          all alike, or all tied, teaches nothing and is dropped)
       -> out/train.jsonl and out/val.jsonl in the rankings format that `chatfoundry rm` reads,
-         label.png and metrics.jsonl (per family: prompts kept, the samples' gold reward, how
-         often the labels agree with the gold reward)
+         label.png and metrics.jsonl (per family: prompts kept, and where the source has a
+         verifier the samples' gold reward and how often the labels agree with it)
 
 Labelers (`--labeler`):
-    simulated            a simulated human (AlpacaFarm's idea): the world's gold reward plus
-                         Gaussian noise. The gold reward never reaches the reward model: only
-                         ranks are written (and, for the held-out file, the gold reward of each
-                         response, which `rm` uses to report, never to train).
+    simulated            a simulated human (AlpacaFarm's idea): the source's verifier (the world's
+                         gold reward) plus Gaussian noise. The gold reward never reaches the reward
+                         model: only ranks are written (and, for the held-out file, the gold reward
+                         of each response, which `rm` uses to report, never to train).
     rm:PATH              a second model judges: a reward-model checkpoint scores each response
                          (RLAIF with a model in the loop).
-    python:MODULE:FUNC   any callable FUNC(prompt_messages, responses) -> list of floats
-                         (higher is better): an AI judge, an API, a heuristic.
+    python:MODULE:FUNC   FUNC(prompt: str, response: str, **fields) -> float (higher is better),
+                         as `ppo --reward python:...`: an AI judge, an API, a heuristic.
 A user's own rankings or pairs need no labeling: give the JSONL files to `chatfoundry rm --data`.
 """
 
 from __future__ import annotations
 
-import importlib
 import random
 import time
 from collections import Counter
@@ -37,14 +37,13 @@ from tqdm import tqdm
 
 from chatfoundry import checkpoint as ckpt
 from chatfoundry.config import require
-from chatfoundry.data import world
+from chatfoundry.data import tasks, world
 from chatfoundry.data.formats import write_jsonl
 from chatfoundry.errors import UserError
 from chatfoundry.generation import GenerationConfig, generate_batch
 from chatfoundry.metrics import MetricsLog, plot_bars, read_metrics
 from chatfoundry.tokenizer import chat_stop_ids, encode_chat
-from chatfoundry.train.loop import setup_runtime, single_process
-from chatfoundry.train.pretrain import check_output, prepare_output
+from chatfoundry.train.loop import check_output, prepare_output, setup_runtime, single_process
 
 
 @dataclass
@@ -59,8 +58,11 @@ class LabelConfig:
     # InstructGPT's labelers ranked several models' outputs together. The held-out split is the
     # policy's samples only.
     alternatives: int = 2
-    prompts: int = 2000  # world train-split prompts, families in SFT's proportions
-    val_prompts: int = 400  # world val-split prompts, held out
+    prompts: str = "world"  # the task source: world, world:FAMILY,... or a JSONL prompt file (data/tasks.py)
+    heldout: float = 0.1  # a prompt file: the share held out (by a stable hash of each prompt)
+    eval_prompts: str = ""  # a prompt file: the held-out prompts instead, from this file
+    train_prompts: int = 2000  # train-split prompts (the world: families in SFT's proportions)
+    val_prompts: int = 400  # held-out prompts (the world: its val split)
     temperature: float = 1.0
     max_new_tokens: int = 48
     batch_size: int = 256  # generated rows per forward pass
@@ -71,7 +73,8 @@ class LabelConfig:
     def validate(self) -> None:
         require(bool(self.policy), "policy", "give the SFT checkpoint to sample from (--policy DIR)")
         require(2 <= self.k <= 16, "k", f"must be in [2, 16], got {self.k}")
-        require(self.prompts > 0, "prompts", f"must be > 0, got {self.prompts}")
+        require(bool(self.prompts), "prompts", "give the task source: world, world:FAMILY,... or a JSONL file")
+        require(self.train_prompts > 0, "train_prompts", f"must be > 0, got {self.train_prompts}")
         require(self.val_prompts >= 0, "val_prompts", f"must be >= 0, got {self.val_prompts}")
         require(self.alternatives >= 0, "alternatives", f"must be >= 0, got {self.alternatives}")
         require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
@@ -83,16 +86,19 @@ class LabelConfig:
                 f"must be simulated, rm:PATH or python:MODULE:FUNC, got {self.labeler!r}")
 
 
-# A labeler: (task, prompt messages, distinct responses) -> one utility per response, higher better.
-Labeler = Callable[[world.Task, list[dict], list[str]], list[float]]
+# A labeler: (prompt, distinct responses) -> one utility per response, higher better.
+Labeler = Callable[[tasks.Prompt, list[str]], list[float]]
 
 
-def simulated_labeler(noise: float, seed: int) -> Labeler:
-    """A noisy human: the gold reward plus N(0, noise^2), drawn once per response."""
+def simulated_labeler(source: tasks.Source, noise: float, seed: int) -> Labeler:
+    """A noisy human: the source's verifier plus N(0, noise^2), drawn once per response."""
+    if not source.has_verifier:
+        raise UserError(f"labeler: simulated needs a verifier, and the prompts {source.name} have none; give "
+                        "--labeler rm:PATH or python:MODULE:FUNC")
     rng = random.Random(seed)
 
-    def label(task: world.Task, prompt: list[dict], responses: list[str]) -> list[float]:
-        return [world.gold_reward(task, r) + rng.gauss(0.0, noise) for r in responses]
+    def label(prompt: tasks.Prompt, responses: list[str]) -> list[float]:
+        return [source.verify(prompt, r) + rng.gauss(0.0, noise) for r in responses]
 
     return label
 
@@ -103,34 +109,24 @@ def reward_model_labeler(path: str, device: str) -> Labeler:
 
     model, tokenizer = ckpt.load_reward_model(path, device)
 
-    def label(task: world.Task, prompt: list[dict], responses: list[str]) -> list[float]:
-        return score_texts(model, tokenizer, [prompt] * len(responses), responses)
+    def label(prompt: tasks.Prompt, responses: list[str]) -> list[float]:
+        return score_texts(model, tokenizer, [list(prompt.messages)] * len(responses), responses)
 
     return label
 
 
 def callable_labeler(spec: str) -> Labeler:
-    """MODULE:FUNC imported; FUNC(prompt_messages, responses) -> list of floats."""
-    module_name, _, name = spec.rpartition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise UserError(f"labeler: cannot import {spec!r} ({e})") from None
-
-    def label(task: world.Task, prompt: list[dict], responses: list[str]) -> list[float]:
-        scores = [float(s) for s in fn(prompt, list(responses))]
-        if len(scores) != len(responses):
-            raise UserError(f"labeler: {spec} returned {len(scores)} scores for {len(responses)} responses")
-        return scores
-
-    return label
+    """python:MODULE:FUNC: FUNC(prompt text, response, **fields) -> float, per response."""
+    reward = tasks.python_reward(spec, "labeler")
+    return lambda prompt, responses: reward([prompt] * len(responses), responses)
 
 
-def make_labeler(cfg: LabelConfig, device: str) -> Labeler:
+def make_labeler(cfg: LabelConfig, source: tasks.Source, device: str) -> Labeler:
     if cfg.labeler == "simulated":
-        return simulated_labeler(cfg.noise, cfg.seed)
-    kind, _, spec = cfg.labeler.partition(":")
-    return reward_model_labeler(spec, device) if kind == "rm" else callable_labeler(spec)
+        return simulated_labeler(source, cfg.noise, cfg.seed)
+    if cfg.labeler.startswith("rm:"):
+        return reward_model_labeler(cfg.labeler.removeprefix("rm:"), device)
+    return callable_labeler(cfg.labeler)
 
 
 def ranks_from(utilities: Sequence[float], tie: float) -> list[int]:
@@ -144,17 +140,6 @@ def ranks_from(utilities: Sequence[float], tie: float) -> list[int]:
 
 
 # ---------------------------------------------------------------- sampling
-
-
-def family_counts(n: int) -> dict[str, int]:
-    """How many of `n` prompts each family gets: SFT's proportions (world.SHARES)."""
-    total = sum(world.SHARES.values())
-    return {f: max(1, round(n * world.SHARES[f] / total)) for f in world.FAMILIES}
-
-
-def prompt_tasks(split: str, n: int, seed: int) -> list[world.Task]:
-    """About `n` tasks of the split, families in SFT's proportions; fewer where a family runs out."""
-    return [t for f, m in family_counts(n).items() for t in world.tasks(split, f, m, seed)]
 
 
 def sample_responses(model, tokenizer, prompts: list[list[dict]], k: int, cfg: LabelConfig,
@@ -178,43 +163,53 @@ def sample_responses(model, tokenizer, prompts: list[list[dict]], k: int, cfg: L
 # ---------------------------------------------------------------- the stage
 
 
-def label_split(model, tokenizer, tasks: list[world.Task], labeler: Labeler, cfg: LabelConfig, held_out: bool,
-                desc: str) -> tuple[list[dict], dict[str, dict]]:
-    """(ranking records, per-family statistics) for the tasks' prompts."""
-    prompts = [[{"role": "user", "content": t.prompt}] for t in tasks]
-    samples = sample_responses(model, tokenizer, prompts, cfg.k, cfg, desc)
+def label_split(model, tokenizer, source: tasks.Source, prompts: list[tasks.Prompt], labeler: Labeler,
+                cfg: LabelConfig, held_out: bool, desc: str) -> tuple[list[dict], dict[str, dict]]:
+    """(ranking records, per-family statistics) for the prompts. The gold statistics (and the
+    held-out file's gold rewards) come from the source's verifier, where it has one."""
+    samples = sample_responses(model, tokenizer, [list(p.messages) for p in prompts], cfg.k, cfg, desc)
     rng = random.Random(f"{cfg.seed}:alternatives")
+    verify = source.verify if source.has_verifier else None
     records, stats = [], {f: {"prompts": 0, "kept": 0, "gold": 0.0, "samples": 0, "agree": 0, "pairs": 0}
-                          for f in world.FAMILIES}
-    for task, prompt, responses in zip(tasks, prompts, samples):
-        s = stats[task.family]
+                          for f in source.families or ("all",)}
+    for prompt, responses in zip(prompts, samples):
+        s = stats[prompt.family or "all"]
         s["prompts"] += 1
-        gold_all = [world.gold_reward(task, r) for r in responses]
-        s["gold"], s["samples"] = s["gold"] + sum(gold_all), s["samples"] + len(responses)
+        if verify:
+            s["gold"] += sum(verify(prompt, r) for r in responses)
+            s["samples"] += len(responses)
         distinct = [r for r in dict.fromkeys(responses) if r]
-        if cfg.alternatives and not held_out:
-            distinct += world.alternatives(task, rng, cfg.alternatives, exclude=distinct)
+        if cfg.alternatives and not held_out and prompt.task is not None:
+            distinct += world.alternatives(prompt.task, rng, cfg.alternatives, exclude=distinct)
         if len(distinct) < 2:
             continue
-        ranks = ranks_from(labeler(task, prompt, distinct), cfg.tie)
+        ranks = ranks_from(labeler(prompt, distinct), cfg.tie)
         if len(set(ranks)) < 2:
             continue
         order = sorted(range(len(distinct)), key=lambda i: ranks[i])
-        gold = [world.gold_reward(task, distinct[i]) for i in order]
         ranked = [ranks[i] for i in order]
-        # How often the labeler's preference agrees with the gold reward, where the gold differs.
-        for a in range(len(order)):
-            for b in range(a + 1, len(order)):
-                if ranked[a] < ranked[b] and gold[a] != gold[b]:
-                    s["pairs"] += 1
-                    s["agree"] += gold[a] > gold[b]
-        record = {"prompt": task.prompt, "responses": [distinct[i] for i in order], "ranks": ranked,
-                  "family": task.family}
-        if held_out:
-            record["gold_reward"] = gold  # for `rm`'s report only; never trained on
+        record = {"prompt": _as_written(prompt), "responses": [distinct[i] for i in order], "ranks": ranked}
+        if prompt.family:
+            record["family"] = prompt.family
+        if verify:
+            gold = [verify(prompt, distinct[i]) for i in order]
+            # How often the labeler's preference agrees with the gold reward, where the gold differs.
+            for a in range(len(order)):
+                for b in range(a + 1, len(order)):
+                    if ranked[a] < ranked[b] and gold[a] != gold[b]:
+                        s["pairs"] += 1
+                        s["agree"] += gold[a] > gold[b]
+            if held_out:
+                record["gold_reward"] = gold  # for `rm`'s report only; never trained on
         records.append(record)
         s["kept"] += 1
     return records, stats
+
+
+def _as_written(prompt: tasks.Prompt) -> str | list[dict]:
+    """A lone user message as its text (TRL's plain form), a longer chat as its messages."""
+    m = prompt.messages
+    return m[0]["content"] if len(m) == 1 and m[0]["role"] == "user" else list(m)
 
 
 def run(cfg: LabelConfig, overwrite: bool = False, log=print) -> dict:
@@ -223,58 +218,63 @@ def run(cfg: LabelConfig, overwrite: bool = False, log=print) -> dict:
     out = Path(cfg.out)
     check_output(out, resume=False, overwrite=overwrite)
     single_process("label")
+    source = tasks.source(cfg.prompts, cfg.heldout, cfg.eval_prompts)
     rt = setup_runtime(cfg.device)
     model, tokenizer = ckpt.load_model(cfg.policy, rt.device)
     if not chat_stop_ids(tokenizer):
         raise UserError(f"{cfg.policy}: the tokenizer has no <|end|> or <|eos|> token to stop a reply")
-    labeler = make_labeler(cfg, str(rt.device))
+    labeler = make_labeler(cfg, source, str(rt.device))
     torch.manual_seed(cfg.seed)
     prepare_output(out, cfg, False, overwrite, ("train.jsonl", "val.jsonl", "metrics.jsonl", "label.png"))
 
-    summary: dict = {"out": str(out), "k": cfg.k, "labeler": cfg.labeler, "splits": {}}
+    summary: dict = {"out": str(out), "k": cfg.k, "labeler": cfg.labeler, "prompts": source.name, "splits": {}}
     metrics = MetricsLog(out / "metrics.jsonl")
-    splits = [("train", cfg.prompts, False), ("val", cfg.val_prompts, True)]
+    splits = [("train", cfg.train_prompts, False), ("val", cfg.val_prompts, True)]
     for split, n, held_out in splits:
         if not n:
             continue
-        tasks = prompt_tasks(split, n, cfg.seed)
-        got = Counter(t.family for t in tasks)
-        short = [f for f, m in family_counts(n).items() if got[f] < m]
-        if short:  # more prompts only repeat questions; say so rather than label fewer silently
-            log(f"label {split}: the world's {split} split gave too few distinct {', '.join(short)} questions, "
-                f"so {len(tasks):,} prompts, not {n:,}")
-        records, stats = label_split(model, tokenizer, tasks, labeler, cfg, held_out, f"label {split}")
+        prompts = source.prompts(split, n, cfg.seed)
+        if isinstance(source, tasks.WorldSource):
+            got = Counter(p.family for p in prompts)
+            short = [f for f, m in tasks.family_counts(n, source.families).items() if got[f] < m]
+            if short:  # more prompts only repeat questions; say so rather than label fewer silently
+                log(f"label {split}: the world's {split} split gave too few distinct {', '.join(short)} questions, "
+                    f"so {len(prompts):,} prompts, not {n:,}")
+        records, stats = label_split(model, tokenizer, source, prompts, labeler, cfg, held_out, f"label {split}")
         if not records:  # the reward model could neither train nor be scored on this split
-            raise UserError(f"{'val_prompts' if held_out else 'prompts'}: none of the {len(tasks)} {split} prompts got "
-                            f"two responses the labeler tells apart; give more prompts or a larger k")
+            raise UserError(f"{'val_prompts' if held_out else 'train_prompts'}: none of the {len(prompts)} {split} "
+                            f"prompts got two responses the labeler tells apart; give more prompts or a larger k")
         write_jsonl(out / f"{split}.jsonl", records)
         for family, s in stats.items():
             metrics.write({"split": split, "family": family, **_finish(s)})
-        total = _finish({key: sum(s[key] for s in stats.values()) for key in stats["facts"]})
+        total = _finish({key: sum(s[key] for s in stats.values()) for key in next(iter(stats.values()))})
         summary["splits"][split] = {"comparisons": len(records), **total,
                                     "pairs_ranked": sum(_pair_count(r["ranks"]) for r in records)}
-        log(f"label {split}: {len(records):,} comparisons from {total['prompts']:,} prompts (samples' mean gold "
-            f"reward {total['sft_gold_reward']:.3f}; the labels agree with the gold reward on "
-            f"{total['label_gold_agreement']:.1%} of the pairs they order whose gold rewards differ)")
-    _plot(out, [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"])
+        gold = (f" (samples' mean gold reward {total['sft_gold_reward']:.3f}; the labels agree with the gold reward "
+                f"on {total['label_gold_agreement']:.1%} of the pairs they order whose gold rewards differ)"
+                if source.has_verifier else "")
+        log(f"label {split}: {len(records):,} comparisons from {total['prompts']:,} prompts{gold}")
+    _plot(out, [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"], source.has_verifier)
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
     return summary
 
 
 def _finish(s: dict) -> dict:
-    return {"prompts": s["prompts"], "kept": s["kept"],
-            "sft_gold_reward": round(s["gold"] / s["samples"], 4) if s["samples"] else 0.0,
-            "label_gold_agreement": round(s["agree"] / s["pairs"], 4) if s["pairs"] else 0.0}
+    out = {"prompts": s["prompts"], "kept": s["kept"]}
+    if s["samples"]:  # scored by a verifier
+        out.update(sft_gold_reward=round(s["gold"] / s["samples"], 4),
+                   label_gold_agreement=round(s["agree"] / s["pairs"], 4) if s["pairs"] else 0.0)
+    return out
 
 
 def _pair_count(ranks: list[int]) -> int:
     return sum(a < b for i, a in enumerate(ranks) for b in ranks[i + 1:])
 
 
-def _plot(out: Path, rows: list[dict]) -> None:
-    """Per family: the share of prompts kept and the SFT samples' mean gold reward."""
+def _plot(out: Path, rows: list[dict], gold: bool) -> None:
+    """Per family: the share of prompts kept and (with a verifier) the SFT samples' mean gold reward."""
     if rows:
-        plot_bars([r["family"] for r in rows],
-                  {"prompts kept (responses differ)": [r["kept"] / max(r["prompts"], 1) for r in rows],
-                   "SFT samples' gold reward": [r["sft_gold_reward"] for r in rows]},
-                  out / "label.png", "Comparison data (train split)")
+        series = {"prompts kept (responses differ)": [r["kept"] / max(r["prompts"], 1) for r in rows]}
+        if gold:
+            series["SFT samples' gold reward"] = [r["sft_gold_reward"] for r in rows]
+        plot_bars([r["family"] for r in rows], series, out / "label.png", "Comparison data (train split)")

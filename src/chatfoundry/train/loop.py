@@ -1,5 +1,6 @@
-"""The training loop every stage shares: device and DDP set-up, AdamW, warmup + cosine schedule,
-gradient accumulation, clipping, bf16 autocast, a NaN guard, metrics, progress and checkpoints.
+"""The training loop every stage shares: the run folder, device and DDP set-up, AdamW, warmup +
+cosine schedule, gradient accumulation, clipping, bf16 autocast, a NaN guard, metrics, progress
+and checkpoints.
 
 A stage supplies what differs: how to draw this process's micro-batches, the loss of one, an
 evaluation and how to save. Everything else reads top to bottom in `fit`.
@@ -11,9 +12,11 @@ import contextlib
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +24,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from chatfoundry.config import require
+from chatfoundry import checkpoint
+from chatfoundry.config import require, save_config
 from chatfoundry.errors import UserError
 from chatfoundry.metrics import MetricsLog
 
@@ -61,6 +65,33 @@ class TrainConfig:
         require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         require(0 <= self.beta1 < 1, "train.beta1", f"must be in [0, 1), got {self.beta1}")
         require(0 <= self.beta2 < 1, "train.beta2", f"must be in [0, 1), got {self.beta2}")
+
+
+# ---------------------------------------------------------------- the run folder
+
+
+def check_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """Before any work: a run folder to resume, or one free to write (or to --overwrite)."""
+    has_run = (out / "config.yaml").exists() or (out / checkpoint.CHECKPOINT).exists()
+    if resume:
+        checkpoint.resolve_checkpoint(out)  # raises naming the folder if there is nothing to resume
+    elif has_run and not overwrite:
+        raise UserError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it")
+    elif out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+
+
+def prepare_output(out: Path, cfg, resume: bool, overwrite: bool, artifacts: tuple[str, ...]) -> None:
+    """Create the run folder, clear an overwritten run's checkpoint and artifacts, save the config."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume and overwrite:
+        shutil.rmtree(out / checkpoint.CHECKPOINT, ignore_errors=True)
+        for stale in map(out.joinpath, artifacts):
+            if stale.is_dir():  # PPO's critic/
+                shutil.rmtree(stale)
+            else:
+                stale.unlink(missing_ok=True)
+    save_config(cfg, out / "config.yaml")
 
 
 # ---------------------------------------------------------------- runtime: device, dtype, processes

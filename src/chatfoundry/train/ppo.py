@@ -4,6 +4,8 @@ drifting far from what it was (InstructGPT; Ziegler et al. 2019; Stiennon et al.
     four models: the policy (actor, trained) and the frozen reference, both initialised from SFT;
       the critic (value model, trained) and the frozen reward model (RM), the critic initialised
       from the RM (its head too, or zeroed)
+    prompts: a task source (data/tasks.py): the built-in world, or your JSONL prompt file
+    the reward (`--reward`): a reward model (rm:PATH), the source's verifier, or a Python function
     each iteration:
       rollout  train-split prompts -> the policy samples one response each (KV cache, batched,
                temperature 1 and no top-k/top-p by default: PPO's ratio needs the distribution
@@ -18,8 +20,8 @@ drifting far from what it was (InstructGPT; Ziegler et al. 2019; Stiennon et al.
                passes `ppo.target_kl`
       beta     fixed, or Ziegler et al.'s controller toward `kl.target` nats per response
     -> run/checkpoint/ (a chat model: `chatfoundry chat --ckpt run`), run/critic/, metrics.jsonl,
-       ppo.png (rewards and KL per iteration) and eval.json: the gold reward of greedy (and
-       sampled) answers to the world's held-out test prompts, before (SFT) and after PPO.
+       ppo.png (rewards and KL per iteration) and eval.json: the reward (and on the world the
+       gold reward) of greedy and sampled answers to held-out prompts, before (SFT) and after PPO.
 
 The advantage, whitening, surrogate, value-loss and KL-controller math is `chatfoundry.rl.core`,
 the same functions CartPole's PPO calls.
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import json
 import math
 import time
@@ -45,18 +46,16 @@ from tqdm import tqdm
 
 from chatfoundry import checkpoint as ckpt
 from chatfoundry.config import require
-from chatfoundry.data import corpus, world
+from chatfoundry.data import corpus, tasks, world
 from chatfoundry.errors import UserError
-from chatfoundry.eval.world import evaluate_world
+from chatfoundry.eval.world import chat_answers, evaluate_world
 from chatfoundry.generation import GenerationConfig, generate_batch, top_k_filter, top_p_filter
 from chatfoundry.metrics import MetricsLog, read_metrics
 from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.models.heads import RewardModel
 from chatfoundry.rl import core
 from chatfoundry.tokenizer import chat_stop_ids, encode_batch_ids, encode_chat, special_id, tokenizer_hash
-from chatfoundry.train.label import prompt_tasks
-from chatfoundry.train.loop import Epochs, pack, setup_runtime, single_process, teardown
-from chatfoundry.train.pretrain import check_output, prepare_output
+from chatfoundry.train.loop import Epochs, check_output, pack, prepare_output, setup_runtime, single_process, teardown
 
 CRITIC = "critic"
 
@@ -71,10 +70,10 @@ class RolloutConfig:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     no_eos_penalty: float = 1.0  # subtracted from the score of a response cut at max_new_tokens
-    prompts: int = 2000  # the pool of world train-split prompts (families in SFT's proportions)
+    pool: int = 2000  # train prompts to sample rollouts from (the world: families in SFT's proportions)
 
     def validate(self) -> None:
-        for name in ("batch_size", "max_new_tokens", "prompts"):
+        for name in ("batch_size", "max_new_tokens", "pool"):
             require(getattr(self, name) > 0, f"rollout.{name}", f"must be > 0, got {getattr(self, name)}")
         require(self.temperature > 0, "rollout.temperature", f"must be > 0, got {self.temperature}")
         require(self.top_k >= 0, "rollout.top_k", f"must be >= 0 (0: off), got {self.top_k}")
@@ -143,14 +142,17 @@ class KLConfig:
 
 @dataclass
 class PPOEvalConfig:
-    per_family: int = 100  # world test prompts per family, answered before (SFT) and after; 0: skip
+    # Held-out prompts, answered before (SFT) and after: the world's test split, this many per
+    # family; a prompt file's held-out prompts, all of them. 0: no evaluation.
+    per_family: int = 100
     max_new_tokens: int = 48  # as SFT's eval, so the numbers compare
     # Sampled answers per prompt (the policy PPO trains; temperature as in training): gold and RM
     # reward, the paired gain over SFT and the held-out KL. More samples, a smaller standard error.
     samples: int = 4  # 0: greedy answers only
     # The SFT model sampled at these temperatures too, with no reward model: a sharper policy gains
-    # gold reward by itself, so this is what PPO's sampled gain has to beat at a like KL.
-    temperatures: list[float] = field(default_factory=lambda: [0.8, 0.6, 0.4])
+    # gold reward by itself, so this is what PPO's sampled gain has to beat at a like KL. The two
+    # default ones bracket a KL of 0.5-1.1 nats, where PPO's runs land (0.8 gave ~0.2: no comparison).
+    temperatures: list[float] = field(default_factory=lambda: [0.6, 0.4])
     # Best-of-n by the RM over SFT's samples (drawn in groups of `samples`): the baseline an RL
     # method should approach, at KL log n - (n - 1) / n. Empty: none.
     best_of: list[int] = field(default_factory=lambda: [4, 16])
@@ -168,7 +170,12 @@ class PPOEvalConfig:
 @dataclass
 class PPOConfig:
     init: str = ""  # the SFT checkpoint (or run folder): the policy's start and the frozen reference
-    rm: str = ""  # the reward model checkpoint, or python:MODULE:FUNC (FUNC(prompts, responses) -> floats)
+    # The reward: rm:PATH (a reward model), verifier (the prompts' own: the world's gold reward) or
+    # python:MODULE:FUNC (FUNC(prompt: str, response: str, **fields) -> float). data/tasks.py.
+    reward: str = ""
+    prompts: str = "world"  # the task source: world, world:FAMILY,... or a JSONL prompt file
+    heldout: float = 0.1  # a prompt file: the share held out for the evaluation (by a stable hash)
+    eval_prompts: str = ""  # a prompt file: the held-out prompts instead, from this file
     out: str = "runs/ppo"
     seed: int = 1337
     device: str = "auto"
@@ -186,28 +193,14 @@ class PPOConfig:
 
     def validate(self) -> None:
         require(bool(self.init), "init", "give the SFT checkpoint to start from (--init DIR)")
-        require(bool(self.rm), "rm", "give the reward model (--rm DIR, or --rm python:MODULE:FUNC)")
+        require(self.reward == "verifier" or self.reward.startswith(("rm:", "python:")), "reward",
+                f"give rm:PATH, verifier or python:MODULE:FUNC, got {self.reward!r}")
+        require(bool(self.prompts), "prompts", "give the task source: world, world:FAMILY,... or a JSONL file")
         require(self.iterations > 0, "iterations", f"must be > 0, got {self.iterations}")
         require(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")
         require(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
         require(self.rollout.batch_size % self.ppo.minibatch_size == 0, "ppo.minibatch_size",
                 f"{self.ppo.minibatch_size} does not divide rollout.batch_size {self.rollout.batch_size}")
-
-
-# ---------------------------------------------------------------- the reward: a model or a callable
-
-
-RewardFn = Callable[[list[list[dict]], list[str]], list[float]]
-
-
-def callable_reward(spec: str) -> RewardFn:
-    """python:MODULE:FUNC -> FUNC(prompt conversations, response texts) -> one float each."""
-    module_name, _, name = spec.removeprefix("python:").rpartition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise UserError(f"rm: cannot import {spec!r} ({e})") from None
-    return fn
 
 
 # ---------------------------------------------------------------- a batch of responses as tensors
@@ -321,7 +314,7 @@ class Rollout:
 
 @torch.no_grad()  # not inference_mode: the minibatches reuse these tensors under autograd
 def rollout(policy: DecoderLM, ref: DecoderLM, critic: RewardModel | None, reward, tok,
-            prompts: list[list[dict]], cfg: RolloutConfig, seed: int, chunk: int,
+            prompts: list[tasks.Prompt], cfg: RolloutConfig, seed: int, chunk: int,
             max_new_tokens: int | None = None) -> Rollout:
     """Sample one response per prompt and score everything in one batched pass per model.
 
@@ -329,7 +322,7 @@ def rollout(policy: DecoderLM, ref: DecoderLM, critic: RewardModel | None, rewar
     epoch's minibatches use, so the first minibatch's ratio is exactly 1.
     """
     stop = chat_stop_ids(tok)
-    prompt_ids = [encode_chat(tok, p) for p in prompts]
+    prompt_ids = [encode_chat(tok, list(p.messages)) for p in prompts]
     gen = GenerationConfig(max_new_tokens=max_new_tokens or cfg.max_new_tokens, do_sample=True,
                            temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
                            eos_token_id=stop, seed=seed)
@@ -361,9 +354,7 @@ def rollout(policy: DecoderLM, ref: DecoderLM, critic: RewardModel | None, rewar
     if isinstance(reward, RewardModel):
         scores = reward.rewards(batch.rm_idx, batch.rm_last)
     else:
-        scores = torch.tensor([float(s) for s in reward(prompts, texts)], device=device)
-        if scores.shape[0] != len(prompts):
-            raise UserError(f"rm: the reward function returned {scores.shape[0]} scores for {len(prompts)} responses")
+        scores = torch.tensor(reward(prompts, texts), dtype=torch.float32, device=device)
     policy.train(was_training)
     cat = {k: torch.cat(v) * batch.mask if v else None for k, v in out.items()}
     return Rollout(batch, texts, cat["logp"], cat["logp_raw"], cat["logp_ref"], cat["values"], scores.float(),
@@ -477,26 +468,30 @@ def ppo_update(policy: DecoderLM, critic: RewardModel, optimizer: torch.optim.Op
 # ---------------------------------------------------------------- the stage
 
 
-def _reward(cfg: PPOConfig, tok, ref: DecoderLM, device):
-    """The frozen reward: a reward model checked against the policy's tokenizer and context, or a callable."""
-    if cfg.rm.startswith("python:"):
-        return callable_reward(cfg.rm)
-    reward, rm_tok = ckpt.load_reward_model(cfg.rm, device)
+def _reward(cfg: PPOConfig, source: tasks.Source, tok, ref: DecoderLM, device):
+    """The frozen reward: a reward model checked against the policy's tokenizer and context, the
+    source's verifier, or a Python function (a batch `tasks.Reward`)."""
+    if cfg.reward == "verifier":
+        return tasks.verifier_reward(source)
+    if cfg.reward.startswith("python:"):
+        return tasks.python_reward(cfg.reward)
+    path = cfg.reward.removeprefix("rm:")
+    reward, rm_tok = ckpt.load_reward_model(path, device)
     if tokenizer_hash(rm_tok) != tokenizer_hash(tok):
-        raise UserError(f"{cfg.rm}: the reward model's tokenizer differs from the policy's ({cfg.init}); "
+        raise UserError(f"{path}: the reward model's tokenizer differs from the policy's ({cfg.init}); "
                         "train the RM from this SFT model")
     if reward.config.block_size < ref.config.block_size:
-        raise UserError(f"{cfg.rm}: the reward model's context ({reward.config.block_size}) is shorter than "
+        raise UserError(f"{path}: the reward model's context ({reward.config.block_size}) is shorter than "
                         f"the policy's ({ref.config.block_size})")
     return reward.requires_grad_(False)
 
 
-def _load(cfg: PPOConfig, resume: bool, out: Path, device):
+def _load(cfg: PPOConfig, source: tasks.Source, resume: bool, out: Path, device):
     """(policy, reference, critic, reward, tokenizer), checked against each other."""
     ref, tok = ckpt.load_model(cfg.init, device)
     if not chat_stop_ids(tok) or special_id(tok, "end") is None:
         raise UserError(f"{cfg.init}: the tokenizer lacks the chat tokens <|end|> and <|eos|>; PPO needs a chat model")
-    reward = _reward(cfg, tok, ref, device)
+    reward = _reward(cfg, source, tok, ref, device)
     ref.requires_grad_(False)
     if resume:
         policy, _ = ckpt.load_model(out, device)
@@ -506,7 +501,7 @@ def _load(cfg: PPOConfig, resume: bool, out: Path, device):
         if isinstance(reward, RewardModel):
             critic = copy.deepcopy(reward)  # the RM already reads these chats: a good start for V
         else:
-            critic = RewardModel.from_lm(ref)  # a callable reward has no body to copy: the policy's
+            critic = RewardModel.from_lm(ref)  # a verifier or function has no body to copy: the policy's
         if cfg.critic_head == "zero" or not isinstance(reward, RewardModel):
             nn.init.zeros_(critic.score.weight)
             critic.offset = 0.0
@@ -520,9 +515,10 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, log=print
     t0 = time.perf_counter()
     out = Path(cfg.out)
     check_output(out, resume, overwrite)
+    source = tasks.source(cfg.prompts, cfg.heldout, cfg.eval_prompts)
     with _runtime(cfg) as rt:
-        policy, ref, critic, reward, tok = _load(cfg, resume, out, rt.device)
-        return _run(cfg, rt, out, policy, ref, critic, reward, tok, resume, overwrite, log, t0)
+        policy, ref, critic, reward, tok = _load(cfg, source, resume, out, rt.device)
+        return _run(cfg, rt, out, source, policy, ref, critic, reward, tok, resume, overwrite, log, t0)
 
 
 @contextlib.contextmanager
@@ -544,27 +540,28 @@ def evaluate_run(cfg: PPOConfig, log=print) -> dict:
     evaluation. Trains nothing and writes nothing; returns the summary that `--json` prints."""
     t0 = time.perf_counter()
     require(cfg.eval.per_family > 0, "eval.per_family", "must be > 0 to evaluate")
+    source = tasks.source(cfg.prompts, cfg.heldout, cfg.eval_prompts)
     with _runtime(cfg) as rt:
         ref, tok = ckpt.load_model(cfg.init, rt.device)
         policy, policy_tok = ckpt.load_model(cfg.out, rt.device)
         if tokenizer_hash(policy_tok) != tokenizer_hash(tok):
             raise UserError(f"{cfg.out}: the policy's tokenizer differs from the reference's ({cfg.init})")
-        report = evaluate(policy, ref, _reward(cfg, tok, ref, rt.device), tok, cfg)
+        report = evaluate(policy, ref, _reward(cfg, source, tok, ref, rt.device), tok, cfg, source)
     log(format_eval(report))
     summary = {"out": cfg.out, **{k: v for k, v in report.items() if k != "answers"}}
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
     return summary
 
 
-def _run(cfg, rt, out, policy, ref, critic, reward, tok, resume, overwrite, log, t0) -> dict:
+def _run(cfg, rt, out, source, policy, ref, critic, reward, tok, resume, overwrite, log, t0) -> dict:
     default_threads = torch.get_num_threads()
     if cfg.threads and rt.device.type == "cpu":
         torch.set_num_threads(cfg.threads)  # for training; the evaluation takes the default back
     torch.manual_seed(cfg.seed)
     block = policy.config.block_size
     # Prompts whose chat and longest response fit the context (and the RM's appended <|end|>).
-    pool = [t for t in prompt_tasks("train", cfg.rollout.prompts, cfg.seed)
-            if len(encode_chat(tok, [{"role": "user", "content": t.prompt}])) + cfg.rollout.max_new_tokens < block]
+    pool = [p for p in source.prompts("train", cfg.rollout.pool, cfg.seed)
+            if len(encode_chat(tok, list(p.messages))) + cfg.rollout.max_new_tokens < block]
     if not pool:
         raise UserError(f"rollout.max_new_tokens: {cfg.rollout.max_new_tokens} leaves no room for a prompt in the "
                         f"model's context of {block}")
@@ -598,10 +595,10 @@ def _run(cfg, rt, out, policy, ref, critic, reward, tok, resume, overwrite, log,
         shutil.rmtree(out / CRITIC, ignore_errors=True)
     metrics = MetricsLog(out / "metrics.jsonl", start if resume else None)
     n_params = sum(p.numel() for p in policy.parameters())
-    log(f"ppo: policy and reference from {cfg.init} ({n_params:,} parameters), reward "
-        f"{'model ' if isinstance(reward, RewardModel) else ''}{cfg.rm}; {cfg.iterations} iterations of "
-        f"{cfg.rollout.batch_size} responses (<= {cfg.rollout.max_new_tokens} tokens) from {len(pool):,} train "
-        f"prompts; {cfg.ppo.objective} objective, {cfg.ppo.epochs} epochs of {cfg.ppo.minibatch_size}; "
+    log(f"ppo: policy and reference from {cfg.init} ({n_params:,} parameters), reward {cfg.reward}; "
+        f"{cfg.iterations} iterations of {cfg.rollout.batch_size} responses (<= {cfg.rollout.max_new_tokens} tokens) "
+        f"from {len(pool):,} train prompts ({source.name}); {cfg.ppo.objective} objective, {cfg.ppo.epochs} epochs "
+        f"of {cfg.ppo.minibatch_size}; "
         f"KL coef {cfg.kl.coef} ({cfg.kl.control}, target {cfg.kl.target} nats); device {rt.device}")
 
     def save(iteration: int):
@@ -617,8 +614,7 @@ def _run(cfg, rt, out, policy, ref, critic, reward, tok, resume, overwrite, log,
     bar = tqdm(total=cfg.iterations, initial=start, desc="ppo", unit="iter", dynamic_ncols=True, mininterval=1.0)
     for it in range(start, cfg.iterations):
         t_start = time.perf_counter()
-        tasks = [pool[order.next()] for _ in range(cfg.rollout.batch_size)]
-        prompts = [[{"role": "user", "content": t.prompt}] for t in tasks]
+        prompts = [pool[order.next()] for _ in range(cfg.rollout.batch_size)]
         ro = rollout(policy, ref, critic, reward, tok, prompts, cfg.rollout, seed=cfg.seed * 1_000_003 + it,
                      chunk=cfg.ppo.minibatch_size)
         t_rollout = time.perf_counter()
@@ -636,20 +632,22 @@ def _run(cfg, rt, out, policy, ref, critic, reward, tok, resume, overwrite, log,
         kl_ctl.update(kl_seq, len(ro.batch))
         if cfg.ppo.objective == "kl_penalty":
             penalty.update(stats["approx_kl"])
-        gold = [world.gold_reward(t, r) for t, r in zip(tasks, ro.texts)]
-        record = {"step": it + 1, "rm_reward": ro.scores.mean().item(), "gold_reward": float(np.mean(gold)),
-                  "kl": kl_seq, "kl_coef": beta, "entropy": core.masked_mean(ro.entropy, mask).item(),
+        record = {"step": it + 1, "rm_reward": ro.scores.mean().item(), "kl": kl_seq, "kl_coef": beta,
+                  "entropy": core.masked_mean(ro.entropy, mask).item(),
                   "response_length": mask.sum(1).mean().item(), "ended": ro.batch.ended.float().mean().item(),
                   "score": scores.mean().item(),
                   "explained_variance": core.explained_variance(ro.values, returns, mask), **stats,
                   "rollout_s": t_rollout - t_start, "update_s": t_update - t_rollout}
         if cfg.ppo.objective == "kl_penalty":
             record["penalty_beta"] = penalty.value
+        if source.has_verifier:  # hidden from PPO: measured, never rewarded (unless --reward verifier)
+            record["gold_reward"] = float(np.mean([source.verify(p, r) for p, r in zip(prompts, ro.texts)]))
         metrics.write(record)
         first = first or record
         last = record
         bar.update(1)
-        bar.set_postfix(rm=f"{record['rm_reward']:.3f}", gold=f"{record['gold_reward']:.3f}", kl=f"{kl_seq:.2f}")
+        bar.set_postfix(reward=f"{record['rm_reward']:.3f}", **({"gold": f"{record['gold_reward']:.3f}"}
+                                                               if "gold_reward" in record else {}), kl=f"{kl_seq:.2f}")
         if cfg.save_every and (it + 1) % cfg.save_every == 0 and it + 1 < cfg.iterations:
             save(it + 1)
     bar.close()
@@ -663,21 +661,23 @@ def _run(cfg, rt, out, policy, ref, critic, reward, tok, resume, overwrite, log,
                "objective": cfg.ppo.objective, "train_s": round(train_s, 2),
                "train_rm_reward": {"first": first and round(first["rm_reward"], 4),
                                    "last_fifth": round(float(np.mean([r["rm_reward"] for r in tail])), 4)},
-               "train_gold_reward": {"first": first and round(first["gold_reward"], 4),
-                                     "last_fifth": round(float(np.mean([r["gold_reward"] for r in tail])), 4)},
                "train_kl": round(float(np.mean([r["kl"] for r in tail])), 4), "kl_coef": round(kl_ctl.value, 6),
                "kl_budget": cfg.kl.budget}
+    if source.has_verifier:
+        summary["train_gold_reward"] = {"first": first and round(first["gold_reward"], 4),
+                                        "last_fifth": round(float(np.mean([r["gold_reward"] for r in tail])), 4)}
     if last is not None:
         summary["kl"] = summary["train_kl"]
     if cfg.eval.per_family:
         torch.set_num_threads(default_threads)  # it decodes 512 rows at a time: the threads pay here
-        report = evaluate(policy, ref, reward, tok, cfg)
+        report = evaluate(policy, ref, reward, tok, cfg, source)
         (out / "eval.json").write_text(json.dumps(report, indent=1))
         summary.update({k: v for k, v in report.items()
                         if k not in ("answers", "families", "sft_families", "sampled_families")})
-        summary["families"] = {f: {"gold_reward": report["families"][f]["gold_reward"],
-                                   "sft_gold_reward": report["sft_families"][f]["gold_reward"]}
-                               for f in report["families"]}
+        if "families" in report:
+            summary["families"] = {f: {"gold_reward": report["families"][f]["gold_reward"],
+                                       "sft_gold_reward": report["sft_families"][f]["gold_reward"]}
+                                   for f in report["families"]}
         log(format_eval(report))
     # Held out where it was measured (the answers the report scores), else the training rollouts'.
     summary["kl_within_budget"] = summary.get("kl_heldout", summary.get("kl", 0.0)) <= cfg.kl.budget
@@ -699,12 +699,12 @@ def _wins(a, b) -> float:
     return float(((a > b) + 0.5 * (a == b)).mean())
 
 
-def _rm_scores(reward, tok, prompts, responses) -> list[float]:
+def _rm_scores(reward, tok, prompts: list[tasks.Prompt], responses: list[str]) -> list[float]:
     if isinstance(reward, RewardModel):
         from chatfoundry.train.reward import score_texts
 
-        return score_texts(reward, tok, prompts, responses)
-    return [float(s) for s in reward(prompts, responses)]
+        return score_texts(reward, tok, [list(p.messages) for p in prompts], responses)
+    return reward(prompts, responses)
 
 
 @dataclass
@@ -714,10 +714,10 @@ class Sampled:
     gold: np.ndarray  # gold reward
     rm: np.ndarray  # reward model score
     kl: np.ndarray  # log p_sampled - log pi_ref summed over the response: an unbiased KL estimate
-    scores: np.ndarray  # world.Score of each answer (objects), for the gold reward's parts
+    scores: np.ndarray | None  # world.Score of each answer (objects), for the gold reward's parts; None: no world
 
 
-def _sampled(model: DecoderLM, ref: DecoderLM, reward, tok, prompts: list[list[dict]], tasks: list, rollout_cfg:
+def _sampled(model: DecoderLM, ref: DecoderLM, reward, tok, prompts: list[tasks.Prompt], rollout_cfg:
              RolloutConfig, cfg: PPOConfig, groups: int = 1) -> Sampled:
     """`groups` x `eval.samples` answers to each prompt, drawn as `rollout_cfg` says. Every model
     draws group g with the same seeds (common random numbers: where two agree they sample alike,
@@ -732,13 +732,17 @@ def _sampled(model: DecoderLM, ref: DecoderLM, reward, tok, prompts: list[list[d
             kls = ((ro.logp - ro.logp_ref) * ro.batch.mask).sum(1).tolist()
             for i, (text, rm, kl) in enumerate(zip(ro.texts, ro.scores.tolist(), kls)):
                 j = start + i // n
-                cols["scores"][j].append(world.score(tasks[j], text))
+                if prompts[j].task is not None:
+                    cols["scores"][j].append(world.score(prompts[j].task, text))
                 cols["rm"][j].append(rm)
                 cols["kl"][j].append(kl)
+    rm, kl = np.asarray(cols["rm"]), np.asarray(cols["kl"])
+    if not cols["scores"][0]:
+        return Sampled(np.full(rm.shape, np.nan), rm, kl, None)
     scores = np.empty((P, groups * n), dtype=object)
     scores[:] = [[*row] for row in cols["scores"]]
     gold = np.vectorize(lambda sc: sc.reward, otypes=[float])(scores)
-    return Sampled(gold, np.asarray(cols["rm"]), np.asarray(cols["kl"]), scores)
+    return Sampled(gold, rm, kl, scores)
 
 
 def best_of_n(sampled: Sampled, n: int) -> tuple[np.ndarray, list]:
@@ -751,7 +755,53 @@ def best_of_n(sampled: Sampled, n: int) -> tuple[np.ndarray, list]:
     return np.vectorize(lambda sc: sc.reward, otypes=[float])(chosen).mean(1), list(chosen.flatten())
 
 
-def evaluate(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: PPOConfig) -> dict:
+def evaluate(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: PPOConfig, source: tasks.Source) -> dict:
+    """The held-out prompts answered by the PPO policy and by SFT (the reference), before and
+    after. Whatever the reward: `heldout_prompts`, `reward_heldout_sft` and `reward_heldout_ppo`
+    (the mean reward of greedy answers) and, with samples, `kl_heldout`. The world adds its gold
+    reward (`evaluate_world_prompts`)."""
+    if isinstance(source, tasks.WorldSource):
+        report = evaluate_world_prompts(policy, ref, reward, tok, cfg, source.families)
+    else:
+        report = evaluate_prompts(policy, ref, reward, tok, cfg, source.prompts("test", 1 << 62, cfg.seed))
+    report.update(heldout_prompts=report["prompts"], reward_heldout_sft=report["sft_rm_reward"],
+                  reward_heldout_ppo=report["rm_reward"])
+    return report
+
+
+def evaluate_prompts(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: PPOConfig,
+                     prompts: list[tasks.Prompt]) -> dict:
+    """A prompt file's held-out prompts, scored by the reward alone (there is no gold): greedy
+    answers' reward before and after (paired), the win rate by it, and sampled answers' reward
+    with the KL to the reference."""
+    policy.eval()
+    greedy = {}
+    for name, model in (("ppo", policy), ("sft", ref)):
+        responses = chat_answers(model, tok, [list(p.messages) for p in prompts], cfg.eval.max_new_tokens,
+                                 cfg.eval.batch_size)
+        greedy[name] = {"responses": responses, "rm": _rm_scores(reward, tok, prompts, responses)}
+    g, s = greedy["ppo"]["rm"], greedy["sft"]["rm"]
+    dm, dse = _mean_se(np.asarray(g) - np.asarray(s))
+    report = {"prompts": len(prompts), "decoding": "greedy", "rm_reward": round(float(np.mean(g)), 4),
+              "sft_rm_reward": round(float(np.mean(s)), 4), "reward_gain": round(dm, 4),
+              "reward_gain_se": round(dse, 4),
+              "win_rate_rm": round(_wins(g, s), 4)}
+    if cfg.eval.samples:
+        sampled = {name: _sampled(model, ref, reward, tok, prompts, cfg.rollout, cfg)
+                   for name, model in (("ppo", policy), ("sft", ref))}
+        dm, dse = _mean_se(sampled["ppo"].rm.mean(1) - sampled["sft"].rm.mean(1))
+        report.update({"samples": cfg.eval.samples, "rm_reward_sampled": round(float(sampled["ppo"].rm.mean()), 4),
+                       "sft_rm_reward_sampled": round(float(sampled["sft"].rm.mean()), 4),
+                       "reward_gain_sampled": round(dm, 4), "reward_gain_sampled_se": round(dse, 4),
+                       "kl_heldout": round(float(sampled["ppo"].kl.mean()), 4)})
+    report["answers"] = [{"prompt": list(p.messages), "response": a, "sft_response": b, "rm": r1, "sft_rm": r2}
+                         for p, a, b, r1, r2 in zip(prompts, greedy["ppo"]["responses"], greedy["sft"]["responses"],
+                                                    g, s)]
+    return report
+
+
+def evaluate_world_prompts(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: PPOConfig,
+                           families: tuple[str, ...] = world.FAMILIES) -> dict:
     """The world's held-out test prompts, answered by the PPO policy and by SFT (the reference).
 
     Greedy answers (as `chat` and `eval` give): gold reward (mean and standard error; the
@@ -764,12 +814,12 @@ def evaluate(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: PPOConfig) -> 
     sharpening alone gives, with no RM. Each carries the gold reward's parts.
     """
     policy.eval()
-    tasks = [t for f in world.FAMILIES for t in world.tasks("test", f, cfg.eval.per_family, 0)]
-    prompts = [[{"role": "user", "content": t.prompt}] for t in tasks]
+    questions = [t for f in families for t in world.tasks("test", f, cfg.eval.per_family, 0)]
+    prompts = [tasks.Prompt(({"role": "user", "content": t.prompt},), {}, t.family, t) for t in questions]
     greedy = {}
     for name, model in (("ppo", policy), ("sft", ref)):
-        rep = evaluate_world(model, tok, "test", cfg.eval.per_family, seed=0, max_new_tokens=cfg.eval.max_new_tokens,
-                             batch_size=cfg.eval.batch_size)
+        rep = evaluate_world(model, tok, "test", cfg.eval.per_family, families, seed=0,
+                             max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
         responses = [a["response"] for a in rep["answers"]]
         greedy[name] = {"report": rep, "gold": [a["gold_reward"] for a in rep["answers"]],
                         "rm": _rm_scores(reward, tok, prompts, responses)}
@@ -778,7 +828,7 @@ def evaluate(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: PPOConfig) -> 
     gm, gse = _mean_se(g["gold"])
     sm, sse = _mean_se(s["gold"])
     dm, dse = _mean_se(diff)
-    report = {"prompts": len(tasks), "decoding": "greedy",
+    report = {"prompts": len(questions), "decoding": "greedy",
               "gold_reward": round(gm, 4), "gold_reward_se": round(gse, 4),
               "sft_gold_reward": round(sm, 4), "sft_gold_reward_se": round(sse, 4),
               "gold_gain": round(dm, 4), "gold_gain_se": round(dse, 4),
@@ -790,24 +840,31 @@ def evaluate(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: PPOConfig) -> 
     if cfg.eval.samples:
         n = cfg.eval.samples
         groups = max([1] + [math.ceil(b / n) for b in cfg.eval.best_of])
-        sampled = {"ppo": _sampled(policy, ref, reward, tok, prompts, tasks, cfg.rollout, cfg),
-                   "sft": _sampled(ref, ref, reward, tok, prompts, tasks, cfg.rollout, cfg, groups)}
+        sampled = {"ppo": _sampled(policy, ref, reward, tok, prompts, cfg.rollout, cfg),
+                   "sft": _sampled(ref, ref, reward, tok, prompts, cfg.rollout, cfg, groups)}
         paired = sampled["sft"].gold[:, :n]  # the SFT samples drawn with PPO's seeds
         for name, prefix in (("ppo", ""), ("sft", "sft_")):
             x = sampled[name]
             m, se = _mean_se(x.gold[:, :n].mean(1))
             report[f"{prefix}gold_reward_sampled"], report[f"{prefix}gold_reward_sampled_se"] = round(m, 4), round(se, 4)
             report[f"{prefix}rm_reward_sampled"] = round(float(x.rm[:, :n].mean()), 4)
-            report[f"{prefix}parts_sampled"] = world.score_summary(list(x.scores[:, :n].flatten()))["parts"]
+            summary = world.score_summary(list(x.scores[:, :n].flatten()))
+            report[f"{prefix}parts_sampled"] = summary["parts"]
+            report[f"{prefix}exact_match_sampled"] = summary["exact_match"]
         report["kl_heldout"] = round(float(sampled["ppo"].kl.mean()), 4)
+        # Exact match of sampled answers (what a verifiable reward counts), paired per prompt.
+        right = {name: np.vectorize(lambda sc: float(sc.correct), otypes=[float])(x.scores[:, :n]).mean(1)
+                 for name, x in sampled.items()}
+        em, em_se = _mean_se(right["ppo"] - right["sft"])
+        report["exact_match_sampled_gain"], report["exact_match_sampled_gain_se"] = round(em, 4), round(em_se, 4)
         gain = lambda golds: _mean_se(golds - paired.mean(1))  # noqa: E731  (paired, per prompt)
         dm, dse = gain(sampled["ppo"].gold.mean(1))
         report.update({"samples": n, "gold_gain_sampled": round(dm, 4),
                        "gold_gain_sampled_se": round(dse, 4), "gold_gain_sampled_in_se": round(dm / dse, 2) if dse > 0 else None})
-        of = np.array([t.family for t in tasks])
+        of = np.array([t.family for t in questions])
         report["sampled_families"] = {f: {"sft_gold_reward": round(float(paired[of == f].mean()), 4),
                                           "gold_reward": round(float(sampled["ppo"].gold[of == f].mean()), 4)}
-                                      for f in world.FAMILIES if (of == f).any()}
+                                      for f in families if (of == f).any()}
         # Best-of-n against one SFT sample's expected gold: the mean over all of SFT's samples.
         everything = sampled["sft"].gold.mean(1)
         report["best_of_n"] = []
@@ -819,7 +876,7 @@ def evaluate(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: PPOConfig) -> 
                                         "parts": world.score_summary(chosen)["parts"]})
         report["sft_tempered"] = []
         for t in cfg.eval.temperatures:
-            x = _sampled(ref, ref, reward, tok, prompts, tasks, replace(cfg.rollout, temperature=t), cfg)
+            x = _sampled(ref, ref, reward, tok, prompts, replace(cfg.rollout, temperature=t), cfg)
             dm, dse = gain(x.gold.mean(1))
             report["sft_tempered"].append({"temperature": t, "gold_reward_sampled": round(float(x.gold.mean()), 4),
                                            "gold_gain_sampled": round(dm, 4), "gold_gain_sampled_se": round(dse, 4),
@@ -832,6 +889,15 @@ def evaluate(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: PPOConfig) -> 
 
 
 def format_eval(report: dict) -> str:
+    if "gold_reward" not in report:  # a prompt file: the reward is all there is
+        lines = [f"held-out prompts ({report['prompts']}, greedy): reward SFT {report['sft_rm_reward']:+.3f} -> PPO "
+                 f"{report['rm_reward']:+.3f} (gain {report['reward_gain']:+.3f} +- {report['reward_gain_se']:.3f}, "
+                 f"paired SE); PPO wins {report['win_rate_rm']:.0%} of prompts by the reward"]
+        if "kl_heldout" in report:
+            lines.append(f"sampled ({report['samples']} per prompt): reward SFT {report['sft_rm_reward_sampled']:+.3f} "
+                         f"-> PPO {report['rm_reward_sampled']:+.3f} (gain {report['reward_gain_sampled']:+.3f} +- "
+                         f"{report['reward_gain_sampled_se']:.3f}); KL to SFT {report['kl_heldout']:.3f} nats per response")
+        return "\n".join(lines)
     lines = [f"held-out test prompts ({report['prompts']}, greedy): gold reward SFT {report['sft_gold_reward']:.3f} -> "
              f"PPO {report['gold_reward']:.3f} (gain {report['gold_gain']:+.3f} +- {report['gold_gain_se']:.3f}, paired "
              f"SE); RM reward {report['sft_rm_reward']:+.3f} -> {report['rm_reward']:+.3f}; win rate vs SFT "
@@ -859,8 +925,9 @@ def plot_ppo(records: list[dict], path: Path, kl: KLConfig) -> None:
 
     steps = [r["step"] for r in records]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
-    a.plot(steps, [r["rm_reward"] for r in records], label="reward model")
-    a.plot(steps, [r["gold_reward"] for r in records], label="gold reward (hidden from PPO)")
+    a.plot(steps, [r["rm_reward"] for r in records], label="the reward")
+    if all("gold_reward" in r for r in records):
+        a.plot(steps, [r["gold_reward"] for r in records], label="gold reward (the verifier's)")
     a.set_xlabel("iteration")
     a.set_ylabel("mean reward of the batch's responses")
     a.set_title("Rewards of the rollouts")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from chatfoundry import checkpoint as ckpt
-from chatfoundry.config import require, save_config
+from chatfoundry.config import require
 from chatfoundry.data import corpus
 from chatfoundry.data.shards import (BlockSampler, build_shards, default_cache_dir, files_key, publish,
                                      read_documents, resolve_inputs)
@@ -43,8 +43,8 @@ from chatfoundry.models.seq2seq import Seq2SeqConfig, Seq2SeqLM
 from chatfoundry.train import span
 from chatfoundry.textgen import generate_text
 from chatfoundry.tokenizer import SPECIAL_TOKENS, TOKENIZER_FORMAT, load_tokenizer, save_tokenizer, special_id, train_tokenizer
-from chatfoundry.train.loop import (Runtime, TrainConfig, accumulation, fit, make_optimizer, restore, setup_runtime,
-                                    teardown, trainer_state, wrap)
+from chatfoundry.train.loop import (Runtime, TrainConfig, accumulation, check_output, fit, make_optimizer,
+                                    prepare_output, restore, setup_runtime, teardown, trainer_state, wrap)
 from chatfoundry.train.mlm import MaskedLM, MLMConfig
 
 
@@ -181,29 +181,6 @@ def _digest(text: str) -> str:
 
 
 # ---------------------------------------------------------------- the stage
-
-
-def check_output(out: Path, resume: bool, overwrite: bool) -> None:
-    has_run = (out / "config.yaml").exists() or (out / ckpt.CHECKPOINT).exists()
-    if resume:
-        ckpt.resolve_checkpoint(out)  # raises naming the folder if there is nothing to resume
-    elif has_run and not overwrite:
-        raise UserError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it")
-    elif out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
-
-
-def prepare_output(out: Path, cfg, resume: bool, overwrite: bool, artifacts: tuple[str, ...]) -> None:
-    """Create the run folder, clear an overwritten run's checkpoint and artifacts, save the config."""
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume and overwrite:
-        shutil.rmtree(out / ckpt.CHECKPOINT, ignore_errors=True)
-        for stale in map(out.joinpath, artifacts):
-            if stale.is_dir():  # PPO's critic/
-                shutil.rmtree(stale)
-            else:
-                stale.unlink(missing_ok=True)
-    save_config(cfg, out / "config.yaml")
 
 
 def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:

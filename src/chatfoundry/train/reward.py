@@ -37,9 +37,8 @@ from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.models.heads import RewardModel
 from chatfoundry.tokenizer import encode_batch_ids, encode_chat, special_id
-from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, fit, make_optimizer, resume_step,
-                                    pack, setup_runtime, teardown, trainer_state, wrap)
-from chatfoundry.train.pretrain import check_output, prepare_output
+from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, check_output, fit, make_optimizer, pack,
+                                    prepare_output, resume_step, setup_runtime, teardown, trainer_state, wrap)
 
 
 @dataclass

@@ -30,9 +30,8 @@ from chatfoundry.generation import GenerationConfig, generate_seq2seq
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.models.seq2seq import Seq2SeqLM
 from chatfoundry.tokenizer import encode_batch_ids, special_id
-from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, fit, make_optimizer, resume_step, setup_runtime,
-                                    teardown, trainer_state, wrap)
-from chatfoundry.train.pretrain import check_output, prepare_output
+from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, check_output, fit, make_optimizer,
+                                    prepare_output, resume_step, setup_runtime, teardown, trainer_state, wrap)
 
 
 def _finetune_train() -> TrainConfig:

@@ -29,9 +29,8 @@ from chatfoundry.errors import UserError
 from chatfoundry.eval.world import evaluate_world, format_report, write_report
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.tokenizer import SPECIAL_TOKENS, chat_stop_ids, encode_batch_ids, special_id
-from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, fit, make_optimizer, restore, setup_runtime,
-                                    teardown, trainer_state, wrap)
-from chatfoundry.train.pretrain import check_output, prepare_output
+from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, check_output, fit, make_optimizer,
+                                    prepare_output, restore, setup_runtime, teardown, trainer_state, wrap)
 
 
 @dataclass
