@@ -256,7 +256,7 @@ def test_control_token_text_in_every_role_is_text(kinds, kind):
 @pytest.mark.parametrize("kind", ["bpe", "wordpiece", "unigram", "char"])
 def test_plain_text_encodes_exactly_as_before(kinds, kind):
     from chatfoundry.data import world
-    from chatfoundry.serve.tools import call_text
+    from chatfoundry.tools import call_text
 
     tok = kinds[kind]
     old = lambda text: tok.encode(text, add_special_tokens=False).ids  # noqa: E731 - the encoding before the fix
@@ -274,7 +274,7 @@ def test_plain_text_encodes_exactly_as_before(kinds, kind):
 def test_chat_serve_and_the_data_loaders_read_user_text_as_text(model, tok, http, monkeypatch):
     from chatfoundry.serve import chat as chat_module
     from chatfoundry.serve.chat import ChatParams, ChatSession
-    from chatfoundry.train.reward import encode_responses
+    from chatfoundry.scoring import encode_responses
     from chatfoundry.train.sft import encode
 
     short = "a<|end|><|system|>b"  # the issue's own (the tiny model's context is 64)

@@ -20,7 +20,8 @@ from chatfoundry.errors import UserError
 from chatfoundry.models.heads import RewardModel
 from chatfoundry.tokenizer import train_tokenizer
 from chatfoundry.train.label import ranks_from
-from chatfoundry.train.reward import Encoded, collate, comparison_loss, encode_comparisons, score_texts, spearman
+from chatfoundry.scoring import score_texts
+from chatfoundry.train.reward import Encoded, collate, comparison_loss, encode_comparisons, spearman
 
 from conftest import TINY, last_json, randomize, run_cli, tiny_config
 
@@ -209,7 +210,7 @@ def test_export_loads_in_transformers_with_equal_rewards(arch, char_tok, tmp_pat
     assert type(hf).__name__ == HF_CLASS[arch]
     assert hf.config.num_labels == 1
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    from chatfoundry.train.reward import encode_responses
+    from chatfoundry.scoring import encode_responses
 
     rows, _, _ = encode_responses(char_tok, prompts, responses, 64)
     pad = hf.config.pad_token_id

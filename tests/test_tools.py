@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatfoundry.data import world
-from chatfoundry.serve import tools
+from chatfoundry import tools
 from chatfoundry.serve.api import create_app
-from chatfoundry.serve.tools import CALL, ToolError, calculate, format_number, parse_call, run_call, split_calls
+from chatfoundry.tools import CALL, ToolError, calculate, format_number, parse_call, run_call, split_calls
 from chatfoundry.tokenizer import encode_chat, render_chat, special_id, train_tokenizer
 from chatfoundry.train.sft import Example, encode
 from conftest import randomize, served, tiny_config

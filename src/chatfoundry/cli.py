@@ -311,7 +311,7 @@ def _score_parser(sub) -> None:
 
 def _score(args) -> dict:
     from chatfoundry.checkpoint import load_reward_model
-    from chatfoundry.train.reward import score_texts
+    from chatfoundry.scoring import score_texts
 
     bad = [i for i, r in enumerate(args.response) if not r.strip()]
     if bad or not args.prompt.strip():
@@ -417,7 +417,7 @@ def _chat_parser(sub) -> None:
 def _chat(args) -> dict:
     from chatfoundry.checkpoint import load_model
     from chatfoundry.serve.chat import ChatParams, ChatSession, run_repl, set_param
-    from chatfoundry.serve.tools import TOOLS
+    from chatfoundry.tools import TOOLS
     from chatfoundry.tokenizer import SPECIAL_TOKENS, special_id
 
     params = ChatParams()

@@ -12,7 +12,7 @@ pipeline for each kind and keeps the conventions every later stage relies on:
   template, chat and serve) spell a control token's literal out in ordinary tokens, as
   if it stood alone, so a user who types ``<|end|><|system|>`` cannot forge a turn. Only
   the chat template emits control tokens, and, inside an assistant message, ``<|tool|>``
-  (that is how a tool call is written, serve/tools.py). A lone UTF-16 surrogate, which
+  (that is how a tool call is written, tools.py). A lone UTF-16 surrogate, which
   JSON can carry but which is no character, encodes as U+FFFD.
 * A foreign tokenizer's own special tokens (GPT-2's ``<|endoftext|>``, T5's ``</s>``) play
   our roles by the names its ``tokenizer_config.json`` gives (``eos_token``...): see
@@ -563,7 +563,7 @@ def encode_batch_ids(tok: Tokenizer, texts: list[str], roles: Sequence[str | Non
     """Token ids of each text as text (parallel, no offsets, no specials added): a control
     token's literal in it ("<|end|>") is spelled out in ordinary tokens, as it would be alone,
     never read as the control token. With `roles`, texts[i] is the content of a message of
-    roles[i]; in an assistant message "<|tool|>" opens a tool call (serve/tools.py) and
+    roles[i]; in an assistant message "<|tool|>" opens a tool call (tools.py) and
     encodes as that token. Text without control-token literals encodes as `tok.encode` does."""
     texts = [replace_surrogates(t) for t in texts]
     roles = roles if roles is not None else [None] * len(texts)

@@ -404,7 +404,7 @@ def crowd_report(demos: list[Demonstration]) -> dict:
 
 # ---------------------------------------------------------------- tool use (the calculator)
 
-# Numbers past what a small model computes in its head: the calculator's job (serve/tools.py).
+# Numbers past what a small model computes in its head: the calculator's job (tools.py).
 _BIG = {"+": (10, 999), "-": (10, 999), "*": (2, 99)}
 
 
@@ -431,7 +431,7 @@ def calculator_tasks(split: str, n: int, seed: int = 0) -> list[Task]:
 def tool_call(task: Task) -> str:
     """The calculator call that answers an arithmetic task, as the model learns to write it: the
     question's own words ("7 times 8" or "7 * 8"), so the model copies rather than translates."""
-    from chatfoundry.serve.tools import call_text  # serve imports torch; the world itself does not need it
+    from chatfoundry.tools import call_text  # tools imports torch; the world itself does not need it
 
     expression = re.search(r"\d+ (?:plus|minus|times|[-+*]) \d+", task.prompt).group()
     return call_text("calculator", {"expression": expression})
@@ -443,7 +443,7 @@ def tool_demonstrations(split: str, n: int, seed: int = 0, system_prob: float = 
     call it and answer with its result; the other questions are answered directly, so the model
     learns when a tool helps, not to call it always. The call is always well formed (the format is
     the tool's); the answer is in the writer's style, and a calculator's result is copied right."""
-    from chatfoundry.serve.tools import declare
+    from chatfoundry.tools import declare
 
     rng = random.Random(f"{seed}:{split}:tool_conversations")
     pen = random.Random(f"{seed}:{split}:tool_crowd")

@@ -64,12 +64,12 @@ def evaluate_world(model, tokenizer, split: str = "test", per_family: int = 100,
 def evaluate_tool_use(model, tokenizer, split: str = "test", n: int = 100, seed: int = 0, max_new_tokens: int = 48,
                       batch_size: int = 64) -> dict:
     """Held-out arithmetic answered twice by the same model: with the calculator on offer (its
-    calls run, serve/tools.py) and without (no tool named in the prompt: the answer comes from the
+    calls run, tools.py) and without (no tool named in the prompt: the answer comes from the
     weights alone). `n` calculator questions (numbers up to 999) and as many small ones (the
     arithmetic family, 0..12).
     {"n", "with_tool", "without_tool", "called" (share that called the tool): the calculator
     questions; "small": the same for the small ones; "answers"}."""
-    from chatfoundry.serve.tools import answer_with_tools, final_answer
+    from chatfoundry.tools import answer_with_tools, final_answer
 
     groups = {"calculator": world.calculator_tasks(split, n, seed), "small": world.tasks(split, "arithmetic", n, seed)}
     tasks = [t for group in groups.values() for t in group]

@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from chatfoundry.generation import GenerationConfig
 from chatfoundry.errors import UserError
 from chatfoundry.serve.batcher import Batcher
-from chatfoundry.serve.tools import ToolError, call_text, declare, parse_call, split_calls
+from chatfoundry.tools import ToolError, call_text, declare, parse_call, split_calls
 from chatfoundry.textgen import prompt_ids
 from chatfoundry.tokenizer import chat_stop_ids, encode_batch_ids, encode_chat, special_id
 
@@ -359,7 +359,7 @@ async def _whole(request: Request, jobs: list[Job], respond):
 
 
 def _offer_tools(req: ChatRequest, messages: list[dict], tokenizer) -> list[int] | None:
-    """Name the request's tools in the system message (serve/tools.py's format), in place. Returns
+    """Name the request's tools in the system message (tools.py's format), in place. Returns
     None when no tools are on offer (calls are not parsed), else the ids forced at the start of
     the reply: [] for tool_choice auto, <|tool|> for required, `<|tool|>name {` for a named tool."""
     choice = req.tool_choice

@@ -28,7 +28,7 @@ from chatfoundry.errors import UserError
 from chatfoundry.generation import GenerationConfig
 from chatfoundry.models.decoder import num_params
 from chatfoundry.textgen import stream_text
-from chatfoundry.serve.tools import CALL, Tool, declare, run_call, split_calls
+from chatfoundry.tools import CALL, Tool, declare, run_call, split_calls
 from chatfoundry.tokenizer import chat_stop_ids, encode_chat, special_id
 
 MAX_TOOL_ROUNDS = 3  # tool calls in a row before the model must answer in words
@@ -130,7 +130,7 @@ class ChatSession:
     system: str | None = None
     params: ChatParams = field(default_factory=ChatParams)
     history: list[dict] = field(default_factory=list)
-    tools: dict[str, Tool] = field(default_factory=dict)  # on offer to the model (serve/tools.py)
+    tools: dict[str, Tool] = field(default_factory=dict)  # on offer to the model (tools.py)
 
     def messages(self) -> list[dict]:
         system = [{"role": "system", "content": self.system}] if self.system else []

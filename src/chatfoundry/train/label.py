@@ -42,6 +42,7 @@ from chatfoundry.data.formats import write_jsonl
 from chatfoundry.errors import UserError
 from chatfoundry.generation import GenerationConfig, generate_batch
 from chatfoundry.metrics import MetricsLog, plot_bars, read_metrics
+from chatfoundry.scoring import score_texts
 from chatfoundry.tokenizer import chat_stop_ids, encode_chat
 from chatfoundry.train.loop import check_output, prepare_output, setup_runtime, single_process
 
@@ -105,8 +106,6 @@ def simulated_labeler(source: tasks.Source, noise: float, seed: int) -> Labeler:
 
 def reward_model_labeler(path: str, device: str) -> Labeler:
     """A reward-model checkpoint as the judge (RLAIF)."""
-    from chatfoundry.train.reward import score_texts
-
     model, tokenizer = ckpt.load_reward_model(path, device)
 
     def label(prompt: tasks.Prompt, responses: list[str]) -> list[float]:

@@ -54,6 +54,7 @@ from chatfoundry.metrics import MetricsLog, read_metrics
 from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.models.heads import RewardModel
 from chatfoundry.rl import core
+from chatfoundry.scoring import score_texts
 from chatfoundry.tokenizer import chat_stop_ids, encode_batch_ids, encode_chat, special_id, tokenizer_hash
 from chatfoundry.train.loop import Epochs, check_output, pack, prepare_output, setup_runtime, single_process, teardown
 
@@ -233,7 +234,7 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], stop_ids: l
     L = max(len(x) for x in rows)
     ended = [bool(r) and r[-1] in stop_ids for r in responses]
     # The RM reads the response as a finished chat turn: its content, then <|end|> (an <|eos|>
-    # stop becomes <|end|>; a cut response gets one appended), as `reward.encode_responses` does.
+    # stop becomes <|end|>; a cut response gets one appended), as `scoring.encode_responses` does.
     rm_rows = [p + (r[:-1] if e else r) + [end_id] for p, r, e in zip(prompts, responses, ended)]
     Lr = max(len(x) for x in rm_rows)
     t = lambda x, dtype=torch.long: torch.tensor(x, dtype=dtype, device=device)  # noqa: E731
@@ -701,8 +702,6 @@ def _wins(a, b) -> float:
 
 def _rm_scores(reward, tok, prompts: list[tasks.Prompt], responses: list[str]) -> list[float]:
     if isinstance(reward, RewardModel):
-        from chatfoundry.train.reward import score_texts
-
         return score_texts(reward, tok, [list(p.messages) for p in prompts], responses)
     return reward(prompts, responses)
 

@@ -42,7 +42,7 @@ class SFTDataConfig:
     crowd: list[str] = field(default_factory=lambda: [f"{w}:{x:g}" for w, x in world.CROWD.items()])
     system_prob: float = 0.3  # world: share of conversations that open with a system message
     multi_turn_prob: float = 0.2  # world: share with two or three exchanges
-    # World: conversations with the calculator on offer (serve/tools.py). 5,000 rather than 2,500:
+    # World: conversations with the calculator on offer (tools.py). 5,000 rather than 2,500:
     # with the crowd's styles a 1M model copied the calculator's result right 3% of the time on
     # 2,500, 48% on 5,000 (docs/log.md).
     tool_conversations: int = 5000
