@@ -106,7 +106,7 @@ def side_ours(args) -> dict:
                         iterations=args.warmup + args.iters)
     cfg.out = tempfile.mkdtemp(prefix="ppo_bench_")
     cfg.rollout.batch_size, cfg.rollout.max_new_tokens = args.batch, args.response_length
-    cfg.ppo.minibatch_size, cfg.ppo.epochs, cfg.ppo.target_kl = args.batch // 4, 4, 0.0
+    cfg.minibatch_size, cfg.epochs, cfg.target_kl = args.batch // 4, 4, None
     cfg.eval.per_family = 0
     t_end = []
     save = ppo.ckpt.save_checkpoint

@@ -55,7 +55,7 @@ def pretrain_command(data: Path, flavour: str, iters: int, out: Path, args) -> l
            "--train.lr", str(c["lr"]), "--train.min_lr_ratio", str(c["min_lr"] / c["lr"]),
            "--train.warmup_steps", str(min(c["warmup"], iters)),
            "--train.beta1", str(c["beta1"]), "--train.beta2", str(c["beta2"]),
-           "--train.weight_decay", str(c["weight_decay"]), "--train.grad_clip", str(c["grad_clip"]),
+           "--train.weight_decay", str(c["weight_decay"]), "--train.max_grad_norm", str(c["grad_clip"]),
            "--train.eval_every", str(min(c["eval_every"], iters)), "--train.eval_batches", str(c["eval_batches"]),
            "--train.save_every", str(iters),  # one checkpoint, at the end
            "--train.log_every", "10",

@@ -25,7 +25,7 @@ TINY_PIPELINE = [
     *"--rm.train.steps 4 --rm.train.batch_size 4 --rm.train.warmup_steps 1 --rm.train.eval_every 2".split(),
     *"--rm.train.save_every 4".split(),
     *"--ppo.iterations 2 --ppo.rollout.batch_size 8 --ppo.rollout.max_new_tokens 8 --ppo.rollout.pool 40".split(),
-    *"--ppo.ppo.minibatch_size 4 --ppo.ppo.epochs 1 --ppo.eval.per_family 2 --ppo.eval.max_new_tokens 8".split(),
+    *"--ppo.minibatch_size 4 --ppo.epochs 1 --ppo.eval.per_family 2 --ppo.eval.max_new_tokens 8".split(),
     "--device", "cpu",
 ]
 

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TOY = "def say_a(prompt, response):\n    return response.count('a') / max(len(response), 1)\n"
 FAST = ["--iterations", "3", "--rollout.batch_size", "8", "--rollout.max_new_tokens", "8", "--rollout.pool", "50",
-        "--ppo.minibatch_size", "4", "--ppo.epochs", "2", "--eval.per_family", "2", "--eval.max_new_tokens", "8",
+        "--minibatch_size", "4", "--epochs", "2", "--eval.per_family", "2", "--eval.max_new_tokens", "8",
         "--device", "cpu"]
 
 
@@ -190,7 +190,7 @@ def test_first_minibatch_ratio_is_exactly_one_and_the_update_moves_the_policy(mo
     ref, _ = load_model(models / "sft")
     critic = RewardModel.from_lm(policy)
     cfg = PPOConfig(init="x", reward="rm:y")
-    cfg.rollout.max_new_tokens, cfg.ppo.minibatch_size, cfg.ppo.epochs, cfg.ppo.lr = 8, 4, 2, 1e-3
+    cfg.rollout.max_new_tokens, cfg.minibatch_size, cfg.epochs, cfg.lr = 8, 4, 2, 1e-3
     ro = rollout(policy, ref, critic, lambda p, r: [float(len(x)) for x in r], tok, _prompts(8), cfg.rollout,
                  seed=0, chunk=4)
     rewards, _, _ = per_token_rewards(ro, 0.05, cfg)
@@ -210,7 +210,7 @@ def test_ppo_raises_a_toy_reward(models, toy, tmp_path):
     cfg = PPOConfig(init=str(models / "sft"), reward=toy, out=str(tmp_path / "run"), device="cpu", iterations=25)
     cfg.rollout.batch_size, cfg.rollout.max_new_tokens, cfg.rollout.pool = 32, 12, 200
     cfg.rollout.no_eos_penalty = 0.0
-    cfg.ppo.minibatch_size, cfg.ppo.lr, cfg.ppo.critic_lr, cfg.ppo.target_kl = 16, 3e-3, 3e-3, 0.0
+    cfg.minibatch_size, cfg.lr, cfg.critic_lr, cfg.target_kl = 16, 3e-3, 3e-3, None
     cfg.kl.coef, cfg.kl.control = 0.01, "fixed"
     cfg.eval.per_family = 0
     summary = ppo.run(cfg, log=lambda *a: None)
@@ -226,7 +226,7 @@ def _pull_away(models, out, control: str) -> list[dict]:
     cfg = PPOConfig(init=str(models / "sft"), reward="python:toy_reward:say_a", out=str(out), device="cpu", iterations=40)
     cfg.rollout.batch_size, cfg.rollout.max_new_tokens, cfg.rollout.pool = 16, 12, 200
     cfg.rollout.no_eos_penalty = 0.0
-    cfg.ppo.minibatch_size, cfg.ppo.lr, cfg.ppo.critic_lr, cfg.ppo.target_kl = 8, 3e-3, 3e-3, 0.0
+    cfg.minibatch_size, cfg.lr, cfg.critic_lr, cfg.target_kl = 8, 3e-3, 3e-3, None
     cfg.kl.coef, cfg.kl.control, cfg.kl.target, cfg.kl.horizon = 0.01, control, 2.0, 16
     cfg.eval.per_family = 0
     ppo.run(cfg, log=lambda *a: None)
@@ -330,7 +330,7 @@ def test_cli_run_writes_artifacts_is_deterministic_and_resumes_exactly(models, t
 def test_kl_penalty_objective_and_ptx_run(models, tmp_path, capsys):
     s = cli_ok(["ppo", "--init", str(models / "sft"), "--reward", f"rm:{models / 'rm'}", "--out", str(tmp_path / "k"),
                 *FAST,
-                "--ppo.objective", "kl_penalty", "--ppo.ptx_coef", "0.5", "--ppo.ptx_batch_size", "2",
+                "--objective", "kl_penalty", "--ptx_coef", "0.5", "--ptx_batch_size", "2",
                 "--eval.samples", "0"], capsys)
     rows = metrics(tmp_path / "k")
     assert s["objective"] == "kl_penalty" and "gold_reward_sampled" not in s
@@ -343,7 +343,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, models, tok, tmp_
     init, rm, extra = str(models / "sft"), str(models / "rm"), []
     expect = {"missing": "no such checkpoint", "rm_as_init": "a reward model, not a language model",
               "lm_as_rm": "a language model, not a reward model", "tokenizer": "tokenizer differs",
-              "config": "ppo.minibatch_size", "bad_callable": "cannot import"}[case]
+              "config": "minibatch_size", "bad_callable": "cannot import"}[case]
     if case == "missing":
         init = str(tmp_path / "nowhere")
     elif case == "rm_as_init":
@@ -356,7 +356,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, models, tok, tmp_
         save_checkpoint(tmp_path / "other_rm", RewardModel(cfg), other)
         rm = str(tmp_path / "other_rm")
     elif case == "config":
-        extra = ["--ppo.minibatch_size", "3"]
+        extra = ["--minibatch_size", "3"]
     else:
         rm = "python:no_such_module:f"
     reward = rm if rm.startswith("python:") else f"rm:{rm}"

@@ -144,6 +144,9 @@ def test_old_names_hear_the_new_ones(tmp_path, capsys):
     for argv, expect in ((["ppo", "--init", "sft", "--rm", "rm"], "unknown option --rm (renamed: --reward (rm:PATH))"),
                          (["ppo", "--init", "sft", "--rollout.prompts", "50"], "(renamed: --rollout.pool)"),
                          (["pipeline", "--ppo.rm", "rm"], "(renamed: --ppo.reward (rm:PATH))"),
+                         (["ppo", "--init", "sft", "--ppo.lam", "0.9"], "(renamed: --gae_lambda)"),
+                         (["pipeline", "--ppo.ppo.target_kl", "0.1"], "(renamed: --ppo.target_kl)"),
+                         (["rl", "train", "--algo", "ppo", "--ppo.clip_vf", "0.2"], "(renamed: --ppo.value_clip)"),
                          (["ppo", "--init", "sft", "--reward", "verifier", "--prompts", "3"], "how many: --rollout.pool")):
         code, _, err = run_cli([*argv, "--out", str(tmp_path / "run")], capsys)
         assert code == 2 and expect in err and len(err.strip().splitlines()) == 1, err
@@ -162,8 +165,8 @@ def test_the_pipeline_stays_on_the_world(tmp_path, capsys):
 # ---------------------------------------------------------------- your own prompts, end to end
 
 PPO = ["--iterations", "25", "--rollout.batch_size", "32", "--rollout.max_new_tokens", "12", "--rollout.pool", "200",
-       "--rollout.no_eos_penalty", "0", "--ppo.minibatch_size", "16", "--ppo.lr", "3e-3", "--ppo.critic_lr", "3e-3",
-       "--ppo.target_kl", "0", "--kl.coef", "0.01", "--kl.control", "fixed", "--eval.max_new_tokens", "12",
+       "--rollout.no_eos_penalty", "0", "--minibatch_size", "16", "--lr", "3e-3", "--critic_lr", "3e-3",
+       "--target_kl", "none", "--kl.coef", "0.01", "--kl.control", "fixed", "--eval.max_new_tokens", "12",
        "--device", "cpu"]
 
 

@@ -9,8 +9,14 @@ heavy work, so a typo costs a second, not a run. Errors are one `UserError` line
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
+import io
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -35,6 +41,41 @@ def leaf_fields(cls: type, prefix: str = "") -> dict[str, Any]:
             out.update(leaf_fields(tp, name + "."))
         else:
             out[name] = tp
+    return out
+
+
+def field_docs(cls: type, prefix: str = "") -> dict[str, str]:
+    """Map dotted name -> the comment that documents the field in its dataclass's source: the one
+    on the field's line, else the comment lines right above it (joined into one line)."""
+    out: dict[str, str] = {}
+    own = _comments(cls)
+    for f, tp in _fields(cls):
+        if dataclasses.is_dataclass(tp):
+            out.update(field_docs(tp, prefix + f.name + "."))
+        elif own.get(f.name):
+            out[prefix + f.name] = own[f.name]
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _comments(cls: type) -> dict[str, str]:
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # defined where there is no source to read
+        return {}
+    lines = source.splitlines()
+    by_line = {t.start[0]: t.string.lstrip("#").strip()
+               for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    out = {}
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        on_line = [by_line[n] for n in range(node.lineno, node.end_lineno + 1) if n in by_line]
+        above, n = [], node.lineno - 1
+        while n >= 1 and lines[n - 1].strip().startswith("#"):
+            above.insert(0, by_line[n])
+            n -= 1
+        out[node.target.id] = " ".join(on_line or above)
     return out
 
 
@@ -125,13 +166,20 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 # Fields renamed without a shim: an old config file or flag hears the new name. Keyed by the
 # name's last parts, so `ppo.rm` in a pipeline's config matches `rm`.
-RENAMED = {"rm": "reward (rm:PATH)", "rollout.prompts": "rollout.pool"}
+RENAMED = {"rm": "reward (rm:PATH)", "rollout.prompts": "rollout.pool", "clip_vf": "value_clip",
+           "lam": "gae_lambda", "grad_clip": "max_grad_norm",
+           # the LM PPO's update knobs, once a `ppo` section (`--ppo.ppo.lr` in the pipeline)
+           "ppo.lam": "gae_lambda", "ppo.grad_clip": "max_grad_norm",
+           **{f"ppo.{name}": name for name in ("objective", "epochs", "minibatch_size", "lr", "critic_lr", "clip",
+                                               "value_clip", "penalty_beta", "penalty_target", "gamma",
+                                               "whiten_advantages", "whiten_rewards", "reward_clip", "target_kl",
+                                               "ptx_coef", "ptx_batch_size")}}
 
 
 def _renamed(name: str) -> str | None:
-    for old, new in RENAMED.items():
+    for old in sorted(RENAMED, key=len, reverse=True):  # the most specific match
         if name == old or name.endswith("." + old):
-            return name[:len(name) - len(old)] + new
+            return name[:len(name) - len(old)] + RENAMED[old]
     return None
 
 
@@ -173,10 +221,11 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, aliases: dict[st
     aliases = aliases or {}
     group = parser.add_argument_group("config fields (YAML keys or --dotted.flags)")
     defaults = cls()
+    docs = field_docs(cls)
     for name, tp in leaf_fields(cls).items():
         flags = [f"--{name}"] + [a for a, target in aliases.items() if target == name]
         default = get_dotted(defaults, name)
-        help_text = f"default: {default!r}"
+        help_text = (docs[name].rstrip(".").replace("%", "%%") + "; " if name in docs else "") + f"default: {default!r}"
         choices = _choices(tp)
         if choices:
             help_text += f"; one of {', '.join(map(str, choices))}"

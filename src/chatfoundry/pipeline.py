@@ -35,7 +35,7 @@ WIRED = "<pipeline>"  # a stage's input and output folders, set by the pipeline 
 
 @dataclass
 class PipelineConfig:
-    out: str = "runs/pipeline"
+    out: str = "runs/pipeline"  # holds a folder per stage (each stage's out is set to it), config.yaml, report.md
     seed: int = 1337  # every stage's seed
     device: str = "auto"  # every stage's device
     pretrain: pretrain.PretrainConfig = field(default_factory=pretrain.PretrainConfig)

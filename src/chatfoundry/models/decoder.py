@@ -41,24 +41,25 @@ class DecoderConfig:
 
     PRESET_KEYS = ("preset", "flavour")  # applied before other overrides (see config.build_config)
 
-    preset: str = "tiny"
+    preset: str = "tiny"  # size by name (tiny, mini, small, gpt2): sets n_layer, n_head, n_embd, block_size
+    # sets pos, norm, mlp, bias, tie_embeddings and norm_eps (FLAVOURS); llama: n_kv_head = n_head / 2
     flavour: Literal["gpt2", "neox", "llama"] = "gpt2"
     vocab_size: int = 0  # 0: the tokenizer's size
     block_size: int = 128  # the longest context the model handles
-    n_layer: int = 4
-    n_head: int = 4
+    n_layer: int = 4  # Transformer blocks
+    n_head: int = 4  # attention (query) heads; must divide n_embd
     n_kv_head: int = 4  # < n_head: grouped-query attention; 1: multi-query
-    n_embd: int = 128
+    n_embd: int = 128  # width of the embeddings and the residual stream
     intermediate_size: int = 0  # 0: 4 * n_embd for GELU, ~8/3 * n_embd for SwiGLU (same parameter count)
-    pos: Literal["learned", "sinusoidal", "rope"] = "learned"
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    mlp: Literal["gelu", "swiglu"] = "gelu"
-    bias: bool = True
+    pos: Literal["learned", "sinusoidal", "rope"] = "learned"  # positions: a learned table, fixed sinusoids or rotary
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # before each sublayer and after the last block
+    mlp: Literal["gelu", "swiglu"] = "gelu"  # feed-forward: GELU (tanh approximation) or gated SwiGLU
+    bias: bool = True  # biases in the linear layers and LayerNorms
     qkv_bias: bool = False  # q/k/v projections biased even when `bias` is off (Qwen2)
-    tie_embeddings: bool = True
-    dropout: float = 0.0
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # the output layer reuses the token embedding matrix
+    dropout: float = 0.0  # on embeddings, attention weights and residual branches, in training only
+    rope_theta: float = 10000.0  # base of the rotary frequencies (pos=rope); larger stretches the longest wavelength
+    norm_eps: float = 1e-5  # added to the variance (or mean square) in every norm
 
     @classmethod
     def from_preset(cls, preset: str = "tiny", flavour: str = "gpt2") -> "DecoderConfig":

@@ -49,18 +49,18 @@ class EncoderConfig:
 
     PRESET_KEYS = ("preset",)  # applied before other overrides (see config.build_config)
 
-    preset: str = "tiny"
+    preset: str = "tiny"  # size by name (tiny, mini, small, base): layers, heads, hidden_size, max_position_embeddings
     vocab_size: int = 0  # 0: the tokenizer's size
-    hidden_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
+    hidden_size: int = 128  # width of the embeddings and hidden states
+    num_hidden_layers: int = 2  # Transformer blocks
+    num_attention_heads: int = 4  # attention heads; must divide hidden_size
     intermediate_size: int = 0  # 0: 4 * hidden_size
     max_position_embeddings: int = 128  # the longest input, [CLS] and [SEP] included
     type_vocab_size: int = 2  # segments: 0 for the first text, 1 for the second of a pair
     hidden_act: Literal["gelu", "gelu_new"] = "gelu"  # gelu: exact (erf), BERT's; gelu_new: tanh approximation
-    layer_norm_eps: float = 1e-12
+    layer_norm_eps: float = 1e-12  # added to the variance in every LayerNorm
     hidden_dropout_prob: float = 0.0  # BERT pretrained with 0.1; tiny CPU runs learn faster without
-    attention_probs_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0  # dropout on the attention weights, in training only
     # std of the normal init of every matrix and embedding. BERT's 0.02 suits its 768 channels; a
     # narrow post-norm model starts with attention so flat (q.k ~ std^2 * width) that MLM sits at
     # the unigram baseline for hundreds of steps before it learns to look at neighbours.

@@ -47,21 +47,21 @@ class Seq2SeqConfig:
 
     PRESET_KEYS = ("preset",)
 
-    preset: str = "tiny"
+    preset: str = "tiny"  # size by name (tiny, mini, small): layers, num_heads, d_model, d_kv, d_ff, block_size
     vocab_size: int = 0  # 0: the tokenizer's size
     block_size: int = 128  # longest input and output in use (the generation cache); positions have no limit
-    d_model: int = 128
+    d_model: int = 128  # width of the embeddings and hidden states
     d_kv: int = 32  # per-head width; num_heads * d_kv need not equal d_model
-    d_ff: int = 256
+    d_ff: int = 256  # hidden width of each feed-forward block
     num_layers: int = 3  # encoder blocks
-    num_decoder_layers: int = 3
-    num_heads: int = 4
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
+    num_decoder_layers: int = 3  # decoder blocks
+    num_heads: int = 4  # heads of every self- and cross-attention layer
+    relative_attention_num_buckets: int = 32  # key-query offset buckets, a learned bias per head each
+    relative_attention_max_distance: int = 128  # offsets this far or farther share the last bucket
     feed_forward_proj: Literal["relu", "gated-gelu"] = "gated-gelu"  # T5 v1.0 / v1.1
     tie_word_embeddings: bool = True  # lm_head = the shared embedding, its input scaled by d_model ** -0.5
-    dropout_rate: float = 0.0
-    layer_norm_epsilon: float = 1e-6
+    dropout_rate: float = 0.0  # on embeddings, attention weights and residual branches, in training only
+    layer_norm_epsilon: float = 1e-6  # added to the mean square in every RMSNorm
     decoder_start_token_id: int = 0  # the decoder's first input (T5: the pad id)
     # Learning-rate multiplier of the relative position bias. Adam moves every weight by about lr
     # a step; matrices live at ~0.05 but a bias must reach ~5 to make attention positional (the

@@ -29,21 +29,21 @@ from chatfoundry.rl.common import Run, make_env, mlp, obs_size, obs_tensor, pref
 
 @dataclass
 class DQNConfig:
-    lr: float = 1e-3
+    lr: float = 1e-3  # Adam learning rate
     anneal_lr: bool = False  # linearly to 0 over the run: the late policy stops drifting away from a solution
-    gamma: float = 0.99
-    buffer_size: int = 50_000
-    batch_size: int = 64
+    gamma: float = 0.99  # discount per environment step
+    buffer_size: int = 50_000  # replay buffer: the most recent transitions kept
+    batch_size: int = 64  # transitions per minibatch update
     learning_starts: int = 1000  # env steps collected before the first update
     train_freq: int = 4  # env steps between training rounds
     gradient_steps: int = 1  # minibatch updates per round
     target_update_interval: int = 500  # env steps between target-network copies
-    eps_start: float = 1.0
-    eps_end: float = 0.05
+    eps_start: float = 1.0  # probability of a random action at the start
+    eps_end: float = 0.05  # probability of a random action once exploration_fraction has passed
     exploration_fraction: float = 0.2  # share of the run over which epsilon falls
-    double: bool = True
-    max_grad_norm: float = 10.0
-    hidden: list[int] = field(default_factory=lambda: [256, 256])
+    double: bool = True  # Double DQN: the online net picks the next action, the target net values it
+    max_grad_norm: float = 10.0  # clip the Q-network's gradient norm to this
+    hidden: list[int] = field(default_factory=lambda: [256, 256])  # hidden layer sizes of the Q-network (ReLU)
 
     def validate(self) -> None:
         for name in ("buffer_size", "batch_size", "train_freq", "gradient_steps", "target_update_interval"):

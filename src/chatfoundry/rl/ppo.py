@@ -30,28 +30,28 @@ from chatfoundry.rl.common import Critic, Run, VecRunner, policy_act, policy_inf
 
 @dataclass
 class PPOConfig:
-    n_envs: int = 8
+    n_envs: int = 8  # environments stepped side by side (one vector env)
     n_steps: int = 128  # per env per rollout
     batch_size: int = 256  # minibatch
-    epochs: int = 10
-    lr: float = 3e-4
+    epochs: int = 10  # passes over each rollout, in shuffled minibatches
+    lr: float = 3e-4  # Adam learning rate of policy and critic (the start, when anneal_lr)
     anneal_lr: bool = True  # linearly to 0 over the run
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
+    gamma: float = 0.99  # discount per environment step
+    gae_lambda: float = 0.95  # GAE's lambda in [0, 1]: 0 one-step TD advantages, 1 Monte Carlo
     clip: float = 0.2  # ppo: the ratio's clip range
     anneal_clip: bool = False  # linearly to 0 with the learning rate (rl-zoo's lin_0.2)
-    clip_vf: Optional[float] = None  # clip the critic's change too (None: plain MSE, as SB3's default)
-    ent_coef: float = 0.0
+    value_clip: Optional[float] = None  # how far a value may move from its rollout value (None: plain MSE, as SB3)
+    ent_coef: float = 0.0  # weight of the entropy bonus in the loss (0: none)
     vf_coef: float = 1.0  # times core's 0.5 * MSE: the same loss as SB3's vf_coef 0.5 on its plain MSE
-    max_grad_norm: float = 0.5
+    max_grad_norm: float = 0.5  # clip the global gradient norm (policy and critic together) to this
     target_kl: Optional[float] = None  # ppo: stop the epochs early once the approximate KL passes this
     kl_target: float = 0.01  # ppo-kl: the KL per update the controller aims for
     kl_beta: float = 1.0  # ppo-kl: the penalty's initial coefficient
     kl_controller: Literal["doubling", "adaptive"] = "doubling"  # the PPO paper's rule, or Ziegler et al.'s
-    hidden: list[int] = field(default_factory=lambda: [64, 64])
-    activation: Literal["tanh", "relu"] = "tanh"
+    hidden: list[int] = field(default_factory=lambda: [64, 64])  # hidden layer sizes of the policy and of the critic
+    activation: Literal["tanh", "relu"] = "tanh"  # between the hidden layers
     reward_scale: float = 1.0  # rewards are multiplied by this for learning (Pendulum's -16..0 per step: 0.1)
-    adam_eps: float = 1e-5
+    adam_eps: float = 1e-5  # Adam's epsilon (PPO implementations' 1e-5, not torch's 1e-8)
 
     def validate(self) -> None:
         for name in ("n_envs", "n_steps", "batch_size", "epochs"):
@@ -104,7 +104,7 @@ def train(run: Run, cfg: PPOConfig, kl_penalty: bool = False) -> tuple[dict[str,
                     pg_loss, s = core.kl_penalty_surrogate(logp, logp_old[idx], adv[idx], beta.value, mask[idx])
                 else:
                     pg_loss, s = core.clipped_surrogate(logp, logp_old[idx], adv[idx], clip, mask[idx])
-                v_loss = core.clipped_value_loss(critic(obs[idx]), v_old[idx], ret[idx], cfg.clip_vf, mask[idx])
+                v_loss = core.clipped_value_loss(critic(obs[idx]), v_old[idx], ret[idx], cfg.value_clip, mask[idx])
                 loss = pg_loss + cfg.vf_coef * v_loss
                 if cfg.ent_coef:  # else leave it out of the graph: backward is most of an update's time
                     loss = loss - cfg.ent_coef * core.masked_mean(policy.entropy(dist), mask[idx])

@@ -23,11 +23,11 @@ from chatfoundry.rl.common import Run, make_env
 
 @dataclass
 class QLearningConfig:
-    lr: float = 0.1
+    lr: float = 0.1  # step size of the table update, in (0, 1], at the start of the run
     lr_end: float = 0.01  # the learning rate at the end of the run (linear decay)
-    gamma: float = 0.99
-    eps_start: float = 1.0
-    eps_end: float = 0.05
+    gamma: float = 0.99  # discount per environment step
+    eps_start: float = 1.0  # probability of a random action at the start
+    eps_end: float = 0.05  # probability of a random action once exploration_fraction has passed
     exploration_fraction: float = 0.5  # share of the run over which epsilon falls
     log_every: int = 1000  # env steps between metrics records
 

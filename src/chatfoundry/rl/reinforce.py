@@ -30,15 +30,15 @@ from chatfoundry.rl.common import (Critic, Policy, Run, env_action, make_env, ob
 @dataclass
 class ReinforceConfig:
     n_envs: int = 8  # episodes per update, played side by side
-    gamma: float = 0.99
-    lr: float = 1e-3
-    critic_lr: float = 1e-3
-    critic_epochs: int = 5
-    ent_coef: float = 0.0
-    max_grad_norm: float = 1.0
-    hidden: list[int] = field(default_factory=lambda: [64, 64])
-    activation: Literal["tanh", "relu"] = "tanh"
-    reward_scale: float = 1.0
+    gamma: float = 0.99  # discount per environment step
+    lr: float = 1e-3  # Adam learning rate of the policy (one step per update)
+    critic_lr: float = 1e-3  # Adam learning rate of the critic (the baseline)
+    critic_epochs: int = 5  # critic Adam steps per update, each on all its episodes
+    ent_coef: float = 0.0  # weight of the entropy bonus in the policy loss (0: none)
+    max_grad_norm: float = 1.0  # clip the policy's gradient norm to this
+    hidden: list[int] = field(default_factory=lambda: [64, 64])  # hidden layer sizes of the policy and of the critic
+    activation: Literal["tanh", "relu"] = "tanh"  # between the hidden layers
+    reward_scale: float = 1.0  # rewards are multiplied by this for learning (logged returns stay unscaled)
 
     def validate(self) -> None:
         for name in ("n_envs", "critic_epochs"):

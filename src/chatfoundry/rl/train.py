@@ -33,16 +33,16 @@ Algo = Literal["qlearning", "dqn", "reinforce", "trpo", "ppo", "ppo-kl"]
 
 @dataclass
 class RLConfig:
-    algo: Algo = "ppo"
-    env: str = "CartPole-v1"
+    algo: Algo = "ppo"  # qlearning (tabular), dqn, reinforce, trpo, ppo (clipped objective) or ppo-kl (KL penalty)
+    env: str = "CartPole-v1"  # gymnasium id; without a version (or one not registered) the newest registered one
     env_kwargs: list[str] = field(default_factory=list)  # KEY=VALUE for gym.make, e.g. is_slippery=false
     steps: int = 100_000  # environment steps
-    seed: int = 0
-    out: str = "runs/rl"
+    seed: int = 0  # seeds torch, the environments and exploration; evaluation resets from 10000 + seed
+    out: str = "runs/rl"  # run folder: config.yaml, metrics.jsonl, plots, the saved agent, eval.json
     eval_episodes: int = 10  # with the final policy, greedy / mean action
     eval_every: int = 0  # env steps between evaluations during training (0: only the final one)
     threads: int = 1  # torch threads: small MLPs run fastest on one
-    progress: bool = True
+    progress: bool = True  # show a progress bar (with the recent mean episode return) while training
     ppo: ppo.PPOConfig = field(default_factory=ppo.PPOConfig)  # ppo and ppo-kl
     trpo: trpo.TRPOConfig = field(default_factory=trpo.TRPOConfig)
     reinforce: reinforce.ReinforceConfig = field(default_factory=reinforce.ReinforceConfig)

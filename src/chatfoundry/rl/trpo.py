@@ -27,21 +27,21 @@ from chatfoundry.rl.common import Critic, Policy, Run, VecRunner, policy_act, po
 
 @dataclass
 class TRPOConfig:
-    n_envs: int = 8
+    n_envs: int = 8  # environments stepped side by side (one vector env)
     n_steps: int = 256  # per env per rollout
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
+    gamma: float = 0.99  # discount per environment step
+    gae_lambda: float = 0.95  # GAE's lambda in [0, 1]: 0 one-step TD advantages, 1 Monte Carlo
     max_kl: float = 0.01  # the trust region: mean KL(old || new) per update
     damping: float = 0.1  # added to F's diagonal
-    cg_iters: int = 10
-    backtrack_iters: int = 10
+    cg_iters: int = 10  # conjugate-gradient iterations for the step direction F^-1 g
+    backtrack_iters: int = 10  # line-search tries before the update is dropped (old policy kept)
     backtrack_coef: float = 0.8  # each backtrack shrinks the step by this
-    critic_lr: float = 1e-3
-    critic_epochs: int = 10
-    critic_batch_size: int = 256
-    hidden: list[int] = field(default_factory=lambda: [64, 64])
-    activation: Literal["tanh", "relu"] = "tanh"
-    reward_scale: float = 1.0
+    critic_lr: float = 1e-3  # Adam learning rate of the critic
+    critic_epochs: int = 10  # critic passes over each rollout
+    critic_batch_size: int = 256  # critic minibatch (env steps)
+    hidden: list[int] = field(default_factory=lambda: [64, 64])  # hidden layer sizes of the policy and of the critic
+    activation: Literal["tanh", "relu"] = "tanh"  # between the hidden layers
+    reward_scale: float = 1.0  # rewards are multiplied by this for learning (logged returns stay unscaled)
 
     def validate(self) -> None:
         for name in ("n_envs", "n_steps", "cg_iters", "backtrack_iters", "critic_epochs", "critic_batch_size"):

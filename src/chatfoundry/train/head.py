@@ -61,10 +61,10 @@ def _head_train() -> TrainConfig:
 @dataclass
 class HeadConfig:
     init: str = ""  # the encoder checkpoint (or run folder) to start from
-    out: str = "runs/head"
-    task: Literal["classify", "regress"] = "classify"
-    seed: int = 1337
-    device: str = "auto"
+    out: str = "runs/head"  # run folder: checkpoint/, config.yaml, metrics.jsonl, loss.png, score.png
+    task: Literal["classify", "regress"] = "classify"  # classify: cross-entropy over labels; regress: squared error
+    seed: int = 1337  # seeds the examples drawn or held out, the head's initial weights and the data order
+    device: str = "auto"  # cpu, cuda, cuda:N or auto (cuda if there is one, else cpu)
     dropout: float = 0.1  # before the last layer, as BERT's classifier
     max_len: int = 0  # tokens per text with [CLS] and [SEP]; 0: the model's context
     data: HeadDataConfig = field(default_factory=HeadDataConfig)

@@ -50,9 +50,9 @@ from chatfoundry.train.loop import check_output, prepare_output, setup_runtime, 
 @dataclass
 class LabelConfig:
     policy: str = ""  # the SFT checkpoint (or run folder) that writes the responses
-    out: str = "runs/label"
-    seed: int = 1337
-    device: str = "auto"
+    out: str = "runs/label"  # output folder: train.jsonl, val.jsonl, config.yaml, metrics.jsonl, label.png
+    seed: int = 1337  # seeds the prompts drawn, the policy's samples, the alternatives and the labeler's noise
+    device: str = "auto"  # cpu, cuda, cuda:N or auto (cuda if there is one, else cpu)
     k: int = 4  # responses per prompt sampled from the policy (InstructGPT: 4 to 9)
     # Train split: this many more responses per prompt from "other models", the world's written
     # alternatives (right, wrong, off-topic or abstaining, in any style: world.alternatives), as
@@ -64,8 +64,8 @@ class LabelConfig:
     eval_prompts: str = ""  # a prompt file: the held-out prompts instead, from this file
     train_prompts: int = 2000  # train-split prompts (the world: families in SFT's proportions)
     val_prompts: int = 400  # held-out prompts (the world: its val split)
-    temperature: float = 1.0
-    max_new_tokens: int = 48
+    temperature: float = 1.0  # the policy's sampling temperature (1: its own distribution, as PPO samples it)
+    max_new_tokens: int = 48  # longest response, in tokens
     batch_size: int = 256  # generated rows per forward pass
     labeler: str = "simulated"  # simulated | rm:PATH | python:MODULE:FUNC
     noise: float = 0.02  # simulated: std of the Gaussian noise on the gold reward (a style step is 0.1)

@@ -44,22 +44,22 @@ class TrainConfig:
     batch_size: int = 16  # sequences per optimizer step, summed over all processes
     micro_batch_size: int = 0  # sequences per forward pass and process; 0: batch_size / processes
     block_size: int = 0  # training sequence length; 0: the model's block_size
-    lr: float = 3e-3
+    lr: float = 3e-3  # peak learning rate (AdamW), reached after warmup
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # max global gradient norm; 0: off
-    eval_every: int = 400
-    eval_batches: int = 10
+    warmup_steps: int = 100  # steps of linear warmup up to lr; 0: none
+    weight_decay: float = 0.1  # AdamW's decoupled decay, on matrices and embeddings (not biases or norm gains)
+    beta1: float = 0.9  # AdamW's decay rate of the gradient's running mean
+    beta2: float = 0.95  # AdamW's decay rate of the squared gradient's running mean
+    max_grad_norm: float = 1.0  # gradient clipping: the max global gradient norm; 0: off
+    eval_every: int = 400  # optimizer steps between evaluations (also at the last step)
+    eval_batches: int = 10  # validation micro-batches per evaluation; rm and finetune-head score all held-out data
     save_every: int = 800  # also saved at the end
-    log_every: int = 10
+    log_every: int = 10  # optimizer steps between training records in metrics.jsonl (loss, lr, grad norm, tokens/s)
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "eval_batches", "save_every", "log_every"):
             require(getattr(self, name) > 0, f"train.{name}", f"must be > 0, got {getattr(self, name)}")
-        for name in ("micro_batch_size", "block_size", "warmup_steps", "weight_decay", "grad_clip"):
+        for name in ("micro_batch_size", "block_size", "warmup_steps", "weight_decay", "max_grad_norm"):
             require(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
         require(0 < self.lr < math.inf, "train.lr", f"must be a number > 0, got {self.lr}")
         require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
@@ -333,7 +333,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, cfg: Tr
             bar.close()
             raise TrainingDiverged(f"loss became {loss_value} at step {step + 1}; stopped without saving "
                                    "(the last good checkpoint is kept; try a lower train.lr)")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1

@@ -17,7 +17,7 @@ drifting far from what it was (InstructGPT; Ziegler et al. 2019; Stiennon et al.
       update   `epochs` passes of minibatches: PPO's clipped surrogate (or the KL-penalty
                objective), the clipped value loss, optionally + gamma * the pretraining loss
                (PPO-ptx); an epoch stops early when the approximate KL to the rollout policy
-               passes `ppo.target_kl`
+               passes `target_kl`
       beta     fixed, or Ziegler et al.'s controller toward `kl.target` nats per response
     -> run/checkpoint/ (a chat model: `chatfoundry chat --ckpt run`), run/critic/, metrics.jsonl,
        ppo.png (rewards and KL per iteration) and eval.json: the reward (and on the world the
@@ -64,7 +64,7 @@ CRITIC = "critic"
 @dataclass
 class RolloutConfig:
     batch_size: int = 64  # prompts, and so responses, per iteration
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # tokens a response may take; one cut there loses no_eos_penalty
     # The policy's own distribution by default. Other values sample a warped distribution, and
     # then the ratio's log-probabilities are taken under that same warped distribution.
     temperature: float = 1.0
@@ -80,40 +80,6 @@ class RolloutConfig:
         require(self.top_k >= 0, "rollout.top_k", f"must be >= 0 (0: off), got {self.top_k}")
         require(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
         require(self.no_eos_penalty >= 0, "rollout.no_eos_penalty", f"must be >= 0, got {self.no_eos_penalty}")
-
-
-@dataclass
-class PPOLossConfig:
-    objective: Literal["clip", "kl_penalty"] = "clip"
-    epochs: int = 4  # passes over each rollout batch
-    minibatch_size: int = 16  # responses per optimizer step
-    lr: float = 3e-5  # policy
-    critic_lr: float = 1e-4  # value model (a separate network: its own rate, no vf_coef needed)
-    clip: float = 0.2  # PPO-clip's epsilon
-    value_clip: float = 0.2  # how far a value may move from its rollout value; 0: unclipped
-    # kl_penalty objective (PPO paper): -r A + beta_pen * KL(old || new), beta_pen doubled or
-    # halved around penalty_target (per-token KL) after each iteration.
-    penalty_beta: float = 1.0
-    penalty_target: float = 0.01
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    whiten_rewards: bool = False  # rescale per-token rewards to unit variance (mean kept), as TRL's option
-    reward_clip: float = 0.0  # clip the RM score to [-c, c]; 0: off
-    target_kl: float = 0.05  # stop an iteration's epochs once the mean approx-KL passes this; 0: off
-    grad_clip: float = 1.0  # per network; 0: off
-    ptx_coef: float = 0.0  # PPO-ptx: + ptx_coef * pretraining loss per step (InstructGPT's gamma)
-    ptx_batch_size: int = 8  # pretraining rows per step when ptx_coef > 0
-
-    def validate(self) -> None:
-        for name in ("epochs", "minibatch_size", "ptx_batch_size"):
-            require(getattr(self, name) > 0, f"ppo.{name}", f"must be > 0, got {getattr(self, name)}")
-        for name in ("lr", "critic_lr", "clip", "penalty_beta", "penalty_target"):
-            require(0 < getattr(self, name) < math.inf, f"ppo.{name}", f"must be > 0, got {getattr(self, name)}")
-        for name in ("value_clip", "reward_clip", "target_kl", "grad_clip", "ptx_coef"):
-            require(getattr(self, name) >= 0, f"ppo.{name}", f"must be >= 0, got {getattr(self, name)}")
-        require(0 <= self.gamma <= 1, "ppo.gamma", f"must be in [0, 1], got {self.gamma}")
-        require(0 <= self.lam <= 1, "ppo.lam", f"must be in [0, 1], got {self.lam}")
 
 
 @dataclass
@@ -157,7 +123,7 @@ class PPOEvalConfig:
     # Best-of-n by the RM over SFT's samples (drawn in groups of `samples`): the baseline an RL
     # method should approach, at KL log n - (n - 1) / n. Empty: none.
     best_of: list[int] = field(default_factory=lambda: [4, 16])
-    batch_size: int = 128
+    batch_size: int = 128  # held-out prompts decoded together (each with its `samples` rows)
 
     def validate(self) -> None:
         require(self.per_family >= 0, "eval.per_family", f"must be >= 0, got {self.per_family}")
@@ -172,14 +138,14 @@ class PPOEvalConfig:
 class PPOConfig:
     init: str = ""  # the SFT checkpoint (or run folder): the policy's start and the frozen reference
     # The reward: rm:PATH (a reward model), verifier (the prompts' own: the world's gold reward) or
-    # python:MODULE:FUNC (FUNC(prompt: str, response: str, **fields) -> float). data/tasks.py.
+    # python:MODULE:FUNC (FUNC(prompt: str, response: str, **fields) -> float); see data/tasks.py
     reward: str = ""
     prompts: str = "world"  # the task source: world, world:FAMILY,... or a JSONL prompt file
     heldout: float = 0.1  # a prompt file: the share held out for the evaluation (by a stable hash)
     eval_prompts: str = ""  # a prompt file: the held-out prompts instead, from this file
-    out: str = "runs/ppo"
-    seed: int = 1337
-    device: str = "auto"
+    out: str = "runs/ppo"  # the run folder: checkpoint/, critic/, metrics.jsonl, ppo.png, eval.json
+    seed: int = 1337  # seeds the prompt pool and order, the rollouts' sampling and the minibatch order
+    device: str = "auto"  # cpu, cuda, cuda:N or auto (cuda if there is one, else cpu)
     # Torch threads on CPU for training. One: its minibatches are so small that a second thread
     # mostly waits, and on a busy 2-core machine two threads spin against each other (measured
     # ~40x slower). The held-out evaluation, 512 rows a batch, uses torch's default (1.5x faster).
@@ -187,8 +153,28 @@ class PPOConfig:
     iterations: int = 40  # rollout + update rounds
     critic_head: Literal["rm", "zero"] = "rm"  # the value head starts as the RM's head, or at zero
     save_every: int = 0  # iterations between checkpoints (for --resume); 0: at the end only
+    # The update: the names are classic RL's (rl/ppo.py) wherever the knob is the same.
+    objective: Literal["clip", "kl_penalty"] = "clip"  # PPO-clip's surrogate, or the PPO paper's KL-penalty one
+    epochs: int = 4  # passes over each rollout batch
+    minibatch_size: int = 16  # responses per optimizer step
+    lr: float = 3e-5  # the policy's learning rate (AdamW)
+    critic_lr: float = 1e-4  # the value model's (a separate network: its own rate, no vf_coef needed)
+    clip: float = 0.2  # PPO-clip's epsilon: how far the probability ratio may move from 1
+    value_clip: float | None = 0.2  # how far a value may move from its rollout value; None: unclipped
+    # kl_penalty objective (PPO paper): -r A + beta_pen * KL(old || new), beta_pen doubled or
+    # halved around penalty_target (per-token KL) after each iteration.
+    penalty_beta: float = 1.0
+    penalty_target: float = 0.01  # kl_penalty: the per-token KL(old || new) an update aims for
+    gamma: float = 1.0  # discount over a response's tokens (1: a response is one episode, undiscounted)
+    gae_lambda: float = 0.95  # GAE's lambda: 0 one-step TD, 1 Monte Carlo returns
+    whiten_advantages: bool = True  # normalise advantages to mean 0, std 1 over the batch's tokens
+    whiten_rewards: bool = False  # rescale per-token rewards to unit variance (mean kept), as TRL's option
+    reward_clip: float = 0.0  # clip the reward's score to [-c, c]; 0: off
+    target_kl: float | None = 0.05  # stop an iteration's epochs once the mean approx-KL passes this; None: off
+    max_grad_norm: float = 1.0  # gradient clipping, per network; 0: off
+    ptx_coef: float = 0.0  # PPO-ptx: + ptx_coef * pretraining loss per step (InstructGPT's gamma)
+    ptx_batch_size: int = 8  # pretraining rows per step when ptx_coef > 0
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    ppo: PPOLossConfig = field(default_factory=PPOLossConfig)
     kl: KLConfig = field(default_factory=KLConfig)
     eval: PPOEvalConfig = field(default_factory=PPOEvalConfig)
 
@@ -200,8 +186,19 @@ class PPOConfig:
         require(self.iterations > 0, "iterations", f"must be > 0, got {self.iterations}")
         require(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")
         require(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
-        require(self.rollout.batch_size % self.ppo.minibatch_size == 0, "ppo.minibatch_size",
-                f"{self.ppo.minibatch_size} does not divide rollout.batch_size {self.rollout.batch_size}")
+        for name in ("epochs", "minibatch_size", "ptx_batch_size"):
+            require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("lr", "critic_lr", "clip", "penalty_beta", "penalty_target"):
+            require(0 < getattr(self, name) < math.inf, name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("reward_clip", "max_grad_norm", "ptx_coef"):
+            require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        for name in ("value_clip", "target_kl"):
+            require(getattr(self, name) is None or getattr(self, name) > 0, name,
+                    f"must be > 0, or none for off; got {getattr(self, name)}")
+        require(0 <= self.gamma <= 1, "gamma", f"must be in [0, 1], got {self.gamma}")
+        require(0 <= self.gae_lambda <= 1, "gae_lambda", f"must be in [0, 1], got {self.gae_lambda}")
+        require(self.rollout.batch_size % self.minibatch_size == 0, "minibatch_size",
+                f"{self.minibatch_size} does not divide rollout.batch_size {self.rollout.batch_size}")
 
 
 # ---------------------------------------------------------------- a batch of responses as tensors
@@ -370,13 +367,13 @@ def per_token_rewards(ro: Rollout, beta: float, cfg: PPOConfig) -> tuple[torch.T
     mask = ro.batch.mask
     kl = core.kl_estimate(ro.logp_raw, ro.logp_ref, cfg.kl.estimator) * mask
     scores = ro.scores
-    if cfg.ppo.reward_clip:
-        scores = scores.clamp(-cfg.ppo.reward_clip, cfg.ppo.reward_clip)
+    if cfg.reward_clip:
+        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
     scores = scores - cfg.rollout.no_eos_penalty * (~ro.batch.ended).float()
     rewards = -beta * kl
     last = mask.sum(1).long() - 1
     rewards[torch.arange(len(last)), last] += scores
-    if cfg.ppo.whiten_rewards:
+    if cfg.whiten_rewards:
         rewards = core.masked_whiten(rewards, mask, shift_mean=False)
     return rewards, kl, scores
 
@@ -410,13 +407,13 @@ def ppo_update(policy: DecoderLM, critic: RewardModel, optimizer: torch.optim.Op
                advantages: torch.Tensor, returns: torch.Tensor, cfg: PPOConfig, penalty_beta: float,
                generator: torch.Generator, ptx: PretrainRows | None = None) -> dict[str, float]:
     """`epochs` passes of minibatches over one rollout batch; returns the means of the stats."""
-    B, mb = len(ro.batch), cfg.ppo.minibatch_size
+    B, mb = len(ro.batch), cfg.minibatch_size
     stats: dict[str, list[float]] = {}
     policy.train()
     critic.train()
     device = advantages.device
     epochs_run = 0
-    for epoch in range(cfg.ppo.epochs):
+    for epoch in range(cfg.epochs):
         # Epoch 0 keeps the rollout's order (already random prompts): its minibatches are the
         # chunks `rollout` scored, so the first one's ratio is exactly 1 (tested).
         order = torch.arange(B) if epoch == 0 else torch.randperm(B, generator=generator)
@@ -428,26 +425,26 @@ def ppo_update(policy: DecoderLM, critic: RewardModel, optimizer: torch.optim.Op
             logits = response_logits(policy, part)
             logp = spread(token_logprobs(warp(logits, cfg.rollout), part.tokens[mask.bool()]), mask)
             adv = advantages[rows]
-            if cfg.ppo.objective == "clip":
-                pg_loss, s = core.clipped_surrogate(logp, ro.logp[rows], adv, cfg.ppo.clip, mask)
+            if cfg.objective == "clip":
+                pg_loss, s = core.clipped_surrogate(logp, ro.logp[rows], adv, cfg.clip, mask)
             else:
                 pg_loss, s = core.kl_penalty_surrogate(logp, ro.logp[rows], adv, penalty_beta, mask)
                 s["penalty_kl"] = s.pop("kl")  # KL(old || new) of this step, not the KL to the reference
-                s["clip_fraction"] = core.masked_mean((((logp - ro.logp[rows]).exp() - 1).abs() > cfg.ppo.clip)
+                s["clip_fraction"] = core.masked_mean((((logp - ro.logp[rows]).exp() - 1).abs() > cfg.clip)
                                                       .float(), mask).item()
             v_new = values_of(critic, part)
-            v_loss = core.clipped_value_loss(v_new, ro.values[rows], returns[rows], cfg.ppo.value_clip or None, mask)
+            v_loss = core.clipped_value_loss(v_new, ro.values[rows], returns[rows], cfg.value_clip, mask)
             loss = pg_loss + v_loss  # separate networks: each gets its own gradient, at its own rate
-            if ptx is not None and cfg.ppo.ptx_coef:
-                rows_ptx = ptx.next(cfg.ppo.ptx_batch_size).to(device)
+            if ptx is not None and cfg.ptx_coef:
+                rows_ptx = ptx.next(cfg.ptx_batch_size).to(device)
                 _, ptx_loss = policy(rows_ptx[:, :-1], targets=rows_ptx[:, 1:])
-                loss = loss + cfg.ppo.ptx_coef * ptx_loss
+                loss = loss + cfg.ptx_coef * ptx_loss
                 s["ptx_loss"] = ptx_loss.item()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.ppo.grad_clip:
-                nn.utils.clip_grad_norm_(policy.parameters(), cfg.ppo.grad_clip)
-                nn.utils.clip_grad_norm_(critic.parameters(), cfg.ppo.grad_clip)
+            if cfg.max_grad_norm:
+                nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
             optimizer.step()
             s.update(policy_loss=pg_loss.item(), value_loss=v_loss.item())
             if epoch == 0 and start == 0:
@@ -458,7 +455,7 @@ def ppo_update(policy: DecoderLM, critic: RewardModel, optimizer: torch.optim.Op
         epochs_run += 1
         # Early stop (Spinning Up, CleanRL's target_kl): the policy moved far enough from the one
         # that sampled this batch; more epochs would optimise a stale surrogate.
-        if cfg.ppo.target_kl and float(np.mean(epoch_kl)) > cfg.ppo.target_kl:
+        if cfg.target_kl and float(np.mean(epoch_kl)) > cfg.target_kl:
             break
     out = {k: float(np.mean(v)) for k, v in stats.items() if k not in ("ratio_first", "beta")}
     out["ratio_first"] = stats["ratio_first"][0]
@@ -567,14 +564,14 @@ def _run(cfg, rt, out, source, policy, ref, critic, reward, tok, resume, overwri
         raise UserError(f"rollout.max_new_tokens: {cfg.rollout.max_new_tokens} leaves no room for a prompt in the "
                         f"model's context of {block}")
     order = Epochs(len(pool), cfg.seed)
-    optimizer = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": cfg.ppo.lr},
-                                   {"params": list(critic.parameters()), "lr": cfg.ppo.critic_lr}],
+    optimizer = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": cfg.lr},
+                                   {"params": list(critic.parameters()), "lr": cfg.critic_lr}],
                                   betas=(0.9, 0.95), weight_decay=0.0, eps=1e-6,
                                   fused=rt.device.type in ("cuda", "cpu"))
     kl_ctl = core.AdaptiveKL(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon, hold=True) \
         if cfg.kl.control == "adaptive" else core.FixedKL(cfg.kl.coef)
-    penalty = core.DoublingKL(cfg.ppo.penalty_beta, cfg.ppo.penalty_target)
-    ptx = PretrainRows(tok, min(block, 128), cfg.seed + 1) if cfg.ppo.ptx_coef else None
+    penalty = core.DoublingKL(cfg.penalty_beta, cfg.penalty_target)
+    ptx = PretrainRows(tok, min(block, 128), cfg.seed + 1) if cfg.ptx_coef else None
     start = 0
     if resume:
         state = ckpt.load_trainer_state(out)
@@ -598,8 +595,8 @@ def _run(cfg, rt, out, source, policy, ref, critic, reward, tok, resume, overwri
     n_params = sum(p.numel() for p in policy.parameters())
     log(f"ppo: policy and reference from {cfg.init} ({n_params:,} parameters), reward {cfg.reward}; "
         f"{cfg.iterations} iterations of {cfg.rollout.batch_size} responses (<= {cfg.rollout.max_new_tokens} tokens) "
-        f"from {len(pool):,} train prompts ({source.name}); {cfg.ppo.objective} objective, {cfg.ppo.epochs} epochs "
-        f"of {cfg.ppo.minibatch_size}; "
+        f"from {len(pool):,} train prompts ({source.name}); {cfg.objective} objective, {cfg.epochs} epochs "
+        f"of {cfg.minibatch_size}; "
         f"KL coef {cfg.kl.coef} ({cfg.kl.control}, target {cfg.kl.target} nats); device {rt.device}")
 
     def save(iteration: int):
@@ -617,13 +614,13 @@ def _run(cfg, rt, out, source, policy, ref, critic, reward, tok, resume, overwri
         t_start = time.perf_counter()
         prompts = [pool[order.next()] for _ in range(cfg.rollout.batch_size)]
         ro = rollout(policy, ref, critic, reward, tok, prompts, cfg.rollout, seed=cfg.seed * 1_000_003 + it,
-                     chunk=cfg.ppo.minibatch_size)
+                     chunk=cfg.minibatch_size)
         t_rollout = time.perf_counter()
         beta = kl_ctl.value
         rewards, kl, scores = per_token_rewards(ro, beta, cfg)
         mask = ro.batch.mask
-        advantages, returns = core.sequence_gae(rewards, ro.values, mask, cfg.ppo.gamma, cfg.ppo.lam)
-        if cfg.ppo.whiten_advantages:
+        advantages, returns = core.sequence_gae(rewards, ro.values, mask, cfg.gamma, cfg.gae_lambda)
+        if cfg.whiten_advantages:
             advantages = core.masked_whiten(advantages, mask)
         g = torch.Generator().manual_seed(cfg.seed * 7919 + it)
         stats = ppo_update(policy, critic, optimizer, ro, advantages, returns, cfg, penalty.value, g, ptx)
@@ -631,7 +628,7 @@ def _run(cfg, rt, out, source, policy, ref, critic, reward, tok, resume, overwri
         # KL per response (sum over its tokens): what the controller steers and the budget bounds.
         kl_seq = kl.sum(1).mean().item()
         kl_ctl.update(kl_seq, len(ro.batch))
-        if cfg.ppo.objective == "kl_penalty":
+        if cfg.objective == "kl_penalty":
             penalty.update(stats["approx_kl"])
         record = {"step": it + 1, "rm_reward": ro.scores.mean().item(), "kl": kl_seq, "kl_coef": beta,
                   "entropy": core.masked_mean(ro.entropy, mask).item(),
@@ -639,7 +636,7 @@ def _run(cfg, rt, out, source, policy, ref, critic, reward, tok, resume, overwri
                   "score": scores.mean().item(),
                   "explained_variance": core.explained_variance(ro.values, returns, mask), **stats,
                   "rollout_s": t_rollout - t_start, "update_s": t_update - t_rollout}
-        if cfg.ppo.objective == "kl_penalty":
+        if cfg.objective == "kl_penalty":
             record["penalty_beta"] = penalty.value
         if source.has_verifier:  # hidden from PPO: measured, never rewarded (unless --reward verifier)
             record["gold_reward"] = float(np.mean([source.verify(p, r) for p, r in zip(prompts, ro.texts)]))
@@ -659,7 +656,7 @@ def _run(cfg, rt, out, source, policy, ref, critic, reward, tok, resume, overwri
     plot_ppo(records, out / "ppo.png", cfg.kl)
     tail = records[-max(1, len(records) // 5):]  # the last fifth of the run
     summary = {"out": str(out), "checkpoint": str(out / ckpt.CHECKPOINT), "iterations": cfg.iterations,
-               "objective": cfg.ppo.objective, "train_s": round(train_s, 2),
+               "objective": cfg.objective, "train_s": round(train_s, 2),
                "train_rm_reward": {"first": first and round(first["rm_reward"], 4),
                                    "last_fifth": round(float(np.mean([r["rm_reward"] for r in tail])), 4)},
                "train_kl": round(float(np.mean([r["kl"] for r in tail])), 4), "kl_coef": round(kl_ctl.value, 6),
@@ -727,7 +724,7 @@ def _sampled(model: DecoderLM, ref: DecoderLM, reward, tok, prompts: list[tasks.
         for start in range(0, P, cfg.eval.batch_size):
             part = [p for p in prompts[start:start + cfg.eval.batch_size] for _ in range(n)]
             ro = rollout(model, ref, None, reward, tok, part, rollout_cfg, seed=10_000 + start + 7_919_003 * g,
-                         chunk=cfg.ppo.minibatch_size, max_new_tokens=cfg.eval.max_new_tokens)
+                         chunk=cfg.minibatch_size, max_new_tokens=cfg.eval.max_new_tokens)
             kls = ((ro.logp - ro.logp_ref) * ro.batch.mask).sum(1).tolist()
             for i, (text, rm, kl) in enumerate(zip(ro.texts, ro.scores.tolist(), kls)):
                 j = start + i // n

@@ -52,7 +52,7 @@ from chatfoundry.train.mlm import MaskedLM, MLMConfig
 class DataConfig:
     files: list[str] = field(default_factory=list)  # text files or folders; empty: the built-in corpus
     corpus_chars: int = corpus.DEFAULT_CHARS  # size of the built-in corpus
-    corpus_seed: int = corpus.DEFAULT_SEED
+    corpus_seed: int = corpus.DEFAULT_SEED  # the built-in corpus's generator seed: another seed, other documents
     val_fraction: float = 0.05  # the corpus's tail held out for validation
     cache_dir: str = ""  # token shards and trained tokenizers; empty: ~/.cache/chatfoundry
 
@@ -64,7 +64,7 @@ class DataConfig:
 @dataclass
 class TokenizerConfig:
     path: str = ""  # a tokenizer.json or a folder with one; empty: train one on the data
-    kind: Literal["bpe", "wordpiece", "unigram", "char"] = "bpe"
+    kind: Literal["bpe", "wordpiece", "unigram", "char"] = "bpe"  # the algorithm trained when path is empty
     vocab_size: int = 2048  # ignored by kind=char, whose vocabulary is the corpus's characters
 
     def validate(self) -> None:
@@ -77,10 +77,10 @@ class TokenizerConfig:
 @dataclass
 class SampleConfig:
     prompt: str = ""  # empty: start a fresh document
-    num_samples: int = 3
-    max_new_tokens: int = 100
-    temperature: float = 0.8
-    top_k: int = 40
+    num_samples: int = 3  # samples shown at the end (objective span: denoised validation windows); 0: none
+    max_new_tokens: int = 100  # tokens per final sample (objective clm)
+    temperature: float = 0.8  # sampling temperature (final samples, samples.txt); 0: greedy
+    top_k: int = 40  # sample among the k likeliest tokens; 0: all
 
     def validate(self) -> None:
         require(self.num_samples >= 0, "sample.num_samples", "must be >= 0")
@@ -94,7 +94,7 @@ class SpanConfig:
     """Span corruption (objective: span), with T5's settings."""
 
     noise_density: float = 0.15  # share of each window's tokens dropped
-    mean_noise_span_length: float = 3.0
+    mean_noise_span_length: float = 3.0  # mean length of a dropped span, in tokens
     extra_ids: int = 100  # sentinel tokens <extra_id_0> .. added to the tokenizer
 
     def validate(self) -> None:
@@ -106,8 +106,8 @@ class SpanConfig:
 
 @dataclass
 class PretrainConfig:
-    out: str = "runs/pretrain"
-    seed: int = 1337
+    out: str = "runs/pretrain"  # run folder: checkpoint/, config.yaml, metrics.jsonl, samples.txt, loss.png
+    seed: int = 1337  # seeds the initial weights, the windows drawn, their masks or spans, and the samples
     device: str = "auto"  # auto: cuda if present, else cpu
     dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls, fp32 weights
     compile: bool = False  # torch.compile the model

@@ -72,11 +72,11 @@ def _rm_train() -> TrainConfig:
 @dataclass
 class RMConfig:
     init: str = ""  # the SFT checkpoint (or run folder) whose body the RM starts from
-    out: str = "runs/rm"
-    seed: int = 1337
-    device: str = "auto"
-    dtype: str = "fp32"
-    compile: bool = False
+    out: str = "runs/rm"  # run folder: checkpoint/, config.yaml, metrics.jsonl, loss.png, rewards.png, eval.json
+    seed: int = 1337  # seeds the split held out from files, the head's initial weights and the data order
+    device: str = "auto"  # cpu, cuda, cuda:N or auto (cuda if there is one, else cpu)
+    dtype: str = "fp32"  # fp32 or bf16 (autocast)
+    compile: bool = False  # torch.compile the model
     normalize: bool = True  # shift so the training responses (the SFT model's samples) average 0
     data: RMDataConfig = field(default_factory=RMDataConfig)
     loss: RMLossConfig = field(default_factory=RMLossConfig)

@@ -43,9 +43,9 @@ def _finetune_train() -> TrainConfig:
 
 @dataclass
 class Seq2SeqEvalConfig:
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # longest output per held-out input, in tokens
     num_beams: int = 1  # 1: greedy
-    batch_size: int = 64
+    batch_size: int = 64  # held-out inputs per generation batch
 
     def validate(self) -> None:
         for name in ("max_new_tokens", "num_beams", "batch_size"):
@@ -56,9 +56,9 @@ class Seq2SeqEvalConfig:
 class FinetuneSeq2SeqConfig:
     init: str = ""  # the pretrained T5 checkpoint (chatfoundry pretrain --objective span, or convert --from-hf)
     data: str = "world:strings/reverse"  # a JSONL file of {"input", "target"}, or world:FAMILY[/KIND]
-    out: str = "runs/seq2seq"
-    seed: int = 1337
-    device: str = "auto"
+    out: str = "runs/seq2seq"  # run folder: checkpoint/, config.yaml, metrics.jsonl, loss.png, eval.json
+    seed: int = 1337  # seeds the synthetic pairs, the held-out split, the data order and reinit's weights
+    device: str = "auto"  # cpu, cuda, cuda:N or auto (cuda if there is one, else cpu)
     dtype: str = "fp32"  # fp32 or bf16 (autocast)
     val_fraction: float = 0.1  # JSONL data: share held out for validation loss and exact match
     # world:strings/reverse only: this many extra training pairs that reverse random letter

@@ -69,8 +69,8 @@ class SFTDataConfig:
 @dataclass
 class EvalConfig:
     per_family: int = 100  # world test questions per family scored at the end; 0: skip
-    max_new_tokens: int = 48
-    batch_size: int = 64
+    max_new_tokens: int = 48  # longest reply to a test question, in tokens
+    batch_size: int = 64  # test questions answered (greedily) per generation batch
 
     def validate(self) -> None:
         require(self.per_family >= 0, "eval.per_family", f"must be >= 0, got {self.per_family}")
@@ -86,11 +86,11 @@ def _sft_train() -> TrainConfig:
 @dataclass
 class SFTConfig:
     init: str = ""  # the pretrained checkpoint (or run folder) to start from
-    out: str = "runs/sft"
-    seed: int = 1337
-    device: str = "auto"
+    out: str = "runs/sft"  # run folder: checkpoint/, config.yaml, metrics.jsonl, loss.png, eval.json, eval.png
+    seed: int = 1337  # seeds the world's conversations, the split of files and the data order
+    device: str = "auto"  # cpu, cuda, cuda:N or auto (cuda if there is one, else cpu)
     dtype: str = "fp32"  # fp32 or bf16 (autocast)
-    compile: bool = False
+    compile: bool = False  # torch.compile the model
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     train: TrainConfig = field(default_factory=_sft_train)
     eval: EvalConfig = field(default_factory=EvalConfig)
