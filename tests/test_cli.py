@@ -347,7 +347,7 @@ def test_sample_requires_ckpt(capsys):
 
 
 def test_a_saved_runs_relative_paths_are_read_from_the_folder_it_ran_in(tmp_path, monkeypatch):
-    from chatfoundry.cli import _from_where_it_ran
+    from chatfoundry.commands.common import from_where_it_ran as _from_where_it_ran
 
     saved = {"out": "runs/x/rm", "init": "runs/x/sft", "device": "auto", "rm": "python:mod:fn",
              "data": {"files": ["a.jsonl", str(tmp_path / "b.jsonl")], "cache_dir": ""}}

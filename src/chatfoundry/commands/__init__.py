@@ -1,0 +1,1 @@
+"""The `chatfoundry` subcommands, in groups; cli.py registers them."""
