@@ -14,10 +14,12 @@ from chatfoundry.errors import UserError
 def json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last line")
 
+
 def run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     json_flag(p)
+
 
 def stage_config(cls, args):
     """The stage's config: defaults < the resumed (or re-evaluated) run's config.yaml < --config YAML < flags."""
@@ -33,6 +35,7 @@ def stage_config(cls, args):
 # Config fields that name files or folders; `reward` and `labeler` may (rm:PATH, python:FILE.py:FUNC),
 # as may `prompts` (a JSONL file, or the world).
 PATH_KEYS = ("init", "rm", "files", "cache_dir", "path", "reward", "labeler", "prompts", "eval_prompts")
+
 
 def from_where_it_ran(tree: dict, out: Path) -> dict:
     """A saved run's relative paths, rebased to the folder the run was started in, so that
@@ -61,6 +64,7 @@ def from_where_it_ran(tree: dict, out: Path) -> dict:
 
     return walk(tree) if root != Path.cwd().resolve() else tree
 
+
 def generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="checkpoint folder (or the run folder holding it)")
     p.add_argument("--prompt", default="", help="text to continue (default: start a fresh document)")
@@ -70,11 +74,13 @@ def generation_flags(p: argparse.ArgumentParser) -> None:
     compile_flag(p)
     json_flag(p)
 
+
 def compile_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="compile the one-token decoding step with torch.compile (decoder-only models): several "
                         "times faster per token on a CPU, after compiling for tens of seconds on first use "
                         "(and again for a first batch of several rows)")
+
 
 def maybe_compile(model, args):
     """The model, its decoding step compiled when --compile asks (generation.compile_for_decoding)."""
@@ -87,6 +93,7 @@ def maybe_compile(model, args):
         raise UserError("--compile: only decoder-only models compile their decoding step for now")
     return compile_for_decoding(model)
 
+
 def decode_result(tokenizer, prompt_ids: list[int], out, stops=()) -> dict:
     """The --json shape: the first (best) sequence at the top level, every sequence in `sequences`."""
     from chatfoundry.textgen import TextStream
@@ -98,6 +105,7 @@ def decode_result(tokenizer, prompt_ids: list[int], out, stops=()) -> dict:
             for ids, lps, score in zip(out.sequences, out.token_logprobs, out.scores)]
     return {**{k: seqs[0][k] for k in ("text", "token_ids", "logprobs")}, "prompt_token_ids": prompt_ids,
             "sequences": seqs}
+
 
 def generation_model(args):
     """(model, tokenizer, decoder prompt ids, input ids, text the output continues). A decoder LM

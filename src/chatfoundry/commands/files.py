@@ -27,6 +27,7 @@ def _world_parser(sub) -> None:
     json_flag(e)
     e.set_defaults(func=_world_export)
 
+
 def _world_export(args) -> dict:
     from chatfoundry.data.world import export, parse_crowd
 
@@ -41,6 +42,7 @@ def _world_export(args) -> dict:
         print(f"{Path(args.out) / name}: {n:,} records")
     return {"out": args.out, "files": counts}
 
+
 def _convert_parser(sub) -> None:
     p = sub.add_parser("convert", help="import a Hugging Face GPT-2/Llama/Mistral/Qwen2/BERT/T5 folder, or export ours "
                                        "for transformers")
@@ -51,6 +53,7 @@ def _convert_parser(sub) -> None:
     json_flag(p)
     p.set_defaults(func=_convert)
 
+
 def _convert(args) -> dict:
     from chatfoundry.convert import from_hf, to_hf
 
@@ -60,6 +63,7 @@ def _convert(args) -> dict:
     if result.get("note"):
         print("note: " + result["note"])
     return result
+
 
 def _tokenizer_parser(sub) -> None:
     from chatfoundry.tokenizer import KINDS
@@ -85,6 +89,7 @@ def _tokenizer_parser(sub) -> None:
     json_flag(d)
     d.set_defaults(func=_tokenizer_decode)
 
+
 def _tokenizer_train(args) -> dict:
     from chatfoundry.data import corpus
     from chatfoundry.data.shards import read_documents, resolve_inputs
@@ -99,6 +104,7 @@ def _tokenizer_train(args) -> dict:
     print(f"{args.kind} tokenizer with {tok.get_vocab_size()} tokens written to {args.out}/tokenizer.json")
     return {"path": str(Path(args.out) / "tokenizer.json"), "kind": args.kind, "vocab_size": tok.get_vocab_size()}
 
+
 def _tokenizer_encode(args) -> dict:
     from chatfoundry.tokenizer import load_tokenizer
 
@@ -106,6 +112,7 @@ def _tokenizer_encode(args) -> dict:
     if not args.json:
         print(" ".join(map(str, enc.ids)))
     return {"ids": enc.ids, "tokens": enc.tokens}
+
 
 def _tokenizer_decode(args) -> dict:
     from chatfoundry.tokenizer import load_tokenizer
@@ -119,11 +126,13 @@ def _tokenizer_decode(args) -> dict:
         print(text)
     return {"text": text}
 
+
 def _presets_parser(sub) -> None:
     p = sub.add_parser("presets", help="list the model size presets with parameters and FLOPs per token")
     p.add_argument("--vocab-size", type=int, default=2048)
     json_flag(p)
     p.set_defaults(func=_presets)
+
 
 def _presets(args) -> list:
     import torch

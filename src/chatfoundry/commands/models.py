@@ -19,6 +19,7 @@ def _score_parser(sub) -> None:
     json_flag(p)
     p.set_defaults(func=_score)
 
+
 def _score(args) -> dict:
     from chatfoundry.checkpoint import load_reward_model
     from chatfoundry.scoring import score_texts
@@ -33,6 +34,7 @@ def _score(args) -> dict:
     for reward, response in zip(rewards, args.response):
         print(f"{reward:+.4f}  {response}" if len(rewards) > 1 else f"{reward:.4f}")
     return {"rewards": [round(r, 6) for r in rewards], "reward": round(rewards[0], 6)}
+
 
 def _eval_parser(sub) -> None:
     from chatfoundry.data.world import FAMILIES, SPLITS
@@ -51,6 +53,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--device", default="cpu")
     json_flag(p)
     p.set_defaults(func=_eval)
+
 
 def _eval(args) -> dict:
     from chatfoundry.checkpoint import load_model
@@ -79,6 +82,7 @@ def _eval(args) -> dict:
         summary["tool_use"] = {k: v for k, v in summary["tool_use"].items() if k != "answers"}
     return summary
 
+
 def _chat_parser(sub) -> None:
     from chatfoundry.serve.chat import ChatParams
 
@@ -99,6 +103,7 @@ def _chat_parser(sub) -> None:
     p.add_argument("--device", default="cpu")
     compile_flag(p)
     p.set_defaults(func=_chat)
+
 
 def _chat(args) -> dict:
     from chatfoundry.checkpoint import load_model
@@ -128,6 +133,7 @@ def _chat(args) -> dict:
         raise SystemExit(status)
     return {}
 
+
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve a chat checkpoint over an OpenAI-compatible HTTP API",
                        description="GET /health, GET /v1/models, POST /v1/chat/completions and /v1/completions "
@@ -144,6 +150,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--device", default="cpu")
     compile_flag(p)
     p.set_defaults(func=_serve)
+
 
 def _serve(args) -> dict:
     from pathlib import Path
@@ -166,6 +173,7 @@ def _serve(args) -> dict:
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return {}
 
+
 def _sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="print continuations of a prompt from a checkpoint")
     p.add_argument("--ckpt", required=True, help="checkpoint folder (or the run folder holding it)")
@@ -178,6 +186,7 @@ def _sample_parser(sub) -> None:
     p.add_argument("--device", default="cpu")
     json_flag(p)
     p.set_defaults(func=_sample)
+
 
 def _sample(args) -> dict:
     from chatfoundry.checkpoint import load_model
@@ -194,6 +203,7 @@ def _sample(args) -> dict:
     for i, text in enumerate(texts):
         print(f"--- sample {i + 1} ---\n{args.prompt}{text}")
     return {"prompt": args.prompt, "samples": texts}
+
 
 def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="decode a prompt: greedy, beam search or sampling (top-k, top-p, min-p)",
@@ -216,6 +226,7 @@ def _generate_parser(sub) -> None:
                    help="end the text before this string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print the text as tokens arrive (greedy and sample)")
     p.set_defaults(func=_generate)
+
 
 def _generate(args) -> dict:
     from chatfoundry.generation import GenerationConfig, generate
@@ -262,10 +273,12 @@ COMPARE = {
     "top-p (p=0.9, T=0.7)": dict(do_sample=True, top_p=0.9, temperature=0.7),
 }
 
+
 def _compare_parser(sub) -> None:
     p = sub.add_parser("decode-compare", help="each decoding strategy's output side by side with its total logprob")
     generation_flags(p)
     p.set_defaults(func=_compare)
+
 
 def _compare(args) -> list:
     from chatfoundry.generation import GenerationConfig, generate
@@ -286,6 +299,7 @@ def _compare(args) -> list:
               f"{r['text']!r}")
     return rows
 
+
 def _fill_mask_parser(sub) -> None:
     p = sub.add_parser("fill-mask", help="the tokens a masked-LM encoder puts in each [MASK] of a text",
                        description="Print the top tokens, with probabilities, for each [MASK] in --text. With "
@@ -297,6 +311,7 @@ def _fill_mask_parser(sub) -> None:
     p.add_argument("--device", default="cpu")
     json_flag(p)
     p.set_defaults(func=_fill_mask)
+
 
 def _fill_mask(args) -> dict:
     from chatfoundry.checkpoint import load_encoder
@@ -315,6 +330,7 @@ def _fill_mask(args) -> dict:
                 print(f"  {p['prob']:.4f}  {p['token']}")
     return {"text": args.text, "predictions": per_mask[0], "per_mask": per_mask}
 
+
 def _embed_parser(sub) -> None:
     p = sub.add_parser("embed", help="print a sentence vector per text from an encoder",
                        description="One vector per --text: the mean of the final hidden states over the text's "
@@ -327,6 +343,7 @@ def _embed_parser(sub) -> None:
     p.add_argument("--device", default="cpu")
     json_flag(p)
     p.set_defaults(func=_embed)
+
 
 def _embed(args) -> dict:
     from chatfoundry.checkpoint import load_encoder

@@ -33,9 +33,6 @@ from chatfoundry.data import world
 from chatfoundry.data.formats import load_prompts
 from chatfoundry.errors import UserError
 
-SPLITS = ("train", "val", "test")  # a prompt file has two: train, and held out (val and test alike)
-
-
 @dataclass(frozen=True)
 class Prompt:
     """One prompt: the chat so far, the fields a reward function receives, and for the world its
@@ -63,8 +60,12 @@ class Source:
         raise NotImplementedError
 
     def verify(self, prompt: Prompt, response: str) -> float:
-        raise UserError(f"reward: the prompts {self.name} have no verifier; give --reward rm:PATH or "
-                        "python:MODULE:FUNC")
+        raise NotImplementedError  # callers check `has_verifier` (`require_verifier`)
+
+    def require_verifier(self, message: str) -> None:
+        """One clear line (`message`, with {name} the source's) for a stage that needs a verifier."""
+        if not self.has_verifier:
+            raise UserError(message.format(name=self.name))
 
 
 class WorldSource(Source):
@@ -75,11 +76,15 @@ class WorldSource(Source):
         self.name = "world" if families == world.FAMILIES else "world:" + ",".join(families)
 
     def prompts(self, split: str, n: int, seed: int) -> list[Prompt]:
-        return [Prompt(({"role": "user", "content": t.prompt},), {}, t.family, t)
-                for t in prompt_tasks(split, n, seed, self.families)]
+        return [world_prompt(t) for t in prompt_tasks(split, n, seed, self.families)]
 
     def verify(self, prompt: Prompt, response: str) -> float:
         return world.gold_reward(prompt.task, response)
+
+
+def world_prompt(task: world.Task) -> Prompt:
+    """A world question as a prompt: one user message, its family, the task for the verifier."""
+    return Prompt(({"role": "user", "content": task.prompt},), {}, task.family, task)
 
 
 class FileSource(Source):
@@ -99,6 +104,9 @@ class FileSource(Source):
                 raise UserError(f"{where}: no {side.replace('_', '-')} prompts; "
                                 + ("add prompts" if side == "train" or eval_path
                                    else "raise the held-out share or give --eval_prompts FILE"))
+
+    def held_out(self) -> list[Prompt]:
+        return list(self.split["held_out"])
 
     def prompts(self, split: str, n: int, seed: int) -> list[Prompt]:
         pool = self.split["train" if split == "train" else "held_out"]
@@ -200,6 +208,5 @@ def python_reward(spec: str, where: str = "reward") -> Reward:
 
 
 def verifier_reward(src: Source) -> Reward:
-    if not src.has_verifier:
-        src.verify(None, "")  # raises the clear line
+    src.require_verifier("reward: the prompts {name} have no verifier; give --reward rm:PATH or python:MODULE:FUNC")
     return lambda prompts, responses: [src.verify(p, r) for p, r in zip(prompts, responses)]

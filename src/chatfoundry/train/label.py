@@ -38,7 +38,7 @@ from tqdm import tqdm
 from chatfoundry import checkpoint as ckpt
 from chatfoundry.config import require
 from chatfoundry.data import tasks, world
-from chatfoundry.data.formats import write_jsonl
+from chatfoundry.data.formats import Comparison, comparison_to_record, write_jsonl
 from chatfoundry.errors import UserError
 from chatfoundry.generation import GenerationConfig, generate_batch
 from chatfoundry.metrics import MetricsLog, plot_bars, read_metrics
@@ -93,9 +93,8 @@ Labeler = Callable[[tasks.Prompt, list[str]], list[float]]
 
 def simulated_labeler(source: tasks.Source, noise: float, seed: int) -> Labeler:
     """A noisy human: the source's verifier plus N(0, noise^2), drawn once per response."""
-    if not source.has_verifier:
-        raise UserError(f"labeler: simulated needs a verifier, and the prompts {source.name} have none; give "
-                        "--labeler rm:PATH or python:MODULE:FUNC")
+    source.require_verifier("labeler: simulated needs a verifier, and the prompts {name} have none; give "
+                            "--labeler rm:PATH or python:MODULE:FUNC")
     rng = random.Random(seed)
 
     def label(prompt: tasks.Prompt, responses: list[str]) -> list[float]:
@@ -187,7 +186,7 @@ def label_split(model, tokenizer, source: tasks.Source, prompts: list[tasks.Prom
             continue
         order = sorted(range(len(distinct)), key=lambda i: ranks[i])
         ranked = [ranks[i] for i in order]
-        record = {"prompt": _as_written(prompt), "responses": [distinct[i] for i in order], "ranks": ranked}
+        record = comparison_to_record(Comparison(prompt.messages, tuple(distinct[i] for i in order), tuple(ranked)))
         if prompt.family:
             record["family"] = prompt.family
         if verify:
@@ -203,12 +202,6 @@ def label_split(model, tokenizer, source: tasks.Source, prompts: list[tasks.Prom
         records.append(record)
         s["kept"] += 1
     return records, stats
-
-
-def _as_written(prompt: tasks.Prompt) -> str | list[dict]:
-    """A lone user message as its text (TRL's plain form), a longer chat as its messages."""
-    m = prompt.messages
-    return m[0]["content"] if len(m) == 1 and m[0]["role"] == "user" else list(m)
 
 
 def run(cfg: LabelConfig, overwrite: bool = False, log=print) -> dict:

@@ -34,7 +34,6 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -759,7 +758,7 @@ def evaluate(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: PPOConfig, sou
     if isinstance(source, tasks.WorldSource):
         report = evaluate_world_prompts(policy, ref, reward, tok, cfg, source.families)
     else:
-        report = evaluate_prompts(policy, ref, reward, tok, cfg, source.prompts("test", 1 << 62, cfg.seed))
+        report = evaluate_prompts(policy, ref, reward, tok, cfg, source.held_out())
     report.update(heldout_prompts=report["prompts"], reward_heldout_sft=report["sft_rm_reward"],
                   reward_heldout_ppo=report["rm_reward"])
     return report
@@ -811,7 +810,7 @@ def evaluate_world_prompts(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: 
     """
     policy.eval()
     questions = [t for f in families for t in world.tasks("test", f, cfg.eval.per_family, 0)]
-    prompts = [tasks.Prompt(({"role": "user", "content": t.prompt},), {}, t.family, t) for t in questions]
+    prompts = [tasks.world_prompt(t) for t in questions]
     greedy = {}
     for name, model in (("ppo", policy), ("sft", ref)):
         rep = evaluate_world(model, tok, "test", cfg.eval.per_family, families, seed=0,
