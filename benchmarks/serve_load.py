@@ -148,7 +148,7 @@ def build_model(folder: Path, args) -> tuple[str, dict]:
     import torch
 
     from chatfoundry.checkpoint import save_checkpoint
-    from chatfoundry.data.corpus import generate_corpus
+    from chatfoundry.data.builtin import generate_corpus
     from chatfoundry.models.decoder import DecoderConfig, DecoderLM, num_params
     from chatfoundry.tokenizer import train_tokenizer
 

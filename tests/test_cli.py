@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from chatfoundry.cli import build_parser
-from chatfoundry.data.corpus import generate_corpus
+from chatfoundry.data.builtin import generate_corpus
 
 from conftest import TINY, last_json, run_cli
 

@@ -5,15 +5,8 @@ import re
 import pytest
 
 from chatfoundry.data import corpus
-from chatfoundry.data.corpus import (
-    DEFAULT_CHARS,
-    DEFAULT_SEED,
-    Fact,
-    generate_corpus,
-    generate_documents,
-    load_facts,
-    write_corpus,
-)
+from chatfoundry.data.builtin import DEFAULT_CHARS, DEFAULT_SEED, generate_corpus, generate_documents, write_corpus
+from chatfoundry.data.corpus import Fact, load_facts
 
 N = 200_000
 NUM = r"(-?\d+)"

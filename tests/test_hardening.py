@@ -233,7 +233,7 @@ def test_head_health_and_an_unknown_model_name(http):
 
 @pytest.fixture(scope="module")
 def kinds():
-    from chatfoundry.data.corpus import generate_corpus
+    from chatfoundry.data.builtin import generate_corpus
 
     texts = generate_corpus(30_000).split("\n") + [FORGE, 'calculator {"expression": "7 times 8"}']
     vocab = {"bpe": 600, "wordpiece": 400, "unigram": 400, "char": 0}

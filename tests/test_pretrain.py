@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from chatfoundry import checkpoint as ckpt
 from chatfoundry.config import build_config, load_yaml, to_dict
-from chatfoundry.data.corpus import generate_corpus
+from chatfoundry.data.builtin import generate_corpus
 from chatfoundry.metrics import read_metrics
 from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.tokenizer import load_tokenizer

@@ -18,7 +18,7 @@ from tokenizers.models import WordLevel
 
 from chatfoundry.checkpoint import load_model
 from chatfoundry.data import world
-from chatfoundry.data.corpus import generate_corpus
+from chatfoundry.data.builtin import generate_corpus
 from chatfoundry.data.formats import Example, load_sft
 from chatfoundry.data.world import FAMILIES
 from chatfoundry.errors import UserError

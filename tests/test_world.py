@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from chatfoundry.data import corpus, world
+from chatfoundry.data import builtin, corpus, world
 from chatfoundry.data.formats import load_comparisons, load_sft
 from chatfoundry.data.world import FAMILIES, SPLITS, Task, score
 from chatfoundry.tokenizer import SPECIAL_TOKENS
@@ -210,7 +210,7 @@ def test_made_up_countries_are_unknown_everywhere():
     real = {getattr(f, k).lower() for f in world.load_facts() for k in corpus.FACT_FIELDS}
     assert not {n.lower() for n in names} & real
     assert all(re.fullmatch(r"[A-Z][a-z]+", n) for n in names)
-    text = corpus.generate_corpus(300_000)
+    text = builtin.generate_corpus(300_000)
     assert not set(re.findall(r"[A-Z][a-z]+", text)) & set(names)
     assert "Question:" in text or " asked, " in text
 
@@ -354,7 +354,7 @@ def test_off_topic_answers_keep_the_answer_but_change_the_subject():
 # ---------------------------------------------------------------- export
 
 def test_export_writes_every_format_loadably(tmp_path):
-    counts = world.export(tmp_path, conversations_n=200, test_per_family=20, corpus_chars=20_000)
+    counts = builtin.export(tmp_path, conversations_n=200, test_per_family=20, corpus_chars=20_000)
     names = ["corpus.jsonl", "sft_train.jsonl", "sft_val.jsonl", "prompt_completion_train.jsonl",
              "alpaca_train.jsonl", "sft_tools_train.jsonl", "preference_train.jsonl", "rankings_train.jsonl",
              "test.jsonl", "calculator_test.jsonl"]

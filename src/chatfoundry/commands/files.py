@@ -29,7 +29,8 @@ def _world_parser(sub) -> None:
 
 
 def _world_export(args) -> dict:
-    from chatfoundry.data.world import export, parse_crowd
+    from chatfoundry.data.builtin import export
+    from chatfoundry.data.world import parse_crowd
 
     if args.conversations <= 0 or args.test_per_family <= 0:
         raise UserError("--conversations and --test-per-family: must be > 0")
@@ -91,14 +92,14 @@ def _tokenizer_parser(sub) -> None:
 
 
 def _tokenizer_train(args) -> dict:
-    from chatfoundry.data import corpus
+    from chatfoundry.data import builtin
     from chatfoundry.data.shards import read_documents, resolve_inputs
     from chatfoundry.tokenizer import save_tokenizer, train_tokenizer
 
     if args.files:
         docs = read_documents(resolve_inputs(args.files))
     else:
-        docs = iter(corpus.generate_corpus().split("\n\n"))
+        docs = iter(builtin.generate_corpus().split("\n\n"))
     tok = train_tokenizer(docs, args.kind, args.vocab_size)
     save_tokenizer(tok, args.out)
     print(f"{args.kind} tokenizer with {tok.get_vocab_size()} tokens written to {args.out}/tokenizer.json")

@@ -2,24 +2,16 @@
 runs with no download and no large committed file. It mixes short stories (fluent everyday
 language) with facts stated in plain text (capitals, arithmetic, spelling, comparisons), so that
 pretraining gives the model knowledge that SFT later only has to turn into answers. The fact table
-and the small generators here are meant to be reused by the instruction "task world".
+and the small generators here are reused by the instruction "task world" (`world.py`); the mix of
+documents, world quizzes included, is `builtin.py`'s.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import pathlib
 import random
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from importlib import resources
-
-DEFAULT_SEED = 0
-DEFAULT_CHARS = 2_000_000  # size of the built-in corpus used by `chatfoundry pretrain` when no --data is given
-
 
 @dataclass(frozen=True)
 class Fact:
@@ -413,64 +405,3 @@ def _thing_comparison(rng: random.Random) -> str:
 def comparison_document(rng: random.Random) -> str:
     return " ".join(_number_comparison(rng) if rng.random() < 0.4 else _thing_comparison(rng)
                     for _ in range(rng.randint(2, 5)))
-
-
-# ---------------------------------------------------------------------------------------------
-# The mix, in documents. Stories are long (about 280 characters against 120 for most others), so
-# these weights give roughly 13% stories, 27% facts, 22% arithmetic, 8% strings, 6% comparisons
-# and 24% quizzes (questions answered in plain text, from world.py) by characters.
-
-KIND_WEIGHTS = {"story": 8, "facts": 40, "arithmetic": 30, "strings": 8, "compare": 8, "quiz": 16}
-
-
-def generate_documents(seed: int = DEFAULT_SEED) -> Iterator[str]:
-    """An endless, deterministic stream of documents (paragraphs without trailing newline)."""
-    from chatfoundry.data.world import quiz_document  # world builds on this module
-
-    rng = random.Random(seed)
-    facts = load_facts()
-    makers = {"story": story_document, "facts": lambda r: fact_document(r, facts),
-              "arithmetic": arithmetic_document, "strings": string_document, "compare": comparison_document,
-              "quiz": quiz_document}
-    kinds, weights = list(KIND_WEIGHTS), list(KIND_WEIGHTS.values())
-    while True:
-        kind = rng.choices(kinds, weights)[0]
-        yield makers[kind](rng)
-
-
-def generate_corpus(num_chars: int = DEFAULT_CHARS, seed: int = DEFAULT_SEED) -> str:
-    """Documents joined by blank lines until at least num_chars characters; ends with a newline."""
-    if num_chars < 0:
-        raise ValueError(f"num_chars must be >= 0, got {num_chars}")
-    parts: list[str] = []
-    length = 0
-    for doc in generate_documents(seed):
-        length += len(doc) + (2 if parts else 0)
-        parts.append(doc)
-        if length >= num_chars:
-            break
-    return "\n\n".join(parts) + "\n"
-
-
-def write_corpus(path: str | os.PathLike, num_chars: int = DEFAULT_CHARS, seed: int = DEFAULT_SEED) -> pathlib.Path:
-    """Write the corpus as UTF-8. Atomic (temp file + rename) so a crash never leaves half a file."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = generate_corpus(num_chars, seed)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def corpus_version() -> str:
-    """Hash of the generators' sources and fact table: cached token shards follow any edit to them."""
-    digest = hashlib.sha256(pathlib.Path(__file__).read_bytes())
-    digest.update(pathlib.Path(__file__).with_name("world.py").read_bytes())
-    digest.update(resources.files("chatfoundry.data").joinpath("facts.tsv").read_bytes())
-    return digest.hexdigest()[:16]

@@ -32,7 +32,6 @@ import hashlib
 import itertools
 import random
 import re
-from pathlib import Path
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -749,52 +748,6 @@ def alternatives(task: Task, rng: random.Random, n: int, exclude: tuple[str, ...
         out.append(text)
         del pool[text]
     return out
-
-
-def export(out: str | Path, conversations_n: int = 8000, test_per_family: int = 100, seed: int = 0,
-           corpus_chars: int = corpus.DEFAULT_CHARS, crowd: dict[str, float] | None = None) -> dict[str, int]:
-    """Write the corpus and every dataset as JSONL in the standard formats; returns records per file.
-    The SFT files are the crowd's demonstrations, each line with its `writer`."""
-    from chatfoundry.data.formats import write_jsonl
-
-    out = Path(out)
-    rng = random.Random(seed)
-    demos = lambda d: ({"messages": x.messages, "writer": x.writer, "style": x.style} for x in d)  # noqa: E731
-    singles = [t for f in FAMILIES for t in tasks("train", f, max(1, conversations_n // len(FAMILIES)), seed)]
-    test = [t for f in FAMILIES for t in tasks("test", f, test_per_family, seed)]
-
-    def ranked(task: Task) -> dict:
-        responses = candidates(task, rng)
-        rewards = [gold_reward(task, r) for r in responses]
-        order = sorted(range(len(responses)), key=lambda i: -rewards[i])
-        distinct = sorted(set(rewards), reverse=True)
-        return {"prompt": task.prompt, "responses": [responses[i] for i in order],
-                "ranks": [distinct.index(rewards[i]) for i in order], "family": task.family}
-
-    def preference(task: Task) -> dict:
-        return {"prompt": task.prompt, "chosen": task.reference, "rejected": wrong_answer(task, rng),
-                "family": task.family}
-
-    files = {
-        "corpus.jsonl": ({"text": d} for d in corpus.generate_corpus(corpus_chars, seed).split("\n\n")),
-        "sft_train.jsonl": demos(demonstrations("train", conversations_n, seed, crowd=crowd)),
-        "sft_val.jsonl": demos(demonstrations("val", max(64, conversations_n // 20), seed, crowd=crowd)),
-        "sft_tools_train.jsonl": demos(tool_demonstrations("train", conversations_n // 5, seed, crowd=crowd)),
-        "calculator_test.jsonl": ({"prompt": t.prompt, "completion": t.reference, "answer": t.answer}
-                                  for t in calculator_tasks("test", test_per_family, seed)),
-        "prompt_completion_train.jsonl": ({"prompt": t.prompt, "completion": t.reference} for t in singles),
-        "alpaca_train.jsonl": ({"instruction": t.prompt, "input": "", "output": t.reference} for t in singles),
-        "preference_train.jsonl": (preference(t) for t in singles),
-        "rankings_train.jsonl": (ranked(t) for t in singles),
-        "test.jsonl": ({"prompt": t.prompt, "completion": t.reference, "family": t.family, "kind": t.kind,
-                        "answer": t.answer} for t in test),
-    }
-    counts = {}
-    for name, records in files.items():
-        records = list(records)
-        write_jsonl(out / name, records)
-        counts[name] = len(records)
-    return counts
 
 
 # ---------------------------------------------------------------- questions in plain text, for pretraining

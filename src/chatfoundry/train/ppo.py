@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from chatfoundry import checkpoint as ckpt
 from chatfoundry.config import require
-from chatfoundry.data import corpus, tasks, world
+from chatfoundry.data import builtin, tasks, world
 from chatfoundry.errors import UserError
 from chatfoundry.eval.world import chat_answers, evaluate_world
 from chatfoundry.generation import GenerationConfig, generate_batch, top_k_filter, top_p_filter
@@ -385,7 +385,7 @@ class PretrainRows:
 
     def __init__(self, tok, block: int, seed: int):
         self.tok, self.block, self.buffer = tok, block, []
-        self.docs = corpus.generate_documents(seed)
+        self.docs = builtin.generate_documents(seed)
         self.eos = special_id(tok, "eos")
         self.drawn = 0  # rows handed out: resume skips as many
 

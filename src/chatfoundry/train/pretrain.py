@@ -32,7 +32,7 @@ import torch
 
 from chatfoundry import checkpoint as ckpt
 from chatfoundry.config import require
-from chatfoundry.data import corpus
+from chatfoundry.data import builtin
 from chatfoundry.data.shards import (BlockSampler, build_shards, default_cache_dir, files_key, publish,
                                      read_documents, resolve_inputs)
 from chatfoundry.errors import UserError
@@ -51,8 +51,8 @@ from chatfoundry.train.mlm import MaskedLM, MLMConfig
 @dataclass
 class DataConfig:
     files: list[str] = field(default_factory=list)  # text files or folders; empty: the built-in corpus
-    corpus_chars: int = corpus.DEFAULT_CHARS  # size of the built-in corpus
-    corpus_seed: int = corpus.DEFAULT_SEED  # the built-in corpus's generator seed: another seed, other documents
+    corpus_chars: int = builtin.DEFAULT_CHARS  # size of the built-in corpus
+    corpus_seed: int = builtin.DEFAULT_SEED  # the built-in corpus's generator seed: another seed, other documents
     val_fraction: float = 0.05  # the corpus's tail held out for validation
     cache_dir: str = ""  # token shards and trained tokenizers; empty: ~/.cache/chatfoundry
 
@@ -157,8 +157,8 @@ def _source(cfg: PretrainConfig):
     if cfg.data.files:
         files = resolve_inputs(cfg.data.files)
         return "files:" + files_key(files), lambda: read_documents(files)
-    key = f"builtin:{corpus.corpus_version()}:{cfg.data.corpus_chars}:{cfg.data.corpus_seed}"
-    return key, lambda: iter(corpus.generate_corpus(cfg.data.corpus_chars, cfg.data.corpus_seed).split("\n\n"))
+    key = f"builtin:{builtin.corpus_version()}:{cfg.data.corpus_chars}:{cfg.data.corpus_seed}"
+    return key, lambda: iter(builtin.generate_corpus(cfg.data.corpus_chars, cfg.data.corpus_seed).split("\n\n"))
 
 
 def _tokenizer(cfg: PretrainConfig, rt: Runtime, key: str, documents, cache: Path):

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from chatfoundry import checkpoint as ckpt
 from chatfoundry.config import require
-from chatfoundry.data import corpus, world
+from chatfoundry.data import builtin, world
 from chatfoundry.data.formats import Example, load_sft
 from chatfoundry.errors import UserError
 from chatfoundry.eval.world import evaluate_world, format_report, write_report
@@ -236,7 +236,7 @@ def _examples(cfg: SFTConfig) -> tuple[list[Example], list[Example], str, dict |
     train = world_examples("train", cfg.data.conversations, cfg.data.tool_conversations)
     if cfg.data.pretrain_mix:
         n = round(len(train) * cfg.data.pretrain_mix / (1 - cfg.data.pretrain_mix))
-        docs = corpus.generate_documents(cfg.seed + 1)
+        docs = builtin.generate_documents(cfg.seed + 1)
         train += [Example(text=next(docs)) for _ in range(n)]
     val = world_examples("val", max(64, cfg.data.conversations // 20), cfg.data.tool_conversations // 20)
     return train, val, "the task world's crowd (" + ", ".join(cfg.data.crowd) + ")", reports["train"]
