@@ -38,7 +38,7 @@ ENV = "CartPole-v1"
 
 
 def ours(seed: int, steps: int) -> tuple[float, int, Callable]:
-    cfg = ppo.PPOConfig(**{k.split(".", 1)[1]: v for k, v in PRESETS[("ppo", "CartPole")].items()})
+    cfg = ppo.ClassicPPOConfig(**{k.split(".", 1)[1]: v for k, v in PRESETS[("ppo", "CartPole")].items()})
     t0 = time.perf_counter()
     run = Run(ENV, {}, steps, seed, out=None, progress=False)
     tensors, info = ppo.train(run, cfg)

@@ -29,7 +29,10 @@ from chatfoundry.rl.common import Critic, Run, VecRunner, policy_act, policy_inf
 
 
 @dataclass
-class PPOConfig:
+class ClassicPPOConfig:
+    """PPO on Gymnasium (`rl train --algo ppo|ppo-kl`, section `ppo`); the language model's is
+    train/ppo.py's PPOConfig. The knobs they share have the same names."""
+
     n_envs: int = 8  # environments stepped side by side (one vector env)
     n_steps: int = 128  # per env per rollout
     batch_size: int = 256  # minibatch
@@ -64,7 +67,7 @@ class PPOConfig:
         require(len(self.hidden) > 0 and min(self.hidden) > 0, "ppo.hidden", f"must be positive sizes, got {self.hidden}")
 
 
-def train(run: Run, cfg: PPOConfig, kl_penalty: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+def train(run: Run, cfg: ClassicPPOConfig, kl_penalty: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """Train for run.steps environment steps; returns the weights and what rebuilds the policy."""
     torch.manual_seed(run.seed)
     generator = torch.Generator().manual_seed(run.seed)

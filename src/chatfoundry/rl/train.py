@@ -43,7 +43,7 @@ class RLConfig:
     eval_every: int = 0  # env steps between evaluations during training (0: only the final one)
     threads: int = 1  # torch threads: small MLPs run fastest on one
     progress: bool = True  # show a progress bar (with the recent mean episode return) while training
-    ppo: ppo.PPOConfig = field(default_factory=ppo.PPOConfig)  # ppo and ppo-kl
+    ppo: ppo.ClassicPPOConfig = field(default_factory=ppo.ClassicPPOConfig)  # ppo and ppo-kl
     trpo: trpo.TRPOConfig = field(default_factory=trpo.TRPOConfig)
     reinforce: reinforce.ReinforceConfig = field(default_factory=reinforce.ReinforceConfig)
     dqn: dqn.DQNConfig = field(default_factory=dqn.DQNConfig)
