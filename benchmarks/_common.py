@@ -81,7 +81,7 @@ def build_pair(preset: str, flavour: str, vocab_size: int, seq_len: int, seed: i
     cfg.vocab_size = vocab_size
     cfg.dropout = 0.0
     if seq_len > cfg.block_size:
-        raise SystemExit(f"--seq-len {seq_len} exceeds the {preset} preset's block_size {cfg.block_size}")
+        raise SystemExit(f"--seq_len {seq_len} exceeds the {preset} preset's block_size {cfg.block_size}")
     cfg.validate()
     torch.manual_seed(seed)
     ours = DecoderLM(cfg)

@@ -2,8 +2,8 @@
 
 For each model (`--presets`, each with its flavours) the script builds our DecoderLM and the
 transformers twin (GPT2LMHeadModel / LlamaForCausalLM, SDPA attention) with `build_pair`, so both
-hold the same weights, and times one prompt of `--prompt-len` random tokens continued by
-`--new-tokens` tokens, with no EOS (ours: eos_token_id None; transformers: eos_token_id None,
+hold the same weights, and times one prompt of `--prompt_len` random tokens continued by
+`--new_tokens` tokens, with no EOS (ours: eos_token_id None; transformers: eos_token_id None,
 min_new_tokens = max_new_tokens as a guard), in three cases:
 
     greedy1   batch 1, greedy; our token ids must equal transformers' (checked: the run stops if not)
@@ -11,13 +11,13 @@ min_new_tokens = max_new_tokens as a guard), in three cases:
     topp16    16 rows from one prompt, top-p sampling (ours and transformers: num_return_sequences 16)
 
 A third contender, `compiled`, is a deep copy of our model after `compile_for_decoding` (skip it
-with `--no-compile`); its greedy tokens must equal transformers' and its samples our eager ones.
-Every call must return `--new-tokens` tokens per row (checked). Each contender is warmed up once
+with `--no_compile`); its greedy tokens must equal transformers' and its samples our eager ones.
+Every call must return `--new_tokens` tokens per row (checked). Each contender is warmed up once
 per case, then `--rounds` rounds alternate ours / transformers (who goes first alternates too),
 and a contender's figure is its best round: tokens/s = rows x new tokens / seconds of the whole
 `generate` call (prefill of the prompt included, as a user sees it).
 
-Peak memory (unless `--no-memory`): every (contender, case) runs once more in a fresh child
+Peak memory (unless `--no_memory`): every (contender, case) runs once more in a fresh child
 process (`python benchmarks/generate_throughput.py --child ...`). The child builds the pair the same
 way, drops the other contender's model, returns freed memory to the OS (malloc_trim), then reads
 its resident set size (RSS, /proc/self/statm) as the baseline and samples it every millisecond from
@@ -31,12 +31,12 @@ given back when freed (glibc's adaptive threshold would otherwise hide reuse); t
 loop (picking, bookkeeping, host syncs), times the weight matmuls alone at batch 1 (the floor of a
 step), and prints torch.profiler's top ops.
 
-Targets (from the issue), judged on our fastest path (compiled unless `--no-compile`): >= 3x
+Targets (from the issue), judged on our fastest path (compiled unless `--no_compile`): >= 3x
 transformers' decode tokens/s at batch 1 on the ~7M model (mini), >= 1.5x on the ~124M model (gpt2 preset).
 
     python benchmarks/generate_throughput.py                          # mini (gpt2, llama) and gpt2 preset
     python benchmarks/generate_throughput.py --presets mini --profile  # mini only, with the profile
-    python benchmarks/generate_throughput.py --presets mini:gpt2 --new-tokens 16 --rounds 1 --no-memory  # smoke run
+    python benchmarks/generate_throughput.py --presets mini:gpt2 --new_tokens 16 --rounds 1 --no_memory  # smoke run
 """
 
 from __future__ import annotations
@@ -78,16 +78,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 epilog="Figures are only meaningful on an otherwise idle machine.")
     p.add_argument("--presets", default="mini:gpt2+llama,gpt2:gpt2",
                    help="comma-separated PRESET[:FLAVOUR+FLAVOUR...] (default: mini:gpt2+llama,gpt2:gpt2); "
-                        "vocabulary 50257 for the gpt2 preset, --vocab-size for the others")
-    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the non-gpt2 presets (default: 4096)")
+                        "vocabulary 50257 for the gpt2 preset, --vocab_size for the others")
+    p.add_argument("--vocab_size", type=int, default=4096, help="vocabulary of the non-gpt2 presets (default: 4096)")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated cases (default: {','.join(CASES)})")
-    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default: 16)")
-    p.add_argument("--new-tokens", type=int, default=128, help="new tokens per row (default: 128)")
+    p.add_argument("--prompt_len", type=int, default=16, help="prompt tokens (default: 16)")
+    p.add_argument("--new_tokens", type=int, default=128, help="new tokens per row (default: 128)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds per contender and case (default: 3)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help=f"torch threads, children included (default: {torch.get_num_threads()})")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
-    p.add_argument("--no-compile", action="store_true",
+    p.add_argument("--no_memory", action="store_true", help="skip the peak-memory children")
+    p.add_argument("--no_compile", action="store_true",
                    help="skip the compiled contender (ours after compile_for_decoding)")
     p.add_argument("--profile", action="store_true", help="also profile our batch-1 greedy decode loop")
     p.add_argument("--seed", type=int, default=0)
@@ -290,8 +290,8 @@ def child_main(args) -> int:
 
 def measure_memory(args, preset: str, flavour: str, case: str, who: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", f"{preset}:{flavour}:{case}:{who}",
-           "--vocab-size", str(args.vocab_size), "--prompt-len", str(args.prompt_len),
-           "--new-tokens", str(args.new_tokens), "--threads", str(args.threads), "--seed", str(args.seed)]
+           "--vocab_size", str(args.vocab_size), "--prompt_len", str(args.prompt_len),
+           "--new_tokens", str(args.new_tokens), "--threads", str(args.threads), "--seed", str(args.seed)]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(args.threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:

@@ -1,6 +1,6 @@
 """Time per PPO iteration (generation, scoring, optimisation): `chatfoundry ppo` against TRL's PPO.
 
-    python benchmarks/ppo_step.py --sft runs/demo/sft --rm runs/demo/rm --trl-python /tmp/trl-venv/bin/python
+    python benchmarks/ppo_step.py --sft runs/demo/sft --rm runs/demo/rm --trl_python /tmp/trl-venv/bin/python
 
 The peer is TRL 0.11.4's PPOv2Trainer, the last TRL with a PPO trainer, and the one built like
 ours: policy, frozen reference, a separate value model initialised from the reward model, a
@@ -201,9 +201,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sft", default="/tmp/rmdev/sft", help="an SFT run folder (chatfoundry sft)")
     p.add_argument("--rm", default="/tmp/rmdev/rm", help="a reward-model run folder (chatfoundry rm)")
-    p.add_argument("--trl-python", default="/tmp/trl-venv/bin/python", help="Python of the TRL 0.11.4 venv")
+    p.add_argument("--trl_python", default="/tmp/trl-venv/bin/python", help="Python of the TRL 0.11.4 venv")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--response-length", type=int, default=32)
+    p.add_argument("--response_length", type=int, default=32)
     p.add_argument("--iters", type=int, default=4, help="timed iterations per round")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2)
@@ -226,7 +226,7 @@ def main() -> None:
     prompts = [encode_chat(tok, [{"role": "user", "content": t.prompt}]) for t in prompt_tasks("train", 2000, args.seed)]
     prompts_file = Path(tempfile.mkdtemp(prefix="ppo_bench_")) / "prompts.json"
     prompts_file.write_text(json.dumps(prompts))
-    child = [__file__, "--sft", args.sft, "--rm", args.rm, "--batch", str(args.batch), "--response-length",
+    child = [__file__, "--sft", args.sft, "--rm", args.rm, "--batch", str(args.batch), "--response_length",
              str(args.response_length), "--iters", str(args.iters), "--warmup", str(args.warmup), "--threads",
              str(args.threads), "--seed", str(args.seed), "--prompts", str(prompts_file)]
     runs: dict[str, list] = {"ours": [], "trl": []}

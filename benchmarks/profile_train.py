@@ -11,7 +11,7 @@ Sections (pick with --sections, default all):
   compile    ours eager vs torch.compile, whole train steps, interleaved
 
     python benchmarks/profile_train.py --flavour llama
-    python benchmarks/profile_train.py --sections optim,attention --batch-size 2 --seq-len 64   # quick
+    python benchmarks/profile_train.py --sections optim,attention --batch_size 2 --seq_len 64   # quick
 
 Timings are the fastest of --repeats (load only adds time); run on an idle machine for figures
 worth quoting.
@@ -270,13 +270,13 @@ def main(argv=None) -> int:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--preset", default="mini", choices=list(PRESETS))
     p.add_argument("--flavour", default="gpt2", choices=("gpt2", "llama"))
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=0, help="default: the preset's block_size")
+    p.add_argument("--vocab_size", type=int, default=4096)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--seq_len", type=int, default=0, help="default: the preset's block_size")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (the fastest counts)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--profile-steps", type=int, default=3, help="steps under torch.profiler (section ops)")
+    p.add_argument("--profile_steps", type=int, default=3, help="steps under torch.profiler (section ops)")
     p.add_argument("--top", type=int, default=15, help="ops listed (section ops)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "profile_train.json"))

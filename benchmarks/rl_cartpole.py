@@ -12,7 +12,7 @@ Timing: per seed, both contenders build their envs and networks and train (const
 included), one after the other, the order alternating between seeds; torch uses `--threads`
 threads for both; imports are warmed up first. steps/s = environment steps / those seconds.
 Return: both final policies are evaluated by the same function (our `evaluate`, greedy actions,
-`--eval-episodes` episodes on seeds 10,000 + seed ...).
+`--eval_episodes` episodes on seeds 10,000 + seed ...).
 Targets: ours >= 1.5x SB3's steps/s (mean over seeds) at an equal or better mean return.
 """
 
@@ -68,7 +68,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=100_000)
-    p.add_argument("--eval-episodes", type=int, default=20)
+    p.add_argument("--eval_episodes", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(REPO / "benchmarks/results/rl_cartpole.json"))
     args = p.parse_args()

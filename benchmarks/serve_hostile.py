@@ -15,7 +15,7 @@ is reported. The config cases run under a 4 GiB address-space limit, so code tha
 what config.json asks for fails fast instead of taking the machine.
 
     python benchmarks/serve_hostile.py                  # ~1-2 minutes on 2 CPU cores
-    python benchmarks/serve_hostile.py --skip-cli       # the server cases only
+    python benchmarks/serve_hostile.py --skip_cli       # the server cases only
 
 Writes benchmarks/results/serve_hostile.json. Timings on a loaded machine vary; the verdicts
 (status codes, exit codes, one line, no traceback) do not.
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flavour", default="gpt2", choices=["gpt2", "llama"])
     p.add_argument("--threads", type=int, default=1, help="torch threads in the server process")
     p.add_argument("--lead", type=float, default=0.05, help="seconds between the hostile request and the light one")
-    p.add_argument("--skip-cli", action="store_true", help="only the server cases")
+    p.add_argument("--skip_cli", action="store_true", help="only the server cases")
     p.add_argument("--out", default="benchmarks/results/serve_hostile.json")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
@@ -268,7 +268,7 @@ def cli_cases(ckpt: Path, tmp: Path) -> list[dict]:
     weights = (ckpt / "model.safetensors").read_bytes()
     for damage, data in (("truncated", weights[:len(weights) // 2]), ("empty", b""), ("random", os.urandom(1 << 16))):
         folder = damaged(f"weights_{damage}", lambda f, d=data: (f / "model.safetensors").write_bytes(d))
-        for command in (["chat"], ["eval", "--per-family", "1"], ["serve"]):
+        for command in (["chat"], ["eval", "--per_family", "1"], ["serve"]):
             case(f"{command[0]}: model.safetensors {damage}", [*command, "--ckpt", str(folder)])
 
     config = json.loads((ckpt / "config.json").read_text())
@@ -300,15 +300,15 @@ def cli_cases(ckpt: Path, tmp: Path) -> list[dict]:
         f.write(json.dumps({"text": "a" * 50_000_000}) + "\n")
     case("sft: one 50 MB JSONL line", ["sft", "--init", str(ckpt), "--data.files", str(big), "--out",
                                         str(tmp / "sft_out"), "--train.steps", "1", "--eval.per_family", "0"])
-    case("serve: --api-key ' sekret'", ["serve", "--ckpt", str(ckpt), "--api-key", " sekret"])
-    case("serve: --api-key 's\u00e9kret'", ["serve", "--ckpt", str(ckpt), "--api-key", "s\u00e9kret"])
+    case("serve: --api_key ' sekret'", ["serve", "--ckpt", str(ckpt), "--api_key", " sekret"])
+    case("serve: --api_key 's\u00e9kret'", ["serve", "--ckpt", str(ckpt), "--api_key", "s\u00e9kret"])
 
     t5 = t5_folder(tmp / "t5")
     if t5 is not None:
-        case("convert --from-hf: a T5 with a WordPiece tokenizer", ["convert", "--from-hf", str(t5), "--out",
+        case("convert --from_hf: a T5 with a WordPiece tokenizer", ["convert", "--from_hf", str(t5), "--out",
                                                                     str(tmp / "t5_ours")], want=0)
         case("generate on the imported T5", ["generate", "--ckpt", str(tmp / "t5_ours"), "--prompt", "abc de",
-                                             "--max-new-tokens", "4"], want=0)
+                                             "--max_new_tokens", "4"], want=0)
         ours = json.loads((tmp / "t5_ours" / "config.json").read_text())
         ok = (ours.get("eos_token_id"), ours.get("pad_token_id")) == (3, 0)
         rows.append({"case": "the T5 import keeps eos_token_id 3 and pad_token_id 0",

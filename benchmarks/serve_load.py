@@ -8,7 +8,7 @@ corpus), written with `save_checkpoint` to a temporary folder.
 
 Load (closed loop): `--clients` threads (default 16), each with its own keep-alive HTTP connection,
 send `--requests` (default 2) streamed chat completions back to back (`stream: true`, `stream_options.include_usage`),
-temperature 1 sampling, `--max-tokens` 64, the user message drawn from a fixed list of
+temperature 1 sampling, `--max_tokens` 64, the user message drawn from a fixed list of
 questions (a seeded choice per client and request). The baseline sends the same requests from one
 client, one at a time, to the same server. With random weights an end-of-turn token is rare (each
 step ~2 / 2048), so nearly every answer runs to max_tokens and the work is about fixed; a trained
@@ -23,16 +23,16 @@ chunk carrying content or a finish reason, not the role chunk) and end-to-end la
 Every request must complete (status 200, a finish reason, usage): the run fails otherwise. The
 throughput ratio is batched tokens/s over one-at-a-time tokens/s; the target (issue 8) is >= 4x.
 
-Fairness (issue 28): `--heavy-rounds` (default 2) rounds of two more phases, order alternating:
+Fairness (issue 28): `--heavy_rounds` (default 2) rounds of two more phases, order alternating:
 15 light clients (`--clients` - 1, the same streamed chats) alone, and the same 15 beside one heavy
 client that sends, back to back for the whole phase, non-streamed completions of 4 prompts x n=8
-(32 choices, the server's cap per request) of `--max-tokens` each; the heavy client starts first,
+(32 choices, the server's cap per request) of `--max_tokens` each; the heavy client starts first,
 so it finds the batch empty. Reported: the light clients' latency p95 in both (each phase's best
 round), and their ratio; the target is <= 2x. The batcher admits fairly (the request with the
 fewest rows first; one request holds at most 12 of 16 rows), so the light requests join within
 a step or so instead of queueing behind 32 choices.
 
-`--serial-server` adds another phase: the 16 clients against a second server with max_batch 1 (the
+`--serial_server` adds another phase: the 16 clients against a second server with max_batch 1 (the
 server serializing itself). `--batcher FILE` serves with the `Batcher` class of another file, e.g.
 the previous batcher to compare against:
 
@@ -41,7 +41,7 @@ the previous batcher to compare against:
 
     python benchmarks/serve_load.py                          # defaults: ~1-2 minutes on 2 CPU cores
     python benchmarks/serve_load.py --ckpt runs/demo/sft     # a trained chat model
-    python benchmarks/serve_load.py --requests 1 --rounds 1 --max-tokens 8 --warmup 1   # smoke run
+    python benchmarks/serve_load.py --requests 1 --rounds 1 --max_tokens 8 --warmup 1   # smoke run
 """
 
 from __future__ import annotations
@@ -91,14 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=16, help="concurrent streaming clients")
     p.add_argument("--requests", type=int, default=2, help="requests per client per round, back to back")
     p.add_argument("--rounds", type=int, default=3, help="rounds of both phases, order alternating; best round counts")
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-batch", type=int, default=16, help="the server's batch limit")
+    p.add_argument("--max_batch", type=int, default=16, help="the server's batch limit")
     p.add_argument("--threads", type=int, default=1, help="torch threads in the server process")
     p.add_argument("--warmup", type=int, default=4, help="untimed requests first")
-    p.add_argument("--heavy-rounds", type=int, default=2,
+    p.add_argument("--heavy_rounds", type=int, default=2,
                    help="rounds of clients-1 light clients alone and beside one heavy client (0: skip)")
-    p.add_argument("--serial-server", action="store_true", help="also: the clients against a max_batch 1 server")
+    p.add_argument("--serial_server", action="store_true", help="also: the clients against a max_batch 1 server")
     p.add_argument("--batcher", default=None, help="serve with the Batcher class of this file")
     p.add_argument("--out", default="benchmarks/results/serve_load.json")
     # the server process
@@ -165,7 +165,7 @@ def build_model(folder: Path, args) -> tuple[str, dict]:
 
 
 def serve(args) -> int:
-    """The server process: the app of `chatfoundry serve`, with --max-batch and --batcher."""
+    """The server process: the app of `chatfoundry serve`, with --max_batch and --batcher."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -190,7 +190,7 @@ def serve(args) -> int:
 
 def Server(ckpt: str, max_batch: int, args) -> Served:
     """`python serve_load.py --serve` on a free port."""
-    return Served([sys.executable, __file__, "--serve", "--ckpt", ckpt, "--max-batch", str(max_batch), "--threads",
+    return Served([sys.executable, __file__, "--serve", "--ckpt", ckpt, "--max_batch", str(max_batch), "--threads",
                    str(args.threads)] + (["--batcher", args.batcher] if args.batcher else []), args.threads)
 
 

@@ -15,7 +15,7 @@ time and training tokens/s, and whether the validation loss reaches nanoGPT's 1.
 Differences that remain, by design: our char tokenizer adds chatfoundry's 10 special tokens to the
 65 characters (75 ids; the extra rows are never targets, so the loss is comparable); the GPT-2
 flavour has biases (nanoGPT's config uses bias=False); the llama flavour of the same size uses
-grouped-query attention with the preset's n_kv_head = n_head / 2 = 2 (change with --llama-kv-heads);
+grouped-query attention with the preset's n_kv_head = n_head / 2 = 2 (change with --llama_kv_heads);
 we log every 10 steps, not every step; each evaluation also writes one 60-token sample.
 
     python benchmarks/shakespeare_char.py                 # full run: 2000 iterations per flavour
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(DEFAULT_DATA), help=f"tiny Shakespeare text (default: {DEFAULT_DATA})")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "shakespeare"),
                    help="folder for the runs and results.json (default: benchmarks/results/shakespeare)")
-    p.add_argument("--llama-kv-heads", type=int, default=0, help="llama n_kv_head (default 0: the preset's, n_head/2 = 2)")
+    p.add_argument("--llama_kv_heads", type=int, default=0, help="llama n_kv_head (default 0: the preset's, n_head/2 = 2)")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the runs (default: torch's choice)")
     p.add_argument("--compile", action="store_true", help="pass --compile true (nanoGPT's CPU reference does not)")
     p.add_argument("--seed", type=int, default=1337)

@@ -24,7 +24,7 @@ measured matmul peak for the ~7M (mini) model on CPU.
     python benchmarks/train_throughput.py                        # mini preset, both flavours
     python benchmarks/train_throughput.py --compile              # also ours under torch.compile
     python benchmarks/train_throughput.py --dtype bf16           # both under bf16 autocast
-    python benchmarks/train_throughput.py --batch-size 2 --seq-len 64 --steps 2 --rounds 1  # smoke run
+    python benchmarks/train_throughput.py --batch_size 2 --seq_len 64 --steps 2 --rounds 1  # smoke run
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 epilog="Figures are only meaningful on an otherwise idle machine.")
     p.add_argument("--preset", default="mini", choices=list(PRESETS), help="model size preset (default: mini, ~7M)")
     p.add_argument("--flavours", default="gpt2,llama", help="comma-separated flavours (default: gpt2,llama)")
-    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size (default: 4096)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
-    p.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (default: the preset's block_size)")
+    p.add_argument("--vocab_size", type=int, default=4096, help="vocabulary size (default: 4096)")
+    p.add_argument("--batch_size", type=int, default=8, help="sequences per step (default: 8)")
+    p.add_argument("--seq_len", type=int, default=0, help="tokens per sequence (default: the preset's block_size)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per round (default: 3)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per contender (default: 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per contender first (default: 2)")
@@ -70,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="fp32 (default), or bf16 autocast for both contenders (as pretrain --dtype bf16); "
                         "the peak and the GEMM ceiling are then measured with bf16 matmuls")
-    p.add_argument("--hf-adamw", choices=("ours", "fused", "foreach", "for-loop"), default="ours",
+    p.add_argument("--hf_adamw", choices=("ours", "fused", "foreach", "for-loop"), default="ours",
                    help="AdamW implementation for transformers: 'ours' (default) copies make_optimizer's fused/foreach "
                         "flags, so only the models differ; 'fused' is what transformers' Trainer picks on torch >= 2.8")
     p.add_argument("--seed", type=int, default=0)
@@ -81,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0")
     if args.warmup < 0 or args.seq_len < 0:
-        p.error("--warmup and --seq-len must be >= 0")
+        p.error("--warmup and --seq_len must be >= 0")
     return args
 
 

@@ -102,16 +102,16 @@ def test_presets_json_lists_every_preset_with_params(capsys):
 
 def test_presets_gpt2_size_matches_gpt2_small(capsys):
     """With GPT-2's vocabulary the gpt2 preset is GPT-2 small: 124,439,808 parameters (tied head)."""
-    code, out, err = run_cli(["presets", "--vocab-size", "50257", "--json"], capsys)
+    code, out, err = run_cli(["presets", "--vocab_size", "50257", "--json"], capsys)
     assert code == 0
     row = next(r for r in last_json(out) if (r["preset"], r["flavour"]) == ("gpt2", "gpt2"))
     assert row["params"] == 124_439_808
 
 
 def test_presets_bad_vocab_size(capsys):
-    code, out, err = run_cli(["presets", "--vocab-size", "0"], capsys)
+    code, out, err = run_cli(["presets", "--vocab_size", "0"], capsys)
     assert code == 2
-    assert "--vocab-size" in one_error_line(err, "presets")
+    assert "--vocab_size" in one_error_line(err, "presets")
 
 
 # ---------------------------------------------------------------- tokenizer train / encode / decode
@@ -129,7 +129,7 @@ def test_tokenizer_train_encode_decode_round_trip(kind, vocab, text_file, tmp_pa
     out = tmp_path / "tok"
     argv = ["tokenizer", "train", str(text_file), "--kind", kind, "--out", str(out), "--json"]
     if vocab:
-        argv += ["--vocab-size", str(vocab)]
+        argv += ["--vocab_size", str(vocab)]
     code, stdout, err = run_cli(argv, capsys)
     assert code == 0, err
     info = last_json(stdout)
@@ -186,7 +186,7 @@ def test_tokenizer_decode_out_of_range_id(text_file, tmp_path, capsys):
 def test_tokenizer_train_bad_file(content, tmp_path, capsys):
     path = tmp_path / "bad.txt"
     path.write_bytes(content)
-    code, _, err = run_cli(["tokenizer", "train", str(path), "--kind", "bpe", "--vocab-size", "300",
+    code, _, err = run_cli(["tokenizer", "train", str(path), "--kind", "bpe", "--vocab_size", "300",
                             "--out", str(tmp_path / "tok")], capsys)
     assert code == 2
     assert "bad.txt" in one_error_line(err, "tokenizer")
@@ -332,8 +332,8 @@ def test_sample_folder_without_checkpoint(tmp_path, capsys):
     assert str(tmp_path) in one_error_line(err, "sample")
 
 
-@pytest.mark.parametrize("flag,value", [("--temperature", "-1"), ("--max-new-tokens", "-5"), ("--top-k", "-1"),
-                                        ("--num-samples", "-2")])
+@pytest.mark.parametrize("flag,value", [("--temperature", "-1"), ("--max_new_tokens", "-5"), ("--top_k", "-1"),
+                                        ("--num_samples", "-2")])
 def test_sample_bad_numbers(flag, value, tmp_path, capsys):
     code, out, err = run_cli(["sample", "--ckpt", str(tmp_path), flag, value], capsys)
     assert code == 2

@@ -19,7 +19,7 @@ def ckpt(tmp_path_factory):
 
 
 def gen(capsys, ckpt, *args) -> dict:
-    code, out, err = run_cli(["generate", "--ckpt", str(ckpt), "--prompt", "The ", "--max-new-tokens", "12",
+    code, out, err = run_cli(["generate", "--ckpt", str(ckpt), "--prompt", "The ", "--max_new_tokens", "12",
                               *args, "--json"], capsys)
     assert code == 0, err
     return last_json(out)
@@ -42,15 +42,15 @@ def test_generate_json_shape_and_greedy_equals_the_python_api(ckpt, capsys):
 
 
 def test_beam_returns_sequences_best_first(ckpt, capsys):
-    result = gen(capsys, ckpt, "--strategy", "beam", "--num-beams", "4", "--num-return-sequences", "3")
+    result = gen(capsys, ckpt, "--strategy", "beam", "--num_beams", "4", "--num_return_sequences", "3")
     scores = [s["score"] for s in result["sequences"]]
     assert len(scores) == 3 and scores == sorted(scores, reverse=True)
     assert result["token_ids"] == result["sequences"][0]["token_ids"]
 
 
 def test_sampling_is_reproducible_by_seed(ckpt, capsys):
-    a = gen(capsys, ckpt, "--strategy", "sample", "--top-p", "0.9", "--seed", "3")
-    b = gen(capsys, ckpt, "--strategy", "sample", "--top-p", "0.9", "--seed", "3")
+    a = gen(capsys, ckpt, "--strategy", "sample", "--top_p", "0.9", "--seed", "3")
+    b = gen(capsys, ckpt, "--strategy", "sample", "--top_p", "0.9", "--seed", "3")
     assert a["token_ids"] == b["token_ids"]
     # Different seeds give different text (over several seeds, at least one differs).
     others = {tuple(gen(capsys, ckpt, "--strategy", "sample", "--seed", str(s))["token_ids"]) for s in range(4)}
@@ -59,11 +59,11 @@ def test_sampling_is_reproducible_by_seed(ckpt, capsys):
 
 @pytest.mark.parametrize("bad, field", [
     (["--strategy", "nucleus"], "--strategy"),
-    (["--strategy", "sample", "--top-p", "0"], "top_p"),
-    (["--strategy", "sample", "--top-p", "1.5"], "top_p"),
-    (["--strategy", "sample", "--top-k", "-1"], "top_k"),
+    (["--strategy", "sample", "--top_p", "0"], "top_p"),
+    (["--strategy", "sample", "--top_p", "1.5"], "top_p"),
+    (["--strategy", "sample", "--top_k", "-1"], "top_k"),
     (["--strategy", "sample", "--temperature", "-1"], "temperature"),
-    (["--strategy", "beam", "--num-beams", "0"], "num_beams"),
+    (["--strategy", "beam", "--num_beams", "0"], "num_beams"),
     (["--prompt", "x" * 200], "prompt"),
 ])
 def test_bad_generation_input_is_one_line_exit_2(ckpt, capsys, bad, field):
@@ -74,7 +74,7 @@ def test_bad_generation_input_is_one_line_exit_2(ckpt, capsys, bad, field):
 
 
 def test_decode_compare_lists_each_strategy_with_its_logprob(ckpt, capsys):
-    code, out, err = run_cli(["decode-compare", "--ckpt", str(ckpt), "--prompt", "The ", "--max-new-tokens", "12",
+    code, out, err = run_cli(["decode-compare", "--ckpt", str(ckpt), "--prompt", "The ", "--max_new_tokens", "12",
                               "--json"], capsys)
     assert code == 0, err
     rows = last_json(out)
@@ -87,15 +87,15 @@ def test_decode_compare_lists_each_strategy_with_its_logprob(ckpt, capsys):
 
 
 def test_stream_prints_the_same_text_as_json_and_stop_cuts_it(ckpt, capsys):
-    code, out, err = run_cli(["generate", "--ckpt", str(ckpt), "--prompt", "The ", "--max-new-tokens", "20",
+    code, out, err = run_cli(["generate", "--ckpt", str(ckpt), "--prompt", "The ", "--max_new_tokens", "20",
                               "--stream", "--json"], capsys)
     assert code == 0, err
     result = last_json(out)
     assert out.splitlines()[0] == "The " + result["text"].split("\n")[0]
-    full = gen(capsys, ckpt, "--strategy", "greedy", "--max-new-tokens", "20")
+    full = gen(capsys, ckpt, "--strategy", "greedy", "--max_new_tokens", "20")
     assert full["text"] == result["text"]
     stop = full["text"][3:5]
-    cut = gen(capsys, ckpt, "--strategy", "greedy", "--max-new-tokens", "20", "--stop", stop)
+    cut = gen(capsys, ckpt, "--strategy", "greedy", "--max_new_tokens", "20", "--stop", stop)
     assert cut["text"] == full["text"][:full["text"].find(stop)]
     beams = gen(capsys, ckpt, "--strategy", "beam", "--stop", stop)
     assert all(stop not in s["text"] for s in beams["sequences"])

@@ -86,7 +86,7 @@ def test_generate_cli_compile_flag(tmp_path, capsys):
 
     out = tmp_path / "run"
     assert main(["pretrain", *TINY, "--out", str(out)]) == 0
-    args = ["generate", "--ckpt", str(out), "--prompt", "The ", "--max-new-tokens", "10", "--json"]
+    args = ["generate", "--ckpt", str(out), "--prompt", "The ", "--max_new_tokens", "10", "--json"]
     plain = run_cli(args, capsys)
     fast = run_cli([*args, "--compile"], capsys)
     assert plain[0] == fast[0] == 0, fast[2]

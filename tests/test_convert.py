@@ -54,14 +54,14 @@ def hf_folder(tmp_path, name, tokenizer):
 @pytest.mark.parametrize("name", list(HF_MODELS))
 def test_import_gives_equal_logits_and_export_loads_back(tmp_path, capsys, tokenizer, name):
     theirs, src = hf_folder(tmp_path, name, tokenizer)
-    code, out, err = run_cli(["convert", "--from-hf", str(src), "--out", str(tmp_path / "ours"), "--json"], capsys)
+    code, out, err = run_cli(["convert", "--from_hf", str(src), "--out", str(tmp_path / "ours"), "--json"], capsys)
     assert code == 0, err
     ours, _ = load_model(tmp_path / "ours")
     with torch.no_grad():
         expected = theirs(IDS).logits
         torch.testing.assert_close(ours(IDS)[0], expected, atol=1e-4, rtol=0)
 
-    code, out, err = run_cli(["convert", "--to-hf", str(tmp_path / "ours"), "--out", str(tmp_path / "back")], capsys)
+    code, out, err = run_cli(["convert", "--to_hf", str(tmp_path / "ours"), "--out", str(tmp_path / "back")], capsys)
     assert code == 0, err
     again, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -79,7 +79,7 @@ def test_missing_weights_are_named(tmp_path, capsys, tokenizer):
     del weights["model.layers.1.mlp.up_proj.weight"]
     save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
     capsys.readouterr()  # transformers' own progress output while saving
-    code, out, err = run_cli(["convert", "--from-hf", str(src), "--out", str(tmp_path / "ours")], capsys)
+    code, out, err = run_cli(["convert", "--from_hf", str(src), "--out", str(tmp_path / "ours")], capsys)
     assert code == 2 and "layers.1.mlp.up_proj.weight" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "ours").exists()
 
@@ -87,9 +87,9 @@ def test_missing_weights_are_named(tmp_path, capsys, tokenizer):
 def test_unsupported_model_and_missing_folder(tmp_path, capsys):
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
-    code, _, err = run_cli(["convert", "--from-hf", str(tmp_path / "bert"), "--out", str(tmp_path / "o")], capsys)
+    code, _, err = run_cli(["convert", "--from_hf", str(tmp_path / "bert"), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "bert" in err
-    code, _, err = run_cli(["convert", "--from-hf", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capsys)
+    code, _, err = run_cli(["convert", "--from_hf", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "nope" in err
 
 
@@ -100,7 +100,7 @@ def test_export_refuses_a_shape_transformers_lacks(tmp_path, capsys, tokenizer):
     cfg = DecoderConfig(vocab_size=VOCAB, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=16,
                         pos="sinusoidal")
     save_checkpoint(tmp_path / "ours", DecoderLM(cfg), tokenizer)
-    code, _, err = run_cli(["convert", "--to-hf", str(tmp_path / "ours"), "--out", str(tmp_path / "x")], capsys)
+    code, _, err = run_cli(["convert", "--to_hf", str(tmp_path / "ours"), "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and "sinusoidal" in err
 
 
@@ -113,7 +113,7 @@ def test_gpt2_block_with_rotary_exports_as_gpt_neox(tmp_path, capsys, tokenizer)
     save_checkpoint(tmp_path / "ours", model, tokenizer)
     with torch.no_grad():
         expected = model(IDS)[0]
-    code, out, err = run_cli(["convert", "--to-hf", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")], capsys)
+    code, out, err = run_cli(["convert", "--to_hf", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")], capsys)
     assert code == 0, err
     theirs, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert type(theirs).__name__ == "GPTNeoXForCausalLM" and theirs.config.tie_word_embeddings

@@ -59,7 +59,7 @@ def max_diff(a, b, keys=None):
 @pytest.mark.parametrize("kind,act", [("mlm", "gelu"), ("mlm", "gelu_new"), ("body", "gelu"), ("classifier", "gelu")])
 def test_import_from_transformers_gives_equal_outputs(tmp_path, capsys, tokenizer, kind, act):
     theirs, src = hf_folder(tmp_path, kind, tokenizer, hidden_act=act)
-    code, out, err = run_cli(["convert", "--from-hf", str(src), "--out", str(tmp_path / "ours"), "--json"], capsys)
+    code, out, err = run_cli(["convert", "--from_hf", str(src), "--out", str(tmp_path / "ours"), "--json"], capsys)
     assert code == 0, err
     assert json.loads(out.strip().splitlines()[-1])["architecture"] == HF_CLASSES[kind]
     ours, _ = ckpt.load_encoder(tmp_path / "ours")
@@ -108,7 +108,7 @@ def test_round_trip_ours_to_transformers_and_back_is_lossless(tmp_path, capsys, 
         torch.testing.assert_close(theirs.eval()(input_ids=ids).logits, ours(ids)[0], atol=1e-4, rtol=0)
     theirs.save_pretrained(tmp_path / "hf")
     save_tokenizer(tokenizer, tmp_path / "hf")
-    code, _, err = run_cli(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")], capsys)
+    code, _, err = run_cli(["convert", "--from_hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")], capsys)
     assert code == 0, err
     back, _ = ckpt.load_encoder(tmp_path / "back")
     assert isinstance(back, EncoderLM)
@@ -117,8 +117,8 @@ def test_round_trip_ours_to_transformers_and_back_is_lossless(tmp_path, capsys, 
     for k, v in back.state_dict().items():
         assert torch.equal(v, original[k]), k
     assert back.lm_head.weight is back.body.embed_tokens.weight  # still tied
-    # --to-hf writes the same layout, without the trainer state
-    code, _, err = run_cli(["convert", "--to-hf", str(tmp_path / "back"), "--out", str(tmp_path / "export")], capsys)
+    # --to_hf writes the same layout, without the trainer state
+    code, _, err = run_cli(["convert", "--to_hf", str(tmp_path / "back"), "--out", str(tmp_path / "export")], capsys)
     assert code == 0, err
     assert load_file(tmp_path / "export" / "model.safetensors").keys() == load_file(tmp_path / "ours" / "model.safetensors").keys()
     fast = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
@@ -160,6 +160,6 @@ def test_unsupported_bert_variant_is_refused(tmp_path, capsys, tokenizer):
     config = json.loads((src / "config.json").read_text())
     config["position_embedding_type"] = "relative_key"
     (src / "config.json").write_text(json.dumps(config))
-    code, _, err = run_cli(["convert", "--from-hf", str(src), "--out", str(tmp_path / "ours")], capsys)
+    code, _, err = run_cli(["convert", "--from_hf", str(src), "--out", str(tmp_path / "ours")], capsys)
     assert code == 2 and "position_embedding_type" in err
     assert not (tmp_path / "ours").exists()

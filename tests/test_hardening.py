@@ -94,7 +94,7 @@ def test_choices_per_request_are_capped(model, tok, http):
     assert r.status_code == 200 and len(r.json()["choices"]) == 4
     r = chat(small, n=5)
     assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "at most 4" in r.json()["error"]["message"]
-    with pytest.raises(UserError, match="--max-choices"):
+    with pytest.raises(UserError, match="--max_choices"):
         create_app(model, tok, NAME, max_choices=0)
 
 
@@ -208,10 +208,10 @@ def test_a_lone_surrogate_is_read_as_the_replacement_character(http, tok, where)
 
 @pytest.mark.parametrize("key", [" sekret", "sekret ", "s\u00e9kret", "sek\tret", ""])
 def test_an_api_key_no_client_can_send_is_refused_at_start(capsys, tmp_path, key):
-    with pytest.raises(UserError, match="--api-key"):
+    with pytest.raises(UserError, match="--api_key"):
         check_api_key(key)
-    code, _, err = run_cli(["serve", "--ckpt", str(tmp_path / "none"), "--api-key", key], capsys)
-    assert code == 2 and "--api-key" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(["serve", "--ckpt", str(tmp_path / "none"), "--api_key", key], capsys)
+    assert code == 2 and "--api_key" in err and len(err.strip().splitlines()) == 1
     check_api_key("a key with spaces inside!")
 
 
@@ -344,7 +344,7 @@ def test_a_corrupt_weights_file_is_one_line_in_chat_eval_and_serve(capsys, ckpt,
     file.write_bytes({"truncated": data[:len(data) // 2], "empty": b"",
                       "random": torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0))
                       .to(torch.uint8).numpy().tobytes()}[damage])
-    for command in (["chat"], ["eval", "--per-family", "1"], ["serve"]):
+    for command in (["chat"], ["eval", "--per_family", "1"], ["serve"]):
         one_line_exit_2(capsys, [*command, "--ckpt", str(ckpt)], "model.safetensors: not a valid safetensors file")
 
 
@@ -466,7 +466,7 @@ def test_an_import_keeps_the_special_ids_of_its_configs(tmp_path, capsys, family
     model.save_pretrained(src)
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **names).save_pretrained(src)
     capsys.readouterr()
-    code, out, err = run_cli(["convert", "--from-hf", str(src), "--out", str(tmp_path / "ours"), "--json"], capsys)
+    code, out, err = run_cli(["convert", "--from_hf", str(src), "--out", str(tmp_path / "ours"), "--json"], capsys)
     assert code == 0, err
     ours = json.loads((tmp_path / "ours" / "config.json").read_text())
     back = load_tokenizer(tmp_path / "ours")
@@ -476,5 +476,5 @@ def test_an_import_keeps_the_special_ids_of_its_configs(tmp_path, capsys, family
             assert special_id(back, role) == ids[f"{role}_token_id"], role
     if family in ("t5", "gpt2", "llama"):  # generate runs on the result and stops at the source's EOS
         code, _, err = run_cli(["generate", "--ckpt", str(tmp_path / "ours"), "--prompt", "abc de",
-                                "--max-new-tokens", "3"], capsys)
+                                "--max_new_tokens", "3"], capsys)
         assert code == 0, err

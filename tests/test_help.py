@@ -39,3 +39,16 @@ def test_help_shows_field_descriptions(capsys):
     description = field_docs(SFTConfig)["train.lr"]
     assert description == "peak learning rate (AdamW), reached after warmup"
     assert re.search(r"--train\.lr FLOAT " + re.escape(description) + r"; default: 0\.001", text)
+
+
+def test_every_flag_is_spelled_with_underscores_and_a_hyphen_hears_how(capsys):
+    """One spelling across the argparse and the config-driven commands: a flag is its YAML key."""
+    from chatfoundry.cli import build_parser
+    from chatfoundry.config import _option_strings
+
+    flags = _option_strings(build_parser())
+    assert "--max_new_tokens" in flags and "--api_key" in flags and "--rollout.batch_size" in flags
+    assert not [f for f in flags if f.startswith("--") and "-" in f[2:]]
+    code, _, err = run_cli(["generate", "--ckpt", "x", "--max-new-tokens", "3"], capsys)
+    assert code == 2
+    assert "unknown option --max-new-tokens (did you mean --max_new_tokens?)" in err

@@ -162,7 +162,7 @@ def test_resumed_mlm_run_is_bit_exact(tmp_path, capsys):
 
 def test_fill_mask_json(mlm_run, capsys):
     code, out, err = run_cli(["fill-mask", "--ckpt", str(mlm_run), "--text", "Its capital is Pari[MASK].",
-                              "--top-k", "3", "--json"], capsys)
+                              "--top_k", "3", "--json"], capsys)
     assert code == 0, err
     result = last_json(out)
     assert result["text"] == "Its capital is Pari[MASK]."
@@ -184,7 +184,7 @@ def test_fill_mask_several_masks_and_plain_output(mlm_run, capsys):
 
 @pytest.mark.parametrize("argv,needle", [
     (["--text", "no blank here"], "--text: has no [MASK]"),
-    (["--text", "a [MASK]", "--top-k", "0"], "--top-k"),
+    (["--text", "a [MASK]", "--top_k", "0"], "--top_k"),
 ])
 def test_fill_mask_bad_input(mlm_run, capsys, argv, needle):
     code, out, err = run_cli(["fill-mask", "--ckpt", str(mlm_run), *argv], capsys)

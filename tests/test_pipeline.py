@@ -92,15 +92,15 @@ def test_a_bad_crowd_stops_before_any_work(crowd, message, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["pipeline"], ["label", "--policy", "sft"], ["ppo", "--init", "sft", "--reward", "rm:rm"],
-                                  ["ppo", "--eval-only"]], ids=["pipeline", "label", "ppo", "ppo-eval-only"])
+                                  ["ppo", "--eval_only"]], ids=["pipeline", "label", "ppo", "ppo-eval-only"])
 def test_one_process_stages_refuse_torchrun_before_writing(argv, tmp_path, monkeypatch, capsys):
     # Under torchrun every rank would sample, label and write the same files; the DDP stages
     # (pretrain, sft, rm) are the ones to launch that way. No process group is joined first.
     monkeypatch.setenv("WORLD_SIZE", "2")
-    if argv == ["ppo", "--eval-only"]:  # a finished run's folder, as eval-only reads it
+    if argv == ["ppo", "--eval_only"]:  # a finished run's folder, as eval-only reads it
         (tmp_path / "run").mkdir()
         (tmp_path / "run" / "config.yaml").write_text("init: sft\nreward: rm:rm\n")
     code, _, err = run_cli([*argv, "--out", str(tmp_path / "run")], capsys)
     assert code == 2 and "runs in one process: launch it without torchrun" in err, err
     assert len(err.strip().splitlines()) == 1
-    assert sorted(p.name for p in tmp_path.rglob("*")) == (["config.yaml", "run"] if "--eval-only" in argv else [])
+    assert sorted(p.name for p in tmp_path.rglob("*")) == (["config.yaml", "run"] if "--eval_only" in argv else [])

@@ -266,7 +266,7 @@ def test_best_of_n_takes_the_reward_models_favourite_in_each_group_of_n():
 
 
 def test_cli_run_writes_artifacts_is_deterministic_and_resumes_exactly(models, tmp_path, capsys, monkeypatch):
-    # Runs started with paths relative to their folder; --eval-only and --resume work from any other.
+    # Runs started with paths relative to their folder; --eval_only and --resume work from any other.
     (tmp_path / "m").symlink_to(models)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -298,10 +298,10 @@ def test_cli_run_writes_artifacts_is_deterministic_and_resumes_exactly(models, t
     # nothing in the folder changes.
     before = {p: p.stat().st_mtime_ns for p in a.rglob("*")}
     monkeypatch.chdir(elsewhere)
-    again = cli_ok(["ppo", "--out", str(a), "--eval-only"], capsys)
+    again = cli_ok(["ppo", "--out", str(a), "--eval_only"], capsys)
     assert {k: again[k] for k in ("gold_gain", "gold_gain_sampled", "gold_gain_sampled_se", "kl_heldout")} == \
         {k: s[k] for k in ("gold_gain", "gold_gain_sampled", "gold_gain_sampled_se", "kl_heldout")}
-    more = cli_ok(["ppo", "--out", str(a), "--eval-only", "--eval.samples", "8", "--eval.temperatures", "0.25"], capsys)
+    more = cli_ok(["ppo", "--out", str(a), "--eval_only", "--eval.samples", "8", "--eval.temperatures", "0.25"], capsys)
     assert more["samples"] == 8 and more["sft_tempered"][0]["kl_heldout"] > 0.1  # far from SFT's own sampling
     assert {p: p.stat().st_mtime_ns for p in a.rglob("*")} == before
     monkeypatch.chdir(tmp_path)
@@ -367,7 +367,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, models, tok, tmp_
 
 
 def test_eval_only_without_a_run_is_one_line_exit_2(tmp_path, capsys):
-    code, _, err = run_cli(["ppo", "--out", str(tmp_path / "nothing"), "--eval-only"], capsys)
+    code, _, err = run_cli(["ppo", "--out", str(tmp_path / "nothing"), "--eval_only"], capsys)
     assert code == 2 and "no run to evaluate here" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "nothing").exists()
 

@@ -314,7 +314,7 @@ def test_nan_loss_stops_with_exit_1_and_keeps_the_last_good_checkpoint(tmp_path,
 
 
 def _sample(run, capsys, *extra) -> list[str]:
-    code, stdout, err = run_cli(["sample", "--ckpt", str(run), "--prompt", "The ", "--max-new-tokens", "20",
+    code, stdout, err = run_cli(["sample", "--ckpt", str(run), "--prompt", "The ", "--max_new_tokens", "20",
                                  "--json", *extra], capsys)
     assert code == 0, err
     result = last_json(stdout)
@@ -324,23 +324,23 @@ def _sample(run, capsys, *extra) -> list[str]:
 
 def test_sample_json(tiny_run, capsys):
     out, _ = tiny_run
-    samples = _sample(out, capsys, "--num-samples", "3")
+    samples = _sample(out, capsys, "--num_samples", "3")
     assert len(samples) == 3 and all(isinstance(s, str) for s in samples)  # "" if eos came first
     # The checkpoint folder itself works as well as the run folder.
-    assert _sample(out / "checkpoint", capsys, "--num-samples", "3") == samples
+    assert _sample(out / "checkpoint", capsys, "--num_samples", "3") == samples
 
 
 def test_sample_same_seed_same_output(tiny_run, capsys):
     out, _ = tiny_run
-    first = _sample(out, capsys, "--seed", "7", "--num-samples", "2")
-    assert _sample(out, capsys, "--seed", "7", "--num-samples", "2") == first
-    others = [_sample(out, capsys, "--seed", str(s), "--num-samples", "2") for s in (8, 9)]
+    first = _sample(out, capsys, "--seed", "7", "--num_samples", "2")
+    assert _sample(out, capsys, "--seed", "7", "--num_samples", "2") == first
+    others = [_sample(out, capsys, "--seed", str(s), "--num_samples", "2") for s in (8, 9)]
     assert any(o != first for o in others), "the seed has no effect on sampling"
 
 
 def test_sample_temperature_zero_is_greedy(tiny_run, capsys):
     out, _ = tiny_run
-    a = _sample(out, capsys, "--temperature", "0", "--seed", "1", "--num-samples", "2")
+    a = _sample(out, capsys, "--temperature", "0", "--seed", "1", "--num_samples", "2")
     b = _sample(out, capsys, "--temperature", "0", "--seed", "2")
     assert a[0] == a[1] == b[0]
 

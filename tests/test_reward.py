@@ -1,6 +1,6 @@
 """The reward-model stage: labeling (simulated, model and callable labelers), the K-wise ranking
 loss against a hand computation, Spearman, the scalar head's parity with transformers'
-...ForSequenceClassification through `convert --to-hf`, normalisation, resume, `score`, bad
+...ForSequenceClassification through `convert --to_hf`, normalisation, resume, `score`, bad
 data, and a learning test on held-out comparisons."""
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def test_export_loads_in_transformers_with_equal_rewards(arch, char_tok, tmp_pat
     responses = ["2 plus 3 is 5.", "It is 6.", "Paris is in France."]
     ours = score_texts(load_reward_model(tmp_path / "ours")[0], char_tok, prompts, responses)
 
-    summary = cli_ok(["convert", "--to-hf", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")], capsys)
+    summary = cli_ok(["convert", "--to_hf", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")], capsys)
     assert summary["reward_model"] and summary["architecture"] == arch
     hf, info = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf",
                                                                                output_loading_info=True)

@@ -14,7 +14,7 @@ from conftest import last_json, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-QUICK = ["--steps", "512", "--eval-episodes", "3", "--progress", "false"]
+QUICK = ["--steps", "512", "--eval_episodes", "3", "--progress", "false"]
 
 
 def one_error_line(err: str) -> str:
@@ -65,7 +65,7 @@ def test_an_existing_run_is_kept_unless_overwrite(ppo_run, capsys):
     (["--steps", "0"], "steps: must be > 0"),
     (["--algo", "trpo", "--steps", "100"], "at least n_envs x n_steps"),
     (["--ppo.lr", "-1"], "ppo.lr"),
-    (["--env-kwargs", "oops"], "KEY=VALUE"),
+    (["--env_kwargs", "oops"], "KEY=VALUE"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
     out = tmp_path / "run"
@@ -76,7 +76,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, messag
 
 
 def test_play_prints_returns_and_writes_gifs(ppo_run, tmp_path, capsys):
-    code, stdout, err = run_cli(["rl", "play", "--ckpt", str(ppo_run), "--episodes", "2", "--no-gif", "--json"], capsys)
+    code, stdout, err = run_cli(["rl", "play", "--ckpt", str(ppo_run), "--episodes", "2", "--no_gif", "--json"], capsys)
     assert code == 0, err
     result = last_json(stdout)
     assert len(result["returns"]) == 2 and result["gifs"] == [] and "episode 1: return" in stdout
@@ -125,7 +125,7 @@ def test_env_versions_resolve_to_what_this_gymnasium_registers():
 def test_qlearning_on_cliffwalking_runs_with_a_time_limit(tmp_path, capsys):
     # CliffWalking has no time limit of its own; ours (1,000 steps) keeps a greedy loop from hanging evaluation
     code, stdout, err = run_cli(["rl", "train", "--algo", "qlearning", "--env", "CliffWalking", "--steps", "20000",
-                                 "--out", str(tmp_path / "cw"), "--eval-episodes", "1", "--progress", "false", "--json"],
+                                 "--out", str(tmp_path / "cw"), "--eval_episodes", "1", "--progress", "false", "--json"],
                                 capsys)
     assert code == 0, err
     assert last_json(stdout)["eval_return"] == -13  # the optimal path along the cliff

@@ -235,7 +235,7 @@ def test_round_trip_ours_hf_ours_is_lossless_and_transformers_loads_the_export(t
 
     ours, theirs = pair(kind)
     save_checkpoint(tmp_path / "ours", ours, tokenizer)
-    code, _, err = run_cli(["convert", "--to-hf", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")], capsys)
+    code, _, err = run_cli(["convert", "--to_hf", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")], capsys)
     assert code == 0, err
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["model_type"] == "t5" and config["architectures"] == ["T5ForConditionalGeneration"]
@@ -248,11 +248,11 @@ def test_round_trip_ours_hf_ours_is_lossless_and_transformers_loads_the_export(t
         want = ours(ids, dec, mask=mask.bool())[0]
         torch.testing.assert_close(loaded.eval()(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits,
                                    want, atol=1e-4, rtol=0)
-    # transformers' own save of it comes back in through --from-hf, weights bit for bit
+    # transformers' own save of it comes back in through --from_hf, weights bit for bit
     loaded.save_pretrained(tmp_path / "theirs")
     (tmp_path / "theirs" / "tokenizer.json").write_text((tmp_path / "hf" / "tokenizer.json").read_text())
     capsys.readouterr()
-    code, out, err = run_cli(["convert", "--from-hf", str(tmp_path / "theirs"), "--out", str(tmp_path / "back"),
+    code, out, err = run_cli(["convert", "--from_hf", str(tmp_path / "theirs"), "--out", str(tmp_path / "back"),
                               "--json"], capsys)
     assert code == 0, err and last_json(out)["architecture"] == "t5"
     back, _ = load_model(tmp_path / "back", seq2seq=True)
@@ -359,7 +359,7 @@ def test_generate_cli_on_a_t5_checkpoint(pretrained, capsys):
     from chatfoundry.checkpoint import load_model
     from chatfoundry.train.seq2seq import encode_inputs
 
-    args = ["generate", "--ckpt", str(pretrained), "--prompt", "The capital", "--max-new-tokens", "6", "--json"]
+    args = ["generate", "--ckpt", str(pretrained), "--prompt", "The capital", "--max_new_tokens", "6", "--json"]
     code, out, err = run_cli(args + ["--strategy", "greedy"], capsys)
     assert code == 0, err
     greedy = last_json(out)
@@ -367,9 +367,9 @@ def test_generate_cli_on_a_t5_checkpoint(pretrained, capsys):
     ids = encode_inputs(tok, ["The capital"])
     assert greedy["prompt_token_ids"] == ids[0]
     assert greedy["token_ids"] == generate_seq2seq(model, ids, GenerationConfig(max_new_tokens=6, eos_token_id=2)).sequences[0]
-    code, out, err = run_cli(args + ["--strategy", "beam", "--num-beams", "3", "--num-return-sequences", "2"], capsys)
+    code, out, err = run_cli(args + ["--strategy", "beam", "--num_beams", "3", "--num_return_sequences", "2"], capsys)
     assert code == 0 and len(last_json(out)["sequences"]) == 2, err
-    code, out, err = run_cli(args + ["--strategy", "sample", "--top-p", "0.9", "--seed", "1"], capsys)
+    code, out, err = run_cli(args + ["--strategy", "sample", "--top_p", "0.9", "--seed", "1"], capsys)
     assert code == 0 and len(last_json(out)["token_ids"]) >= 1, err
     code, _, err = run_cli(["generate", "--ckpt", str(pretrained), "--prompt", "x" * 60], capsys)
     assert code == 2 and "--prompt" in err and len(err.strip().splitlines()) == 1

@@ -242,7 +242,7 @@ def test_fuzzed_bodies_never_500(http, body):
 
 def test_serve_cli_help_and_bad_input(capsys):
     code, out, _ = run_cli(["serve", "--help"], capsys)
-    assert code == 0 and "--api-key" in out and "127.0.0.1" in out
+    assert code == 0 and "--api_key" in out and "127.0.0.1" in out
     code, _, err = run_cli(["serve", "--ckpt", "/no/such/folder"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "/no/such/folder" in err
     code, _, err = run_cli(["serve", "--ckpt", "x", "--port", "70000"], capsys)
@@ -256,7 +256,7 @@ def test_serve_cli_answers_the_openai_client(model, tok, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([*cli_subprocess_cmd(), "serve", "--ckpt", str(tmp_path / "tiny"), "--port", str(port),
-                             "--api-key", KEY], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--api_key", KEY], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=30)
         deadline = time.monotonic() + 60

@@ -254,8 +254,8 @@ def test_sft_run_leaves_every_artifact(sft_run, tok):
 
 def test_eval_cli_prints_the_same_scores(sft_run, tmp_path, capsys):
     out, summary = sft_run
-    code, stdout, err = run_cli(["eval", "--ckpt", str(out), "--per-family", "3", "--max-new-tokens", "8",
-                                 "--tool-questions", "3", "--out", str(tmp_path), "--json"], capsys)
+    code, stdout, err = run_cli(["eval", "--ckpt", str(out), "--per_family", "3", "--max_new_tokens", "8",
+                                 "--tool_questions", "3", "--out", str(tmp_path), "--json"], capsys)
     assert code == 0, err
     families = last_json(stdout)["families"]
     tool_use = last_json(stdout)["tool_use"]  # SFT scored the calculator questions the same way
@@ -351,7 +351,7 @@ def test_resume_gives_the_same_weights_as_a_straight_run(pre, tmp_path, capsys):
 def test_world_export(tmp_path, capsys):
     out = tmp_path / "world"
     code, stdout, err = run_cli(["world", "export", "--out", str(out), "--conversations", "50",
-                                 "--test-per-family", "5", "--json"], capsys)
+                                 "--test_per_family", "5", "--json"], capsys)
     assert code == 0, err
     files = last_json(stdout)["files"]
     assert files["sft_train.jsonl"] == 50 and files["test.jsonl"] == 5 * len(FAMILIES)

@@ -194,5 +194,5 @@ def test_your_own_prompts_and_reward_end_to_end(root, tmp_path, capsys, monkeypa
         answers = json.loads((tmp_path / name / "eval.json").read_text())["answers"]
         assert len(answers) == held and {"prompt", "response", "sft_response", "rm", "sft_rm"} <= set(answers[0])
     monkeypatch.setattr("sys.stdin", io.StringIO("tell me about the sea, story 7\n"))
-    code, out, err = run_cli(["chat", "--ckpt", str(tmp_path / "by_rm"), "--max-new-tokens", "8"], capsys)
+    code, out, err = run_cli(["chat", "--ckpt", str(tmp_path / "by_rm"), "--max_new_tokens", "8"], capsys)
     assert code == 0 and out.strip(), err

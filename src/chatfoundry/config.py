@@ -210,7 +210,8 @@ class ArgumentParser(argparse.ArgumentParser):
             if flags:
                 flag = flags[0].split("=")[0]
                 renamed = _renamed(flag[2:])
-                hint = difflib.get_close_matches(flag, known, n=1)
+                underscored = "--" + flag[2:].replace("-", "_")  # every flag is spelled as its YAML key
+                hint = [underscored] if underscored in known else difflib.get_close_matches(flag, known, n=1)
                 message = f"unknown option {flags[0]}" + (f" (renamed: --{renamed})" if renamed else
                                                           f" (did you mean {hint[0]}?)" if hint else "")
         self.exit(2, f"{self.prog}: error: {message}\n")

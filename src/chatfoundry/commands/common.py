@@ -39,7 +39,7 @@ PATH_KEYS = ("init", "rm", "files", "cache_dir", "path", "reward", "labeler", "p
 
 def from_where_it_ran(tree: dict, out: Path) -> dict:
     """A saved run's relative paths, rebased to the folder the run was started in, so that
-    --resume and --eval-only work from any folder: the config's `out` is the --out given then,
+    --resume and --eval_only work from any folder: the config's `out` is the --out given then,
     so that folder is the run's folder now less that suffix. Unchanged if it cannot tell."""
     then = Path(str(tree.get("out", "")))
     now = out.resolve().parts
@@ -68,7 +68,7 @@ def from_where_it_ran(tree: dict, out: Path) -> dict:
 def generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="checkpoint folder (or the run folder holding it)")
     p.add_argument("--prompt", default="", help="text to continue (default: start a fresh document)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     compile_flag(p)

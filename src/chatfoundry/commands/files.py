@@ -19,7 +19,7 @@ def _world_parser(sub) -> None:
                                        "prompt/completion, Alpaca, preference, rankings)")
     e.add_argument("--out", required=True, help="folder to write into")
     e.add_argument("--conversations", type=int, default=8000, help="SFT conversations in sft_train.jsonl")
-    e.add_argument("--test-per-family", type=int, default=100)
+    e.add_argument("--test_per_family", type=int, default=100)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--crowd", nargs="+", metavar="WRITER:WEIGHT", default=None,
                    help="who writes the SFT demonstrations (each line records its writer); default: the world's crowd "
@@ -33,7 +33,7 @@ def _world_export(args) -> dict:
     from chatfoundry.data.world import parse_crowd
 
     if args.conversations <= 0 or args.test_per_family <= 0:
-        raise UserError("--conversations and --test-per-family: must be > 0")
+        raise UserError("--conversations and --test_per_family: must be > 0")
     try:
         crowd = parse_crowd(args.crowd) if args.crowd is not None else None
     except ValueError as e:
@@ -48,8 +48,8 @@ def _convert_parser(sub) -> None:
     p = sub.add_parser("convert", help="import a Hugging Face GPT-2/Llama/Mistral/Qwen2/BERT/T5 folder, or export ours "
                                        "for transformers")
     way = p.add_mutually_exclusive_group(required=True)
-    way.add_argument("--from-hf", metavar="SRC", help="a local transformers model folder to import")
-    way.add_argument("--to-hf", metavar="SRC", help="our checkpoint (or run folder) to export")
+    way.add_argument("--from_hf", metavar="SRC", help="a local transformers model folder to import")
+    way.add_argument("--to_hf", metavar="SRC", help="our checkpoint (or run folder) to export")
     p.add_argument("--out", required=True, help="folder to write")
     json_flag(p)
     p.set_defaults(func=_convert)
@@ -74,7 +74,7 @@ def _tokenizer_parser(sub) -> None:
     t = tsub.add_parser("train", help="train a tokenizer on text files (default: the built-in corpus)")
     t.add_argument("files", nargs="*", help="text files or folders")
     t.add_argument("--kind", choices=KINDS, default="bpe", help="bpe is byte-level BPE (GPT-2); char is characters")
-    t.add_argument("--vocab-size", type=int, default=2048)
+    t.add_argument("--vocab_size", type=int, default=2048)
     t.add_argument("--out", required=True, help="folder for tokenizer.json and tokenizer_config.json")
     json_flag(t)
     t.set_defaults(func=_tokenizer_train)
@@ -86,7 +86,7 @@ def _tokenizer_parser(sub) -> None:
     d = tsub.add_parser("decode", help="token ids -> text")
     d.add_argument("--tokenizer", required=True, help="tokenizer.json or a folder with one")
     d.add_argument("ids", nargs="+", type=int)
-    d.add_argument("--skip-special", action="store_true", help="drop special tokens from the text")
+    d.add_argument("--skip_special", action="store_true", help="drop special tokens from the text")
     json_flag(d)
     d.set_defaults(func=_tokenizer_decode)
 
@@ -130,7 +130,7 @@ def _tokenizer_decode(args) -> dict:
 
 def _presets_parser(sub) -> None:
     p = sub.add_parser("presets", help="list the model size presets with parameters and FLOPs per token")
-    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--vocab_size", type=int, default=2048)
     json_flag(p)
     p.set_defaults(func=_presets)
 
@@ -141,7 +141,7 @@ def _presets(args) -> list:
     from chatfoundry.models.decoder import FLAVOURS, PRESETS, DecoderConfig, DecoderLM, flops_per_token, num_params
 
     if args.vocab_size <= 0:
-        raise UserError("--vocab-size: must be > 0")
+        raise UserError("--vocab_size: must be > 0")
     rows = []
     print(f"{'preset':8} {'flavour':8} {'layers':>6} {'heads':>5} {'kv':>3} {'embd':>5} {'block':>5} "
           f"{'params':>10} {'train GFLOPs/token':>18}")

@@ -42,13 +42,13 @@ def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="score a chat checkpoint on the task world (exact match, gold reward)")
     p.add_argument("--ckpt", required=True, help="checkpoint folder (or the run folder holding it)")
     p.add_argument("--split", choices=SPLITS, default="test")
-    p.add_argument("--per-family", type=int, default=100, help="questions per family")
+    p.add_argument("--per_family", type=int, default=100, help="questions per family")
     p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of " + ", ".join(FAMILIES))
     p.add_argument("--system", default=None, help="a system message to put before each question")
-    p.add_argument("--tool-questions", type=int, default=0,
+    p.add_argument("--tool_questions", type=int, default=0,
                    help="also score N held-out calculator questions with the calculator on offer and without")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max_new_tokens", type=int, default=48)
+    p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--out", default=None, help="folder for eval.json (every answer) and eval.png")
     p.add_argument("--device", default="cpu")
     json_flag(p)
@@ -66,9 +66,9 @@ def _eval(args) -> dict:
         raise UserError(f"--families: {unknown[0] if unknown else 'empty'!r} is not one of {', '.join(FAMILIES)}")
     for name in ("per_family", "max_new_tokens", "batch_size"):
         if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')}: must be > 0")
+            raise UserError(f"--{name}: must be > 0")
     if args.tool_questions < 0:
-        raise UserError("--tool-questions: must be >= 0")
+        raise UserError("--tool_questions: must be >= 0")
     model, tokenizer = load_model(args.ckpt, args.device)
     report = evaluate_world(model, tokenizer, args.split, args.per_family, families, args.system,
                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -94,9 +94,9 @@ def _chat_parser(sub) -> None:
     p.add_argument("--system", default=None, help="the system message")
     defaults = ChatParams()
     p.add_argument("--temperature", type=float, default=defaults.temperature, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=defaults.top_p)
-    p.add_argument("--top-k", type=int, default=defaults.top_k, help="0: off")
-    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    p.add_argument("--top_p", type=float, default=defaults.top_p)
+    p.add_argument("--top_k", type=int, default=defaults.top_k, help="0: off")
+    p.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--tools", default="", help="tools on offer, comma-separated (built in: calculator); the model's "
                                                 "calls run and their results go back to it")
@@ -118,7 +118,7 @@ def _chat(args) -> dict:
             try:
                 set_param(params, f"{name}={value}")
             except ValueError as e:
-                raise UserError(f"--{name.replace('_', '-')}: {e}") from None
+                raise UserError(f"--{name}: {e}") from None
     names = [n.strip() for n in args.tools.split(",") if n.strip()]
     unknown = [n for n in names if n not in TOOLS]
     if unknown:
@@ -142,10 +142,10 @@ def _serve_parser(sub) -> None:
     p.add_argument("--ckpt", required=True, help="checkpoint folder (or the run folder holding it)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes")
-    p.add_argument("--model-name", default=None, help="the model's id in the API (default: the folder's name); "
+    p.add_argument("--api_key", default=None, help="require Authorization: Bearer KEY on /v1 routes")
+    p.add_argument("--model_name", default=None, help="the model's id in the API (default: the folder's name); "
                                                       "a request naming another model gets this one")
-    p.add_argument("--max-choices", type=int, default=None,
+    p.add_argument("--max_choices", type=int, default=None,
                    help="choices one request may ask for, prompts x n (default: 32); more get a 400")
     p.add_argument("--device", default="cpu")
     compile_flag(p)
@@ -163,7 +163,7 @@ def _serve(args) -> dict:
     check_api_key(args.api_key)  # before loading: a key no client can send is refused at once
     max_choices = MAX_CHOICES if args.max_choices is None else args.max_choices
     if max_choices < 1:
-        raise UserError(f"--max-choices: must be >= 1, got {max_choices}")
+        raise UserError(f"--max_choices: must be >= 1, got {max_choices}")
     model, tokenizer = load_model(args.ckpt, args.device)
     model = maybe_compile(model, args)
     import uvicorn
@@ -178,10 +178,10 @@ def _sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="print continuations of a prompt from a checkpoint")
     p.add_argument("--ckpt", required=True, help="checkpoint folder (or the run folder holding it)")
     p.add_argument("--prompt", default="", help="text to continue (default: start a fresh document)")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--max_new_tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=40, help="0: no top-k filter")
+    p.add_argument("--top_k", type=int, default=40, help="0: no top-k filter")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     json_flag(p)
@@ -194,7 +194,7 @@ def _sample(args) -> dict:
 
     for name in ("num_samples", "max_new_tokens", "top_k"):
         if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')}: must be >= 0")
+            raise UserError(f"--{name}: must be >= 0")
     if args.temperature < 0:
         raise UserError("--temperature: must be >= 0")
     model, tokenizer = load_model(args.ckpt, args.device)
@@ -212,16 +212,16 @@ def _generate_parser(sub) -> None:
                                    "(one per new token, under the model's own distribution).")
     generation_flags(p)
     p.add_argument("--strategy", choices=("greedy", "beam", "sample"), default="greedy")
-    p.add_argument("--num-beams", type=int, default=4, help="beam: beams kept")
-    p.add_argument("--length-penalty", type=float, default=1.0, help="beam: score = logprob / length ** this")
-    p.add_argument("--early-stopping", choices=("true", "false", "never"), default="false")
-    p.add_argument("--num-return-sequences", type=int, default=1)
+    p.add_argument("--num_beams", type=int, default=4, help="beam: beams kept")
+    p.add_argument("--length_penalty", type=float, default=1.0, help="beam: score = logprob / length ** this")
+    p.add_argument("--early_stopping", choices=("true", "false", "never"), default="false")
+    p.add_argument("--num_return_sequences", type=int, default=1)
     p.add_argument("--temperature", type=float, default=1.0, help="sample: logits / temperature")
-    p.add_argument("--top-k", type=int, default=0, help="sample: keep the k most likely tokens (0: off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="sample: nucleus mass in (0, 1] (1: off)")
-    p.add_argument("--min-p", type=float, default=None, help="sample: drop tokens below min_p x the top probability")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    p.add_argument("--top_k", type=int, default=0, help="sample: keep the k most likely tokens (0: off)")
+    p.add_argument("--top_p", type=float, default=1.0, help="sample: nucleus mass in (0, 1] (1: off)")
+    p.add_argument("--min_p", type=float, default=None, help="sample: drop tokens below min_p x the top probability")
+    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--no_repeat_ngram_size", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end the text before this string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print the text as tokens arrive (greedy and sample)")
@@ -257,7 +257,7 @@ def _generate(args) -> dict:
         seq = {k: result[k] for k in ("text", "token_ids", "logprobs")}
         return {**result, "prompt_token_ids": inputs, "sequences": [{**seq, "score": sum(result["logprobs"])}]}
     if args.stream:
-        raise UserError("--stream: streams one sequence; use --num-return-sequences 1 and no beam search")
+        raise UserError("--stream: streams one sequence; use --num_return_sequences 1 and no beam search")
     result = decode_result(tokenizer, inputs, generate(model, ids, cfg), args.stop)
     for i, seq in enumerate(result["sequences"]):
         print(f"--- {args.strategy} {i + 1} (total logprob {sum(seq['logprobs']):.2f}) ---\n{shown}{seq['text']}")
@@ -307,7 +307,7 @@ def _fill_mask_parser(sub) -> None:
                                    "...]} for the first [MASK] (and \"per_mask\" for all of them).")
     p.add_argument("--ckpt", required=True, help="an encoder checkpoint (BertForMaskedLM) or its run folder")
     p.add_argument("--text", required=True, help='text with [MASK] where a token is hidden, e.g. "Paris is a [MASK] city."')
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top_k", type=int, default=5)
     p.add_argument("--device", default="cpu")
     json_flag(p)
     p.set_defaults(func=_fill_mask)
@@ -318,7 +318,7 @@ def _fill_mask(args) -> dict:
     from chatfoundry.textenc import MASK, fill_mask
 
     if args.top_k <= 0:
-        raise UserError(f"--top-k: must be > 0, got {args.top_k}")
+        raise UserError(f"--top_k: must be > 0, got {args.top_k}")
     if MASK not in args.text:
         raise UserError(f"--text: has no {MASK} to fill (e.g. \"Paris is the capital of {MASK}.\")")
     model, tokenizer = load_encoder(args.ckpt, args.device, kinds=("mlm",))

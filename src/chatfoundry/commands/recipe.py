@@ -86,7 +86,7 @@ def add_parsers(sub) -> None:
                            "Prompts from --prompts (the task world, or a JSONL file of {\"prompt\": ...} "
                            "lines). Scores greedy and sampled answers to the held-out prompts before and "
                            "after (the reward, KL, win rates; the world adds its gold reward).")
-    p.add_argument("--eval-only", action="store_true",
+    p.add_argument("--eval_only", action="store_true",
                    help="train nothing: score the finished run in --out (its config.yaml, then these flags) "
                         "against its reference again, e.g. --eval.samples 16 for a smaller standard error; "
                         "writes nothing")
@@ -106,6 +106,6 @@ def add_parsers(sub) -> None:
 def _ppo(args, ppo) -> dict:
     if args.eval_only:
         if args.resume or args.overwrite:
-            raise UserError("--eval-only: trains nothing; drop --resume and --overwrite")
+            raise UserError("--eval_only: trains nothing; drop --resume and --overwrite")
         return ppo.evaluate_run(stage_config(ppo.PPOConfig, args))
     return ppo.run(stage_config(ppo.PPOConfig, args), resume=args.resume, overwrite=args.overwrite)

@@ -17,8 +17,7 @@ def add_rl_parser(sub) -> None:
                                     "Hyperparameters: the algorithm's defaults, refined by a preset for known "
                                     "environments (CartPole, Acrobot, Pendulum, FrozenLake, Taxi, CliffWalking), "
                                     "then --config YAML, then --SECTION.FIELD flags (e.g. --ppo.lr 3e-4).")
-    add_config_args(t, RLConfig, aliases={"--env-kwargs": "env_kwargs", "--eval-episodes": "eval_episodes",
-                                          "--eval-every": "eval_every"})
+    add_config_args(t, RLConfig)
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last line")
     t.set_defaults(func=_train)
@@ -44,7 +43,7 @@ def add_rl_parser(sub) -> None:
     g.add_argument("--seed", type=int, default=0, help="reset seed of the first episode (then +1 each)")
     g.add_argument("--out", default=None, help="folder for episodeN.gif (default: CKPT/play)")
     g.add_argument("--fps", type=int, default=30)
-    g.add_argument("--no-gif", action="store_true", help="only play and print the returns (no pygame needed)")
+    g.add_argument("--no_gif", action="store_true", help="only play and print the returns (no pygame needed)")
     g.add_argument("--stochastic", action="store_true", help="sample actions instead of the greedy / mean action")
     g.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last line")
     g.set_defaults(func=_play)

@@ -27,7 +27,7 @@ def play(ckpt: str | Path, episodes: int = 3, seed: int = 0, out: str | Path | N
     meta, act = load_act(ckpt, deterministic)
     if gif and importlib.util.find_spec("pygame") is None:  # gymnasium draws rgb_array frames with it
         raise UserError("rendering needs pygame: pip install 'chatfoundry[rl-render]' "
-                        "(or pass --no-gif to only print the returns)")
+                        "(or pass --no_gif to only print the returns)")
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # frames are drawn off-screen: no display needed
     folder = Path(out) if out else Path(ckpt) / "play"
     env = make_env(meta["env"], meta["env_kwargs"], render_mode="rgb_array" if gif else None)

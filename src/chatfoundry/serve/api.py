@@ -219,12 +219,12 @@ def check_api_key(api_key: str | None) -> None:
     if api_key is None:
         return
     if not api_key.strip():
-        raise UserError("--api-key: must not be empty")
+        raise UserError("--api_key: must not be empty")
     if api_key != api_key.strip():
-        raise UserError("--api-key: has spaces at its start or end, which clients strip from the header")
+        raise UserError("--api_key: has spaces at its start or end, which clients strip from the header")
     bad = next((c for c in api_key if not " " <= c <= "~"), None)
     if bad is not None:
-        raise UserError(f"--api-key: holds {bad!r}; an HTTP header carries only printable ASCII")
+        raise UserError(f"--api_key: holds {bad!r}; an HTTP header carries only printable ASCII")
 
 
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None,
@@ -234,7 +234,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None,
     choices decode together; one request may ask for up to `max_choices` (prompts x n)."""
     check_api_key(api_key)
     if max_choices < 1:
-        raise UserError(f"--max-choices: must be >= 1, got {max_choices}")
+        raise UserError(f"--max_choices: must be >= 1, got {max_choices}")
     batcher = Batcher(model, tokenizer, max_batch=max_batch)
     app = FastAPI(title="chatfoundry", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher = batcher

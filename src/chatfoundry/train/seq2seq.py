@@ -54,7 +54,7 @@ class Seq2SeqEvalConfig:
 
 @dataclass
 class FinetuneSeq2SeqConfig:
-    init: str = ""  # the pretrained T5 checkpoint (chatfoundry pretrain --objective span, or convert --from-hf)
+    init: str = ""  # the pretrained T5 checkpoint (chatfoundry pretrain --objective span, or convert --from_hf)
     data: str = "world:strings/reverse"  # a JSONL file of {"input", "target"}, or world:FAMILY[/KIND]
     out: str = "runs/seq2seq"  # run folder: checkpoint/, config.yaml, metrics.jsonl, loss.png, eval.json
     seed: int = 1337  # seeds the synthetic pairs, the held-out split, the data order and reinit's weights
