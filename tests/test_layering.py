@@ -65,3 +65,20 @@ def test_no_module_imports_itself_back():
 
     cycles = sorted(name for name in graph if reaches(name, name, set()))
     assert not cycles, cycles
+
+
+def test_every_stage_starts_through_one_skeleton():
+    """The config header, the run folder and the runtime live in train/stage.py: each stage's config
+    extends StageConfig, its run goes through stage.start, and none prepares a folder by hand."""
+    import importlib
+    import inspect
+
+    from chatfoundry.train.stage import StageConfig
+
+    for name in STAGES:
+        module = importlib.import_module(name)
+        source = inspect.getsource(module)
+        configs = [v for v in vars(module).values()
+                   if isinstance(v, type) and issubclass(v, StageConfig) and v.__module__ == name]
+        assert configs, f"{name}: no config extends StageConfig"
+        assert "start(" in source and "check_output(" not in source and "setup_runtime(" not in source, name

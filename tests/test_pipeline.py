@@ -91,7 +91,7 @@ def test_a_bad_crowd_stops_before_any_work(crowd, message, tmp_path, capsys):
         assert not out.exists()
 
 
-@pytest.mark.parametrize("argv", [["pipeline"], ["label", "--policy", "sft"], ["ppo", "--init", "sft", "--reward", "rm:rm"],
+@pytest.mark.parametrize("argv", [["pipeline"], ["label", "--init", "sft"], ["ppo", "--init", "sft", "--reward", "rm:rm"],
                                   ["ppo", "--eval_only"]], ids=["pipeline", "label", "ppo", "ppo-eval-only"])
 def test_one_process_stages_refuse_torchrun_before_writing(argv, tmp_path, monkeypatch, capsys):
     # Under torchrun every rank would sample, label and write the same files; the DDP stages

@@ -470,17 +470,17 @@ def test_bf16_on_cpu(tmp_path, capsys):
 @pytest.mark.parametrize("device, world, want", [("cuda", 1, 0), ("auto", 1, 0), ("cuda:1", 1, 1), ("cuda", 2, 1)])
 def test_a_cuda_device_gets_an_index(monkeypatch, device, want, world):
     # torch.cuda.set_device refuses a bare "cuda" (seen on the first GPU run): the runtime names one.
-    from chatfoundry.train import loop
+    from chatfoundry.train import stage
     picked = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: picked.append(torch.cuda._utils._get_device_index(d)))
-    monkeypatch.setattr(loop.dist, "is_initialized", lambda: True)  # no process group for world 2
+    monkeypatch.setattr(stage.dist, "is_initialized", lambda: True)  # no process group for world 2
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("LOCAL_RANK", "1")
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
-        rt = loop.setup_runtime(device)
+        rt = stage.setup_runtime(device)
     finally:  # the runtime turns TF32 on for CUDA; leave the other tests as they were
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     assert rt.device == torch.device("cuda", want) and picked == [want]

@@ -55,7 +55,7 @@ def labels(policy, tmp_path_factory):
     from chatfoundry.cli import main
 
     out = tmp_path_factory.mktemp("labels") / "run"
-    assert main(["label", "--policy", str(policy), "--out", str(out), *LABEL, "--noise", "0", "--tie", "0"]) == 0
+    assert main(["label", "--init", str(policy), "--out", str(out), *LABEL, "--noise", "0", "--tie", "0"]) == 0
     return out
 
 
@@ -93,13 +93,13 @@ def test_label_with_a_python_callable_judge(policy, tmp_path, capsys, monkeypatc
                                            "    assert isinstance(prompt, str) and prompt\n"
                                            "    return -len(response)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    summary = cli_ok(["label", "--policy", str(policy), "--out", str(tmp_path / "run"), *LABEL, "--val_prompts", "0",
+    summary = cli_ok(["label", "--init", str(policy), "--out", str(tmp_path / "run"), *LABEL, "--val_prompts", "0",
                       "--labeler", "python:judge_mod:shortest"], capsys)
     assert summary["splits"]["train"]["comparisons"] > 0
     for c in load_comparisons(tmp_path / "run" / "train.jsonl"):
         lengths = [len(r) for r in c.responses]
         assert lengths == sorted(lengths)  # best first: the shortest
-    code, _, err = run_cli(["label", "--policy", str(policy), "--out", str(tmp_path / "x"), *LABEL,
+    code, _, err = run_cli(["label", "--init", str(policy), "--out", str(tmp_path / "x"), *LABEL,
                             "--labeler", "python:judge_mod:nothing"], capsys)
     assert code == 2 and "cannot import" in err and not (tmp_path / "x").exists()
 
@@ -107,7 +107,7 @@ def test_label_with_a_python_callable_judge(policy, tmp_path, capsys, monkeypatc
 def test_label_stops_when_a_split_gives_no_comparison(policy, tmp_path, capsys, monkeypatch):
     (tmp_path / "flat_mod.py").write_text("def flat(prompt, response):\n    return 0.0\n")
     monkeypatch.syspath_prepend(str(tmp_path))  # every response ties: no prompt gives a comparison
-    code, _, err = run_cli(["label", "--policy", str(policy), "--out", str(tmp_path / "run"), *LABEL,
+    code, _, err = run_cli(["label", "--init", str(policy), "--out", str(tmp_path / "run"), *LABEL,
                             "--labeler", "python:flat_mod:flat"], capsys)
     assert code == 2 and "train_prompts: none of the 24 train prompts" in err.strip().splitlines()[-1]  # after the bar
 
@@ -116,7 +116,7 @@ def test_label_says_when_a_family_runs_out_of_questions(policy, tmp_path, capsys
     real = world.tasks  # a split that holds only two facts questions
     monkeypatch.setattr(world, "tasks", lambda split, family, n, seed=0:
                         real(split, family, min(n, 2) if family == "facts" else n, seed))
-    code, out, err = run_cli(["label", "--policy", str(policy), "--out", str(tmp_path / "run"), *LABEL], capsys)
+    code, out, err = run_cli(["label", "--init", str(policy), "--out", str(tmp_path / "run"), *LABEL], capsys)
     assert code == 0
     said = out + err
     assert "label train: the world's train split gave too few distinct facts questions, so 16 prompts, not 25" in said
@@ -376,7 +376,7 @@ def test_rm_and_score_usage_errors(policy, labels, tmp_path, capsys):
     assert code == 2 and "no train.jsonl" in err
     code, _, err = run_cli(["score", "--rm", str(policy), "--prompt", "Hi", "--response", "Hello."], capsys)
     assert code == 2 and "not a reward model" in err
-    code, _, err = run_cli(["label", "--policy", str(policy), "--out", str(tmp_path / "l"), "--k", "1"], capsys)
+    code, _, err = run_cli(["label", "--init", str(policy), "--out", str(tmp_path / "l"), "--k", "1"], capsys)
     assert code == 2 and "k" in err
     for cmd in ("label", "rm", "score"):
         code, out, _ = run_cli([cmd, "--help"], capsys)
@@ -389,7 +389,7 @@ def test_labeler_can_be_a_reward_model(policy, tmp_path, capsys):
     lm, tok = load_model(policy)
     judge = randomize(RewardModel.from_lm(lm), seed=3)
     save_checkpoint(out, judge, tok)
-    cli_ok(["label", "--policy", str(policy), "--out", str(tmp_path / "run"), *LABEL, "--val_prompts", "0",
+    cli_ok(["label", "--init", str(policy), "--out", str(tmp_path / "run"), *LABEL, "--val_prompts", "0",
             "--labeler", f"rm:{out}", "--tie", "0"], capsys)
     judge, tok = load_reward_model(out)
     for c in load_comparisons(tmp_path / "run" / "train.jsonl")[:5]:

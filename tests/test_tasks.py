@@ -134,7 +134,7 @@ def test_bad_prompts_and_rewards_are_one_line_exit_2_and_write_nothing(case, roo
         stage, prompts = "label", str(root / "prompts.jsonl")
     out = tmp_path / "run"
     argv = (["ppo", "--init", str(root / "sft"), "--reward", reward] if stage == "ppo" else
-            ["label", "--policy", str(root / "sft")]) + ["--prompts", prompts, "--out", str(out), "--device", "cpu"]
+            ["label", "--init", str(root / "sft")]) + ["--prompts", prompts, "--out", str(out), "--device", "cpu"]
     code, _, err = run_cli(argv, capsys)
     assert code == 2 and expect in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
@@ -176,7 +176,7 @@ def test_your_own_prompts_and_reward_end_to_end(root, tmp_path, capsys, monkeypa
     prompts, sft = str(root / "prompts.jsonl"), str(root / "sft")
     reward = f"python:{root / 'lib' / 'rewards.py'}:say_a"
     held = len(tasks.source(prompts).prompts("test", 10**9, 0))
-    label = cli_ok(["label", "--policy", sft, "--prompts", prompts, "--labeler", reward, "--k", "4", "--tie", "0",
+    label = cli_ok(["label", "--init", sft, "--prompts", prompts, "--labeler", reward, "--k", "4", "--tie", "0",
                     "--max_new_tokens", "12", "--out", str(tmp_path / "label"), "--device", "cpu"], capsys)
     assert label["prompts"] == prompts and label["splits"]["train"]["comparisons"] > 50
     assert "sft_gold_reward" not in label["splits"]["train"]  # no verifier, no gold

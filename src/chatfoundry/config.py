@@ -48,7 +48,10 @@ def field_docs(cls: type, prefix: str = "") -> dict[str, str]:
     """Map dotted name -> the comment that documents the field in its dataclass's source: the one
     on the field's line, else the comment lines right above it (joined into one line)."""
     out: dict[str, str] = {}
-    own = _comments(cls)
+    own: dict[str, str] = {}
+    for base in reversed(cls.__mro__):  # a field a subclass redeclares takes the subclass's comment
+        if dataclasses.is_dataclass(base):
+            own.update({k: v for k, v in _comments(base).items() if v})
     for f, tp in _fields(cls):
         if dataclasses.is_dataclass(tp):
             out.update(field_docs(tp, prefix + f.name + "."))
@@ -166,7 +169,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 # Fields renamed without a shim: an old config file or flag hears the new name. Keyed by the
 # name's last parts, so `ppo.rm` in a pipeline's config matches `rm`.
-RENAMED = {"rm": "reward (rm:PATH)", "rollout.prompts": "rollout.pool", "clip_vf": "value_clip",
+RENAMED = {"rm": "reward (rm:PATH)", "policy": "init", "rollout.prompts": "rollout.pool", "clip_vf": "value_clip",
            "lam": "gae_lambda", "grad_clip": "max_grad_norm",
            # the LM PPO's update knobs, once a `ppo` section (`--ppo.ppo.lr` in the pipeline)
            "ppo.lam": "gae_lambda", "ppo.grad_clip": "max_grad_norm",

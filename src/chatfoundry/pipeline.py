@@ -27,7 +27,7 @@ from chatfoundry.data.world import PARTS
 from chatfoundry.errors import UserError
 from chatfoundry.metrics import plot_bars, read_metrics
 from chatfoundry.train import label, ppo, pretrain, reward, sft
-from chatfoundry.train.loop import single_process
+from chatfoundry.train.stage import single_process
 
 SUMMARY = "summary.json"
 WIRED = "<pipeline>"  # a stage's input and output folders, set by the pipeline from `out`
@@ -40,7 +40,7 @@ class PipelineConfig:
     device: str = "auto"  # every stage's device
     pretrain: pretrain.PretrainConfig = field(default_factory=pretrain.PretrainConfig)
     sft: sft.SFTConfig = field(default_factory=lambda: sft.SFTConfig(init=WIRED))
-    label: label.LabelConfig = field(default_factory=lambda: label.LabelConfig(policy=WIRED))
+    label: label.LabelConfig = field(default_factory=lambda: label.LabelConfig(init=WIRED))
     rm: reward.RMConfig = field(default_factory=lambda: reward.RMConfig(
         init=WIRED, data=reward.RMDataConfig(files=[WIRED])))
     ppo: ppo.PPOConfig = field(default_factory=lambda: ppo.PPOConfig(init=WIRED, reward=f"rm:{WIRED}"))
@@ -52,7 +52,7 @@ def stage_configs(cfg: PipelineConfig) -> dict:
     folder = {name: str(out / name) for name in ("pretrain", "sft", "label", "rm", "ppo")}
     cfg.pretrain.out = folder["pretrain"]
     cfg.sft.init, cfg.sft.out = folder["pretrain"], folder["sft"]
-    cfg.label.policy, cfg.label.out = folder["sft"], folder["label"]
+    cfg.label.init, cfg.label.out = folder["sft"], folder["label"]
     cfg.rm.init, cfg.rm.out, cfg.rm.data.files = folder["sft"], folder["rm"], [folder["label"]]
     cfg.ppo.init, cfg.ppo.reward, cfg.ppo.out = folder["sft"], f"rm:{folder['rm']}", folder["ppo"]
     stages = {"pretrain": (cfg.pretrain, pretrain.run), "sft": (cfg.sft, sft.run), "label": (cfg.label, label.run),

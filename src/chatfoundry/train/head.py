@@ -20,7 +20,6 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -36,8 +35,8 @@ from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.models.encoder import EncoderClassifier
 from chatfoundry.textenc import encode_texts, pad_rows
 from chatfoundry.tokenizer import encoder_ids
-from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, check_output, fit, make_optimizer,
-                                    prepare_output, setup_runtime, teardown, trainer_state, wrap)
+from chatfoundry.train.loop import Epochs, TrainConfig, accumulation, fit, make_optimizer, trainer_state, wrap
+from chatfoundry.train.stage import Run, StageConfig, start
 
 
 @dataclass
@@ -59,12 +58,10 @@ def _head_train() -> TrainConfig:
 
 
 @dataclass
-class HeadConfig:
+class HeadConfig(StageConfig):
     init: str = ""  # the encoder checkpoint (or run folder) to start from
     out: str = "runs/head"  # run folder: checkpoint/, config.yaml, metrics.jsonl, loss.png, score.png
     task: Literal["classify", "regress"] = "classify"  # classify: cross-entropy over labels; regress: squared error
-    seed: int = 1337  # seeds the examples drawn or held out, the head's initial weights and the data order
-    device: str = "auto"  # cpu, cuda, cuda:N or auto (cuda if there is one, else cpu)
     dropout: float = 0.1  # before the last layer, as BERT's classifier
     max_len: int = 0  # tokens per text with [CLS] and [SEP]; 0: the model's context
     data: HeadDataConfig = field(default_factory=HeadDataConfig)
@@ -122,9 +119,12 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def run(cfg: HeadConfig, overwrite: bool = False, log=print) -> dict:
     """Finetune a head as configured; returns the summary that `--json` prints."""
-    t0 = time.perf_counter()
-    out = Path(cfg.out)
-    check_output(out, False, overwrite)
+    with start("finetune-head", cfg, False, overwrite, log) as r:
+        return _run(r, *_inputs(cfg))
+
+
+def _inputs(cfg: HeadConfig):
+    """The encoder, its tokenizer, the examples and the labels, checked before the folder is touched."""
     body_model, tokenizer = ckpt.load_encoder(cfg.init)
     train, val, test, source = _files(cfg) if cfg.data.files else _world(cfg)
     if not train:
@@ -138,11 +138,7 @@ def run(cfg: HeadConfig, overwrite: bool = False, log=print) -> dict:
     max_len = cfg.max_len or body_model.config.max_position_embeddings
     require(max_len <= body_model.config.max_position_embeddings, "max_len",
             f"{max_len} exceeds the model's context {body_model.config.max_position_embeddings}")
-    rt = setup_runtime(cfg.device, "fp32")
-    try:
-        return _run(cfg, rt, out, body_model, tokenizer, train, val, test, labels, source, max_len, overwrite, log, t0)
-    finally:
-        teardown(rt)
+    return body_model, tokenizer, train, val, test, labels, source, max_len
 
 
 def _tensors(examples, tokenizer, labels, classify, max_len):
@@ -152,7 +148,8 @@ def _tensors(examples, tokenizer, labels, classify, max_len):
     return rows, torch.tensor(targets, dtype=torch.long if classify else torch.float32), cut
 
 
-def _run(cfg, rt, out, body_model, tokenizer, train, val, test, labels, source, max_len, overwrite, log, t0) -> dict:
+def _run(r: Run, body_model, tokenizer, train, val, test, labels, source, max_len) -> dict:
+    cfg, rt, out, log = r.cfg, r.rt, r.out, r.log
     torch.manual_seed(cfg.seed)
     classify = cfg.task == "classify"
     pad_id = encoder_ids(tokenizer)["pad"] or 0
@@ -169,7 +166,7 @@ def _run(cfg, rt, out, body_model, tokenizer, train, val, test, labels, source, 
     order = Epochs(len(rows), cfg.seed)
 
     if rt.is_main:
-        prepare_output(out, cfg, False, overwrite, ("metrics.jsonl", "loss.png", "score.png"))
+        r.prepare(("metrics.jsonl", "loss.png", "score.png"))
         log(f"finetune-head: {cfg.task}, {len(labels)} output{'s' if len(labels) > 1 else ''}; {len(train):,} "
             f"training texts from {source}" + (f" ({cut} cut to {max_len} tokens)" if cut else "")
             + f"; {len(val):,} for validation, {len(test):,} held out; device {rt.device}")
@@ -243,7 +240,7 @@ def _run(cfg, rt, out, body_model, tokenizer, train, val, test, labels, source, 
                     ylabel="accuracy" if classify else "Spearman's rho")
         main = ("test_accuracy",) if classify else ("test_rmse", "test_spearman")
         log("held out: " + ", ".join(f"{k} {summary[k]:.4f}" for k in main))
-    summary["wall_s"] = round(time.perf_counter() - t0, 2)
+    summary["wall_s"] = r.wall_s()
     return summary
 
 

@@ -26,7 +26,6 @@ A user's own rankings or pairs need no labeling: give the JSONL files to `chatfo
 from __future__ import annotations
 
 import random
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,15 +43,13 @@ from chatfoundry.generation import GenerationConfig, generate_batch
 from chatfoundry.metrics import MetricsLog, plot_bars, read_metrics
 from chatfoundry.scoring import score_texts
 from chatfoundry.tokenizer import chat_stop_ids, encode_chat
-from chatfoundry.train.loop import check_output, prepare_output, setup_runtime, single_process
+from chatfoundry.train.stage import Run, StageConfig, start
 
 
 @dataclass
-class LabelConfig:
-    policy: str = ""  # the SFT checkpoint (or run folder) that writes the responses
+class LabelConfig(StageConfig):
+    init: str = ""  # the SFT checkpoint (or run folder) that writes the responses
     out: str = "runs/label"  # output folder: train.jsonl, val.jsonl, config.yaml, metrics.jsonl, label.png
-    seed: int = 1337  # seeds the prompts drawn, the policy's samples, the alternatives and the labeler's noise
-    device: str = "auto"  # cpu, cuda, cuda:N or auto (cuda if there is one, else cpu)
     k: int = 4  # responses per prompt sampled from the policy (InstructGPT: 4 to 9)
     # Train split: this many more responses per prompt from "other models", the world's written
     # alternatives (right, wrong, off-topic or abstaining, in any style: world.alternatives), as
@@ -72,7 +69,7 @@ class LabelConfig:
     tie: float = 0.05  # utilities no further apart than this share a rank
 
     def validate(self) -> None:
-        require(bool(self.policy), "policy", "give the SFT checkpoint to sample from (--policy DIR)")
+        require(bool(self.init), "init", "give the SFT checkpoint to sample from (--init DIR)")
         require(2 <= self.k <= 16, "k", f"must be in [2, 16], got {self.k}")
         require(bool(self.prompts), "prompts", "give the task source: world, world:FAMILY,... or a JSONL file")
         require(self.train_prompts > 0, "train_prompts", f"must be > 0, got {self.train_prompts}")
@@ -206,18 +203,18 @@ def label_split(model, tokenizer, source: tasks.Source, prompts: list[tasks.Prom
 
 def run(cfg: LabelConfig, overwrite: bool = False, log=print) -> dict:
     """Sample and label as configured; returns the summary that `--json` prints."""
-    t0 = time.perf_counter()
-    out = Path(cfg.out)
-    check_output(out, resume=False, overwrite=overwrite)
-    single_process("label")
-    source = tasks.source(cfg.prompts, cfg.heldout, cfg.eval_prompts)
-    rt = setup_runtime(cfg.device)
-    model, tokenizer = ckpt.load_model(cfg.policy, rt.device)
+    with start("label", cfg, False, overwrite, log, one_process=True) as r:
+        return _run(r, tasks.source(cfg.prompts, cfg.heldout, cfg.eval_prompts))
+
+
+def _run(r: Run, source: tasks.Source) -> dict:
+    cfg, rt, out, log = r.cfg, r.rt, r.out, r.log
+    model, tokenizer = ckpt.load_model(cfg.init, rt.device)
     if not chat_stop_ids(tokenizer):
-        raise UserError(f"{cfg.policy}: the tokenizer has no <|end|> or <|eos|> token to stop a reply")
+        raise UserError(f"{cfg.init}: the tokenizer has no <|end|> or <|eos|> token to stop a reply")
     labeler = make_labeler(cfg, source, str(rt.device))
     torch.manual_seed(cfg.seed)
-    prepare_output(out, cfg, False, overwrite, ("train.jsonl", "val.jsonl", "metrics.jsonl", "label.png"))
+    r.prepare(("train.jsonl", "val.jsonl", "metrics.jsonl", "label.png"))
 
     summary: dict = {"out": str(out), "k": cfg.k, "labeler": cfg.labeler, "prompts": source.name, "splits": {}}
     metrics = MetricsLog(out / "metrics.jsonl")
@@ -247,7 +244,7 @@ def run(cfg: LabelConfig, overwrite: bool = False, log=print) -> dict:
                 if source.has_verifier else "")
         log(f"label {split}: {len(records):,} comparisons from {total['prompts']:,} prompts{gold}")
     _plot(out, [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"], source.has_verifier)
-    summary["wall_s"] = round(time.perf_counter() - t0, 2)
+    summary["wall_s"] = r.wall_s()
     return summary
 
 

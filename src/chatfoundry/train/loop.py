@@ -1,6 +1,5 @@
-"""The training loop every stage shares: the run folder, device and DDP set-up, AdamW, warmup +
-cosine schedule, gradient accumulation, clipping, bf16 autocast, a NaN guard, metrics, progress
-and checkpoints.
+"""The training loop the training stages share: AdamW, warmup + cosine schedule, gradient
+accumulation, DDP, clipping, bf16 autocast, a NaN guard, metrics, progress and checkpoints.
 
 A stage supplies what differs: how to draw this process's micro-batches, the loss of one, an
 evaluation and how to save. Everything else reads top to bottom in `fit`.
@@ -10,13 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,10 +20,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from chatfoundry import checkpoint
-from chatfoundry.config import require, save_config
+from chatfoundry.config import require
 from chatfoundry.errors import UserError
 from chatfoundry.metrics import MetricsLog
+from chatfoundry.train.stage import Runtime
 
 
 class TrainingDiverged(RuntimeError):
@@ -65,93 +61,6 @@ class TrainConfig:
         require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         require(0 <= self.beta1 < 1, "train.beta1", f"must be in [0, 1), got {self.beta1}")
         require(0 <= self.beta2 < 1, "train.beta2", f"must be in [0, 1), got {self.beta2}")
-
-
-# ---------------------------------------------------------------- the run folder
-
-
-def check_output(out: Path, resume: bool, overwrite: bool) -> None:
-    """Before any work: a run folder to resume, or one free to write (or to --overwrite)."""
-    has_run = (out / "config.yaml").exists() or (out / checkpoint.CHECKPOINT).exists()
-    if resume:
-        checkpoint.resolve_checkpoint(out)  # raises naming the folder if there is nothing to resume
-    elif has_run and not overwrite:
-        raise UserError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it")
-    elif out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
-
-
-def prepare_output(out: Path, cfg, resume: bool, overwrite: bool, artifacts: tuple[str, ...]) -> None:
-    """Create the run folder, clear an overwritten run's checkpoint and artifacts, save the config."""
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume and overwrite:
-        shutil.rmtree(out / checkpoint.CHECKPOINT, ignore_errors=True)
-        for stale in map(out.joinpath, artifacts):
-            if stale.is_dir():  # PPO's critic/
-                shutil.rmtree(stale)
-            else:
-                stale.unlink(missing_ok=True)
-    save_config(cfg, out / "config.yaml")
-
-
-# ---------------------------------------------------------------- runtime: device, dtype, processes
-
-
-@dataclass
-class Runtime:
-    device: torch.device
-    dtype: str  # "fp32" or "bf16"
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-    def autocast(self):
-        """bf16 autocast for matmuls (weights and optimizer stay fp32); a no-op in fp32."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bf16")
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-
-def setup_runtime(device: str = "auto", dtype: str = "fp32") -> Runtime:
-    """Pick the device; under torchrun, join the process group (nccl on GPUs, gloo on CPUs)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device: {device} requested but CUDA is not available")
-    dev = torch.device(device)
-    if dev.type == "cuda" and (world > 1 or dev.index is None):  # set_device needs an index
-        dev = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: fp32 range, tensor-core speed
-        torch.backends.cudnn.allow_tf32 = True
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return Runtime(dev, dtype, rank, world)
-
-
-def single_process(stage: str) -> None:
-    """Refuse torchrun for a stage that runs in one process: every rank would do all of its work
-    and write the same files. Checked before any process group is joined."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError(f"{stage} runs in one process: launch it without torchrun "
-                        "(pretrain, sft and rm train data-parallel under torchrun)")
-
-
-def teardown(rt: Runtime) -> None:
-    if rt.distributed and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def accumulation(cfg: TrainConfig, rt: Runtime) -> tuple[int, int]:

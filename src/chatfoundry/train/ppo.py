@@ -29,7 +29,6 @@ the same functions CartPole's PPO calls.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -55,7 +54,8 @@ from chatfoundry.models.heads import RewardModel
 from chatfoundry.rl import core
 from chatfoundry.scoring import score_texts
 from chatfoundry.tokenizer import chat_stop_ids, encode_batch_ids, encode_chat, special_id, tokenizer_hash
-from chatfoundry.train.loop import Epochs, check_output, pack, prepare_output, setup_runtime, single_process, teardown
+from chatfoundry.train.loop import Epochs, pack
+from chatfoundry.train.stage import Run, StageConfig, runtime, start
 
 CRITIC = "critic"
 
@@ -134,7 +134,7 @@ class PPOEvalConfig:
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(StageConfig):
     init: str = ""  # the SFT checkpoint (or run folder): the policy's start and the frozen reference
     # The reward: rm:PATH (a reward model), verifier (the prompts' own: the world's gold reward) or
     # python:MODULE:FUNC (FUNC(prompt: str, response: str, **fields) -> float); see data/tasks.py
@@ -143,8 +143,6 @@ class PPOConfig:
     heldout: float = 0.1  # a prompt file: the share held out for the evaluation (by a stable hash)
     eval_prompts: str = ""  # a prompt file: the held-out prompts instead, from this file
     out: str = "runs/ppo"  # the run folder: checkpoint/, critic/, metrics.jsonl, ppo.png, eval.json
-    seed: int = 1337  # seeds the prompt pool and order, the rollouts' sampling and the minibatch order
-    device: str = "auto"  # cpu, cuda, cuda:N or auto (cuda if there is one, else cpu)
     # Torch threads on CPU for training. One: its minibatches are so small that a second thread
     # mostly waits, and on a busy 2-core machine two threads spin against each other (measured
     # ~40x slower). The held-out evaluation, 512 rows a batch, uses torch's default (1.5x faster).
@@ -509,26 +507,9 @@ def _load(cfg: PPOConfig, source: tasks.Source, resume: bool, out: Path, device)
 
 def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
     """PPO as configured; returns the summary that `--json` prints."""
-    t0 = time.perf_counter()
-    out = Path(cfg.out)
-    check_output(out, resume, overwrite)
-    source = tasks.source(cfg.prompts, cfg.heldout, cfg.eval_prompts)
-    with _runtime(cfg) as rt:
-        policy, ref, critic, reward, tok = _load(cfg, source, resume, out, rt.device)
-        return _run(cfg, rt, out, source, policy, ref, critic, reward, tok, resume, overwrite, log, t0)
-
-
-@contextlib.contextmanager
-def _runtime(cfg: PPOConfig):
-    """The device; torch's CPU threads are as they were when the stage ends."""
-    single_process("ppo")
-    rt = setup_runtime(cfg.device)
-    threads = torch.get_num_threads()
-    try:
-        yield rt
-    finally:
-        torch.set_num_threads(threads)
-        teardown(rt)
+    with start("ppo", cfg, resume, overwrite, log, one_process=True) as r:
+        source = tasks.source(cfg.prompts, cfg.heldout, cfg.eval_prompts)
+        return _run(r, source, *_load(cfg, source, resume, r.out, r.rt.device))
 
 
 def evaluate_run(cfg: PPOConfig, log=print) -> dict:
@@ -538,7 +519,7 @@ def evaluate_run(cfg: PPOConfig, log=print) -> dict:
     t0 = time.perf_counter()
     require(cfg.eval.per_family > 0, "eval.per_family", "must be > 0 to evaluate")
     source = tasks.source(cfg.prompts, cfg.heldout, cfg.eval_prompts)
-    with _runtime(cfg) as rt:
+    with runtime("ppo", cfg.device, one_process=True) as rt:
         ref, tok = ckpt.load_model(cfg.init, rt.device)
         policy, policy_tok = ckpt.load_model(cfg.out, rt.device)
         if tokenizer_hash(policy_tok) != tokenizer_hash(tok):
@@ -550,7 +531,8 @@ def evaluate_run(cfg: PPOConfig, log=print) -> dict:
     return summary
 
 
-def _run(cfg, rt, out, source, policy, ref, critic, reward, tok, resume, overwrite, log, t0) -> dict:
+def _run(r: Run, source: tasks.Source, policy, ref, critic, reward, tok) -> dict:
+    cfg, rt, out, resume, log = r.cfg, r.rt, r.out, r.resume, r.log
     default_threads = torch.get_num_threads()
     if cfg.threads and rt.device.type == "cpu":
         torch.set_num_threads(cfg.threads)  # for training; the evaluation takes the default back
@@ -585,8 +567,8 @@ def _run(cfg, rt, out, source, policy, ref, critic, reward, tok, resume, overwri
         if ptx is not None and state["ptx_rows"]:
             ptx.next(int(state["ptx_rows"]))
 
-    prepare_output(out, cfg, resume, overwrite, ("metrics.jsonl", "ppo.png", "eval.json", CRITIC))
-    if not resume and overwrite:
+    r.prepare(("metrics.jsonl", "ppo.png", "eval.json", CRITIC))
+    if not resume and r.overwrite:
         import shutil
 
         shutil.rmtree(out / CRITIC, ignore_errors=True)
@@ -649,7 +631,7 @@ def _run(cfg, rt, out, source, policy, ref, critic, reward, tok, resume, overwri
             save(it + 1)
     bar.close()
     save(cfg.iterations)
-    train_s = time.perf_counter() - t0
+    train_s = time.perf_counter() - r.t0
 
     records = read_metrics(out / "metrics.jsonl")
     plot_ppo(records, out / "ppo.png", cfg.kl)
@@ -678,7 +660,7 @@ def _run(cfg, rt, out, source, policy, ref, critic, reward, tok, resume, overwri
         log(format_eval(report))
     # Held out where it was measured (the answers the report scores), else the training rollouts'.
     summary["kl_within_budget"] = summary.get("kl_heldout", summary.get("kl", 0.0)) <= cfg.kl.budget
-    summary["wall_s"] = round(time.perf_counter() - t0, 2)
+    summary["wall_s"] = r.wall_s()
     return summary
 
 

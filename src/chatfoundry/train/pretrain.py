@@ -43,9 +43,9 @@ from chatfoundry.models.seq2seq import Seq2SeqConfig, Seq2SeqLM
 from chatfoundry.train import span
 from chatfoundry.textgen import generate_text
 from chatfoundry.tokenizer import SPECIAL_TOKENS, TOKENIZER_FORMAT, load_tokenizer, save_tokenizer, special_id, train_tokenizer
-from chatfoundry.train.loop import (Runtime, TrainConfig, accumulation, check_output, fit, make_optimizer,
-                                    prepare_output, restore, setup_runtime, teardown, trainer_state, wrap)
+from chatfoundry.train.loop import TrainConfig, accumulation, fit, make_optimizer, restore, trainer_state, wrap
 from chatfoundry.train.mlm import MaskedLM, MLMConfig
+from chatfoundry.train.stage import Run, Runtime, StageConfig, start
 
 
 @dataclass
@@ -105,10 +105,8 @@ class SpanConfig:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(StageConfig):
     out: str = "runs/pretrain"  # run folder: checkpoint/, config.yaml, metrics.jsonl, samples.txt, loss.png
-    seed: int = 1337  # seeds the initial weights, the windows drawn, their masks or spans, and the samples
-    device: str = "auto"  # auto: cuda if present, else cpu
     dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls, fp32 weights
     compile: bool = False  # torch.compile the model
     # clm: a decoder (section `model`) predicts each next token; mlm: a BERT-style encoder
@@ -185,18 +183,12 @@ def _digest(text: str) -> str:
 
 def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
     """Pretrain as configured; returns the summary that `--json` prints."""
-    t0 = time.perf_counter()
-    out = Path(cfg.out)
-    check_output(out, resume, overwrite)
-    key, documents = _source(cfg)
-    rt = setup_runtime(cfg.device, cfg.dtype)
-    try:
-        return _run(cfg, rt, out, key, documents, resume, overwrite, log, t0)
-    finally:
-        teardown(rt)
+    with start("pretrain", cfg, resume, overwrite, log, dtype=cfg.dtype) as r:
+        return _run(r, *_source(cfg))
 
 
-def _run(cfg, rt, out, key, documents, resume, overwrite, log, t0) -> dict:
+def _run(r: Run, key: str, documents) -> dict:
+    cfg, rt, out, resume, log = r.cfg, r.rt, r.out, r.resume, r.log
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
     tokenizer = load_tokenizer(ckpt.resolve_checkpoint(out)) if resume else _tokenizer(cfg, rt, key, documents, cache)
@@ -249,7 +241,7 @@ def _run(cfg, rt, out, key, documents, resume, overwrite, log, t0) -> dict:
         start_step = int(state["step"])
 
     if rt.is_main:
-        prepare_output(out, cfg, resume, overwrite, ("metrics.jsonl", "samples.txt", "loss.png", "accuracy.png"))
+        r.prepare(("metrics.jsonl", "samples.txt", "loss.png", "accuracy.png"))
     metrics = MetricsLog(out / "metrics.jsonl", start_step if resume else None, enabled=rt.is_main)
     if mlm:
         params, flops = enc.num_params(model), enc.flops_per_token(cfg.encoder, block, cfg.mlm.mask_prob)
@@ -358,7 +350,7 @@ def _run(cfg, rt, out, key, documents, resume, overwrite, log, t0) -> dict:
         for i, text in enumerate(samples):
             log(f"--- sample {i + 1} ---\n{'' if spans else cfg.sample.prompt}{text}")
         summary["samples"] = samples
-    summary["wall_s"] = round(time.perf_counter() - t0, 2)
+    summary["wall_s"] = r.wall_s()
     return summary
 
 

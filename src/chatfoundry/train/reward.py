@@ -38,8 +38,9 @@ from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.models.heads import RewardModel
 from chatfoundry.scoring import by_length, encode_responses, score_rows
 from chatfoundry.tokenizer import special_id
-from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, check_output, fit, make_optimizer, pack,
-                                    prepare_output, resume_step, setup_runtime, teardown, trainer_state, wrap)
+from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, fit, make_optimizer, pack, resume_step,
+                                    trainer_state, wrap)
+from chatfoundry.train.stage import Run, StageConfig, start
 
 
 @dataclass
@@ -70,11 +71,9 @@ def _rm_train() -> TrainConfig:
 
 
 @dataclass
-class RMConfig:
+class RMConfig(StageConfig):
     init: str = ""  # the SFT checkpoint (or run folder) whose body the RM starts from
     out: str = "runs/rm"  # run folder: checkpoint/, config.yaml, metrics.jsonl, loss.png, rewards.png, eval.json
-    seed: int = 1337  # seeds the split held out from files, the head's initial weights and the data order
-    device: str = "auto"  # cpu, cuda, cuda:N or auto (cuda if there is one, else cpu)
     dtype: str = "fp32"  # fp32 or bf16 (autocast)
     compile: bool = False  # torch.compile the model
     normalize: bool = True  # shift so the training responses (the SFT model's samples) average 0
@@ -317,26 +316,20 @@ def _gold(obj: dict) -> list[float] | None:
 
 def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
     """Train the reward model as configured; returns the summary that `--json` prints."""
-    t0 = time.perf_counter()
-    out = Path(cfg.out)
-    check_output(out, resume, overwrite)
-    if resume:
-        model, tokenizer = ckpt.load_reward_model(out)
-        model.offset, model.normalization = 0.0, {}  # trained on raw scores; normalised again at the end
-    else:
-        lm, tokenizer = ckpt.load_model(cfg.init)
-        torch.manual_seed(cfg.seed)  # the head's initial weights
-        model = RewardModel.from_lm(lm)
-        del lm  # the held-out baseline reads it again at the end, not held through training
-    train, val, extras, source = _comparisons(cfg)
-    rt = setup_runtime(cfg.device, cfg.dtype)
-    try:
-        return _run(cfg, rt, out, model, tokenizer, train, val, extras, source, resume, overwrite, log, t0)
-    finally:
-        teardown(rt)
+    with start("rm", cfg, resume, overwrite, log, dtype=cfg.dtype) as r:
+        if resume:
+            model, tokenizer = ckpt.load_reward_model(r.out)
+            model.offset, model.normalization = 0.0, {}  # trained on raw scores; normalised again at the end
+        else:
+            lm, tokenizer = ckpt.load_model(cfg.init)
+            torch.manual_seed(cfg.seed)  # the head's initial weights
+            model = RewardModel.from_lm(lm)
+            del lm  # the held-out baseline reads it again at the end, not held through training
+        return _run(r, model, tokenizer, *_comparisons(cfg))
 
 
-def _run(cfg, rt, out, model, tokenizer, train, val, extras, source, resume, overwrite, log, t0) -> dict:
+def _run(r: Run, model, tokenizer, train, val, extras, source) -> dict:
+    cfg, rt, out, resume, log = r.cfg, r.rt, r.out, r.resume, r.log
     torch.manual_seed(cfg.seed)
     block = model.config.block_size
     items, cut = encode_comparisons(tokenizer, train, block)
@@ -349,7 +342,7 @@ def _run(cfg, rt, out, model, tokenizer, train, val, extras, source, resume, ove
     start_step = resume_step(out, optimizer, cfg.train, order, resume)
 
     if rt.is_main:
-        prepare_output(out, cfg, resume, overwrite, ("metrics.jsonl", "loss.png", "rewards.png", "eval.json"))
+        r.prepare(("metrics.jsonl", "loss.png", "rewards.png", "eval.json"))
         pairs = sum(a < b for it in items for a in it.ranks for b in it.ranks)
         epochs = cfg.train.steps * cfg.train.batch_size / len(items)
         log(f"rm: {len(items):,} comparisons from {source} (~{pairs:,.0f} ranked pairs"
@@ -425,5 +418,5 @@ def _run(cfg, rt, out, model, tokenizer, train, val, extras, source, resume, ove
             if "loglik_baseline" in report:
                 log(f"rm held out, the {cfg.init} model's log-likelihood as the reward: "
                     + ", ".join(f"{k} {v}" for k, v in report["loglik_baseline"].items() if not isinstance(v, dict)))
-    summary["wall_s"] = round(time.perf_counter() - t0, 2)
+    summary["wall_s"] = r.wall_s()
     return summary

@@ -17,7 +17,6 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -30,8 +29,9 @@ from chatfoundry.generation import GenerationConfig, generate_seq2seq
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.models.seq2seq import Seq2SeqLM
 from chatfoundry.tokenizer import encode_batch_ids, special_id
-from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, check_output, fit, make_optimizer,
-                                    prepare_output, resume_step, setup_runtime, teardown, trainer_state, wrap)
+from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, fit, make_optimizer, resume_step, trainer_state,
+                                    wrap)
+from chatfoundry.train.stage import Run, StageConfig, start
 
 
 def _finetune_train() -> TrainConfig:
@@ -53,12 +53,10 @@ class Seq2SeqEvalConfig:
 
 
 @dataclass
-class FinetuneSeq2SeqConfig:
+class FinetuneSeq2SeqConfig(StageConfig):
     init: str = ""  # the pretrained T5 checkpoint (chatfoundry pretrain --objective span, or convert --from_hf)
     data: str = "world:strings/reverse"  # a JSONL file of {"input", "target"}, or world:FAMILY[/KIND]
     out: str = "runs/seq2seq"  # run folder: checkpoint/, config.yaml, metrics.jsonl, loss.png, eval.json
-    seed: int = 1337  # seeds the synthetic pairs, the held-out split, the data order and reinit's weights
-    device: str = "auto"  # cpu, cuda, cuda:N or auto (cuda if there is one, else cpu)
     dtype: str = "fp32"  # fp32 or bf16 (autocast)
     val_fraction: float = 0.1  # JSONL data: share held out for validation loss and exact match
     # world:strings/reverse only: this many extra training pairs that reverse random letter
@@ -221,29 +219,21 @@ def exact_match(model: Seq2SeqLM, tokenizer, pairs: list[Pair], cfg: Seq2SeqEval
 
 def run(cfg: FinetuneSeq2SeqConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
     """Finetune as configured; returns the summary that `--json` prints."""
-    t0 = time.perf_counter()
-    out = Path(cfg.out)
-    check_output(out, resume, overwrite)
-    model, tokenizer = ckpt.load_model(ckpt.resolve_checkpoint(out) if resume else cfg.init, seq2seq=True)
-    if not isinstance(model, Seq2SeqLM):
-        raise UserError(f"{cfg.init}: a decoder-only checkpoint; finetune-seq2seq needs an encoder-decoder "
-                        "(chatfoundry pretrain --objective span)")
-    if special_id(tokenizer, "eos") is None:
-        raise UserError(f"{cfg.init}: the tokenizer has no <|eos|> to end inputs and targets")
-    if cfg.reinit and not resume:
-        torch.manual_seed(cfg.seed)
-        model = Seq2SeqLM(model.config)
-    train_pairs, val_pairs, test_pairs, fresh_pairs, source = load_pairs(cfg)
-    rt = setup_runtime(cfg.device, cfg.dtype)
-    try:
-        return _run(cfg, rt, out, model, tokenizer, train_pairs, val_pairs, test_pairs, fresh_pairs, source, resume,
-                    overwrite, log, t0)
-    finally:
-        teardown(rt)
+    with start("finetune-seq2seq", cfg, resume, overwrite, log, dtype=cfg.dtype) as r:
+        model, tokenizer = ckpt.load_model(ckpt.resolve_checkpoint(r.out) if resume else cfg.init, seq2seq=True)
+        if not isinstance(model, Seq2SeqLM):
+            raise UserError(f"{cfg.init}: a decoder-only checkpoint; finetune-seq2seq needs an encoder-decoder "
+                            "(chatfoundry pretrain --objective span)")
+        if special_id(tokenizer, "eos") is None:
+            raise UserError(f"{cfg.init}: the tokenizer has no <|eos|> to end inputs and targets")
+        if cfg.reinit and not resume:
+            torch.manual_seed(cfg.seed)
+            model = Seq2SeqLM(model.config)
+        return _run(r, model, tokenizer, *load_pairs(cfg))
 
 
-def _run(cfg, rt, out, model, tokenizer, train_pairs, val_pairs, test_pairs, fresh_pairs, source, resume, overwrite,
-         log, t0):
+def _run(r: Run, model, tokenizer, train_pairs, val_pairs, test_pairs, fresh_pairs, source) -> dict:
+    cfg, rt, out, resume, log = r.cfg, r.rt, r.out, r.resume, r.log
     torch.manual_seed(cfg.seed)
     block = model.config.block_size
     rows, cut = to_rows(train_pairs, tokenizer, block)
@@ -254,7 +244,7 @@ def _run(cfg, rt, out, model, tokenizer, train_pairs, val_pairs, test_pairs, fre
     optimizer = make_optimizer(model, cfg.train, rt.device)
     start_step = resume_step(out, optimizer, cfg.train, order, resume)
     if rt.is_main:
-        prepare_output(out, cfg, resume, overwrite, ("metrics.jsonl", "loss.png", "eval.json"))
+        r.prepare(("metrics.jsonl", "loss.png", "eval.json"))
         log(f"finetune-seq2seq: {len(rows):,} pairs from {source}" + (f" ({cut} cut to {block} tokens)" if cut else "")
             + f"; {len(val_rows):,} for validation, {len(test_pairs):,} held out; batch {cfg.train.batch_size} = "
             f"{micro} x {accum} steps x {rt.world} processes; device {rt.device}")
@@ -311,5 +301,5 @@ def _run(cfg, rt, out, model, tokenizer, train_pairs, val_pairs, test_pairs, fre
         (out / "eval.json").write_text(json.dumps(report, indent=2))
         for a in report["answers"][:5]:
             log(f"  {a['input']!r} -> {a['output']!r} (target {a['target']!r})")
-    summary["wall_s"] = round(time.perf_counter() - t0, 2)
+    summary["wall_s"] = r.wall_s()
     return summary

@@ -16,7 +16,6 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -29,8 +28,8 @@ from chatfoundry.errors import UserError
 from chatfoundry.eval.world import evaluate_world, format_report, write_report
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.tokenizer import SPECIAL_TOKENS, chat_stop_ids, encode_batch_ids, special_id
-from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, check_output, fit, make_optimizer,
-                                    prepare_output, restore, setup_runtime, teardown, trainer_state, wrap)
+from chatfoundry.train.loop import Epochs, TrainConfig, accumulation, fit, make_optimizer, restore, trainer_state, wrap
+from chatfoundry.train.stage import Run, StageConfig, start
 
 
 @dataclass
@@ -84,11 +83,9 @@ def _sft_train() -> TrainConfig:
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(StageConfig):
     init: str = ""  # the pretrained checkpoint (or run folder) to start from
     out: str = "runs/sft"  # run folder: checkpoint/, config.yaml, metrics.jsonl, loss.png, eval.json, eval.png
-    seed: int = 1337  # seeds the world's conversations, the split of files and the data order
-    device: str = "auto"  # cpu, cuda, cuda:N or auto (cuda if there is one, else cpu)
     dtype: str = "fp32"  # fp32 or bf16 (autocast)
     compile: bool = False  # torch.compile the model
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
@@ -244,20 +241,13 @@ def _examples(cfg: SFTConfig) -> tuple[list[Example], list[Example], str, dict |
 
 def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
     """Finetune as configured; returns the summary that `--json` prints."""
-    t0 = time.perf_counter()
-    out = Path(cfg.out)
-    check_output(out, resume, overwrite)
-    base, tokenizer = ckpt.load_model(ckpt.resolve_checkpoint(out) if resume else cfg.init)
-    train_examples, val_examples, source, data = _examples(cfg)
-    rt = setup_runtime(cfg.device, cfg.dtype)
-    try:
-        return _run(cfg, rt, out, base, tokenizer, train_examples, val_examples, source, data, resume, overwrite, log,
-                    t0)
-    finally:
-        teardown(rt)
+    with start("sft", cfg, resume, overwrite, log, dtype=cfg.dtype) as r:
+        model, tokenizer = ckpt.load_model(ckpt.resolve_checkpoint(r.out) if resume else cfg.init)
+        return _run(r, model, tokenizer, *_examples(cfg))
 
 
-def _run(cfg, rt, out, model, tokenizer, train_examples, val_examples, source, data, resume, overwrite, log, t0) -> dict:
+def _run(r: Run, model, tokenizer, train_examples, val_examples, source, data) -> dict:
+    cfg, rt, out, resume, log = r.cfg, r.rt, r.out, r.resume, r.log
     torch.manual_seed(cfg.seed)
     block = cfg.train.block_size or model.config.block_size
     require(block <= model.config.block_size, "train.block_size",
@@ -278,7 +268,7 @@ def _run(cfg, rt, out, model, tokenizer, train_examples, val_examples, source, d
         start_step = int(state["step"])
 
     if rt.is_main:
-        prepare_output(out, cfg, resume, overwrite, ("metrics.jsonl", "loss.png", "eval.json", "eval.png"))
+        r.prepare(("metrics.jsonl", "loss.png", "eval.json", "eval.png"))
         learned = sum(sum(t != -100 for t in y) for _, y in rows)
         log(f"sft: {len(rows):,} conversations from {source} ({learned:,} tokens to learn"
             + (f", {cut} cut to the context of {block}" if cut else "") + f"); {len(val_rows):,} for validation; "
@@ -349,5 +339,5 @@ def _run(cfg, rt, out, model, tokenizer, train_examples, val_examples, source, d
             if "tool_use" in report:
                 summary["tool_use"] = {k: v for k, v in report["tool_use"].items() if k != "answers"}
             log(format_report(report))
-    summary["wall_s"] = round(time.perf_counter() - t0, 2)
+    summary["wall_s"] = r.wall_s()
     return summary
