@@ -78,11 +78,12 @@ def side_ours(args) -> dict:
 
     torch.set_num_threads(args.threads)
     from chatfoundry.train import ppo
+    from chatfoundry.train import rollout as rollouts
 
     timer = Timer()
     snaps: list[dict] = []
     lengths: list[float] = []
-    rollout, generate = ppo.rollout, ppo.generate_batch
+    rollout, generate = ppo.rollout, rollouts.generate_batch
 
     def generate_timed(*a, **k):
         out = timer.wrap("generation", generate)(*a, **k)
@@ -101,7 +102,7 @@ def side_ours(args) -> dict:
             timer.total["scoring"] = timer.total.get("scoring", 0.0) + (time.perf_counter() - t) - (
                 timer.total.get("generation", 0.0) - gen_before)
 
-    ppo.generate_batch, ppo.rollout = generate_timed, rollout_timed
+    rollouts.generate_batch, ppo.rollout = generate_timed, rollout_timed
     cfg = ppo.PPOConfig(init=args.sft, reward=f"rm:{args.rm}", device="cpu", threads=args.threads, seed=args.seed,
                         iterations=args.warmup + args.iters)
     cfg.out = tempfile.mkdtemp(prefix="ppo_bench_")

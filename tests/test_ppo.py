@@ -15,13 +15,16 @@ import torch
 
 from chatfoundry.checkpoint import load_model, save_checkpoint
 from chatfoundry.data import tasks, world
+from chatfoundry.eval import policy as policy_eval
 from chatfoundry.generation import GenerationConfig, generate_batch
 from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.models.heads import RewardModel
 from chatfoundry.rl import core
 from chatfoundry.tokenizer import chat_stop_ids, encode_chat, special_id, train_tokenizer
 from chatfoundry.train import ppo
-from chatfoundry.train.ppo import PPOConfig, make_batch, per_token_rewards, rollout
+from chatfoundry.train import rollout as rollouts
+from chatfoundry.train.ppo import PPOConfig, per_token_rewards
+from chatfoundry.train.rollout import make_batch, rollout
 
 from conftest import last_json, randomize, run_cli, tiny_config
 
@@ -104,11 +107,11 @@ def test_select_packs_rows_and_each_row_gets_what_it_gets_alone(models):
     prompts = [rand(n) for n in (3, 9, 4, 12, 5, 2)]
     responses = [rand(n) + [7] for n in (1, 6, 2, 14, 3, 0)]
     b = make_batch(prompts, responses, [7, 2], 7, 0, "cpu")
-    part = ppo.select(b, torch.arange(len(prompts)))
+    part = rollouts.select(b, torch.arange(len(prompts)))
     assert part.idx.shape[0] < len(prompts) and part.idx.shape[1] == max(len(p) + len(r) for p, r in
                                                                           zip(prompts, responses)) - 1
     with torch.no_grad():
-        logits, values = ppo.response_logits(policy, part), ppo.values_of(critic, part)  # logits: real tokens only
+        logits, values = rollouts.response_logits(policy, part), rollouts.values_of(critic, part)  # logits: real tokens only
         assert logits.shape[0] == sum(map(len, responses))
         for i, (p, r, row_logits) in enumerate(zip(prompts, responses, logits.split([len(r) for r in responses]))):
             alone, _ = policy(torch.tensor([p + r]))
@@ -122,12 +125,12 @@ def test_per_token_rewards_and_gae_equal_a_hand_computation():
     cfg = PPOConfig(init="x", reward="rm:y")
     cfg.rollout.no_eos_penalty = 0.5
     mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
-    batch = ppo.Batch(idx=None, pos=None, tokens=None, mask=mask, rm_idx=None, rm_last=None,
+    batch = rollouts.Batch(idx=None, pos=None, tokens=None, mask=mask, rm_idx=None, rm_last=None,
                       ended=torch.tensor([False, True]))
     logp = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, 0.0]])
     logp_ref = torch.tensor([[-1.5, -1.0, -0.5], [-2.0, -1.0, 0.0]])
     values = torch.tensor([[0.2, 0.4, 0.6], [1.0, 0.5, 9.0]])
-    ro = ppo.Rollout(batch, ["", ""], logp, logp, logp_ref, values, torch.tensor([2.0, 1.0]), torch.zeros(2, 3))
+    ro = rollouts.Rollout(batch, ["", ""], logp, logp, logp_ref, values, torch.tensor([2.0, 1.0]), torch.zeros(2, 3))
     beta = 0.1
     rewards, kl, scores = per_token_rewards(ro, beta, cfg)
     # k1: log pi - log pi_ref per token; the score (minus the no-EOS penalty for row 0) at the last real token.
@@ -178,9 +181,9 @@ def test_rollout_logprobs_are_the_sampled_distributions(models):
     # Temperature 0.5: the ratio's log-probabilities are the warped distribution's, the KL's the raw ones.
     cfg.temperature = 0.5
     hot = rollout(policy, policy, None, lambda p, r: [0.0] * len(r), tok, prompts, cfg, seed=5, chunk=3)
-    logits = ppo.response_logits(policy, hot.batch)
+    logits = rollouts.response_logits(policy, hot.batch)
     real = hot.batch.mask.bool()
-    expect = ppo.spread(torch.log_softmax(logits / 0.5, -1).gather(-1, hot.batch.tokens[real][:, None]).squeeze(-1), real)
+    expect = rollouts.spread(torch.log_softmax(logits / 0.5, -1).gather(-1, hot.batch.tokens[real][:, None]).squeeze(-1), real)
     assert torch.allclose(hot.logp, expect, atol=1e-5)
     assert not torch.allclose(hot.logp, hot.logp_raw)
 
@@ -256,13 +259,13 @@ def test_best_of_n_takes_the_reward_models_favourite_in_each_group_of_n():
     rm = np.array([[0.5, 0.9, 0.1, 0.2], [0.3, 0.1, 0.2, 0.0]])
     scores = np.empty(gold.shape, dtype=object)
     scores[:] = [[answer(g) for g in row] for row in gold]
-    sampled = ppo.Sampled(gold, rm, np.zeros_like(gold), scores)
+    sampled = policy_eval.Sampled(gold, rm, np.zeros_like(gold), scores)
     # n = 2: groups (0.5, 0.9) (0.1, 0.2) pick 0.3 and 0.3; (0.3, 0.1) (0.2, 0.0) pick 0.0 and 1.0.
-    golds, chosen = ppo.best_of_n(sampled, 2)
+    golds, chosen = policy_eval.best_of_n(sampled, 2)
     assert golds.tolist() == [0.3, 0.5] and [c.reward for c in chosen] == [0.3, 0.3, 0.0, 1.0]
     # n = 4: the favourite of all four; n = 3 uses one group of three and leaves the rest.
-    assert ppo.best_of_n(sampled, 4)[0].tolist() == [0.3, 0.0]
-    assert ppo.best_of_n(sampled, 3)[0].tolist() == [0.3, 0.0]
+    assert policy_eval.best_of_n(sampled, 4)[0].tolist() == [0.3, 0.0]
+    assert policy_eval.best_of_n(sampled, 3)[0].tolist() == [0.3, 0.0]
 
 
 def test_cli_run_writes_artifacts_is_deterministic_and_resumes_exactly(models, tmp_path, capsys, monkeypatch):

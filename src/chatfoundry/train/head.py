@@ -35,8 +35,8 @@ from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.models.encoder import EncoderClassifier
 from chatfoundry.textenc import encode_texts, pad_rows
 from chatfoundry.tokenizer import encoder_ids
+from chatfoundry.train import stage
 from chatfoundry.train.loop import Epochs, TrainConfig, accumulation, fit, make_optimizer, trainer_state, wrap
-from chatfoundry.train.stage import Run, StageConfig, start
 
 
 @dataclass
@@ -58,7 +58,7 @@ def _head_train() -> TrainConfig:
 
 
 @dataclass
-class HeadConfig(StageConfig):
+class HeadConfig(stage.StageConfig):
     init: str = ""  # the encoder checkpoint (or run folder) to start from
     out: str = "runs/head"  # run folder: checkpoint/, config.yaml, metrics.jsonl, loss.png, score.png
     task: Literal["classify", "regress"] = "classify"  # classify: cross-entropy over labels; regress: squared error
@@ -119,7 +119,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def run(cfg: HeadConfig, overwrite: bool = False, log=print) -> dict:
     """Finetune a head as configured; returns the summary that `--json` prints."""
-    with start("finetune-head", cfg, False, overwrite, log) as r:
+    with stage.start("finetune-head", cfg, False, overwrite, log) as r:
         return _run(r, *_inputs(cfg))
 
 
@@ -148,7 +148,7 @@ def _tensors(examples, tokenizer, labels, classify, max_len):
     return rows, torch.tensor(targets, dtype=torch.long if classify else torch.float32), cut
 
 
-def _run(r: Run, body_model, tokenizer, train, val, test, labels, source, max_len) -> dict:
+def _run(r: stage.Run, body_model, tokenizer, train, val, test, labels, source, max_len) -> dict:
     cfg, rt, out, log = r.cfg, r.rt, r.out, r.log
     torch.manual_seed(cfg.seed)
     classify = cfg.task == "classify"

@@ -43,11 +43,11 @@ from chatfoundry.generation import GenerationConfig, generate_batch
 from chatfoundry.metrics import MetricsLog, plot_bars, read_metrics
 from chatfoundry.scoring import score_texts
 from chatfoundry.tokenizer import chat_stop_ids, encode_chat
-from chatfoundry.train.stage import Run, StageConfig, start
+from chatfoundry.train import stage
 
 
 @dataclass
-class LabelConfig(StageConfig):
+class LabelConfig(stage.StageConfig):
     init: str = ""  # the SFT checkpoint (or run folder) that writes the responses
     out: str = "runs/label"  # output folder: train.jsonl, val.jsonl, config.yaml, metrics.jsonl, label.png
     k: int = 4  # responses per prompt sampled from the policy (InstructGPT: 4 to 9)
@@ -203,11 +203,11 @@ def label_split(model, tokenizer, source: tasks.Source, prompts: list[tasks.Prom
 
 def run(cfg: LabelConfig, overwrite: bool = False, log=print) -> dict:
     """Sample and label as configured; returns the summary that `--json` prints."""
-    with start("label", cfg, False, overwrite, log, one_process=True) as r:
+    with stage.start("label", cfg, False, overwrite, log, one_process=True) as r:
         return _run(r, tasks.source(cfg.prompts, cfg.heldout, cfg.eval_prompts))
 
 
-def _run(r: Run, source: tasks.Source) -> dict:
+def _run(r: stage.Run, source: tasks.Source) -> dict:
     cfg, rt, out, log = r.cfg, r.rt, r.out, r.log
     model, tokenizer = ckpt.load_model(cfg.init, rt.device)
     if not chat_stop_ids(tokenizer):

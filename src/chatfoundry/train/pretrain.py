@@ -40,12 +40,11 @@ from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.models import encoder as enc
 from chatfoundry.models.decoder import DecoderConfig, DecoderLM, flops_per_token, num_params
 from chatfoundry.models.seq2seq import Seq2SeqConfig, Seq2SeqLM
-from chatfoundry.train import span
+from chatfoundry.train import span, stage
 from chatfoundry.textgen import generate_text
 from chatfoundry.tokenizer import SPECIAL_TOKENS, TOKENIZER_FORMAT, load_tokenizer, save_tokenizer, special_id, train_tokenizer
 from chatfoundry.train.loop import TrainConfig, accumulation, fit, make_optimizer, restore, trainer_state, wrap
 from chatfoundry.train.mlm import MaskedLM, MLMConfig
-from chatfoundry.train.stage import Run, Runtime, StageConfig, start
 
 
 @dataclass
@@ -105,7 +104,7 @@ class SpanConfig:
 
 
 @dataclass
-class PretrainConfig(StageConfig):
+class PretrainConfig(stage.StageConfig):
     out: str = "runs/pretrain"  # run folder: checkpoint/, config.yaml, metrics.jsonl, samples.txt, loss.png
     dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls, fp32 weights
     compile: bool = False  # torch.compile the model
@@ -159,7 +158,7 @@ def _source(cfg: PretrainConfig):
     return key, lambda: iter(builtin.generate_corpus(cfg.data.corpus_chars, cfg.data.corpus_seed).split("\n\n"))
 
 
-def _tokenizer(cfg: PretrainConfig, rt: Runtime, key: str, documents, cache: Path):
+def _tokenizer(cfg: PretrainConfig, rt: stage.Runtime, key: str, documents, cache: Path):
     """The configured tokenizer, or one trained on the data (once: cached by data and settings)."""
     if cfg.tokenizer.path:
         return load_tokenizer(cfg.tokenizer.path)
@@ -183,11 +182,11 @@ def _digest(text: str) -> str:
 
 def run(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
     """Pretrain as configured; returns the summary that `--json` prints."""
-    with start("pretrain", cfg, resume, overwrite, log, dtype=cfg.dtype) as r:
+    with stage.start("pretrain", cfg, resume, overwrite, log, dtype=cfg.dtype) as r:
         return _run(r, *_source(cfg))
 
 
-def _run(r: Run, key: str, documents) -> dict:
+def _run(r: stage.Run, key: str, documents) -> dict:
     cfg, rt, out, resume, log = r.cfg, r.rt, r.out, r.resume, r.log
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()

@@ -38,9 +38,9 @@ from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.models.heads import RewardModel
 from chatfoundry.scoring import by_length, encode_responses, score_rows
 from chatfoundry.tokenizer import special_id
+from chatfoundry.train import stage
 from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, fit, make_optimizer, pack, resume_step,
                                     trainer_state, wrap)
-from chatfoundry.train.stage import Run, StageConfig, start
 
 
 @dataclass
@@ -71,7 +71,7 @@ def _rm_train() -> TrainConfig:
 
 
 @dataclass
-class RMConfig(StageConfig):
+class RMConfig(stage.StageConfig):
     init: str = ""  # the SFT checkpoint (or run folder) whose body the RM starts from
     out: str = "runs/rm"  # run folder: checkpoint/, config.yaml, metrics.jsonl, loss.png, rewards.png, eval.json
     dtype: str = "fp32"  # fp32 or bf16 (autocast)
@@ -316,7 +316,7 @@ def _gold(obj: dict) -> list[float] | None:
 
 def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
     """Train the reward model as configured; returns the summary that `--json` prints."""
-    with start("rm", cfg, resume, overwrite, log, dtype=cfg.dtype) as r:
+    with stage.start("rm", cfg, resume, overwrite, log, dtype=cfg.dtype) as r:
         if resume:
             model, tokenizer = ckpt.load_reward_model(r.out)
             model.offset, model.normalization = 0.0, {}  # trained on raw scores; normalised again at the end
@@ -328,7 +328,7 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, log=print)
         return _run(r, model, tokenizer, *_comparisons(cfg))
 
 
-def _run(r: Run, model, tokenizer, train, val, extras, source) -> dict:
+def _run(r: stage.Run, model, tokenizer, train, val, extras, source) -> dict:
     cfg, rt, out, resume, log = r.cfg, r.rt, r.out, r.resume, r.log
     torch.manual_seed(cfg.seed)
     block = model.config.block_size

@@ -29,9 +29,9 @@ from chatfoundry.generation import GenerationConfig, generate_seq2seq
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.models.seq2seq import Seq2SeqLM
 from chatfoundry.tokenizer import encode_batch_ids, special_id
+from chatfoundry.train import stage
 from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, fit, make_optimizer, resume_step, trainer_state,
                                     wrap)
-from chatfoundry.train.stage import Run, StageConfig, start
 
 
 def _finetune_train() -> TrainConfig:
@@ -53,7 +53,7 @@ class Seq2SeqEvalConfig:
 
 
 @dataclass
-class FinetuneSeq2SeqConfig(StageConfig):
+class FinetuneSeq2SeqConfig(stage.StageConfig):
     init: str = ""  # the pretrained T5 checkpoint (chatfoundry pretrain --objective span, or convert --from_hf)
     data: str = "world:strings/reverse"  # a JSONL file of {"input", "target"}, or world:FAMILY[/KIND]
     out: str = "runs/seq2seq"  # run folder: checkpoint/, config.yaml, metrics.jsonl, loss.png, eval.json
@@ -219,7 +219,7 @@ def exact_match(model: Seq2SeqLM, tokenizer, pairs: list[Pair], cfg: Seq2SeqEval
 
 def run(cfg: FinetuneSeq2SeqConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
     """Finetune as configured; returns the summary that `--json` prints."""
-    with start("finetune-seq2seq", cfg, resume, overwrite, log, dtype=cfg.dtype) as r:
+    with stage.start("finetune-seq2seq", cfg, resume, overwrite, log, dtype=cfg.dtype) as r:
         model, tokenizer = ckpt.load_model(ckpt.resolve_checkpoint(r.out) if resume else cfg.init, seq2seq=True)
         if not isinstance(model, Seq2SeqLM):
             raise UserError(f"{cfg.init}: a decoder-only checkpoint; finetune-seq2seq needs an encoder-decoder "
@@ -232,7 +232,7 @@ def run(cfg: FinetuneSeq2SeqConfig, resume: bool = False, overwrite: bool = Fals
         return _run(r, model, tokenizer, *load_pairs(cfg))
 
 
-def _run(r: Run, model, tokenizer, train_pairs, val_pairs, test_pairs, fresh_pairs, source) -> dict:
+def _run(r: stage.Run, model, tokenizer, train_pairs, val_pairs, test_pairs, fresh_pairs, source) -> dict:
     cfg, rt, out, resume, log = r.cfg, r.rt, r.out, r.resume, r.log
     torch.manual_seed(cfg.seed)
     block = model.config.block_size

@@ -28,8 +28,8 @@ from chatfoundry.errors import UserError
 from chatfoundry.eval.world import evaluate_world, format_report, write_report
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.tokenizer import SPECIAL_TOKENS, chat_stop_ids, encode_batch_ids, special_id
+from chatfoundry.train import stage
 from chatfoundry.train.loop import Epochs, TrainConfig, accumulation, fit, make_optimizer, restore, trainer_state, wrap
-from chatfoundry.train.stage import Run, StageConfig, start
 
 
 @dataclass
@@ -83,7 +83,7 @@ def _sft_train() -> TrainConfig:
 
 
 @dataclass
-class SFTConfig(StageConfig):
+class SFTConfig(stage.StageConfig):
     init: str = ""  # the pretrained checkpoint (or run folder) to start from
     out: str = "runs/sft"  # run folder: checkpoint/, config.yaml, metrics.jsonl, loss.png, eval.json, eval.png
     dtype: str = "fp32"  # fp32 or bf16 (autocast)
@@ -241,12 +241,12 @@ def _examples(cfg: SFTConfig) -> tuple[list[Example], list[Example], str, dict |
 
 def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
     """Finetune as configured; returns the summary that `--json` prints."""
-    with start("sft", cfg, resume, overwrite, log, dtype=cfg.dtype) as r:
+    with stage.start("sft", cfg, resume, overwrite, log, dtype=cfg.dtype) as r:
         model, tokenizer = ckpt.load_model(ckpt.resolve_checkpoint(r.out) if resume else cfg.init)
         return _run(r, model, tokenizer, *_examples(cfg))
 
 
-def _run(r: Run, model, tokenizer, train_examples, val_examples, source, data) -> dict:
+def _run(r: stage.Run, model, tokenizer, train_examples, val_examples, source, data) -> dict:
     cfg, rt, out, resume, log = r.cfg, r.rt, r.out, r.resume, r.log
     torch.manual_seed(cfg.seed)
     block = cfg.train.block_size or model.config.block_size

@@ -1,0 +1,198 @@
+"""Responses sampled from a policy, as the RL stages share them: the prompts' chats, one sampled
+response each, packed into tensors with the log-probabilities of every response token under the
+sampling distribution, the policy's own and the frozen reference's, the critic's values (where
+there is one) and the reward. PPO's update and its held-out evaluation (`eval/policy.py`) read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from chatfoundry.config import require
+from chatfoundry.data import tasks
+from chatfoundry.generation import GenerationConfig, generate_batch, top_k_filter, top_p_filter
+from chatfoundry.models.decoder import DecoderLM
+from chatfoundry.models.heads import RewardModel
+from chatfoundry.tokenizer import chat_stop_ids, encode_chat, special_id
+from chatfoundry.train.loop import pack
+
+
+@dataclass
+class RolloutConfig:
+    batch_size: int = 64  # prompts, and so responses, per iteration
+    max_new_tokens: int = 32  # tokens a response may take; one cut there loses no_eos_penalty
+    # The policy's own distribution by default. Other values sample a warped distribution, and
+    # then the ratio's log-probabilities are taken under that same warped distribution.
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    no_eos_penalty: float = 1.0  # subtracted from the score of a response cut at max_new_tokens
+    pool: int = 2000  # train prompts to sample rollouts from (the world: families in SFT's proportions)
+
+    def validate(self) -> None:
+        for name in ("batch_size", "max_new_tokens", "pool"):
+            require(getattr(self, name) > 0, f"rollout.{name}", f"must be > 0, got {getattr(self, name)}")
+        require(self.temperature > 0, "rollout.temperature", f"must be > 0, got {self.temperature}")
+        require(self.top_k >= 0, "rollout.top_k", f"must be >= 0 (0: off), got {self.top_k}")
+        require(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
+        require(self.no_eos_penalty >= 0, "rollout.no_eos_penalty", f"must be >= 0, got {self.no_eos_penalty}")
+
+
+# ---------------------------------------------------------------- a batch of responses as tensors
+
+
+@dataclass
+class Batch:
+    """B responses to B prompts. Rows are prompt + response, right-padded to one width (so no
+    attention mask is needed: causal attention never looks right). Response token t of row b
+    sits at column start[b] + t and is predicted from column start[b] + t - 1. A `select`ed
+    part is packed instead (`segments` set, `pos` into the flattened idx)."""
+
+    idx: torch.Tensor  # (B, L) prompt + response token ids; packed: (lines, width)
+    pos: torch.Tensor  # (B, R) column of the state before each response token (start - 1 + t); packed: in idx.flatten()
+    tokens: torch.Tensor  # (B, R) response token ids (pad beyond each row's length)
+    mask: torch.Tensor  # (B, R) float, 1 on real response tokens
+    rm_idx: torch.Tensor  # (B, L') prompt + response content + <|end|>: the chat the RM reads
+    rm_last: torch.Tensor  # (B,) the column of that <|end|>
+    ended: torch.Tensor  # (B,) bool, the response stopped by itself
+    segments: torch.Tensor | None = None  # packed: which row each column of idx belongs to
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+def make_batch(prompts: list[list[int]], responses: list[list[int]], stop_ids: list[int], end_id: int,
+               pad_id: int, device) -> Batch:
+    R = max(len(r) for r in responses)
+    rows = [p + r for p, r in zip(prompts, responses)]
+    L = max(len(x) for x in rows)
+    ended = [bool(r) and r[-1] in stop_ids for r in responses]
+    # The RM reads the response as a finished chat turn: its content, then <|end|> (an <|eos|>
+    # stop becomes <|end|>; a cut response gets one appended), as `scoring.encode_responses` does.
+    rm_rows = [p + (r[:-1] if e else r) + [end_id] for p, r, e in zip(prompts, responses, ended)]
+    Lr = max(len(x) for x in rm_rows)
+    t = lambda x, dtype=torch.long: torch.tensor(x, dtype=dtype, device=device)  # noqa: E731
+    # Past a response's end the position stays on the state before its last token: masked out,
+    # and no column beyond what the row's real tokens need.
+    pos = [[min(len(p) - 1 + j, len(x) - 2) for j in range(R)] for p, x in zip(prompts, rows)]
+    return Batch(idx=t([x + [pad_id] * (L - len(x)) for x in rows]), pos=t(pos),
+                 tokens=t([r + [pad_id] * (R - len(r)) for r in responses]),
+                 mask=t([[1.0] * len(r) + [0.0] * (R - len(r)) for r in responses], torch.float32),
+                 rm_idx=t([x + [pad_id] * (Lr - len(x)) for x in rm_rows]), rm_last=t([len(x) - 1 for x in rm_rows]),
+                 ended=t(ended, torch.bool))
+
+
+def select(batch: Batch, rows) -> Batch:
+    """The rows' sub-batch for the policy and critic, packed: rows go first fit, longest first,
+    into lines as wide as the longest, each row attending only to itself with its positions from
+    0 (`segments`), so each gets what it would alone. Rows are short and their lengths vary, so
+    padding them to one width wasted a quarter or more of every PPO step."""
+    part = Batch(*(getattr(batch, f)[rows] for f in Batch.__dataclass_fields__ if f != "segments"))
+    lengths = (part.pos.max(1).values + 1).tolist()  # the columns its states read (not the last token)
+    idx, segments, starts = pack([part.idx[i, :n].tolist() for i, n in enumerate(lengths)], max(lengths), 0)
+    part.pos = part.pos + torch.tensor(starts, device=part.pos.device)[:, None]
+    part.idx, part.segments = idx.to(part.pos.device), segments.to(part.pos.device)
+    return part
+
+
+def warp(logits: torch.Tensor, cfg: RolloutConfig) -> torch.Tensor:
+    """The logits of the distribution the rollout sampled from (temperature, top-k, top-p, in
+    generation's order); the raw logits when those are off."""
+    if cfg.temperature != 1.0:
+        logits = logits / cfg.temperature
+    if cfg.top_k:
+        logits = top_k_filter(logits, cfg.top_k)
+    if cfg.top_p < 1.0:
+        logits = top_p_filter(logits.reshape(-1, logits.shape[-1]), cfg.top_p).view_as(logits)
+    return logits
+
+
+def response_logits(model: DecoderLM, batch: Batch) -> torch.Tensor:
+    """(N, V) the next-token logits before each real response token (N = batch.mask.sum(), row
+    after row; `spread` puts per-token results back in (B, R)). The vocabulary projection and
+    the softmaxes after it run on those positions only: most of a batch's R columns are padding
+    (mean response ~11 tokens of 32), and the prompt's would be thrown away."""
+    batch = batch if batch.segments is not None else select(batch, slice(None))
+    h = model.hidden_states(batch.idx, segments=batch.segments).flatten(0, 1)[batch.pos[batch.mask.bool()]]
+    return model.lm_head(h).float()
+
+
+def spread(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N,) values of the real response tokens -> (B, R), zero at padding (differentiable)."""
+    return torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_scatter(mask.bool(), x)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def values_of(critic: RewardModel, batch: Batch) -> torch.Tensor:
+    """(B, R) V(state before each response token): the critic's output at those positions."""
+    batch = batch if batch.segments is not None else select(batch, slice(None))
+    return critic(batch.idx, segments=batch.segments).flatten()[batch.pos]
+
+
+# ---------------------------------------------------------------- rollouts
+
+
+@dataclass
+class Rollout:
+    batch: Batch
+    texts: list[str]
+    logp: torch.Tensor  # (B, R) log pi_old under the sampled distribution: the ratio's denominator
+    logp_raw: torch.Tensor  # (B, R) log pi_old, the model's own distribution (for the KL)
+    logp_ref: torch.Tensor  # (B, R) log pi_ref
+    values: torch.Tensor | None  # (B, R)
+    scores: torch.Tensor  # (B,) the reward model's score (raw, before clip and penalty)
+    entropy: torch.Tensor  # (B, R) the policy's entropy at each response token
+
+
+@torch.no_grad()  # not inference_mode: the minibatches reuse these tensors under autograd
+def rollout(policy: DecoderLM, ref: DecoderLM, critic: RewardModel | None, reward, tok,
+            prompts: list[tasks.Prompt], cfg: RolloutConfig, seed: int, chunk: int,
+            max_new_tokens: int | None = None) -> Rollout:
+    """Sample one response per prompt and score everything in one batched pass per model.
+
+    The forwards run in chunks of `chunk` rows on the full width: the same shapes the first
+    epoch's minibatches use, so the first minibatch's ratio is exactly 1.
+    """
+    stop = chat_stop_ids(tok)
+    prompt_ids = [encode_chat(tok, list(p.messages)) for p in prompts]
+    gen = GenerationConfig(max_new_tokens=max_new_tokens or cfg.max_new_tokens, do_sample=True,
+                           temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
+                           eos_token_id=stop, seed=seed)
+    was_training = policy.training
+    policy.eval()
+    responses = generate_batch(policy, prompt_ids, gen).sequences
+    device = policy.embed_tokens.weight.device
+    batch = make_batch(prompt_ids, responses, stop, special_id(tok, "end"), special_id(tok, "pad") or 0, device)
+    texts = tok.decode_batch(responses, skip_special_tokens=True)
+    texts = [t.strip() for t in texts]
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("logp", "logp_raw", "logp_ref", "values", "entropy")}
+    for start in range(0, len(batch), chunk):
+        part = select(batch, slice(start, start + chunk))
+        real = part.mask.bool()
+        tokens = part.tokens[real]
+        logits = response_logits(policy, part)
+        raw = torch.log_softmax(logits, dim=-1)
+        out["logp_raw"].append(spread(raw.gather(-1, tokens[:, None]).squeeze(-1), real))
+        out["entropy"].append(spread(-(raw.exp() * raw).sum(-1), real))
+        sampled = warp(logits, cfg)
+        out["logp"].append(spread(token_logprobs(sampled, tokens), real) if sampled is not logits
+                           else out["logp_raw"][-1])
+        # The evaluation samples the reference itself: its log-probabilities are the policy's.
+        ref_logp = out["logp_raw"][-1] if ref is policy else spread(token_logprobs(response_logits(ref, part), tokens),
+                                                                    real)
+        out["logp_ref"].append(ref_logp)
+        if critic is not None:
+            out["values"].append(values_of(critic, part))
+    if isinstance(reward, RewardModel):
+        scores = reward.rewards(batch.rm_idx, batch.rm_last)
+    else:
+        scores = torch.tensor(reward(prompts, texts), dtype=torch.float32, device=device)
+    policy.train(was_training)
+    cat = {k: torch.cat(v) * batch.mask if v else None for k, v in out.items()}
+    return Rollout(batch, texts, cat["logp"], cat["logp_raw"], cat["logp_ref"], cat["values"], scores.float(),
+                   cat["entropy"])
