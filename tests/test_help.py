@@ -9,6 +9,7 @@ import pytest
 from chatfoundry.config import field_docs, leaf_fields
 from chatfoundry.pipeline import PipelineConfig
 from chatfoundry.rl.train import RLConfig
+from chatfoundry.train.dpo import DPOConfig
 from chatfoundry.train.head import HeadConfig
 from chatfoundry.train.label import LabelConfig
 from chatfoundry.train.ppo import PPOConfig
@@ -19,7 +20,7 @@ from chatfoundry.train.sft import SFTConfig
 
 from conftest import run_cli
 
-COMMANDS = {"pretrain": PretrainConfig, "sft": SFTConfig, "label": LabelConfig, "rm": RMConfig, "ppo": PPOConfig,
+COMMANDS = {"pretrain": PretrainConfig, "sft": SFTConfig, "label": LabelConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig,
             "pipeline": PipelineConfig, "finetune-seq2seq": FinetuneSeq2SeqConfig, "finetune-head": HeadConfig,
             "rl train": RLConfig}
 

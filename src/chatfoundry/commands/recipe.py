@@ -1,4 +1,4 @@
-"""The recipe's stages as commands: pipeline, pretrain, sft, finetune-seq2seq, label, rm, ppo,
+"""The recipe's stages as commands: pipeline, pretrain, sft, finetune-seq2seq, label, rm, ppo, dpo,
 finetune-head. Each parses its config (defaults < a resumed run's config.yaml < --config < flags) and
 calls its stage's `run`.
 """
@@ -28,7 +28,7 @@ def _stage(sub, name: str, cls: type, run, help: str, description: str, aliases:
 
 def add_parsers(sub) -> None:
     from chatfoundry import pipeline
-    from chatfoundry.train import head, label, ppo, pretrain, reward, seq2seq, sft
+    from chatfoundry.train import dpo, head, label, ppo, pretrain, reward, seq2seq, sft
 
     _stage(sub, "pipeline", pipeline.PipelineConfig, pipeline.run,
            help="the whole recipe on the built-in world: pretrain, SFT, label, RM, PPO, report",
@@ -91,6 +91,16 @@ def add_parsers(sub) -> None:
                         "against its reference again, e.g. --eval.samples 16 for a smaller standard error; "
                         "writes nothing")
     p.set_defaults(func=lambda args: _ppo(args, ppo))
+    _stage(sub, "dpo", dpo.DPOConfig, dpo.run,
+           help="direct preference optimisation: a chat model learns from comparisons, no reward model",
+           description="DPO (Rafailov et al.) or IPO: the policy and a frozen reference start from the SFT model; "
+                       "the loss raises the chosen reply's log-probability ratio to the reference above the "
+                       "rejected one's, with beta weighing the KL. Comparisons: a `chatfoundry label` folder, or "
+                       "JSONL files of preferences (prompt, chosen, rejected) or rankings (prompt, responses, "
+                       "ranks). Reports held-out pairs' accuracy by the implicit reward and, on the held-out "
+                       "prompts (--prompts), greedy and sampled answers against SFT: the gold reward where the "
+                       "prompts have a verifier, and the KL.",
+           aliases={"--data": "data.files"})
     _stage(sub, "finetune-head", head.HeadConfig, head.run,
            help="finetune a classification or regression head on an encoder",
            description="Put BERT's pooler and a linear head on an encoder checkpoint (chatfoundry "

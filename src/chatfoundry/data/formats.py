@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -144,6 +145,42 @@ def load_sft(paths: str | Path | list) -> list[Example]:
 def load_comparisons(paths: str | Path | list) -> list[Comparison]:
     """Every line of every file as a comparison: preference or ranking lines only."""
     return _load(paths, parse_comparison)
+
+
+def load_comparison_splits(files: list[str], val_fraction: float, seed: int
+                           ) -> tuple[list[Comparison], list[Comparison], list[dict], str]:
+    """A `chatfoundry label` folder (train.jsonl, held-out val.jsonl) or JSONL files of rankings or
+    pairs, `val_fraction` of them held out (shuffled by `seed`): (train, held out, the held-out
+    comparisons' extras, family and gold rewards where the folder has them, a description)."""
+    paths = [Path(p) for p in files]
+    if len(paths) == 1 and paths[0].is_dir():
+        folder = paths[0]
+        if not (folder / "train.jsonl").is_file():
+            raise UserError(f"{folder}: no train.jsonl (write one with chatfoundry label, or give JSONL files)")
+        train = load_comparisons(folder / "train.jsonl")
+        if (folder / "val.jsonl").is_file():
+            val = load_comparisons(folder / "val.jsonl")
+            extras = [{"family": obj.get("family", ""), "gold": _gold(obj)} for _, obj in read_jsonl(folder / "val.jsonl")]
+            return train, val, extras, f"{folder} (labeled)"
+        paths = [folder / "train.jsonl"]
+    for p in paths:
+        if p.is_dir():
+            raise UserError(f"{p}: a folder among several data paths; give one label folder or JSONL files")
+    comparisons = load_comparisons(paths)
+    if len(comparisons) < 2:
+        raise UserError(f"{paths[0]}: one comparison; at least two are needed (one to learn, one to check)")
+    random.Random(seed).shuffle(comparisons)
+    n_val = max(1, int(len(comparisons) * val_fraction))
+    return comparisons[n_val:], comparisons[:n_val], [{}] * n_val, f"{len(comparisons):,} comparisons from files"
+
+
+def _gold(obj: dict) -> list[float] | None:
+    """The held-out file's gold rewards (best-first order, as the responses are written)."""
+    gold, ranks = obj.get("gold_reward"), obj.get("ranks")
+    if not isinstance(gold, list) or not isinstance(ranks, list) or sorted(ranks) != ranks \
+            or len(gold) != len(obj.get("responses", [])):
+        return None
+    return [float(g) for g in gold]
 
 
 def load_prompts(paths: str | Path | list) -> list[PromptLine]:

@@ -70,6 +70,8 @@ def _wins(a, b) -> float:
 
 
 def _rm_scores(reward, tok, prompts: list[tasks.Prompt], responses: list[str]) -> list[float]:
+    if reward is None:
+        return [0.0] * len(responses)
     if isinstance(reward, RewardModel):
         return score_texts(reward, tok, [list(p.messages) for p in prompts], responses)
     return reward(prompts, responses)
@@ -125,15 +127,17 @@ def best_of_n(sampled: Sampled, n: int) -> tuple[np.ndarray, list]:
 
 def evaluate(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: Settings, source: tasks.Source) -> dict:
     """The held-out prompts answered by the trained policy and by SFT (the reference), before and
-    after. Whatever the reward: `heldout_prompts`, `reward_heldout_sft` and `reward_heldout_<name>`
-    (the mean reward of greedy answers) and, with samples, `kl_heldout`. The world adds its gold
-    reward (`evaluate_world_prompts`)."""
+    after: `heldout_prompts` and, with samples, `kl_heldout`. A reward (a reward model or a
+    function; None: none, as for DPO) adds `reward_heldout_sft` and `reward_heldout_<name>`, the
+    mean reward of greedy answers, and best-of-n. The world adds its gold reward
+    (`evaluate_world_prompts`)."""
     if isinstance(source, tasks.WorldSource):
         report = evaluate_world_prompts(policy, ref, reward, tok, cfg, source.families)
     else:
         report = evaluate_prompts(policy, ref, reward, tok, cfg, source.held_out())
-    report.update({"heldout_prompts": report["prompts"], "reward_heldout_sft": report["sft_rm_reward"],
-                   f"reward_heldout_{cfg.name}": report["rm_reward"]})
+    report["heldout_prompts"] = report["prompts"]
+    if reward is not None:
+        report.update({"reward_heldout_sft": report["sft_rm_reward"], f"reward_heldout_{cfg.name}": report["rm_reward"]})
     return report
 
 
@@ -150,19 +154,22 @@ def evaluate_prompts(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: Settin
         greedy[name] = {"responses": responses, "rm": _rm_scores(reward, tok, prompts, responses)}
     g, s = greedy["policy"]["rm"], greedy["sft"]["rm"]
     dm, dse = _mean_se(np.asarray(g) - np.asarray(s))
-    report = {"prompts": len(prompts), "decoding": "greedy", "rm_reward": round(float(np.mean(g)), 4),
-              "sft_rm_reward": round(float(np.mean(s)), 4), "reward_gain": round(dm, 4),
-              "reward_gain_se": round(dse, 4),
-              "win_rate_rm": round(_wins(g, s), 4)}
+    report = {"prompts": len(prompts), "decoding": "greedy"}
+    if reward is not None:
+        report.update({"rm_reward": round(float(np.mean(g)), 4), "sft_rm_reward": round(float(np.mean(s)), 4),
+                       "reward_gain": round(dm, 4), "reward_gain_se": round(dse, 4), "win_rate_rm": round(_wins(g, s), 4)})
     if cfg.eval.samples:
         sampled = {name: _sampled(model, ref, reward, tok, prompts, cfg.rollout, cfg)
                    for name, model in (("policy", policy), ("sft", ref))}
         dm, dse = _mean_se(sampled["policy"].rm.mean(1) - sampled["sft"].rm.mean(1))
-        report.update({"samples": cfg.eval.samples, "rm_reward_sampled": round(float(sampled["policy"].rm.mean()), 4),
-                       "sft_rm_reward_sampled": round(float(sampled["sft"].rm.mean()), 4),
-                       "reward_gain_sampled": round(dm, 4), "reward_gain_sampled_se": round(dse, 4),
-                       "kl_heldout": round(float(sampled["policy"].kl.mean()), 4)})
-    report["answers"] = [{"prompt": list(p.messages), "response": a, "sft_response": b, "rm": r1, "sft_rm": r2}
+        report["samples"] = cfg.eval.samples
+        if reward is not None:
+            report.update({"rm_reward_sampled": round(float(sampled["policy"].rm.mean()), 4),
+                           "sft_rm_reward_sampled": round(float(sampled["sft"].rm.mean()), 4),
+                           "reward_gain_sampled": round(dm, 4), "reward_gain_sampled_se": round(dse, 4)})
+        report["kl_heldout"] = round(float(sampled["policy"].kl.mean()), 4)
+    report["answers"] = [{"prompt": list(p.messages), "response": a, "sft_response": b,
+                          **({"rm": r1, "sft_rm": r2} if reward is not None else {})}
                          for p, a, b, r1, r2 in zip(prompts, greedy["policy"]["responses"], greedy["sft"]["responses"],
                                                     g, s)]
     return report
@@ -201,8 +208,9 @@ def evaluate_world_prompts(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: 
               "sft_gold_reward": round(sm, 4), "sft_gold_reward_se": round(sse, 4),
               "gold_gain": round(dm, 4), "gold_gain_se": round(dse, 4),
               "gold_gain_in_se": round(dm / dse, 2) if dse > 0 else None,
-              "rm_reward": round(float(np.mean(g["rm"])), 4), "sft_rm_reward": round(float(np.mean(s["rm"])), 4),
-              "win_rate_rm": round(_wins(g["rm"], s["rm"]), 4), "win_rate_gold": round(_wins(g["gold"], s["gold"]), 4),
+              **({"rm_reward": round(float(np.mean(g["rm"])), 4), "sft_rm_reward": round(float(np.mean(s["rm"])), 4),
+                  "win_rate_rm": round(_wins(g["rm"], s["rm"]), 4)} if reward is not None else {}),
+              "win_rate_gold": round(_wins(g["gold"], s["gold"]), 4),
               "parts": g["report"]["overall"]["parts"], "sft_parts": s["report"]["overall"]["parts"],
               "families": g["report"]["families"], "sft_families": s["report"]["families"]}
     if cfg.eval.samples:
@@ -215,7 +223,8 @@ def evaluate_world_prompts(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: 
             x = sampled[name]
             m, se = _mean_se(x.gold[:, :n].mean(1))
             report[f"{prefix}gold_reward_sampled"], report[f"{prefix}gold_reward_sampled_se"] = round(m, 4), round(se, 4)
-            report[f"{prefix}rm_reward_sampled"] = round(float(x.rm[:, :n].mean()), 4)
+            if reward is not None:
+                report[f"{prefix}rm_reward_sampled"] = round(float(x.rm[:, :n].mean()), 4)
             summary = world.score_summary(list(x.scores[:, :n].flatten()))
             report[f"{prefix}parts_sampled"] = summary["parts"]
             report[f"{prefix}exact_match_sampled"] = summary["exact_match"]
@@ -236,7 +245,7 @@ def evaluate_world_prompts(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: 
         # Best-of-n against one SFT sample's expected gold: the mean over all of SFT's samples.
         everything = sampled["sft"].gold.mean(1)
         report["best_of_n"] = []
-        for b in cfg.eval.best_of:
+        for b in cfg.eval.best_of if reward is not None else ():  # by the reward model
             golds, chosen = best_of_n(sampled["sft"], b)
             bm, bse = _mean_se(golds - everything)
             report["best_of_n"].append({"n": b, "gold_reward": round(float(golds.mean()), 4), "gold_gain": round(bm, 4),
@@ -248,33 +257,41 @@ def evaluate_world_prompts(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: 
             dm, dse = gain(x.gold.mean(1))
             report["sft_tempered"].append({"temperature": t, "gold_reward_sampled": round(float(x.gold.mean()), 4),
                                            "gold_gain_sampled": round(dm, 4), "gold_gain_sampled_se": round(dse, 4),
-                                           "rm_reward_sampled": round(float(x.rm.mean()), 4),
+                                           **({"rm_reward_sampled": round(float(x.rm.mean()), 4)}
+                                              if reward is not None else {}),
                                            "kl_heldout": round(float(x.kl.mean()), 4),
                                            "parts": world.score_summary(list(x.scores.flatten()))["parts"]})
-    report["answers"] = [{**a, "sft_response": b["response"], "sft_gold_reward": b["gold_reward"], "rm": r1, "sft_rm": r2}
+    report["answers"] = [{**a, "sft_response": b["response"], "sft_gold_reward": b["gold_reward"],
+                          **({"rm": r1, "sft_rm": r2} if reward is not None else {})}
                          for a, b, r1, r2 in zip(g["report"]["answers"], s["report"]["answers"], g["rm"], s["rm"])]
     return report
 
 
 def format_eval(report: dict, name: str = "PPO") -> str:
+    """The report in a few lines; the reward's figures where there is a reward."""
+    scored = "sft_rm_reward" in report
     if "gold_reward" not in report:  # a prompt file: the reward is all there is
-        lines = [f"held-out prompts ({report['prompts']}, greedy): reward SFT {report['sft_rm_reward']:+.3f} -> {name} "
-                 f"{report['rm_reward']:+.3f} (gain {report['reward_gain']:+.3f} +- {report['reward_gain_se']:.3f}, "
-                 f"paired SE); {name} wins {report['win_rate_rm']:.0%} of prompts by the reward"]
+        lines = [f"held-out prompts ({report['prompts']}, greedy)" + (
+            f": reward SFT {report['sft_rm_reward']:+.3f} -> {name} {report['rm_reward']:+.3f} (gain "
+            f"{report['reward_gain']:+.3f} +- {report['reward_gain_se']:.3f}, paired SE); {name} wins "
+            f"{report['win_rate_rm']:.0%} of prompts by the reward" if scored else ": no reward to score them by")]
         if "kl_heldout" in report:
-            lines.append(f"sampled ({report['samples']} per prompt): reward SFT {report['sft_rm_reward_sampled']:+.3f} "
-                         f"-> {name} {report['rm_reward_sampled']:+.3f} (gain {report['reward_gain_sampled']:+.3f} +- "
-                         f"{report['reward_gain_sampled_se']:.3f}); KL to SFT {report['kl_heldout']:.3f} nats per response")
+            lines.append(f"sampled ({report['samples']} per prompt): " + (
+                f"reward SFT {report['sft_rm_reward_sampled']:+.3f} -> {name} {report['rm_reward_sampled']:+.3f} (gain "
+                f"{report['reward_gain_sampled']:+.3f} +- {report['reward_gain_sampled_se']:.3f}); " if scored else "")
+                + f"KL to SFT {report['kl_heldout']:.3f} nats per response")
         return "\n".join(lines)
     lines = [f"held-out test prompts ({report['prompts']}, greedy): gold reward SFT {report['sft_gold_reward']:.3f} -> "
              f"{name} {report['gold_reward']:.3f} (gain {report['gold_gain']:+.3f} +- {report['gold_gain_se']:.3f}, paired "
-             f"SE); RM reward {report['sft_rm_reward']:+.3f} -> {report['rm_reward']:+.3f}; win rate vs SFT "
-             f"{report['win_rate_rm']:.2f} by RM, {report['win_rate_gold']:.2f} by gold"]
+             + (f"SE); RM reward {report['sft_rm_reward']:+.3f} -> {report['rm_reward']:+.3f}; win rate vs SFT "
+                f"{report['win_rate_rm']:.2f} by RM, {report['win_rate_gold']:.2f} by gold" if scored else
+                f"SE); win rate vs SFT {report['win_rate_gold']:.2f} by gold")]
     if "gold_reward_sampled" in report:
         lines.append(f"sampled ({report['samples']} per prompt): gold reward SFT "
-                     f"{report['sft_gold_reward_sampled']:.3f} -> {name} {report['gold_reward_sampled']:.3f} (gain {report['gold_gain_sampled']:+.3f} +- "
-                     f"{report['gold_gain_sampled_se']:.3f}, paired SE); RM {report['sft_rm_reward_sampled']:+.3f} -> "
-                     f"{report['rm_reward_sampled']:+.3f}; KL to SFT {report['kl_heldout']:.3f} nats per response")
+                     f"{report['sft_gold_reward_sampled']:.3f} -> {name} {report['gold_reward_sampled']:.3f} (gain "
+                     f"{report['gold_gain_sampled']:+.3f} +- {report['gold_gain_sampled_se']:.3f}, paired SE); "
+                     + (f"RM {report['sft_rm_reward_sampled']:+.3f} -> {report['rm_reward_sampled']:+.3f}; " if scored else "")
+                     + f"KL to SFT {report['kl_heldout']:.3f} nats per response")
     for b in report.get("best_of_n", []):
         lines.append(f"  best-of-{b['n']} of SFT's samples by the reward model: gold gain {b['gold_gain']:+.3f} +- "
                      f"{b['gold_gain_se']:.3f} at {b['kl']:.3f} nats")

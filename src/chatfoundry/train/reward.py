@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 
 from chatfoundry import checkpoint as ckpt
 from chatfoundry.config import require
-from chatfoundry.data.formats import Comparison, load_comparisons, read_jsonl
+from chatfoundry.data.formats import Comparison, load_comparison_splits
 from chatfoundry.errors import UserError
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.models.decoder import DecoderLM
@@ -281,39 +280,6 @@ def plot_rewards(report: dict, out: Path) -> None:
 # ---------------------------------------------------------------- the stage
 
 
-def _comparisons(cfg: RMConfig) -> tuple[list[Comparison], list[Comparison], list[dict], str]:
-    """(train, held out, held-out extras: family and gold per comparison, source description)."""
-    paths = [Path(p) for p in cfg.data.files]
-    if len(paths) == 1 and paths[0].is_dir():
-        folder = paths[0]
-        if not (folder / "train.jsonl").is_file():
-            raise UserError(f"{folder}: no train.jsonl (write one with chatfoundry label, or give JSONL files)")
-        train = load_comparisons(folder / "train.jsonl")
-        if (folder / "val.jsonl").is_file():
-            val = load_comparisons(folder / "val.jsonl")
-            extras = [{"family": obj.get("family", ""), "gold": _gold(obj)} for _, obj in read_jsonl(folder / "val.jsonl")]
-            return train, val, extras, f"{folder} (labeled)"
-        paths = [folder / "train.jsonl"]
-    for p in paths:
-        if p.is_dir():
-            raise UserError(f"{p}: a folder among several data paths; give one label folder or JSONL files")
-    comparisons = load_comparisons(paths)
-    if len(comparisons) < 2:
-        raise UserError(f"{paths[0]}: one comparison; at least two are needed (one to learn, one to check)")
-    random.Random(cfg.seed).shuffle(comparisons)
-    n_val = max(1, int(len(comparisons) * cfg.data.val_fraction))
-    return comparisons[n_val:], comparisons[:n_val], [{}] * n_val, f"{len(comparisons):,} comparisons from files"
-
-
-def _gold(obj: dict) -> list[float] | None:
-    """The held-out file's gold rewards (best-first order, as the responses are written)."""
-    gold, ranks = obj.get("gold_reward"), obj.get("ranks")
-    if not isinstance(gold, list) or not isinstance(ranks, list) or sorted(ranks) != ranks \
-            or len(gold) != len(obj.get("responses", [])):
-        return None
-    return [float(g) for g in gold]
-
-
 def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
     """Train the reward model as configured; returns the summary that `--json` prints."""
     with stage.start("rm", cfg, resume, overwrite, log, dtype=cfg.dtype) as r:
@@ -325,7 +291,7 @@ def run(cfg: RMConfig, resume: bool = False, overwrite: bool = False, log=print)
             torch.manual_seed(cfg.seed)  # the head's initial weights
             model = RewardModel.from_lm(lm)
             del lm  # the held-out baseline reads it again at the end, not held through training
-        return _run(r, model, tokenizer, *_comparisons(cfg))
+        return _run(r, model, tokenizer, *load_comparison_splits(cfg.data.files, cfg.data.val_fraction, cfg.seed))
 
 
 def _run(r: stage.Run, model, tokenizer, train, val, extras, source) -> dict:

@@ -188,7 +188,9 @@ def rollout(policy: DecoderLM, ref: DecoderLM, critic: RewardModel | None, rewar
         out["logp_ref"].append(ref_logp)
         if critic is not None:
             out["values"].append(values_of(critic, part))
-    if isinstance(reward, RewardModel):
+    if reward is None:  # nothing to score by (an evaluation of a method trained without a reward)
+        scores = torch.zeros(len(batch), device=device)
+    elif isinstance(reward, RewardModel):
         scores = reward.rewards(batch.rm_idx, batch.rm_last)
     else:
         scores = torch.tensor(reward(prompts, texts), dtype=torch.float32, device=device)
