@@ -10,6 +10,7 @@ from chatfoundry.config import field_docs, leaf_fields
 from chatfoundry.pipeline import PipelineConfig
 from chatfoundry.rl.train import RLConfig
 from chatfoundry.train.dpo import DPOConfig
+from chatfoundry.train.grpo import GRPOConfig
 from chatfoundry.train.head import HeadConfig
 from chatfoundry.train.label import LabelConfig
 from chatfoundry.train.ppo import PPOConfig
@@ -20,7 +21,7 @@ from chatfoundry.train.sft import SFTConfig
 
 from conftest import run_cli
 
-COMMANDS = {"pretrain": PretrainConfig, "sft": SFTConfig, "label": LabelConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig,
+COMMANDS = {"pretrain": PretrainConfig, "sft": SFTConfig, "label": LabelConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig, "grpo": GRPOConfig,
             "pipeline": PipelineConfig, "finetune-seq2seq": FinetuneSeq2SeqConfig, "finetune-head": HeadConfig,
             "rl train": RLConfig}
 

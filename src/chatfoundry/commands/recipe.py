@@ -1,5 +1,5 @@
 """The recipe's stages as commands: pipeline, pretrain, sft, finetune-seq2seq, label, rm, ppo, dpo,
-finetune-head. Each parses its config (defaults < a resumed run's config.yaml < --config < flags) and
+grpo, finetune-head. Each parses its config (defaults < a resumed run's config.yaml < --config < flags) and
 calls its stage's `run`.
 """
 
@@ -28,7 +28,7 @@ def _stage(sub, name: str, cls: type, run, help: str, description: str, aliases:
 
 def add_parsers(sub) -> None:
     from chatfoundry import pipeline
-    from chatfoundry.train import dpo, head, label, ppo, pretrain, reward, seq2seq, sft
+    from chatfoundry.train import dpo, grpo, head, label, ppo, pretrain, reward, seq2seq, sft
 
     _stage(sub, "pipeline", pipeline.PipelineConfig, pipeline.run,
            help="the whole recipe on the built-in world: pretrain, SFT, label, RM, PPO, report",
@@ -101,6 +101,13 @@ def add_parsers(sub) -> None:
                        "prompts (--prompts), greedy and sampled answers against SFT: the gold reward where the "
                        "prompts have a verifier, and the KL.",
            aliases={"--data": "data.files"})
+    _stage(sub, "grpo", grpo.GRPOConfig, grpo.run,
+           help="GRPO / RLOO: a chat model against a reward, a group of samples per prompt as the baseline",
+           description="Sample --group responses to each prompt (--prompts: the task world, or a JSONL file of "
+                       "{\"prompt\": ...} lines), score them (--reward rm:PATH, verifier or python:MODULE:FUNC), "
+                       "give each its advantage within its group (grpo: normalised; rloo: leave-one-out) and take "
+                       "PPO's clipped surrogate, with no critic; the KL to the SFT reference in the loss (k3) or "
+                       "in the reward. Scores greedy and sampled answers to the held-out prompts before and after.")
     _stage(sub, "finetune-head", head.HeadConfig, head.run,
            help="finetune a classification or regression head on an encoder",
            description="Put BERT's pooler and a linear head on an encoder checkpoint (chatfoundry "

@@ -197,7 +197,11 @@ def python_reward(spec: str, where: str = "reward") -> Reward:
     def reward(prompts: list[Prompt], responses: list[str]) -> list[float]:
         out = []
         for p, r in zip(prompts, responses):
-            value = fn(p.text, r, **p.fields)
+            try:
+                value = fn(p.text, r, **p.fields)
+            except Exception as e:  # the user's code: its error is one line, with what it was given
+                raise UserError(f"{where}: {spec} raised {type(e).__name__}: {e} (prompt {p.text[:60]!r}, "
+                                f"response {r[:60]!r})") from None
             try:
                 out.append(float(value))
             except (TypeError, ValueError):

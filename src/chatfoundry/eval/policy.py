@@ -234,13 +234,23 @@ def evaluate_world_prompts(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: 
                  for name, x in sampled.items()}
         em, em_se = _mean_se(right["policy"] - right["sft"])
         report["exact_match_sampled_gain"], report["exact_match_sampled_gain_se"] = round(em, 4), round(em_se, 4)
+        # Strict: right and in the house format too (a full, concise sentence). Exact match alone is
+        # lenient about the form, so a gain in gold reward from the format alone shows up here only.
+        strict = {name: np.vectorize(lambda sc: float(sc.correct and sc.sentence and sc.concise),
+                                     otypes=[float])(x.scores[:, :n]).mean(1) for name, x in sampled.items()}
+        sm_, sse_ = _mean_se(strict["policy"] - strict["sft"])
+        report.update({"exact_match_strict_sampled_sft": round(float(strict["sft"].mean()), 4),
+                       "exact_match_strict_sampled": round(float(strict["policy"].mean()), 4),
+                       "exact_match_strict_sampled_gain": round(sm_, 4), "exact_match_strict_sampled_gain_se": round(sse_, 4)})
         gain = lambda golds: _mean_se(golds - paired.mean(1))  # noqa: E731  (paired, per prompt)
         dm, dse = gain(sampled["policy"].gold.mean(1))
         report.update({"samples": n, "gold_gain_sampled": round(dm, 4),
                        "gold_gain_sampled_se": round(dse, 4), "gold_gain_sampled_in_se": round(dm / dse, 2) if dse > 0 else None})
         of = np.array([t.family for t in questions])
         report["sampled_families"] = {f: {"sft_gold_reward": round(float(paired[of == f].mean()), 4),
-                                          "gold_reward": round(float(sampled["policy"].gold[of == f].mean()), 4)}
+                                          "gold_reward": round(float(sampled["policy"].gold[of == f].mean()), 4),
+                                          "exact_match_sampled_sft": round(float(right["sft"][of == f].mean()), 4),
+                                          "exact_match_sampled": round(float(right["policy"][of == f].mean()), 4)}
                                       for f in families if (of == f).any()}
         # Best-of-n against one SFT sample's expected gold: the mean over all of SFT's samples.
         everything = sampled["sft"].gold.mean(1)

@@ -147,16 +147,30 @@ def kl_estimate(logp: Tensor, logp_ref: Tensor, kind: Literal["k1", "k2", "k3"] 
 # ---------------------------------------------------------------- policy and value losses
 
 
+def aggregate(per_step: Tensor, mask: Tensor | None, how: Literal["token", "sequence", "constant"] = "token",
+              horizon: int | None = None) -> Tensor:
+    """A (B, T) per-step loss as one number: the mean over every real step (`token`: PPO's, and
+    DAPO's), the mean of each sequence's mean (`sequence`: GRPO's), or the sum over real steps
+    divided by B x `horizon` (`constant`: Dr. GRPO's, which weighs no sequence by its length)."""
+    if how == "token" or mask is None:
+        return masked_mean(per_step, mask)
+    if how == "sequence":
+        return masked_mean(per_step, mask, dim=1).mean()
+    return (per_step * mask).sum() / (mask.shape[0] * (horizon or mask.shape[1]))
+
+
 def clipped_surrogate(logp_new: Tensor, logp_old: Tensor, advantages: Tensor, clip: float,
-                      mask: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
-    """PPO-clip's loss: -mean(min(r A, clip(r, 1 - clip, 1 + clip) A)), r = pi_new / pi_old.
+                      mask: Tensor | None = None, how: Literal["token", "sequence", "constant"] = "token",
+                      horizon: int | None = None) -> tuple[Tensor, dict[str, float]]:
+    """PPO-clip's loss: -mean(min(r A, clip(r, 1 - clip, 1 + clip) A)), r = pi_new / pi_old, the
+    mean taken as `aggregate` says.
 
     stats: clip_fraction (share of steps where the clip bit), approx_kl (k3, KL(old || new)) and
     ratio (mean r; exactly 1 before the first update of a batch).
     """
     log_ratio = logp_new - logp_old
     ratio = log_ratio.exp()
-    loss = -masked_mean(torch.min(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages), mask)
+    loss = -aggregate(torch.min(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages), mask, how, horizon)
     with torch.no_grad():
         stats = {"clip_fraction": masked_mean(((ratio - 1).abs() > clip).to(ratio.dtype), mask).item(),
                  "approx_kl": masked_mean(kl_estimate(logp_old, logp_new, "k3"), mask).item(),

@@ -54,8 +54,8 @@ from chatfoundry.rl import core
 from chatfoundry.tokenizer import chat_stop_ids, encode_batch_ids, encode_chat, special_id, tokenizer_hash
 from chatfoundry.train import stage
 from chatfoundry.train.loop import Epochs
-from chatfoundry.train.rollout import (Rollout, RolloutConfig, response_logits, rollout, select, spread,
-                                       token_logprobs, values_of, warp)
+from chatfoundry.train.rollout import (Rollout, RolloutConfig, load_reward, response_logits, rollout, select,
+                                       spread, token_logprobs, values_of, warp)
 
 CRITIC = "critic"
 
@@ -257,30 +257,12 @@ def ppo_update(policy: DecoderLM, critic: RewardModel, optimizer: torch.optim.Op
 # ---------------------------------------------------------------- the stage
 
 
-def _reward(cfg: PPOConfig, source: tasks.Source, tok, ref: DecoderLM, device):
-    """The frozen reward: a reward model checked against the policy's tokenizer and context, the
-    source's verifier, or a Python function (a batch `tasks.Reward`)."""
-    if cfg.reward == "verifier":
-        return tasks.verifier_reward(source)
-    if cfg.reward.startswith("python:"):
-        return tasks.python_reward(cfg.reward)
-    path = cfg.reward.removeprefix("rm:")
-    reward, rm_tok = ckpt.load_reward_model(path, device)
-    if tokenizer_hash(rm_tok) != tokenizer_hash(tok):
-        raise UserError(f"{path}: the reward model's tokenizer differs from the policy's ({cfg.init}); "
-                        "train the RM from this SFT model")
-    if reward.config.block_size < ref.config.block_size:
-        raise UserError(f"{path}: the reward model's context ({reward.config.block_size}) is shorter than "
-                        f"the policy's ({ref.config.block_size})")
-    return reward.requires_grad_(False)
-
-
 def _load(cfg: PPOConfig, source: tasks.Source, resume: bool, out: Path, device):
     """(policy, reference, critic, reward, tokenizer), checked against each other."""
     ref, tok = ckpt.load_model(cfg.init, device)
     if not chat_stop_ids(tok) or special_id(tok, "end") is None:
         raise UserError(f"{cfg.init}: the tokenizer lacks the chat tokens <|end|> and <|eos|>; PPO needs a chat model")
-    reward = _reward(cfg, source, tok, ref, device)
+    reward = load_reward(cfg.reward, source, tok, ref, cfg.init, device)
     ref.requires_grad_(False)
     if resume:
         policy, _ = ckpt.load_model(out, device)
@@ -323,7 +305,8 @@ def evaluate_run(cfg: PPOConfig, log=print) -> dict:
         policy, policy_tok = ckpt.load_model(cfg.out, rt.device)
         if tokenizer_hash(policy_tok) != tokenizer_hash(tok):
             raise UserError(f"{cfg.out}: the policy's tokenizer differs from the reference's ({cfg.init})")
-        report = evaluate(policy, ref, _reward(cfg, source, tok, ref, rt.device), tok, _settings(cfg), source)
+        report = evaluate(policy, ref, load_reward(cfg.reward, source, tok, ref, cfg.init, rt.device), tok,
+                          _settings(cfg), source)
     log(format_eval(report))
     summary = {"out": cfg.out, **{k: v for k, v in report.items() if k != "answers"}}
     summary["wall_s"] = round(time.perf_counter() - t0, 2)

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
+from chatfoundry import checkpoint as ckpt
 from chatfoundry.config import require
 from chatfoundry.data import tasks
+from chatfoundry.errors import UserError
 from chatfoundry.generation import GenerationConfig, generate_batch, top_k_filter, top_p_filter
 from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.models.heads import RewardModel
-from chatfoundry.tokenizer import chat_stop_ids, encode_chat, special_id
+from chatfoundry.tokenizer import chat_stop_ids, encode_chat, special_id, tokenizer_hash
 from chatfoundry.train.loop import pack
 
 
@@ -198,3 +200,21 @@ def rollout(policy: DecoderLM, ref: DecoderLM, critic: RewardModel | None, rewar
     cat = {k: torch.cat(v) * batch.mask if v else None for k, v in out.items()}
     return Rollout(batch, texts, cat["logp"], cat["logp_raw"], cat["logp_ref"], cat["values"], scores.float(),
                    cat["entropy"])
+
+
+def load_reward(spec: str, source: tasks.Source, tok, ref: DecoderLM, init: str, device):
+    """The frozen reward `spec` names: a reward model (rm:PATH) checked against the policy's
+    tokenizer and context, the source's verifier, or a Python function (a batch `tasks.Reward`)."""
+    if spec == "verifier":
+        return tasks.verifier_reward(source)
+    if spec.startswith("python:"):
+        return tasks.python_reward(spec)
+    path = spec.removeprefix("rm:")
+    reward, rm_tok = ckpt.load_reward_model(path, device)
+    if tokenizer_hash(rm_tok) != tokenizer_hash(tok):
+        raise UserError(f"{path}: the reward model's tokenizer differs from the policy's ({init}); "
+                        "train the RM from this SFT model")
+    if reward.config.block_size < ref.config.block_size:
+        raise UserError(f"{path}: the reward model's context ({reward.config.block_size}) is shorter than "
+                        f"the policy's ({ref.config.block_size})")
+    return reward.requires_grad_(False)
