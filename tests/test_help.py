@@ -9,6 +9,7 @@ import pytest
 from chatfoundry.config import field_docs, leaf_fields
 from chatfoundry.pipeline import PipelineConfig
 from chatfoundry.rl.train import RLConfig
+from chatfoundry.train.best_of_n import BestOfNConfig
 from chatfoundry.train.dpo import DPOConfig
 from chatfoundry.train.grpo import GRPOConfig
 from chatfoundry.train.head import HeadConfig
@@ -21,7 +22,7 @@ from chatfoundry.train.sft import SFTConfig
 
 from conftest import run_cli
 
-COMMANDS = {"pretrain": PretrainConfig, "sft": SFTConfig, "label": LabelConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig, "grpo": GRPOConfig,
+COMMANDS = {"pretrain": PretrainConfig, "sft": SFTConfig, "label": LabelConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig, "grpo": GRPOConfig, "best-of-n": BestOfNConfig,
             "pipeline": PipelineConfig, "finetune-seq2seq": FinetuneSeq2SeqConfig, "finetune-head": HeadConfig,
             "rl train": RLConfig}
 

@@ -10,7 +10,7 @@ import chatfoundry
 
 ROOT = Path(chatfoundry.__file__).parent
 # The stages of the recipe: each a `run` behind a command, each read top to bottom on its own.
-STAGES = {f"chatfoundry.train.{name}" for name in ("pretrain", "sft", "label", "reward", "ppo", "dpo", "grpo", "seq2seq", "head")}
+STAGES = {f"chatfoundry.train.{name}" for name in ("pretrain", "sft", "label", "reward", "ppo", "dpo", "grpo", "best_of_n", "seq2seq", "head")}
 ABOVE_DATA = ("chatfoundry.train", "chatfoundry.serve", "chatfoundry.eval", "chatfoundry.rl", "chatfoundry.pipeline",
               "chatfoundry.cli")
 

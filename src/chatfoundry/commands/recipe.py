@@ -1,5 +1,5 @@
 """The recipe's stages as commands: pipeline, pretrain, sft, finetune-seq2seq, label, rm, ppo, dpo,
-grpo, finetune-head. Each parses its config (defaults < a resumed run's config.yaml < --config < flags) and
+grpo, best-of-n, finetune-head. Each parses its config (defaults < a resumed run's config.yaml < --config < flags) and
 calls its stage's `run`.
 """
 
@@ -28,7 +28,7 @@ def _stage(sub, name: str, cls: type, run, help: str, description: str, aliases:
 
 def add_parsers(sub) -> None:
     from chatfoundry import pipeline
-    from chatfoundry.train import dpo, grpo, head, label, ppo, pretrain, reward, seq2seq, sft
+    from chatfoundry.train import best_of_n, dpo, grpo, head, label, ppo, pretrain, reward, seq2seq, sft
 
     _stage(sub, "pipeline", pipeline.PipelineConfig, pipeline.run,
            help="the whole recipe on the built-in world: pretrain, SFT, label, RM, PPO, report",
@@ -108,6 +108,16 @@ def add_parsers(sub) -> None:
                        "give each its advantage within its group (grpo: normalised; rloo: leave-one-out) and take "
                        "PPO's clipped surrogate, with no critic; the KL to the SFT reference in the loss (k3) or "
                        "in the reward. Scores greedy and sampled answers to the held-out prompts before and after.")
+    _stage(sub, "best-of-n", best_of_n.BestOfNConfig, best_of_n.run,
+           help="n samples per prompt from a chat model, the reward's best kept: rejection-sampling data and "
+                "the best-of-k curve",
+           description="Sample --n responses to each train prompt (--prompts: the task world, or a JSONL file of "
+                       "{\"prompt\": ...} lines) from the SFT model and score them (--reward rm:PATH, verifier or "
+                       "python:MODULE:FUNC). Writes samples.jsonl (each prompt's responses ranked by the reward: "
+                       "`rm` and `dpo` read it) and best.jsonl (the best response as a chat: `sft --data` reads "
+                       "it), and scores best-of-k for k = 1, 2, 4, ..., n on the held-out prompts: the gold "
+                       "reward of the pick where the prompts have a verifier, at KL log k - (k - 1) / k.",
+           resumable=False, overwrite_help="replace what --out holds")
     _stage(sub, "finetune-head", head.HeadConfig, head.run,
            help="finetune a classification or regression head on an encoder",
            description="Put BERT's pooler and a linear head on an encoder checkpoint (chatfoundry "

@@ -87,8 +87,8 @@ class Sampled:
     scores: np.ndarray | None  # world.Score of each answer (objects), for the gold reward's parts; None: no world
 
 
-def _sampled(model: DecoderLM, ref: DecoderLM, reward, tok, prompts: list[tasks.Prompt], rollout_cfg: RolloutConfig,
-             cfg: Settings, groups: int = 1) -> Sampled:
+def sampled_answers(model: DecoderLM, ref: DecoderLM, reward, tok, prompts: list[tasks.Prompt],
+                    rollout_cfg: RolloutConfig, cfg: Settings, groups: int = 1) -> Sampled:
     """`groups` x `eval.samples` answers to each prompt, drawn as `rollout_cfg` says. Every model
     draws group g with the same seeds (common random numbers: where two agree they sample alike,
     so the paired difference is less noisy); more groups add samples for best-of-n."""
@@ -159,7 +159,7 @@ def evaluate_prompts(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: Settin
         report.update({"rm_reward": round(float(np.mean(g)), 4), "sft_rm_reward": round(float(np.mean(s)), 4),
                        "reward_gain": round(dm, 4), "reward_gain_se": round(dse, 4), "win_rate_rm": round(_wins(g, s), 4)})
     if cfg.eval.samples:
-        sampled = {name: _sampled(model, ref, reward, tok, prompts, cfg.rollout, cfg)
+        sampled = {name: sampled_answers(model, ref, reward, tok, prompts, cfg.rollout, cfg)
                    for name, model in (("policy", policy), ("sft", ref))}
         dm, dse = _mean_se(sampled["policy"].rm.mean(1) - sampled["sft"].rm.mean(1))
         report["samples"] = cfg.eval.samples
@@ -216,8 +216,8 @@ def evaluate_world_prompts(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: 
     if cfg.eval.samples:
         n = cfg.eval.samples
         groups = max([1] + [math.ceil(b / n) for b in cfg.eval.best_of])
-        sampled = {"policy": _sampled(policy, ref, reward, tok, prompts, cfg.rollout, cfg),
-                   "sft": _sampled(ref, ref, reward, tok, prompts, cfg.rollout, cfg, groups)}
+        sampled = {"policy": sampled_answers(policy, ref, reward, tok, prompts, cfg.rollout, cfg),
+                   "sft": sampled_answers(ref, ref, reward, tok, prompts, cfg.rollout, cfg, groups)}
         paired = sampled["sft"].gold[:, :n]  # the SFT samples drawn with the policy's seeds
         for name, prefix in (("policy", ""), ("sft", "sft_")):
             x = sampled[name]
@@ -263,7 +263,7 @@ def evaluate_world_prompts(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: 
                                         "parts": world.score_summary(chosen)["parts"]})
         report["sft_tempered"] = []
         for t in cfg.eval.temperatures:
-            x = _sampled(ref, ref, reward, tok, prompts, replace(cfg.rollout, temperature=t), cfg)
+            x = sampled_answers(ref, ref, reward, tok, prompts, replace(cfg.rollout, temperature=t), cfg)
             dm, dse = gain(x.gold.mean(1))
             report["sft_tempered"].append({"temperature": t, "gold_reward_sampled": round(float(x.gold.mean()), 4),
                                            "gold_gain_sampled": round(dm, 4), "gold_gain_sampled_se": round(dse, 4),
@@ -275,6 +275,19 @@ def evaluate_world_prompts(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: 
                           **({"rm": r1, "sft_rm": r2} if reward is not None else {})}
                          for a, b, r1, r2 in zip(g["report"]["answers"], s["report"]["answers"], g["rm"], s["rm"])]
     return report
+
+
+def summary_of(report: dict) -> dict:
+    """What `--json` prints of a report: its figures, and per family the gold reward before and
+    after (with sampled exact match where it was measured); not the answers themselves."""
+    out = {k: v for k, v in report.items() if k not in ("answers", "families", "sft_families", "sampled_families")}
+    if "families" in report:
+        out["families"] = {f: {"gold_reward": report["families"][f]["gold_reward"],
+                               "sft_gold_reward": report["sft_families"][f]["gold_reward"],
+                               **{k: v for k, v in report.get("sampled_families", {}).get(f, {}).items()
+                                  if k.startswith("exact_match")}}
+                           for f in report["families"]}
+    return out
 
 
 def format_eval(report: dict, name: str = "PPO") -> str:

@@ -36,7 +36,7 @@ from chatfoundry.config import require
 from chatfoundry.data import tasks
 from chatfoundry.data.formats import Comparison, load_comparison_splits, pairs as ranked_pairs
 from chatfoundry.errors import UserError
-from chatfoundry.eval.policy import PolicyEvalConfig, Settings, evaluate, format_eval
+from chatfoundry.eval.policy import PolicyEvalConfig, Settings, evaluate, format_eval, summary_of
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.scoring import encode_responses
@@ -313,13 +313,7 @@ def _run(r: stage.Run, policy: DecoderLM, ref: DecoderLM, tokenizer, source, tra
     if source is not None:
         answers = evaluate(policy, ref, None, tokenizer, Settings(cfg.eval, RolloutConfig(), 64, "dpo"), source)
         report.update(answers)
-        summary.update({k: v for k, v in answers.items()
-                        if k not in ("answers", "families", "sft_families", "sampled_families", "best_of_n",
-                                     "sft_tempered")})
-        if "families" in answers:
-            summary["families"] = {f: {"gold_reward": answers["families"][f]["gold_reward"],
-                                       "sft_gold_reward": answers["sft_families"][f]["gold_reward"]}
-                                   for f in answers["families"]}
+        summary.update(summary_of(answers))
         log(format_eval(answers, "DPO"))
     (out / "eval.json").write_text(json.dumps(report, indent=1))
     summary["wall_s"] = r.wall_s()

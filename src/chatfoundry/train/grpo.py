@@ -38,15 +38,15 @@ from chatfoundry import checkpoint as ckpt
 from chatfoundry.config import require
 from chatfoundry.data import tasks
 from chatfoundry.errors import UserError
-from chatfoundry.eval.policy import PolicyEvalConfig, Settings, evaluate, format_eval
+from chatfoundry.eval.policy import PolicyEvalConfig, Settings, evaluate, format_eval, summary_of
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.rl import core
-from chatfoundry.tokenizer import chat_stop_ids, encode_chat, tokenizer_hash
+from chatfoundry.tokenizer import chat_stop_ids, tokenizer_hash
 from chatfoundry.train import stage
 from chatfoundry.train.loop import Epochs
-from chatfoundry.train.rollout import (Rollout, RolloutConfig, load_reward, response_logits, rollout, select, spread,
-                                       token_logprobs, warp)
+from chatfoundry.train.rollout import (Rollout, RolloutConfig, load_reward, prompt_pool, response_logits, rollout,
+                                       select, spread, token_logprobs, warp)
 
 
 @dataclass
@@ -193,11 +193,7 @@ def _run(r: stage.Run, source: tasks.Source, policy: DecoderLM, ref: DecoderLM, 
         torch.set_num_threads(cfg.threads)  # for training; the evaluation takes the default back
     torch.manual_seed(cfg.seed)
     block = policy.config.block_size
-    pool = [p for p in source.prompts("train", cfg.rollout.pool, cfg.seed)
-            if len(encode_chat(tok, list(p.messages))) + cfg.rollout.max_new_tokens < block]
-    if not pool:
-        raise UserError(f"rollout.max_new_tokens: {cfg.rollout.max_new_tokens} leaves no room for a prompt in the "
-                        f"model's context of {block}")
+    pool = prompt_pool(source, cfg.rollout.pool, cfg.seed, tok, cfg.rollout.max_new_tokens, block)
     order = Epochs(len(pool), cfg.seed)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, eps=1e-6,
                                   fused=rt.device.type in ("cuda", "cpu"))
@@ -266,15 +262,7 @@ def _run(r: stage.Run, source: tasks.Source, policy: DecoderLM, ref: DecoderLM, 
         torch.set_num_threads(default_threads)
         report = evaluate(policy, ref, reward, tok, Settings(cfg.eval, cfg.rollout, cfg.minibatch_size, "grpo"), source)
         (out / "eval.json").write_text(json.dumps(report, indent=1))
-        summary.update({k: v for k, v in report.items()
-                        if k not in ("answers", "families", "sft_families", "sampled_families", "best_of_n",
-                                     "sft_tempered")})
-        if "families" in report:
-            summary["families"] = {f: {"gold_reward": report["families"][f]["gold_reward"],
-                                       "sft_gold_reward": report["sft_families"][f]["gold_reward"],
-                                       **{k: v for k, v in report.get("sampled_families", {}).get(f, {}).items()
-                                          if k.startswith("exact_match")}}
-                                   for f in report["families"]}
+        summary.update(summary_of(report))
         log(format_eval(report, "GRPO"))
     summary["wall_s"] = r.wall_s()
     return summary

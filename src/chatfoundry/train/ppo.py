@@ -46,16 +46,16 @@ from chatfoundry import checkpoint as ckpt
 from chatfoundry.config import require
 from chatfoundry.data import builtin, tasks
 from chatfoundry.errors import UserError
-from chatfoundry.eval.policy import PolicyEvalConfig, Settings, evaluate, format_eval
+from chatfoundry.eval.policy import PolicyEvalConfig, Settings, evaluate, format_eval, summary_of
 from chatfoundry.metrics import MetricsLog, read_metrics
 from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.models.heads import RewardModel
 from chatfoundry.rl import core
-from chatfoundry.tokenizer import chat_stop_ids, encode_batch_ids, encode_chat, special_id, tokenizer_hash
+from chatfoundry.tokenizer import chat_stop_ids, encode_batch_ids, special_id, tokenizer_hash
 from chatfoundry.train import stage
 from chatfoundry.train.loop import Epochs
-from chatfoundry.train.rollout import (Rollout, RolloutConfig, load_reward, response_logits, rollout, select,
-                                       spread, token_logprobs, values_of, warp)
+from chatfoundry.train.rollout import (Rollout, RolloutConfig, load_reward, prompt_pool, response_logits, rollout,
+                                       select, spread, token_logprobs, values_of, warp)
 
 CRITIC = "critic"
 
@@ -320,12 +320,7 @@ def _run(r: stage.Run, source: tasks.Source, policy, ref, critic, reward, tok) -
         torch.set_num_threads(cfg.threads)  # for training; the evaluation takes the default back
     torch.manual_seed(cfg.seed)
     block = policy.config.block_size
-    # Prompts whose chat and longest response fit the context (and the RM's appended <|end|>).
-    pool = [p for p in source.prompts("train", cfg.rollout.pool, cfg.seed)
-            if len(encode_chat(tok, list(p.messages))) + cfg.rollout.max_new_tokens < block]
-    if not pool:
-        raise UserError(f"rollout.max_new_tokens: {cfg.rollout.max_new_tokens} leaves no room for a prompt in the "
-                        f"model's context of {block}")
+    pool = prompt_pool(source, cfg.rollout.pool, cfg.seed, tok, cfg.rollout.max_new_tokens, block)
     order = Epochs(len(pool), cfg.seed)
     optimizer = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": cfg.lr},
                                    {"params": list(critic.parameters()), "lr": cfg.critic_lr}],
@@ -433,12 +428,7 @@ def _run(r: stage.Run, source: tasks.Source, policy, ref, critic, reward, tok) -
         torch.set_num_threads(default_threads)  # it decodes 512 rows at a time: the threads pay here
         report = evaluate(policy, ref, reward, tok, _settings(cfg), source)
         (out / "eval.json").write_text(json.dumps(report, indent=1))
-        summary.update({k: v for k, v in report.items()
-                        if k not in ("answers", "families", "sft_families", "sampled_families")})
-        if "families" in report:
-            summary["families"] = {f: {"gold_reward": report["families"][f]["gold_reward"],
-                                       "sft_gold_reward": report["sft_families"][f]["gold_reward"]}
-                                   for f in report["families"]}
+        summary.update(summary_of(report))
         log(format_eval(report))
     # Held out where it was measured (the answers the report scores), else the training rollouts'.
     summary["kl_within_budget"] = summary.get("kl_heldout", summary.get("kl", 0.0)) <= cfg.kl.budget

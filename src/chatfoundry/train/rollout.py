@@ -218,3 +218,13 @@ def load_reward(spec: str, source: tasks.Source, tok, ref: DecoderLM, init: str,
         raise UserError(f"{path}: the reward model's context ({reward.config.block_size}) is shorter than "
                         f"the policy's ({ref.config.block_size})")
     return reward.requires_grad_(False)
+
+
+def prompt_pool(source: tasks.Source, n: int, seed: int, tok, max_new_tokens: int, block: int) -> list[tasks.Prompt]:
+    """Up to `n` train prompts whose chat and longest response fit the context (and the reward
+    model's appended <|end|>)."""
+    pool = [p for p in source.prompts("train", n, seed) if len(encode_chat(tok, list(p.messages))) + max_new_tokens < block]
+    if not pool:
+        raise UserError(f"rollout.max_new_tokens: {max_new_tokens} leaves no room for a prompt in the model's "
+                        f"context of {block}")
+    return pool
