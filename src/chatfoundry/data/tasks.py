@@ -211,6 +211,12 @@ def python_reward(spec: str, where: str = "reward") -> Reward:
     return reward
 
 
+def check_reward_spec(spec: str, name: str = "reward") -> None:
+    """A config's reward field names a reward model, the verifier or a Python function."""
+    if not (spec == "verifier" or spec.startswith(("rm:", "python:"))):
+        raise UserError(f"{name}: give rm:PATH, verifier or python:MODULE:FUNC, got {spec!r}")
+
+
 def verifier_reward(src: Source) -> Reward:
     src.require_verifier("reward: the prompts {name} have no verifier; give --reward rm:PATH or python:MODULE:FUNC")
     return lambda prompts, responses: [src.verify(p, r) for p, r in zip(prompts, responses)]

@@ -49,8 +49,7 @@ class BestOfNConfig(stage.StageConfig):
 
     def validate(self) -> None:
         require(bool(self.init), "init", "give the SFT checkpoint to sample from (--init DIR)")
-        require(self.reward == "verifier" or self.reward.startswith(("rm:", "python:")), "reward",
-                f"give rm:PATH, verifier or python:MODULE:FUNC, got {self.reward!r}")
+        tasks.check_reward_spec(self.reward)
         require(self.n >= 2, "n", f"must be >= 2, got {self.n}")
         require(self.train_prompts >= 0, "train_prompts", f"must be >= 0, got {self.train_prompts}")
 

@@ -95,8 +95,7 @@ class GRPOConfig(stage.StageConfig):
 
     def validate(self) -> None:
         require(bool(self.init), "init", "give the SFT checkpoint to start from (--init DIR)")
-        require(self.reward == "verifier" or self.reward.startswith(("rm:", "python:")), "reward",
-                f"give rm:PATH, verifier or python:MODULE:FUNC, got {self.reward!r}")
+        tasks.check_reward_spec(self.reward)
         require(self.group >= 2, "group", f"must be >= 2: a group of {self.group} has no baseline")
         for name in ("iterations", "epochs", "minibatch_size"):
             require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")

@@ -129,8 +129,7 @@ class PPOConfig(stage.StageConfig):
 
     def validate(self) -> None:
         require(bool(self.init), "init", "give the SFT checkpoint to start from (--init DIR)")
-        require(self.reward == "verifier" or self.reward.startswith(("rm:", "python:")), "reward",
-                f"give rm:PATH, verifier or python:MODULE:FUNC, got {self.reward!r}")
+        tasks.check_reward_spec(self.reward)
         require(bool(self.prompts), "prompts", "give the task source: world, world:FAMILY,... or a JSONL file")
         require(self.iterations > 0, "iterations", f"must be > 0, got {self.iterations}")
         require(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")
