@@ -27,7 +27,7 @@ def _stage(sub, name: str, cls: type, run, help: str, description: str, aliases:
 
 
 def add_parsers(sub) -> None:
-    from chatfoundry import pipeline
+    from chatfoundry import align_compare, pipeline
     from chatfoundry.train import best_of_n, dpo, grpo, head, label, ppo, pretrain, reward, seq2seq, sft
 
     _stage(sub, "pipeline", pipeline.PipelineConfig, pipeline.run,
@@ -37,6 +37,15 @@ def add_parsers(sub) -> None:
                        "skipped, so an interrupted pipeline resumes. Ends with report.md and its plots. "
                        "Any stage's setting is a flag, e.g. --ppo.iterations 20.",
            resumable=False, overwrite_help="run every stage again, replacing what --out holds")
+    _stage(sub, "align-compare", align_compare.AlignCompareConfig, align_compare.run,
+           help="best-of-n, PPO, GRPO and DPO on one SFT model and reward model: the gold reward each buys for its KL",
+           description="Each alignment method at several strengths (--ppo_kl, --grpo_kl, --dpo_beta; best-of-k "
+                       "for k up to --n) from a pipeline's SFT model, reward model and comparisons (--pipeline, or "
+                       "--sft/--rm/--data), scored on the world's held-out prompts by the gold reward: frontier.png "
+                       "(gold gain against KL), overoptimization.png (the RM's score and the gold reward against "
+                       "sqrt(KL), Gao et al.'s forms fitted) and report.md (the points and the gold reward's parts). "
+                       "A finished run is skipped, so an interrupted comparison resumes.",
+           resumable=False, overwrite_help="run every method again")
     _stage(sub, "pretrain", pretrain.PretrainConfig, pretrain.run,
            help="pretrain a decoder LM (causal LM), a BERT-style encoder (--objective mlm) "
                 "or a T5 (--objective span)",

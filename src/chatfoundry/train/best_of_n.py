@@ -112,7 +112,7 @@ def _run(r: stage.Run, source: tasks.Source, model, reward, tok) -> dict:
                     {"gold_reward": "gold reward of the pick", "reward": "reward of the pick"},
                     title=f"Best-of-k by {cfg.reward}", ylabel="held-out mean", x="kl")
         for c in report["curve"]:
-            log(f"  best-of-{c['k']}: " + ", ".join(f"{k} {v}" for k, v in c.items() if k != "k"))
+            log(f"  best-of-{c['k']}: " + ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("k", "parts")))
     summary["wall_s"] = r.wall_s()
     return summary
 
@@ -137,10 +137,10 @@ def evaluate(model, reward, tok, cfg: BestOfNConfig, source: tasks.Source) -> di
         groups = sampled.rm[:, :n // k * k].reshape(P, n // k, k)
         entry = {"k": k, "kl": round(math.log(k) - (k - 1) / k, 4), "reward": round(float(groups.max(-1).mean()), 4)}
         if sampled.scores is not None:
-            golds, _ = best_of_n(sampled, k)
+            golds, chosen = best_of_n(sampled, k)
             gain = golds - sampled.gold.mean(1)
             se = float(gain.std(ddof=1) / math.sqrt(len(gain))) if len(gain) > 1 else 0.0
             entry.update(gold_reward=round(float(golds.mean()), 4), gold_gain=round(float(gain.mean()), 4),
-                         gold_gain_se=round(se, 4))
+                         gold_gain_se=round(se, 4), parts=world.score_summary(chosen)["parts"])
         curve.append(entry)
     return {"heldout_prompts": P, "samples": n, "curve": curve}
