@@ -55,3 +55,16 @@ def test_every_flag_is_spelled_with_underscores_and_a_hyphen_hears_how(capsys):
     code, _, err = run_cli(["generate", "--ckpt", "x", "--max-new-tokens", "3"], capsys)
     assert code == 2
     assert "unknown option --max-new-tokens (did you mean --max_new_tokens?)" in err
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["ppo", "--init", "x", "--reward", "verifier", "--batch_size", "3"],
+     "unknown option --batch_size (did you mean --eval.batch_size or --rollout.batch_size?)"),
+    (["sft", "--init", "x", "--lr", "3"], "unknown option --lr (did you mean --train.lr?)"),
+    (["sft", "--init", "x", "--train.ste", "3"], "unknown option --train.ste (did you mean --train.steps?)"),
+    (["rl", "train", "--eval-episodes", "3"], "unknown option --eval-episodes (did you mean --eval_episodes?)"),
+])
+def test_a_did_you_mean_names_the_whole_dotted_flag_of_that_command(argv, hint, capsys):
+    """The hint comes from the command's own flags (--batch_size is eval's, not ppo's)."""
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and hint in err

@@ -205,19 +205,34 @@ class ArgumentParser(argparse.ArgumentParser):
             self._config_fields = (None, ())
         return super().format_help()
 
+    _active: ArgumentParser | None = None  # the innermost parser of the last parse: the subcommand's
+
+    def parse_known_args(self, args=None, namespace=None):
+        ArgumentParser._active = self  # a subcommand's parser starts after the top one's: it is the last set
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> typing.NoReturn:
-        known = sorted(_option_strings(self))
         if message.startswith("unrecognized arguments:"):
             bad = message.split(":", 1)[1].split()
             flags = [b for b in bad if b.startswith("--")]
             if flags:
                 flag = flags[0].split("=")[0]
-                renamed = _renamed(flag[2:])
-                underscored = "--" + flag[2:].replace("-", "_")  # every flag is spelled as its YAML key
-                hint = [underscored] if underscored in known else difflib.get_close_matches(flag, known, n=1)
-                message = f"unknown option {flags[0]}" + (f" (renamed: --{renamed})" if renamed else
-                                                          f" (did you mean {hint[0]}?)" if hint else "")
+                message = f"unknown option {flags[0]}" + _hint(flag, ArgumentParser._active or self)
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _hint(flag: str, parser: argparse.ArgumentParser) -> str:
+    """What an unknown flag of `parser`'s command should have been: its new name, the same name
+    with underscores (every flag is spelled as its YAML key), the dotted fields it is the last part
+    of (--batch_size: --rollout.batch_size), or the closest flag."""
+    renamed = _renamed(flag[2:])
+    if renamed:
+        return f" (renamed: --{renamed})"
+    known = sorted(_option_strings(parser))
+    name = flag[2:].replace("-", "_")
+    hint = [f"--{name}"] if f"--{name}" in known else [k for k in known if k.endswith("." + name)]
+    hint = hint or difflib.get_close_matches(flag, known, n=1)
+    return f" (did you mean {' or '.join(hint)}?)" if hint else ""
 
 
 def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
