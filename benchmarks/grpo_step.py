@@ -10,7 +10,10 @@ steps per generation, as ours), the group-normalised advantage, the per-sequence
 `loss_type="grpo"`), beta 0.5 x k3 in the loss, AdamW, clipping at 1, fp32, the same reward
 function (the share of digits in the completion: cheap, the same on both sides) and thread
 count. TRL generates with transformers' `generate` (no vLLM on a CPU). A side's figure is the
-median iteration of its best round after `--warmup` untimed ones.
+median iteration of its best round after `--warmup` untimed ones; the breakdown gives the median
+generation (sampling the 128 completions), scoring (the rest of producing a batch: rewards, the
+reference's and the sampling policy's log-probabilities) and optimisation (the rest: advantages
+and the 8 optimizer steps), medians each, so they need not add up.
 """
 
 from __future__ import annotations
@@ -41,8 +44,35 @@ def digits(completions, **kwargs) -> list[float]:  # TRL's reward-function signa
     return [sum(c.isdigit() for c in x) / max(len(x), 1) for x in completions]
 
 
-def ours(sft: str, work: Path, iterations: int, threads: int) -> list[float]:
-    """Per-iteration seconds of `grpo._run`'s loop, from the times its metrics are written."""
+def timed(owner, name: str, into: list[float]):
+    """Wrap owner.name so each call's seconds land in `into`; returns the restoring function."""
+    fn = getattr(owner, name)
+
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            into.append(time.perf_counter() - t)
+
+    setattr(owner, name, wrapper)
+    return lambda: setattr(owner, name, fn)
+
+
+def breakdown(totals: list[float], generation: list[float], batch: list[float]) -> dict:
+    """Medians: the iteration, its generation, its scoring (batch - generation), the optimisation."""
+    n = len(totals)
+    gen, score = generation[-n:], [b - g for b, g in zip(batch[-n:], generation[-n:])]
+    opt = [t - b for t, b in zip(totals, batch[-n:])]
+    return {k: round(statistics.median(v), 3) for k, v in
+            (("iteration_s", totals), ("generation_s", gen), ("scoring_s", score), ("optimisation_s", opt))}
+
+
+def ours(sft: str, work: Path, iterations: int, threads: int) -> tuple[list[float], list[float], list[float]]:
+    """Per-iteration seconds of `grpo._run`'s loop, from the times its metrics are written; and
+    each iteration's generation and batch (rollout) seconds."""
+    from chatfoundry.train import rollout as rollouts
+
     (work / "bench_reward.py").write_text(REWARD)
     cfg = grpo.GRPOConfig(init=sft, reward=f"python:{work / 'bench_reward.py'}:digits", prompts="world:arithmetic",
                           out=str(work / "ours"), iterations=iterations, threads=threads, device="cpu")
@@ -54,15 +84,20 @@ def ours(sft: str, work: Path, iterations: int, threads: int) -> list[float]:
         stamps.append(time.perf_counter())
         return write(self, record)
 
+    generation: list[float] = []
+    batch: list[float] = []
+    restore = [timed(rollouts, "generate_batch", generation), timed(grpo, "rollout", batch)]
     grpo.MetricsLog.write = stamped
     try:
         grpo.run(cfg, overwrite=True, log=lambda line: None)
     finally:
         grpo.MetricsLog.write = write
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+        for undo in restore:
+            undo()
+    return [b - a for a, b in zip(stamps, stamps[1:])], generation, batch
 
 
-def theirs(sft: str, work: Path, iterations: int, threads: int) -> list[float]:
+def theirs(sft: str, work: Path, iterations: int, threads: int) -> tuple[list[float], list[float], list[float]]:
     import transformers
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
@@ -90,10 +125,14 @@ def theirs(sft: str, work: Path, iterations: int, threads: int) -> list[float]:
     trainer = GRPOTrainer(model=hf_model, reward_funcs=digits, args=args,
                           train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), processing_class=fast,
                           callbacks=[Stamp()])
+    generation: list[float] = []
+    batch: list[float] = []
+    timed(trainer, "_generate", generation)
+    timed(trainer, "_generate_and_score_completions", batch)
     torch.set_num_threads(threads)
     trainer.train()
     ends = stamps[7::8]  # the last optimizer step of each generation
-    return [b - a for a, b in zip(ends, ends[1:])]
+    return [b - a for a, b in zip(ends, ends[1:])], generation, batch
 
 
 def main() -> None:
@@ -107,18 +146,19 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="grpo_bench_"))
-    rounds: dict[str, list[list[float]]] = {"ours": [], "trl": []}
+    rounds: dict[str, list[dict]] = {"ours": [], "trl": []}
     for _ in range(args.rounds):
-        rounds["ours"].append(ours(args.sft, work, args.iterations, args.threads)[args.warmup - 1:])
-        rounds["trl"].append(theirs(args.sft, work, args.iterations, args.threads)[args.warmup - 1:])
+        for name, side in (("ours", ours), ("trl", theirs)):
+            totals, generation, batch = side(args.sft, work, args.iterations, args.threads)
+            rounds[name].append(breakdown(totals[args.warmup - 1:], generation, batch))
     result = {"machine": machine_info(args.threads), "completions_per_iteration": 128, "max_new_tokens": 32}
     for name, runs in rounds.items():
-        best = min(runs, key=statistics.median)
-        result[name] = {"iteration_s": round(statistics.median(best), 3), "rounds_s": [round(statistics.median(r), 3)
-                                                                                      for r in runs]}
+        result[name] = {**min(runs, key=lambda r: r["iteration_s"]), "rounds_s": [r["iteration_s"] for r in runs]}
     result["speedup"] = round(result["trl"]["iteration_s"] / result["ours"]["iteration_s"], 2)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
+    for name in rounds:
+        print(f"{name:5s} " + "  ".join(f"{k} {v}" for k, v in result[name].items()))
     print(f"ours {result['ours']['iteration_s']:.2f} s, TRL {result['trl']['iteration_s']:.2f} s per iteration: "
           f"ours is {result['speedup']:.2f}x TRL's GRPOTrainer ({args.threads} threads)")
 
