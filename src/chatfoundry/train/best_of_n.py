@@ -21,16 +21,14 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from chatfoundry import checkpoint as ckpt
 from chatfoundry.config import require
 from chatfoundry.data import tasks, world
 from chatfoundry.data.formats import write_jsonl
 from chatfoundry.errors import UserError
 from chatfoundry.eval.policy import PolicyEvalConfig, Settings, best_of_n, sampled_answers
 from chatfoundry.metrics import plot_curves
-from chatfoundry.tokenizer import chat_stop_ids
 from chatfoundry.train import stage
-from chatfoundry.train.rollout import RolloutConfig, load_reward, rollout
+from chatfoundry.train.rollout import RolloutConfig, load_chat_model, load_reward, rollout
 
 
 @dataclass
@@ -64,9 +62,7 @@ def run(cfg: BestOfNConfig, overwrite: bool = False, log=print) -> dict:
     """Sample, score and keep the best as configured; returns the summary that `--json` prints."""
     with stage.start("best-of-n", cfg, False, overwrite, log, one_process=True) as r:
         source = tasks.source(cfg.prompts, cfg.heldout, cfg.eval_prompts)
-        model, tok = ckpt.load_model(cfg.init, r.rt.device)
-        if not chat_stop_ids(tok):
-            raise UserError(f"{cfg.init}: the tokenizer has no <|end|> or <|eos|> token to stop a reply")
+        model, tok = load_chat_model(cfg.init, r.rt.device, "best-of-n")
         reward = load_reward(cfg.reward, source, tok, model, cfg.init, r.rt.device)
         return _run(r, source, model.requires_grad_(False), reward, tok)
 

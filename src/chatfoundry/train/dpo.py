@@ -43,7 +43,7 @@ from chatfoundry.scoring import encode_responses
 from chatfoundry.tokenizer import chat_stop_ids, special_id
 from chatfoundry.train import stage
 from chatfoundry.train.loop import Epochs, TrainConfig, fit, make_optimizer, pack, resume_step, trainer_state
-from chatfoundry.train.rollout import RolloutConfig
+from chatfoundry.train.rollout import RolloutConfig, load_chat_model, load_policy
 
 
 @dataclass
@@ -97,6 +97,9 @@ class DPOConfig(stage.StageConfig):
         require(0 < self.beta < math.inf, "beta", f"must be > 0, got {self.beta}")
         require(self.nll_coef >= 0, "nll_coef", f"must be >= 0, got {self.nll_coef}")
         require(bool(self.prompts), "prompts", "give the held-out prompts: world, world:FAMILY,... or a JSONL file")
+        micro = self.train.micro_batch_size or self.train.batch_size
+        require(self.train.batch_size % micro == 0, "train.micro_batch_size",
+                f"{micro} does not divide train.batch_size {self.train.batch_size}")
 
 
 # ---------------------------------------------------------------- pairs as token rows
@@ -235,11 +238,9 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, log=print
     with stage.start("dpo", cfg, resume, overwrite, log, dtype=cfg.dtype, one_process=True) as r:
         source = tasks.source(cfg.prompts, cfg.heldout, cfg.eval_prompts) if cfg.eval.per_family else None
         train, val, extras, described = load_comparison_splits(cfg.data.files, cfg.data.val_fraction, cfg.seed)
-        ref, tokenizer = ckpt.load_model(cfg.init, r.rt.device)
-        if not chat_stop_ids(tokenizer):
-            raise UserError(f"{cfg.init}: the tokenizer has no <|end|> or <|eos|> token to end a reply")
-        policy = ckpt.load_model(ckpt.resolve_checkpoint(r.out) if resume else cfg.init, r.rt.device)[0]
-        return _run(r, policy, ref, tokenizer, source, train, val, extras, described)
+        ref, tokenizer = load_chat_model(cfg.init, r.rt.device, "DPO")
+        policy = load_policy(r.out, ref, tokenizer, resume, cfg.init, r.rt.device)
+        return _run(r, policy, ref.requires_grad_(False), tokenizer, source, train, val, extras, described)
 
 
 def _run(r: stage.Run, policy: DecoderLM, ref: DecoderLM, tokenizer, source, train, val, extras, described) -> dict:
@@ -269,8 +270,6 @@ def _run(r: stage.Run, policy: DecoderLM, ref: DecoderLM, tokenizer, source, tra
         f"epochs; the reference's log-probabilities in {ref_s:.1f} s; device {rt.device}")
     metrics = MetricsLog(out / "metrics.jsonl", start_step if resume else None)
     micro = cfg.train.micro_batch_size or cfg.train.batch_size
-    require(cfg.train.batch_size % micro == 0, "train.micro_batch_size",
-            f"{micro} does not divide train.batch_size {cfg.train.batch_size}")
 
     def micro_batches():
         step = [order.next() for _ in range(cfg.train.batch_size)]
@@ -279,10 +278,12 @@ def _run(r: stage.Run, policy: DecoderLM, ref: DecoderLM, tokenizer, source, tra
     def loss_fn(m, rows):
         return batch_loss(m, pairs, rows, cfg.beta, cfg.loss, cfg.nll_coef, pad_id)
 
+    latest: dict[int, dict] = {}  # step -> the held-out pairs' report, kept for the end
+
     def evaluate_step(step: int):
         if not len(val_pairs):
             return {}
-        rep = pair_report(policy, val_pairs, cfg, pad_id)
+        rep = latest.setdefault(step, pair_report(policy, val_pairs, cfg, pad_id))
         return {"val_loss": rep["loss"], "val_accuracy": rep["accuracy"], "val_margin": rep["reward_margin"]}
 
     def save(step: int):
@@ -307,7 +308,8 @@ def _run(r: stage.Run, policy: DecoderLM, ref: DecoderLM, tokenizer, source, tra
                 title="Held-out pairs", ylabel="accuracy / nats")
     report: dict = {}
     if len(val_pairs):
-        report["heldout_pairs"] = pair_report(policy, val_pairs, cfg, pad_id)
+        # The loop evaluates at its last step; a run resumed when already done did not.
+        report["heldout_pairs"] = latest.get(cfg.train.steps) or pair_report(policy, val_pairs, cfg, pad_id)
         summary.update({f"heldout_{k}": v for k, v in report["heldout_pairs"].items()})
         log("dpo held-out pairs: " + ", ".join(f"{k} {v}" for k, v in report["heldout_pairs"].items()))
     if source is not None:

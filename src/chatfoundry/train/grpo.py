@@ -37,15 +37,14 @@ from tqdm import tqdm
 from chatfoundry import checkpoint as ckpt
 from chatfoundry.config import require
 from chatfoundry.data import tasks
-from chatfoundry.errors import UserError
 from chatfoundry.eval.policy import PolicyEvalConfig, Settings, evaluate, format_eval, summary_of
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.rl import core
-from chatfoundry.tokenizer import chat_stop_ids, tokenizer_hash
+from chatfoundry.tokenizer import chat_stop_ids
 from chatfoundry.train import stage
 from chatfoundry.train.loop import Epochs
-from chatfoundry.train.rollout import (Rollout, RolloutConfig, load_reward, prompt_pool, response_logits, rollout,
+from chatfoundry.train.rollout import (Rollout, RolloutConfig, load_chat_model, load_policy, load_reward, prompt_pool, response_logits, rollout,
                                        select, spread, token_logprobs, warp)
 
 
@@ -175,14 +174,10 @@ def run(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False, log=prin
     """GRPO (or RLOO) as configured; returns the summary that `--json` prints."""
     with stage.start("grpo", cfg, resume, overwrite, log, one_process=True) as r:
         source = tasks.source(cfg.prompts, cfg.heldout, cfg.eval_prompts)
-        ref, tok = ckpt.load_model(cfg.init, r.rt.device)
-        if not chat_stop_ids(tok):
-            raise UserError(f"{cfg.init}: the tokenizer lacks the chat tokens <|end|> and <|eos|>; GRPO needs a chat model")
+        ref, tok = load_chat_model(cfg.init, r.rt.device, "GRPO")
         reward = load_reward(cfg.reward, source, tok, ref, cfg.init, r.rt.device)
-        policy, policy_tok = ckpt.load_model(r.out if resume else cfg.init, r.rt.device)
-        if tokenizer_hash(policy_tok) != tokenizer_hash(tok):
-            raise UserError(f"{cfg.out}: the policy's tokenizer differs from the reference's ({cfg.init})")
-        return _run(r, source, policy.requires_grad_(True), ref.requires_grad_(False), reward, tok)
+        policy = load_policy(r.out, ref, tok, resume, cfg.init, r.rt.device)
+        return _run(r, source, policy, ref.requires_grad_(False), reward, tok)
 
 
 def _run(r: stage.Run, source: tasks.Source, policy: DecoderLM, ref: DecoderLM, reward, tok) -> dict:

@@ -54,7 +54,7 @@ from chatfoundry.rl import core
 from chatfoundry.tokenizer import chat_stop_ids, encode_batch_ids, special_id, tokenizer_hash
 from chatfoundry.train import stage
 from chatfoundry.train.loop import Epochs
-from chatfoundry.train.rollout import (Rollout, RolloutConfig, load_reward, prompt_pool, response_logits, rollout,
+from chatfoundry.train.rollout import (Rollout, RolloutConfig, load_chat_model, load_reward, prompt_pool, response_logits, rollout,
                                        select, spread, token_logprobs, values_of, warp)
 
 CRITIC = "critic"
@@ -258,9 +258,7 @@ def ppo_update(policy: DecoderLM, critic: RewardModel, optimizer: torch.optim.Op
 
 def _load(cfg: PPOConfig, source: tasks.Source, resume: bool, out: Path, device):
     """(policy, reference, critic, reward, tokenizer), checked against each other."""
-    ref, tok = ckpt.load_model(cfg.init, device)
-    if not chat_stop_ids(tok) or special_id(tok, "end") is None:
-        raise UserError(f"{cfg.init}: the tokenizer lacks the chat tokens <|end|> and <|eos|>; PPO needs a chat model")
+    ref, tok = load_chat_model(cfg.init, device, "PPO")
     reward = load_reward(cfg.reward, source, tok, ref, cfg.init, device)
     ref.requires_grad_(False)
     if resume:

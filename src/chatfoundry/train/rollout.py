@@ -6,6 +6,7 @@ there is one) and the reward. PPO's update and its held-out evaluation (`eval/po
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -200,6 +201,24 @@ def rollout(policy: DecoderLM, ref: DecoderLM, critic: RewardModel | None, rewar
     cat = {k: torch.cat(v) * batch.mask if v else None for k, v in out.items()}
     return Rollout(batch, texts, cat["logp"], cat["logp_raw"], cat["logp_ref"], cat["values"], scores.float(),
                    cat["entropy"])
+
+
+def load_chat_model(init: str, device, stage: str):
+    """(model, tokenizer) of the chat checkpoint an RL stage starts from, checked for the chat tokens."""
+    model, tok = ckpt.load_model(init, device)
+    if not chat_stop_ids(tok) or special_id(tok, "end") is None:
+        raise UserError(f"{init}: the tokenizer lacks the chat tokens <|end|> and <|eos|>; {stage} needs a chat model")
+    return model, tok
+
+
+def load_policy(out, ref: DecoderLM, tok, resume: bool, init: str, device) -> DecoderLM:
+    """The trainable policy: a copy of the reference, or a resumed run's checkpoint (same tokenizer)."""
+    if not resume:
+        return copy.deepcopy(ref).requires_grad_(True)
+    policy, policy_tok = ckpt.load_model(out, device)
+    if tokenizer_hash(policy_tok) != tokenizer_hash(tok):
+        raise UserError(f"{out}: the policy's tokenizer differs from the reference's ({init})")
+    return policy.requires_grad_(True)
 
 
 def load_reward(spec: str, source: tasks.Source, tok, ref: DecoderLM, init: str, device):
