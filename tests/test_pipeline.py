@@ -26,6 +26,7 @@ TINY_PIPELINE = [
     *"--rm.train.save_every 4".split(),
     *"--ppo.iterations 2 --ppo.rollout.batch_size 8 --ppo.rollout.max_new_tokens 8 --ppo.rollout.pool 40".split(),
     *"--ppo.minibatch_size 4 --ppo.epochs 1 --ppo.eval.per_family 2 --ppo.eval.max_new_tokens 8".split(),
+    *"--calibrate.questions 20 --calibrate.hallucination 4 --calibrate.max_new_tokens 8 --calibrate.bootstrap 50".split(),
     "--device", "cpu",
 ]
 
@@ -37,7 +38,9 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tmp_path, capsy
     assert code == 0, err
     summary = last_json(stdout)
     stages = summary["stages"]
-    assert set(stages) == {"pretrain", "sft", "label", "rm", "bon", "ppo"}
+    assert set(stages) == {"pretrain", "sft", "label", "rm", "bon", "ppo", "calibrate"}
+    assert set(stages["calibrate"]) == {"base", "sft", "ppo", "wall_s"}
+    assert {"ece", "ece_ci", "ece_change", "ece_scaled", "made_up_states_value"} <= set(stages["calibrate"]["ppo"])
     assert {"gold_reward", "gold_reward_sampled", "data_gold_reward"} <= set(stages["sft"])
     assert {"gold_reward", "kl", "gold_gain", "gold_gain_se", "kl_heldout", "kl_budget", "gold_gain_sampled"} \
         <= set(stages["ppo"])
@@ -48,7 +51,8 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tmp_path, capsy
     assert [t["temperature"] for t in summary["stages"]["ppo"]["sft_tempered"]] == [0.6, 0.4]
     for name in ("report.md", "report_scores.png", "report_overoptimization.png", "config.yaml",
                  "pretrain/checkpoint/model.safetensors", "sft/checkpoint/model.safetensors", "label/train.jsonl",
-                 "rm/checkpoint/model.safetensors", "ppo/checkpoint/model.safetensors", "ppo/ppo.png"):
+                 "rm/checkpoint/model.safetensors", "ppo/checkpoint/model.safetensors", "ppo/ppo.png",
+                 "calibration/reliability.png", "calibration/hallucination.png"):
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
     assert "| arithmetic |" in report and "chatfoundry chat --ckpt" in report and "**PPO:**" in report
@@ -58,14 +62,15 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tmp_path, capsy
     assert "## What each stage changed" in report and "| SFT data | the crowd's demonstrations" in report
     assert "| best-of-16 (SFT's samples, by the RM) |" in report and "| PPO | sampled |" in report
     assert "demonstrations' gold reward" in report and "within a prompt" in report
+    assert "## Does the model know what it does not know?" in report and "| ppo | chat |" in report
     assert f"chatfoundry chat --ckpt {out / 'ppo'}" in stdout
 
-    # Interrupted after the reward model: only PPO runs again.
+    # Interrupted after the reward model: only PPO runs again, and the calibration after it.
     (out / "ppo" / "summary.json").unlink()
     before = {s: (out / s / "summary.json").stat().st_mtime_ns for s in ("pretrain", "sft", "label", "rm")}
     code, stdout, err = run_cli(["pipeline", "--out", str(out), *TINY_PIPELINE, "--json"], capsys)
     assert code == 0, err
-    assert stdout.count("done, skipped") == 4 and "ppo: r" in stdout
+    assert stdout.count("done, skipped") == 4 and "ppo: r" in stdout and "calibrate: running" in stdout
     assert before == {s: (out / s / "summary.json").stat().st_mtime_ns for s in before}
     assert json.loads((out / "ppo" / "summary.json").read_text())["iterations"] == 2
 

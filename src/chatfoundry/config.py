@@ -264,8 +264,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, aliases: dict[st
             action = group.add_argument(*flags, dest=name, nargs="?", const="true", default=_SUPPRESS,
                                         metavar="BOOL", help=help_text)
         elif typing.get_origin(tp) is list:
-            action = group.add_argument(*flags, dest=name, nargs="+", default=_SUPPRESS, metavar="VALUE",
-                                        help=help_text)
+            # `--ckpt A B` and `--ckpt A --ckpt B` alike: a repeated flag adds to the list
+            action = group.add_argument(*flags, dest=name, nargs="+", action="extend", default=_SUPPRESS,
+                                        metavar="VALUE", help=help_text)
         else:
             action = group.add_argument(*flags, dest=name, default=_SUPPRESS, metavar=_metavar(tp), help=help_text)
         actions.append((action, name))

@@ -5,6 +5,9 @@
     out/label     K samples per prompt from the SFT model, ranked by the simulated labeler
     out/rm        the reward model
     out/ppo       RLHF with PPO against the reward model (held-out eval of SFT and PPO inside)
+    out/calibration  does each stage's model know what it does not know? calibration of the base,
+                  SFT and PPO models on multiple choice (and DPO's, where `out/dpo` holds a run),
+                  and their hallucinations on made-up countries
     out/report.md the scores per family and stage, RM accuracy, PPO curves, win rates, the
                   proxy-vs-gold picture and sample conversations; report_*.png beside it
 
@@ -25,6 +28,7 @@ from chatfoundry import checkpoint as ckpt
 from chatfoundry.config import save_config
 from chatfoundry.data.world import PARTS
 from chatfoundry.errors import UserError
+from chatfoundry.eval import calibration
 from chatfoundry.metrics import plot_bars, read_metrics
 from chatfoundry.train import label, ppo, pretrain, reward, sft
 from chatfoundry.train.stage import single_process
@@ -44,19 +48,26 @@ class PipelineConfig:
     rm: reward.RMConfig = field(default_factory=lambda: reward.RMConfig(
         init=WIRED, data=reward.RMDataConfig(files=[WIRED])))
     ppo: ppo.PPOConfig = field(default_factory=lambda: ppo.PPOConfig(init=WIRED, reward=f"rm:{WIRED}"))
+    calibrate: calibration.CalibrateConfig = field(default_factory=lambda: calibration.CalibrateConfig(
+        base=[WIRED], ckpt=[WIRED]))
 
 
 def stage_configs(cfg: PipelineConfig) -> dict:
     """Each stage's config, wired to the folders before it (in, out, seed, device)."""
     out = Path(cfg.out)
-    folder = {name: str(out / name) for name in ("pretrain", "sft", "label", "rm", "ppo")}
+    folder = {name: str(out / name) for name in ("pretrain", "sft", "label", "rm", "ppo", "calibration", "dpo")}
     cfg.pretrain.out = folder["pretrain"]
     cfg.sft.init, cfg.sft.out = folder["pretrain"], folder["sft"]
     cfg.label.init, cfg.label.out = folder["sft"], folder["label"]
     cfg.rm.init, cfg.rm.out, cfg.rm.data.files = folder["sft"], folder["rm"], [folder["label"]]
     cfg.ppo.init, cfg.ppo.reward, cfg.ppo.out = folder["sft"], f"rm:{folder['rm']}", folder["ppo"]
+    # A DPO run the user put in out/dpo (`chatfoundry dpo --init out/sft --data out/label --out out/dpo`) is measured too.
+    dpo = ["dpo"] if (out / "dpo" / ckpt.CHECKPOINT).is_dir() else []
+    cfg.calibrate.out, cfg.calibrate.base, cfg.calibrate.names = folder["calibration"], [folder["pretrain"]], \
+        ["base", "sft", "ppo", *dpo]
+    cfg.calibrate.ckpt = [folder["sft"], folder["ppo"], *(folder[d] for d in dpo)]
     stages = {"pretrain": (cfg.pretrain, pretrain.run), "sft": (cfg.sft, sft.run), "label": (cfg.label, label.run),
-              "rm": (cfg.rm, reward.run), "ppo": (cfg.ppo, ppo.run)}
+              "rm": (cfg.rm, reward.run), "ppo": (cfg.ppo, ppo.run), "calibrate": (cfg.calibrate, calibration.run)}
     for stage_cfg, _ in stages.values():
         stage_cfg.seed, stage_cfg.device = cfg.seed, cfg.device
     return stages
@@ -76,10 +87,10 @@ def run(cfg: PipelineConfig, overwrite: bool = False, log=print) -> dict:
     t0 = time.perf_counter()
     single_process("pipeline")  # label and ppo run in one process; run the DDP stages on their own
     out = Path(cfg.out)
-    if overwrite and out.exists():
-        for name in ("pretrain", "sft", "label", "rm", "ppo"):
-            (out / name / SUMMARY).unlink(missing_ok=True)
     stages = stage_configs(cfg)
+    if overwrite and out.exists():
+        for stage_cfg, _ in stages.values():
+            (Path(stage_cfg.out) / SUMMARY).unlink(missing_ok=True)
     for name in ("label", "ppo"):  # its report reads the world's gold reward; run the stages for a prompt file
         if stages[name][0].prompts != "world":
             raise UserError(f"{name}.prompts: the pipeline runs on the built-in world; run `chatfoundry label` and "
@@ -90,14 +101,15 @@ def run(cfg: PipelineConfig, overwrite: bool = False, log=print) -> dict:
     for n, (name, (stage_cfg, stage_run)) in enumerate(stages.items(), 1):
         folder = Path(stage_cfg.out)
         done = folder / SUMMARY
-        if done.is_file() and not overwrite:
+        if done.is_file() and not overwrite and not walls:
             summaries[name] = json.loads(done.read_text())
             log(f"[{n}/{len(stages)}] {name}: done, skipped ({folder})")
             continue
-        resume, again = (False, folder.exists()) if overwrite else _start(folder)
+        # A stage after one that ran here starts over: what it read has changed.
+        resume, again = (False, folder.exists()) if overwrite or walls else _start(folder)
         log(f"[{n}/{len(stages)}] {name}: " + ("resuming" if resume else "running") + f" -> {folder}")
         started = time.perf_counter()
-        if name == "label":  # no checkpoint: always from the start
+        if name in ("label", "calibrate"):  # no checkpoint: always from the start
             summary = stage_run(stage_cfg, overwrite=again or overwrite, log=log)
         else:
             summary = stage_run(stage_cfg, resume=resume, overwrite=not resume and (again or overwrite), log=log)
@@ -134,6 +146,14 @@ def stage_summaries(s: dict) -> dict:
            "ppo": {k: s["ppo"].get(k) for k in ("gold_reward", "gold_reward_se", "gold_gain", "gold_gain_se", "kl",
                                                  "kl_budget", "kl_heldout", "rm_reward", "win_rate_rm", "win_rate_gold",
                                                  "gold_reward_sampled", "gold_gain_sampled", "gold_gain_sampled_se")}}
+    out["calibrate"] = {c["name"]: {**{k: c.get(k) for k in ("accuracy", "ece", "ece_ci", "brier", "mean_confidence",
+                                                           "temperature")},
+                                    "ece_scaled": c["scaled"]["ece"], "ece_change": c.get("change", {}).get("ece"),
+                                    **({"real_confident_wrong": h["answerable"]["confident_wrong"],
+                                        "real_abstain": h["answerable"]["abstain"],
+                                        "made_up_states_value": h["made_up"]["confident_wrong"]}
+                                       if (h := c.get("hallucination")) else {})}
+                        for c in s["calibrate"]["checkpoints"]} if "calibrate" in s else {}
     # The SFT model sampled cooler with no reward model: the gain sharpening alone gives, and its KL.
     out["ppo"]["sft_tempered"] = [{k: t[k] for k in ("temperature", "gold_gain_sampled", "kl_heldout")}
                                   for t in s["ppo"].get("sft_tempered", [])]
@@ -176,7 +196,11 @@ def write_report(out: Path, s: dict) -> None:
              + " |",
              f"| ppo | {_wall(s['ppo'])} | KL to SFT {s['ppo'].get('kl')} nats in training (the last fifth)"
              + (f", {s['ppo']['kl_heldout']} on held-out prompts" if s['ppo'].get('kl_heldout') is not None else "")
-             + f" (budget {s['ppo'].get('kl_budget')}) |", ""]
+             + f" (budget {s['ppo'].get('kl_budget')}) |"]
+    if "calibrate" in s:
+        lines.append(f"| calibrate | {_wall(s['calibrate'])} | ECE on multiple choice: " + ", ".join(
+            f"{c['name']} {c['ece']:.3f}" for c in s["calibrate"]["checkpoints"]) + " |")
+    lines.append("")
     if ev:
         lines += ["## Held-out test prompts (greedy answers)", "",
                   f"Gold reward SFT {ev['sft_gold_reward']:.3f} ± {ev['sft_gold_reward_se']:.3f} -> PPO "
@@ -209,6 +233,8 @@ def write_report(out: Path, s: dict) -> None:
                   "proxy up stops helping (or starts hurting) the gold reward: reward over-optimization.", "",
                   "![over-optimization](report_overoptimization.png)", ""]
     lines += ["## Reward model", "", "![rewards](rm/rewards.png)", ""]
+    if "calibrate" in s:
+        lines += _calibration(s["calibrate"])
     if ev:
         lines += ["## Sample conversations (held-out prompts)", ""]
         changed = [a for a in ev["answers"] if a["response"] != a["sft_response"]][:6] or ev["answers"][:6]
@@ -217,6 +243,18 @@ def write_report(out: Path, s: dict) -> None:
                       f"**PPO:** {a['response']} *(gold {a['gold_reward']:.2f})*", ""]
     lines += ["Chat with the result:", "", "```bash", f"chatfoundry chat --ckpt {out / 'ppo'}", "```", ""]
     (out / "report.md").write_text("\n".join(lines))
+
+
+def _calibration(c: dict) -> list[str]:
+    """Does each stage's model know what it does not know? (eval/calibration.py)"""
+    return ["## Does the model know what it does not know?", "",
+            f"Held-out multiple-choice questions ({c['split']} split): each model's probability of each option, "
+            "renormalised over the options; the base model asked in its corpus' quiz form, the chat models in their "
+            "chat template. GPT-4's report found its pretrained model calibrated (ECE "
+            f"{calibration.GPT4['pretrained']}) and its model after PPO not ({calibration.GPT4['after PPO']}); "
+            "these are this run's figures. T is the temperature fitted on the validation split, and ECE at T "
+            "the test split's after it.", "", calibration.format_table(c), "",
+            "![reliability](calibration/reliability.png)", "", "![hallucination](calibration/hallucination.png)", ""]
 
 
 def _stage_table(data: dict | None, ev: dict) -> list[str]:

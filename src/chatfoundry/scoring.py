@@ -1,6 +1,8 @@
 """A reward model's score of chat responses: the chats encoded as the reward model reads them
 (... <|assistant|> response <|end|>, read at that last token) and scored in batches of similar
 length. The reward-model stage trains on these rows; `label`, `ppo` and `score` score with them.
+A language model's log-likelihood of the same rows (`row_logprobs`) is the other score: the RM's
+baseline, and calibration's probability of each option.
 """
 
 from __future__ import annotations
@@ -67,3 +69,25 @@ def score_texts(model: RewardModel, tokenizer, prompts: list[list[dict]], respon
     """The reward of each response to its prompt (a conversation ending with a user message)."""
     rows, _, _ = encode_responses(tokenizer, prompts, responses, model.config.block_size)
     return score_rows(model, rows, special_id(tokenizer, "pad") or 0, batch_size)
+
+
+@torch.no_grad()
+def row_logprobs(lm, rows: list[list[int]], starts: list[int], pad_id: int, batch_size: int = 64) -> list[float]:
+    """Each row's log-likelihood from its `start` on under a decoder LM: the sum of
+    log p(token | every token before) over rows[i][starts[i]:], batched by length."""
+    device = lm.embed_tokens.weight.device
+    out = [0.0] * len(rows)
+    was_training = lm.training
+    lm.eval()
+    for chunk, idx in by_length(rows, pad_id, batch_size, device):
+        logits, _ = lm(idx[:, :-1])
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, idx[:, 1:, None]).squeeze(-1)
+        col = torch.arange(1, idx.shape[1], device=device)
+        first = torch.tensor([max(starts[i], 1) for i in chunk], device=device)
+        end = torch.tensor([len(rows[i]) for i in chunk], device=device)
+        # Token at column c is predicted from column c - 1; a cut row's first token has no context.
+        keep = (col[None] >= first[:, None]) & (col[None] < end[:, None])
+        for i, v in zip(chunk, (logp * keep).sum(1).tolist()):
+            out[i] = v
+    lm.train(was_training)
+    return out

@@ -1,5 +1,5 @@
 """The recipe's stages as commands: pipeline, pretrain, sft, finetune-seq2seq, label, rm, ppo, dpo,
-grpo, best-of-n, finetune-head. Each parses its config (defaults < a resumed run's config.yaml < --config < flags) and
+grpo, best-of-n, calibrate, finetune-head. Each parses its config (defaults < a resumed run's config.yaml < --config < flags) and
 calls its stage's `run`.
 """
 
@@ -28,6 +28,7 @@ def _stage(sub, name: str, cls: type, run, help: str, description: str, aliases:
 
 def add_parsers(sub) -> None:
     from chatfoundry import align_compare, pipeline
+    from chatfoundry.eval import calibration
     from chatfoundry.train import best_of_n, dpo, grpo, head, label, ppo, pretrain, reward, seq2seq, sft
 
     _stage(sub, "pipeline", pipeline.PipelineConfig, pipeline.run,
@@ -127,6 +128,17 @@ def add_parsers(sub) -> None:
                        "it), and scores best-of-k for k = 1, 2, 4, ..., n on the held-out prompts: the gold "
                        "reward of the pick where the prompts have a verifier, at KL log k - (k - 1) / k.",
            resumable=False, overwrite_help="replace what --out holds")
+    _stage(sub, "calibrate", calibration.CalibrateConfig, calibration.run,
+           help="does a model know what it does not know? calibration on multiple choice, and hallucination",
+           description="Ask each checkpoint held-out multiple-choice questions of the world (facts and arithmetic "
+                       "with four options, compare with two) and read its probability of each option, renormalised "
+                       "over the options (--form option: each answer's sentence; letter: GPT-4's A/B/C/D). Chat "
+                       "models (--ckpt) are asked in their chat template, base models (--base) in the quiz form "
+                       "of their corpus. Reports accuracy, ECE (with a bootstrap interval), adaptive ECE, Brier "
+                       "and mean confidence per checkpoint and family, the temperature fitted on --fit_split and "
+                       "ECE after it, and from greedy answers the share confidently wrong and abstaining on real "
+                       "and made-up countries. Writes calibration.json, reliability.png and hallucination.png.",
+           resumable=False)
     _stage(sub, "finetune-head", head.HeadConfig, head.run,
            help="finetune a classification or regression head on an encoder",
            description="Put BERT's pooler and a linear head on an encoder checkpoint (chatfoundry "

@@ -659,9 +659,8 @@ def mistaken(task: Task, rng: random.Random) -> Task:
         return replace(task, answer=getattr(fact, task.kind),
                        reference=_FACT_REFERENCES[task.kind].format(**{**vars(fact), "country": _subject(task)}))
     if task.family == "compare":
-        a, b = task.options if task.options[0] == task.answer else task.options[::-1]
-        swap = re.compile(f"({_whole(a)}|{_whole(b)})")
-        return replace(task, answer=b, reference=swap.sub(lambda m: b if m.group(1) == a else a, task.reference))
+        loser = next(o for o in task.options if o != task.answer)
+        return replace(task, answer=loser, reference=restate(task, loser))
     if task.answer.lstrip("-").isdigit():
         wrong = str(int(task.answer) + rng.choice((-3, -2, -1, 1, 2, 3, 10)))
     elif task.family == "facts":  # the answer ends the reference; "Malay" is also in "Malaysia"
@@ -675,8 +674,21 @@ def mistaken(task: Task, rng: random.Random) -> Task:
     else:
         wrong = task.answer[1:] + task.answer[:1] if len(set(task.answer)) > 1 else task.answer + task.answer[:1]
         return replace(task, answer=wrong, reference=task.reference.replace(f'"{task.answer}"', f'"{wrong}"'))
+    return replace(task, answer=wrong, reference=restate(task, wrong))
+
+
+def restate(task: Task, value: str) -> str:
+    """The reference saying `value` where it says the answer, in the house style: "The capital of
+    Peru is Quito.", "7 times 8 is 54."; for a comparison, the two things swapped. Arithmetic,
+    facts and comparisons only (their answer is a value the reference ends with, or a thing)."""
+    if value == task.answer:
+        return task.reference
+    if task.family == "compare":
+        a, b = task.answer, value
+        swap = re.compile(f"({_whole(a)}|{_whole(b)})")
+        return swap.sub(lambda m: b if m.group(1) == a else a, task.reference)
     head, _, tail = task.reference.rpartition(task.answer)
-    return replace(task, answer=wrong, reference=f"{head}{wrong}{tail}")
+    return f"{head}{value}{tail}"
 
 
 def off_topic_answer(task: Task, rng: random.Random) -> str | None:

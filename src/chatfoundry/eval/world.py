@@ -21,8 +21,14 @@ from chatfoundry.tokenizer import chat_stop_ids, encode_chat, special_id
 def chat_answers(model, tokenizer, conversations: Sequence[list[dict]], max_new_tokens: int = 48,
                  batch_size: int = 64) -> list[str]:
     """The model's greedy reply to each conversation (which ends with a user message)."""
-    ids = [encode_chat(tokenizer, m) for m in conversations]
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=chat_stop_ids(tokenizer))
+    return greedy_texts(model, tokenizer, [encode_chat(tokenizer, m) for m in conversations], chat_stop_ids(tokenizer),
+                        max_new_tokens, batch_size)
+
+
+def greedy_texts(model, tokenizer, ids: Sequence[list[int]], stop_ids: list[int], max_new_tokens: int = 48,
+                 batch_size: int = 64) -> list[str]:
+    """The greedy continuation of each prompt (token ids) until a stop id, decoded and stripped."""
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop_ids)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch: less padding
     replies: list[str] = [""] * len(ids)
     was_training = model.training

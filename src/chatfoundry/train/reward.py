@@ -35,7 +35,7 @@ from chatfoundry.errors import UserError
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.models.heads import RewardModel
-from chatfoundry.scoring import by_length, encode_responses, score_rows
+from chatfoundry.scoring import encode_responses, row_logprobs, score_rows
 from chatfoundry.tokenizer import special_id
 from chatfoundry.train import stage
 from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, fit, make_optimizer, pack, resume_step,
@@ -158,26 +158,12 @@ def comparison_loss(rewards: torch.Tensor, batch: dict[str, torch.Tensor], margi
 # ---------------------------------------------------------------- scoring and the report
 
 
-@torch.no_grad()
 def loglik_scores(lm: DecoderLM, items: list[Encoded], pad_id: int, batch_size: int = 64) -> list[float]:
     """Each response's log-likelihood under a language model, sum of log p(token | all before)
     over its tokens and <|end|>: what the model the RM starts from already knows about the
     responses, read as a reward. The held-out report scores it beside the RM."""
-    rows = [r for it in items for r in it.rows]
-    starts = [s for it in items for s in it.starts]
-    device = lm.embed_tokens.weight.device
-    out = [0.0] * len(rows)
-    for chunk, idx in by_length(rows, pad_id, batch_size, device):
-        logits, _ = lm(idx[:, :-1])
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, idx[:, 1:, None]).squeeze(-1)
-        col = torch.arange(1, idx.shape[1], device=device)
-        first = torch.tensor([max(starts[i], 1) for i in chunk], device=device)
-        end = torch.tensor([len(rows[i]) for i in chunk], device=device)
-        # Token at column c is predicted from column c - 1; a cut row's first token has no context.
-        keep = (col[None] >= first[:, None]) & (col[None] < end[:, None])
-        for i, v in zip(chunk, (logp * keep).sum(1).tolist()):
-            out[i] = v
-    return out
+    return row_logprobs(lm, [r for it in items for r in it.rows], [s for it in items for s in it.starts], pad_id,
+                        batch_size)
 
 
 def spearman(x, y) -> float:
