@@ -11,7 +11,9 @@ min_new_tokens = max_new_tokens as a guard), in three cases:
     topp16    16 rows from one prompt, top-p sampling (ours and transformers: num_return_sequences 16)
 
 A third contender, `compiled`, is a deep copy of our model after `compile_for_decoding` (skip it
-with `--no_compile`); its greedy tokens must equal transformers' and its samples our eager ones.
+with `--no_compile`); its greedy tokens must equal transformers'. Its samples are compared with our
+eager ones and the share of equal tokens reported, not required: compiled kernels round differently,
+and a draw near a boundary can flip, after which a row goes its own way.
 Every call must return `--new_tokens` tokens per row (checked). Each contender is warmed up once
 per case, then `--rounds` rounds alternate ours / transformers (who goes first alternates too),
 and a contender's figure is its best round: tokens/s = rows x new tokens / seconds of the whole
@@ -207,8 +209,13 @@ def bench_model(args, preset: str, flavour: str) -> dict:
                     first = next(i for i, (a, b) in enumerate(zip(warm[name][0], warm["transformers"][0])) if a != b)
                     raise SystemExit(f"{preset}/{flavour} {case}: {name}'s greedy tokens differ from transformers' at "
                                      f"new token {first}; the models do not compute the same function")
-        elif compiled is not None and warm["compiled"] != warm["ours"]:
-            raise SystemExit(f"{preset}/{flavour} {case}: compiled sampling differs from eager with the same seed")
+        sampled_equal = None
+        if do_sample and compiled is not None:
+            # Compiled kernels round differently, and a draw near a top-p or CDF boundary can flip,
+            # after which the rows diverge: not a different function (greedy is checked above).
+            # Report the share of tokens the two draw alike, position by position.
+            pairs = [(a, b) for ra, rb in zip(warm["compiled"], warm["ours"]) for a, b in zip(ra, rb)]
+            sampled_equal = sum(a == b for a, b in pairs) / len(pairs)
         times: dict[str, list[float]] = {n: [] for n in fns}
         names = list(fns)
         for r in range(args.rounds):
@@ -216,7 +223,8 @@ def bench_model(args, preset: str, flavour: str) -> dict:
                 t = time.perf_counter()
                 check_lengths(fns[name](), rows, new, name, case)
                 times[name].append(time.perf_counter() - t)
-        res = {"rows": rows, "do_sample": do_sample, "greedy_tokens_equal": same, "contenders": {}}
+        res = {"rows": rows, "do_sample": do_sample, "greedy_tokens_equal": same,
+               "sampled_tokens_equal_compiled_vs_eager": sampled_equal, "contenders": {}}
         for name, ts in times.items():
             best = min(ts)
             res["contenders"][name] = {"seconds": best, "tokens_per_s": rows * new / best,
@@ -228,7 +236,8 @@ def bench_model(args, preset: str, flavour: str) -> dict:
                 res[f"ratio_{name}_over_transformers"] = c[name]["tokens_per_s"] / c["transformers"]["tokens_per_s"]
         cases[case] = res
         print(f"  {case:8} " + "   ".join(f"{n} {c[n]['tokens_per_s']:8.1f} tok/s" for n in c) + "   "
-              + "  ".join(f"{n} {res[f'ratio_{n}_over_transformers']:.2f}x" for n in c if n != "transformers"),
+              + "  ".join(f"{n} {res[f'ratio_{n}_over_transformers']:.2f}x" for n in c if n != "transformers")
+              + (f"   compiled draws {sampled_equal:.0%} of eager's tokens" if sampled_equal is not None else ""),
               flush=True)
     out = {"preset": preset, "flavour": flavour, "params": num_params(ours), "vocab_size": cfg.vocab_size,
            "prompt_len": args.prompt_len, "new_tokens": new, "cases": cases}

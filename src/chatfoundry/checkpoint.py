@@ -45,6 +45,7 @@ from chatfoundry.models.hf import (check_types, from_hf_config, reward_state_dic
 from chatfoundry.tokenizer import load_tokenizer, save_tokenizer, special_id
 
 CHECKPOINT = "checkpoint"
+SHARDS = "sharded"  # in a checkpoint saved under FSDP: every process's shards of the model and optimizer
 TRAINER_STATE = "trainer_state.pt"
 MAX_CONTEXT = 1 << 20  # the longest block_size loaded: rotary tables and caches grow with it, no weight says it
 _LAYER_FIELDS = ("n_layer", "num_layers", "num_decoder_layers", "num_hidden_layers")
@@ -60,17 +61,19 @@ def _fsync(path: Path) -> None:
 
 def save_checkpoint(path: str | Path, model: DecoderLM | RewardModel | EncoderLM | Encoder | EncoderClassifier | Seq2SeqLM,
                     tokenizer, trainer_state: dict[str, Any] | None = None,
-                    generation: dict[str, Any] | None = None) -> Path:
+                    generation: dict[str, Any] | None = None, weights: dict[str, torch.Tensor] | None = None,
+                    shards: Path | None = None) -> Path:
     """Write the folder at `path` (replacing an older one) so that a kill never leaves it half-written.
     A RewardModel is written as transformers' `...ForSequenceClassification`; encoders as BERT's
-    classes (models/hf_encoder.py)."""
+    classes (models/hf_encoder.py). An FSDP-sharded model gives its whole `weights` (gathered) and
+    the folder of its `shards` (torch.distributed.checkpoint's), moved in as `sharded/`."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     cfg = model.config
     special = {name: special_id(tokenizer, name) for name in ("bos", "eos", "pad")}
-    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().cpu() for k, v in (model.state_dict() if weights is None else weights).items()}
     encoder = isinstance(model, (EncoderLM, Encoder, EncoderClassifier))
     if encoder:
         kind = hf_encoder.kind_of(model)
@@ -96,6 +99,10 @@ def save_checkpoint(path: str | Path, model: DecoderLM | RewardModel | EncoderLM
         torch.save(trainer_state, tmp / TRAINER_STATE)
     for f in tmp.iterdir():
         _fsync(f)
+    if shards is not None:
+        for f in Path(shards).iterdir():
+            _fsync(f)
+        os.replace(shards, tmp / SHARDS)
     _fsync(tmp)
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -32,6 +32,7 @@ PRESETS = {
     "mini": (6, 8, 256, 256),     # ~7M: the throughput benchmark's size
     "small": (8, 8, 512, 512),    # ~30M
     "gpt2": (12, 12, 768, 1024),  # 124M with GPT-2's 50257 vocabulary
+    "1b": (16, 32, 2048, 2048),   # 0.85B with a 50k vocabulary (Llama 3.2 1B's depth and width): for FSDP
 }
 
 
@@ -41,7 +42,7 @@ class DecoderConfig:
 
     PRESET_KEYS = ("preset", "flavour")  # applied before other overrides (see config.build_config)
 
-    preset: str = "tiny"  # size by name (tiny, mini, small, gpt2): sets n_layer, n_head, n_embd, block_size
+    preset: str = "tiny"  # size by name (tiny, mini, small, gpt2, 1b): sets n_layer, n_head, n_embd, block_size
     # sets pos, norm, mlp, bias, tie_embeddings and norm_eps (FLAVOURS); llama: n_kv_head = n_head / 2
     flavour: Literal["gpt2", "neox", "llama"] = "gpt2"
     vocab_size: int = 0  # 0: the tokenizer's size

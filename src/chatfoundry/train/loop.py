@@ -1,5 +1,5 @@
 """The training loop the training stages share: AdamW, warmup + cosine schedule, gradient
-accumulation, DDP, clipping, bf16 autocast, a NaN guard, metrics, progress and checkpoints.
+accumulation, DDP or FSDP2, clipping, bf16 autocast, a NaN guard, metrics, progress and checkpoints.
 
 A stage supplies what differs: how to draw this process's micro-batches, the loss of one, an
 evaluation and how to save. Everything else reads top to bottom in `fit`.
@@ -10,14 +10,18 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from chatfoundry.config import require
@@ -166,15 +170,23 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def restore(out, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> dict[str, Any]:
-    """A run's trainer state from its checkpoint: restores the optimizer and torch's RNG and
-    returns the state, whose "step" is where to go on and whose other entries the stage's data
-    order wrote."""
-    from chatfoundry.checkpoint import load_trainer_state
+def restore(out, optimizer: torch.optim.Optimizer, cfg: TrainConfig, model: nn.Module | None = None) -> dict[str, Any]:
+    """A run's trainer state from its checkpoint: restores the optimizer (a sharded one, and the
+    model's shards with it, from the checkpoint's `sharded/`) and torch's RNG, and returns the state,
+    whose "step" is where to go on and whose other entries the stage's data order wrote."""
+    from chatfoundry.checkpoint import SHARDS, load_trainer_state, resolve_checkpoint
 
     state = load_trainer_state(out)
     require(cfg.steps >= int(state["step"]), "train.steps", f"{cfg.steps} is below the checkpoint's step {state['step']}")
-    optimizer.load_state_dict(state["optimizer"])
+    if "optimizer" in state:
+        if model is not None and sharded(model):
+            raise UserError(f"{out}: its checkpoint was saved by one process or DDP; resume it with --dist ddp")
+        optimizer.load_state_dict(state["optimizer"])
+    else:
+        folder = resolve_checkpoint(out) / SHARDS
+        if model is None or not sharded(model) or not folder.is_dir():
+            raise UserError(f"{out}: its checkpoint holds FSDP shards; resume it under torchrun with --dist fsdp")
+        load_shards(model, optimizer, folder)
     torch.set_rng_state(state["torch_rng"])
     return state
 
@@ -190,15 +202,84 @@ def resume_step(out, optimizer: torch.optim.Optimizer, cfg: TrainConfig, order: 
 
 
 def trainer_state(step: int, optimizer: torch.optim.Optimizer, **data: Any) -> dict[str, Any]:
-    """What `restore` reads back: the step, the optimizer, torch's RNG and the data position."""
-    return {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), **data}
+    """What `restore` reads back: the step, the optimizer (unless it is sharded: its shards are
+    saved apart, `save_shards`), torch's RNG and the data position."""
+    shards = any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"])
+    return {"step": step, **({} if shards else {"optimizer": optimizer.state_dict()}),
+            "torch_rng": torch.get_rng_state(), **data}
+
+
+# ---------------------------------------------------------------- several processes: DDP or FSDP
+
+
+def shard(model: nn.Module, rt: Runtime, how: str) -> nn.Module:
+    """FSDP2 (`fully_shard`) when `how` is "fsdp" under torchrun: each block's parameters, then the
+    rest, split across the processes and gathered only around the block's forward and backward, so
+    the weights, gradients and AdamW's moments take 1/world of the memory each. In place, before
+    the optimizer is made (it must hold the shards). Otherwise the model as it is."""
+    if how != "fsdp" or not rt.distributed:
+        return model
+    for block in getattr(model, "layers", []):
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def sharded(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
 
 
 def wrap(model: nn.Module, rt: Runtime, compile: bool = False) -> nn.Module:
-    """The module the loop trains: DDP across processes when there are several, then torch.compile."""
-    if rt.distributed:
+    """The module the loop trains: DDP across processes when there are several (unless FSDP already
+    shards it), then torch.compile."""
+    if rt.distributed and not sharded(model):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     return torch.compile(model) if compile else model
+
+
+@dataclass
+class Shards:
+    """What an FSDP save hands the checkpoint: the folder of every process's shards, and the whole
+    weights (on the main process; None elsewhere). Both None for an unsharded model."""
+
+    folder: Path | None = None
+    weights: dict[str, torch.Tensor] | None = None
+
+
+def save_shards(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime) -> Shards:
+    """Under FSDP, on every process (collectives): the model's and optimizer's shards through
+    torch.distributed.checkpoint into a staging folder that `save_checkpoint` moves into the new
+    checkpoint, and the whole weights gathered for its model.safetensors."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not sharded(model):
+        return Shards()
+    staging = Path(out) / "checkpoint.shards.tmp"
+    if rt.is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+    rt.barrier()
+    model_state, optim_state = _state_dicts(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=staging)
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return Shards(staging, weights if rt.is_main else None)
+
+
+def load_shards(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """The model's and optimizer's shards back from `save_shards`'s folder (the same number of processes)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    model_state, optim_state = _state_dicts(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=folder)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    return get_state_dict(model, optimizer)
 
 
 # ---------------------------------------------------------------- the loop
@@ -213,8 +294,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, cfg: Tr
     `model` may be wrapped (DDP, torch.compile); `micro_batches()` returns this process's share
     of one optimizer step; `loss_fn` returns a mean loss; `save(step)` writes a checkpoint.
     """
-    ddp = isinstance(model, nn.parallel.DistributedDataParallel) or isinstance(
-        getattr(model, "_orig_mod", None), nn.parallel.DistributedDataParallel)
+    inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper holds the module
+    ddp, fsdp = isinstance(inner, nn.parallel.DistributedDataParallel), sharded(inner)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     last: dict[str, float] = {}
     bar = tqdm(total=cfg.steps, initial=start_step, desc=desc, disable=not rt.is_main, dynamic_ncols=True,
@@ -229,8 +310,10 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, cfg: Tr
         loss_sum = torch.zeros((), device=rt.device)
         for i, batch in enumerate(batches):
             # Sync gradients across processes only on the last micro-batch of the step.
-            sync = not ddp or i == len(batches) - 1
-            with (contextlib.nullcontext() if sync else model.no_sync()), rt.autocast():
+            sync = not (ddp or fsdp) or i == len(batches) - 1
+            if fsdp:
+                inner.set_requires_gradient_sync(sync)
+            with (contextlib.nullcontext() if sync or fsdp else inner.no_sync()), rt.autocast():
                 loss = loss_fn(model, batch) / len(batches)
             loss.backward()
             loss_sum += loss.detach()
@@ -243,6 +326,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, cfg: Tr
             raise TrainingDiverged(f"loss became {loss_value} at step {step + 1}; stopped without saving "
                                    "(the last good checkpoint is kept; try a lower train.lr)")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        if isinstance(grad_norm, DTensor):  # FSDP: the norm over every process's shards
+            grad_norm = grad_norm.full_tensor()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1

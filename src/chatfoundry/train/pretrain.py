@@ -43,7 +43,8 @@ from chatfoundry.models.seq2seq import Seq2SeqConfig, Seq2SeqLM
 from chatfoundry.train import span, stage
 from chatfoundry.textgen import generate_text
 from chatfoundry.tokenizer import SPECIAL_TOKENS, TOKENIZER_FORMAT, load_tokenizer, save_tokenizer, special_id, train_tokenizer
-from chatfoundry.train.loop import TrainConfig, accumulation, fit, make_optimizer, restore, trainer_state, wrap
+from chatfoundry.train.loop import (TrainConfig, accumulation, fit, make_optimizer, restore, save_shards, shard, sharded,
+                                    trainer_state, wrap)
 from chatfoundry.train.mlm import MaskedLM, MLMConfig
 
 
@@ -108,6 +109,9 @@ class PretrainConfig(stage.StageConfig):
     out: str = "runs/pretrain"  # run folder: checkpoint/, config.yaml, metrics.jsonl, samples.txt, loss.png
     dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls, fp32 weights
     compile: bool = False  # torch.compile the model
+    # Under torchrun: ddp keeps a whole copy of the model and AdamW on every process; fsdp (FSDP2,
+    # clm only) shards the weights, gradients and AdamW's moments across the processes
+    dist: Literal["ddp", "fsdp"] = "ddp"
     # clm: a decoder (section `model`) predicts each next token; mlm: a BERT-style encoder
     # (section `encoder`) predicts masked tokens from both sides (section `mlm`); span: a T5
     # (section `seq2seq`) writes back the spans dropped from its input (section `span`)
@@ -131,6 +135,7 @@ class PretrainConfig(stage.StageConfig):
                 f"{self.train.block_size} exceeds {name} {self.context} (the model's maximum context)")
         require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
                 f"unknown device {self.device!r}; auto, cpu, cuda or cuda:N")
+        require(self.dist == "ddp" or self.objective == "clm", "dist", "fsdp shards the decoder (objective clm) only")
 
     @property
     def context(self) -> int:
@@ -218,7 +223,6 @@ def _run(r: stage.Run, key: str, documents) -> dict:
     setattr(cfg, section, replace(cfg.arch, vocab_size=cfg.arch.vocab_size or vocab))
     micro, accum = accumulation(cfg.train, rt)
     model = (enc.EncoderLM if mlm else Seq2SeqLM if spans else DecoderLM)(cfg.arch).to(rt.device)
-    optimizer = make_optimizer(model, cfg.train, rt.device)
     # All processes draw the same windows (same seed) and keep their own slice of each step.
     masked = MaskedLM(cfg.mlm, tokenizer, shards.train, shards.val, block, cfg.seed) if mlm else None
     sampler = masked.sampler if mlm else BlockSampler(shards.train, block, cfg.seed)
@@ -233,7 +237,10 @@ def _run(r: stage.Run, key: str, documents) -> dict:
             raise UserError(f"{section}.{name}: {getattr(cfg.arch, name)!r} differs from the checkpoint's "
                             f"{getattr(loaded.config, name, None)!r}; a resumed run keeps its model")
         model.load_state_dict(loaded.state_dict())
-        state = restore(out, optimizer, cfg.train)
+    model = shard(model, rt, cfg.dist)
+    optimizer = make_optimizer(model, cfg.train, rt.device)
+    if resume:
+        state = restore(out, optimizer, cfg.train, model)
         sampler.set_state(state["sampler"])
         if spans:
             span_rng.bit_generator.state = state["span_rng"]
@@ -254,7 +261,8 @@ def _run(r: stage.Run, key: str, documents) -> dict:
         what = f"{cfg.model.flavour} flavour, {flops / 1e6:.1f} MFLOPs/token (training)"
     if rt.is_main:
         log(f"model: {what}, {params / 1e6:.2f}M parameters; tokens: {len(shards.train):,} train / {len(shards.val):,} val; "
-            f"batch {cfg.train.batch_size} x {block} = {micro} x {accum} steps x {rt.world} processes; device {rt.device}")
+            f"batch {cfg.train.batch_size} x {block} = {micro} x {accum} steps x {rt.world} processes"
+            f"{' (FSDP)' if sharded(model) else ''}; device {rt.device}")
 
     train_model = wrap(model, rt, cfg.compile)
 
@@ -299,19 +307,22 @@ def _run(r: stage.Run, key: str, documents) -> dict:
                   for b in val_batches()]
         val = float(np.mean(losses))
         scores = {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
-        if rt.is_main:  # one sample per evaluation, to watch the text improve
+        if rt.is_main or sharded(model):  # one sample per evaluation (every FSDP process takes part in it)
             text = (_denoised(model, tokenizer, next(val_batches()), 1) if spans else
                     generate_text(model, tokenizer, cfg.sample.prompt, 1, 60, cfg.sample.temperature, cfg.sample.top_k,
                                   seed=cfg.seed))[0]
+        if rt.is_main:
             with (out / "samples.txt").open("a") as f:
                 f.write(f"--- step {step} (val loss {val:.3f}) ---\n{text}\n\n")
         return scores
 
     def save(step: int):
+        shards = save_shards(out, model, optimizer, rt)
         if rt.is_main:
             extra = {"span_rng": span_rng.bit_generator.state} if spans else {}
             ckpt.save_checkpoint(out / ckpt.CHECKPOINT, model, tokenizer,
-                                 trainer_state(step, optimizer, sampler=sampler.state(), **extra))
+                                 trainer_state(step, optimizer, sampler=sampler.state(), **extra),
+                                 weights=shards.weights, shards=shards.folder)
         rt.barrier()
 
     train_start = time.perf_counter()
@@ -337,6 +348,8 @@ def _run(r: stage.Run, key: str, documents) -> dict:
             log(f"held-out masked-token accuracy {last.get('val_accuracy', 0):.3f} "
                 f"(unigram baseline {last.get('unigram_accuracy', 0):.3f})")
     elif rt.is_main:
+        if sharded(model):  # the whole model, as saved, for the samples
+            model = ckpt.load_model(out, rt.device)[0]
         records = read_metrics(out / "metrics.jsonl")
         plot_curves(records, out / "loss.png", {"loss": "train loss", "val_loss": "validation loss"},
                     title=f"pretraining{' (span corruption)' if spans else ''} ({params / 1e6:.2f}M parameters)",

@@ -16,6 +16,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -29,7 +30,8 @@ from chatfoundry.eval.world import evaluate_world, format_report, write_report
 from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
 from chatfoundry.tokenizer import SPECIAL_TOKENS, chat_stop_ids, encode_batch_ids, special_id
 from chatfoundry.train import stage
-from chatfoundry.train.loop import Epochs, TrainConfig, accumulation, fit, make_optimizer, restore, trainer_state, wrap
+from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, fit, make_optimizer, restore, save_shards, shard,
+                                    sharded, trainer_state, wrap)
 
 
 @dataclass
@@ -88,6 +90,9 @@ class SFTConfig(stage.StageConfig):
     out: str = "runs/sft"  # run folder: checkpoint/, config.yaml, metrics.jsonl, loss.png, eval.json, eval.png
     dtype: str = "fp32"  # fp32 or bf16 (autocast)
     compile: bool = False  # torch.compile the model
+    # Under torchrun: ddp keeps a whole copy of the model and AdamW on every process; fsdp (FSDP2)
+    # shards the weights, gradients and AdamW's moments across the processes
+    dist: Literal["ddp", "fsdp"] = "ddp"
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     train: TrainConfig = field(default_factory=_sft_train)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -259,11 +264,11 @@ def _run(r: stage.Run, model, tokenizer, train_examples, val_examples, source, d
     micro, accum = accumulation(cfg.train, rt)
     pad_id = special_id(tokenizer, "pad") or 0
     batches = Batches(rows, cfg.train.batch_size, block, pad_id, cfg.seed, cfg.data.packing)
-    model = model.to(rt.device).train()
+    model = shard(model.to(rt.device).train(), rt, cfg.dist)
     optimizer = make_optimizer(model, cfg.train, rt.device)
     start_step = 0
     if resume:
-        state = restore(out, optimizer, cfg.train)
+        state = restore(out, optimizer, cfg.train, model)
         batches.set_state(state["batches"])
         start_step = int(state["step"])
 
@@ -273,7 +278,7 @@ def _run(r: stage.Run, model, tokenizer, train_examples, val_examples, source, d
         log(f"sft: {len(rows):,} conversations from {source} ({learned:,} tokens to learn"
             + (f", {cut} cut to the context of {block}" if cut else "") + f"); {len(val_rows):,} for validation; "
             f"batch {cfg.train.batch_size} ({'packed' if cfg.data.packing else 'padded'}) = {micro} x {accum} steps "
-            f"x {rt.world} processes; device {rt.device}")
+            f"x {rt.world} processes{' (FSDP)' if sharded(model) else ''}; device {rt.device}")
         if data:
             log(f"sft: the demonstrations' gold reward {data['gold_reward']:.3f} ("
                 + ", ".join(f"{w} {d['share']:.0%}: {d['gold_reward']:.3f}" for w, d in data["writers"].items()) + ")")
@@ -306,10 +311,12 @@ def _run(r: stage.Run, model, tokenizer, train_examples, val_examples, source, d
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
 
     def save(step: int):
+        shards = save_shards(out, model, optimizer, rt)
         if rt.is_main:
             ckpt.save_checkpoint(out / ckpt.CHECKPOINT, model, tokenizer,
                                  trainer_state(step, optimizer, batches=batches.state()),
-                                 generation={"eos_token_id": chat_stop_ids(tokenizer)})
+                                 generation={"eos_token_id": chat_stop_ids(tokenizer)}, weights=shards.weights,
+                                 shards=shards.folder)
         rt.barrier()
 
     sample = rows[:1000]  # the mean padded-batch size, for the tokens/s figure
@@ -327,6 +334,8 @@ def _run(r: stage.Run, model, tokenizer, train_examples, val_examples, source, d
     if data:
         summary["data"] = data  # what the demonstrations are worth, by the gold reward SFT never sees
     if rt.is_main:
+        if sharded(model):  # the whole model, as saved, answers the test questions
+            model = ckpt.load_model(out, rt.device)[0]
         plot_curves(read_metrics(out / "metrics.jsonl"), out / "loss.png",
                     {"loss": "train loss", "val_loss": "validation loss"}, title="SFT (assistant tokens only)",
                     ylabel="cross-entropy (nats/token)")
