@@ -121,6 +121,29 @@ def cli_subprocess_cmd() -> list[str]:
     return [sys.executable, "-m", "chatfoundry"]
 
 
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for a CLI run in a child process, under torchrun or not: one thread a
+    process, the session's private cache, no torchrun variables inherited."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # CHATFOUNDRY_CACHE comes along from the session fixture
+    assert env.get("CHATFOUNDRY_CACHE")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+def run_subprocess(cmd: list[str]):
+    """Run `cmd` in a child process (`subprocess_env`); fail the test with its stderr unless it succeeds."""
+    import subprocess
+
+    done = subprocess.run(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          timeout=600)
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stderr[-3000:]}"
+    return done
+
+
 @contextlib.contextmanager
 def served(app):
     """uvicorn serving `app` on a free localhost port in a background thread; yields its base URL."""

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file
@@ -15,7 +12,7 @@ from safetensors.torch import load_file
 from chatfoundry import checkpoint as ckpt
 from chatfoundry.metrics import read_metrics
 
-from conftest import TINY, cli_subprocess_cmd
+from conftest import TINY, TORCHRUN_2, cli_subprocess_cmd, run_subprocess as _run
 
 pytestmark = pytest.mark.slow
 
@@ -23,20 +20,6 @@ pytestmark = pytest.mark.slow
 # Dropout is 0 (the default), so the two runs compute the same sums in a different order.
 ARGS = [*TINY, "--train.batch_size", "8", "--train.micro_batch_size", "4", "--model.dropout", "0",
         "--train.log_every", "1", "--json"]
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # CHATFOUNDRY_CACHE comes along from the session fixture
-    assert env.get("CHATFOUNDRY_CACHE")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
-
-
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
-    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stderr[-3000:]}"
-    return done
 
 
 def _json_lines(stdout: str) -> list[dict]:
@@ -48,8 +31,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     one, two = root / "one", root / "two"
     single = _run([*cli_subprocess_cmd(), "pretrain", *ARGS, "--out", str(one)])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
-    ddp = _run([*torchrun, "-m", "chatfoundry", "pretrain", *ARGS, "--out", str(two)])
+    ddp = _run([*TORCHRUN_2, "-m", "chatfoundry", "pretrain", *ARGS, "--out", str(two)])
     return (one, single), (two, ddp)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -18,27 +17,14 @@ from safetensors.torch import load_file
 from chatfoundry import checkpoint as ckpt
 from chatfoundry.metrics import read_metrics
 
-from conftest import TINY, cli_subprocess_cmd
+from conftest import TINY, TORCHRUN_2, cli_subprocess_cmd, run_subprocess as _run, subprocess_env as _env
 
 pytestmark = pytest.mark.slow
 
 # Global batch 8 in micro-batches of 4: 1 process accumulates 2, 2 processes take 1 each.
 ARGS = [*TINY, "--train.batch_size", "8", "--train.micro_batch_size", "4", "--model.dropout", "0",
         "--train.log_every", "1"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "chatfoundry"]
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # CHATFOUNDRY_CACHE comes along from the session fixture
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
-
-
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
-    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stderr[-3000:]}"
-    return done
+TORCHRUN = [*TORCHRUN_2, "-m", "chatfoundry"]
 
 
 def _kill_all(marker: str) -> None:

@@ -52,7 +52,7 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tmp_path, capsy
     for name in ("report.md", "report_scores.png", "report_overoptimization.png", "config.yaml",
                  "pretrain/checkpoint/model.safetensors", "sft/checkpoint/model.safetensors", "label/train.jsonl",
                  "rm/checkpoint/model.safetensors", "ppo/checkpoint/model.safetensors", "ppo/ppo.png",
-                 "calibration/reliability.png", "calibration/hallucination.png"):
+                 "calibrate/reliability.png", "calibrate/hallucination.png"):
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
     assert "| arithmetic |" in report and "chatfoundry chat --ckpt" in report and "**PPO:**" in report

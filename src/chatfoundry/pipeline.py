@@ -5,7 +5,7 @@
     out/label     K samples per prompt from the SFT model, ranked by the simulated labeler
     out/rm        the reward model
     out/ppo       RLHF with PPO against the reward model (held-out eval of SFT and PPO inside)
-    out/calibration  does each stage's model know what it does not know? calibration of the base,
+    out/calibrate does each stage's model know what it does not know? calibration of the base,
                   SFT and PPO models on multiple choice (and DPO's, where `out/dpo` holds a run),
                   and their hallucinations on made-up countries
     out/report.md the scores per family and stage, RM accuracy, PPO curves, win rates, the
@@ -55,7 +55,7 @@ class PipelineConfig:
 def stage_configs(cfg: PipelineConfig) -> dict:
     """Each stage's config, wired to the folders before it (in, out, seed, device)."""
     out = Path(cfg.out)
-    folder = {name: str(out / name) for name in ("pretrain", "sft", "label", "rm", "ppo", "calibration", "dpo")}
+    folder = {name: str(out / name) for name in ("pretrain", "sft", "label", "rm", "ppo", "calibrate", "dpo")}
     cfg.pretrain.out = folder["pretrain"]
     cfg.sft.init, cfg.sft.out = folder["pretrain"], folder["sft"]
     cfg.label.init, cfg.label.out = folder["sft"], folder["label"]
@@ -63,7 +63,7 @@ def stage_configs(cfg: PipelineConfig) -> dict:
     cfg.ppo.init, cfg.ppo.reward, cfg.ppo.out = folder["sft"], f"rm:{folder['rm']}", folder["ppo"]
     # A DPO run the user put in out/dpo (`chatfoundry dpo --init out/sft --data out/label --out out/dpo`) is measured too.
     dpo = ["dpo"] if (out / "dpo" / ckpt.CHECKPOINT).is_dir() else []
-    cfg.calibrate.out, cfg.calibrate.base, cfg.calibrate.names = folder["calibration"], [folder["pretrain"]], \
+    cfg.calibrate.out, cfg.calibrate.base, cfg.calibrate.names = folder["calibrate"], [folder["pretrain"]], \
         ["base", "sft", "ppo", *dpo]
     cfg.calibrate.ckpt = [folder["sft"], folder["ppo"], *(folder[d] for d in dpo)]
     stages = {"pretrain": (cfg.pretrain, pretrain.run), "sft": (cfg.sft, sft.run), "label": (cfg.label, label.run),
@@ -254,7 +254,7 @@ def _calibration(c: dict) -> list[str]:
             f"{calibration.GPT4['pretrained']}) and its model after PPO not ({calibration.GPT4['after PPO']}); "
             "these are this run's figures. T is the temperature fitted on the validation split, and ECE at T "
             "the test split's after it.", "", calibration.format_table(c), "",
-            "![reliability](calibration/reliability.png)", "", "![hallucination](calibration/hallucination.png)", ""]
+            "![reliability](calibrate/reliability.png)", "", "![hallucination](calibrate/hallucination.png)", ""]
 
 
 def _stage_table(data: dict | None, ev: dict) -> list[str]:

@@ -4,7 +4,7 @@ GPT-4's report shows its pretrained model calibrated on multiple choice (ECE 0.0
 after PPO not (ECE 0.074). The world has ground truth and made-up countries, so each stage's
 checkpoint can be measured rather than shown:
 
-    chatfoundry calibrate --base runs/demo/pretrain --ckpt runs/demo/sft runs/demo/ppo --out runs/demo/calibration
+    chatfoundry calibrate --base runs/demo/pretrain --ckpt runs/demo/sft runs/demo/ppo --out runs/calibration
 
 Multiple choice.  Held-out questions of the world: facts with four options (the answer and three
 rival values of the field), arithmetic with four (the answer and three near misses), compare with
