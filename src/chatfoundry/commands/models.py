@@ -39,7 +39,7 @@ def _score(args) -> dict:
 def _eval_parser(sub) -> None:
     from chatfoundry.data.world import FAMILIES, SPLITS
 
-    p = sub.add_parser("eval", help="score a chat checkpoint on the task world (exact match, gold reward)")
+    p = sub.add_parser("eval", help="score a chat checkpoint (or a base one, k-shot) on the task world (exact match, gold reward)")
     p.add_argument("--ckpt", required=True, help="checkpoint folder (or the run folder holding it)")
     p.add_argument("--split", choices=SPLITS, default="test")
     p.add_argument("--per_family", type=int, default=100, help="questions per family")
@@ -47,6 +47,11 @@ def _eval_parser(sub) -> None:
     p.add_argument("--system", default=None, help="a system message to put before each question")
     p.add_argument("--tool_questions", type=int, default=0,
                    help="also score N held-out calculator questions with the calculator on offer and without")
+    p.add_argument("--shots", type=int, default=None, metavar="K",
+                   help="ask a base (pretrained) model in its corpus' quiz form (\"Question: ...\\nAnswer: ...\"), after "
+                        "K worked questions of the same family from the train split (0: zero-shot; fewer where the "
+                        "context is short: shots_used says how many); the answer is read to the end of its line. "
+                        "Without it, a chat model is asked in its chat template")
     p.add_argument("--max_new_tokens", type=int, default=48)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--out", default=None, help="folder for eval.json (every answer) and eval.png")
@@ -69,10 +74,14 @@ def _eval(args) -> dict:
             raise UserError(f"--{name}: must be > 0")
     if args.tool_questions < 0:
         raise UserError("--tool_questions: must be >= 0")
+    if args.shots is not None and (args.shots < 0 or args.system or args.tool_questions):
+        raise UserError("--shots: must be >= 0" if args.shots < 0 else
+                        f"--shots asks a base model in the quiz form; --{'system' if args.system else 'tool_questions'} "
+                        "is for a chat model")
     model, tokenizer = load_model(args.ckpt, args.device)
     report = evaluate_world(model, tokenizer, args.split, args.per_family, families, args.system,
                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                            tool_questions=args.tool_questions)
+                            tool_questions=args.tool_questions, shots=args.shots)
     print(format_report(report))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

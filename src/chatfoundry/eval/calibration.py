@@ -49,7 +49,7 @@ from chatfoundry import checkpoint as ckpt
 from chatfoundry.config import require
 from chatfoundry.data import world
 from chatfoundry.errors import UserError
-from chatfoundry.eval.world import chat_answers, greedy_texts
+from chatfoundry.eval.world import chat_answers, quiz_answers
 from chatfoundry.metrics import MetricsLog, plot_bars
 from chatfoundry.scoring import row_logprobs
 from chatfoundry.tokenizer import chat_stop_ids, encode_batch_ids, encode_chat, special_id
@@ -255,12 +255,8 @@ def hallucination(model, tok, chat: bool, split: str, n: int, seed: int, max_new
     if chat:
         replies = chat_answers(model, tok, [[{"role": "user", "content": t.prompt}] for t in asked], max_new_tokens,
                                batch_size)
-    else:  # the quiz form, read up to the end of its line
-        eos = special_id(tok, "eos")
-        ids = [([eos] if eos is not None else []) + x
-               for x in encode_batch_ids(tok, [f"Question: {t.prompt}\nAnswer:" for t in asked])]
-        replies = [r.split("\n")[0].strip() for r in
-                   greedy_texts(model, tok, ids, [i for i in (eos,) if i is not None], max_new_tokens, batch_size)]
+    else:  # the quiz form, zero-shot
+        replies, _ = quiz_answers(model, tok, asked, 0, seed, max_new_tokens, batch_size)
     scores = [world.score(t, r) for t, r in zip(asked, replies)]
     out, k = {}, 0
     for name, tasks in groups.items():

@@ -1,13 +1,16 @@
-"""Score a chat model on the task world: greedy answers to held-out questions, checked by the
-world's verifier. Per family: exact match (the content is right), the mean gold reward and how
-often the model said it does not know.
+"""Score a model on the task world: greedy answers to held-out questions, checked by the world's
+verifier. Per family: exact match (the content is right), the mean gold reward and how often the
+model said it does not know. A chat model is asked in its chat template; a base model (`shots`)
+in the quiz form of its pretraining corpus, after K worked questions: in-context learning.
 
-    chatfoundry eval --ckpt runs/sft --json      ->  families.<name>.exact_match / .gold_reward
+    chatfoundry eval --ckpt runs/sft --json                  ->  families.<name>.exact_match / .gold_reward
+    chatfoundry eval --ckpt runs/pretrain --shots 4 --json   ->  the base model, 4-shot
 """
 
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import torch
 
 from chatfoundry.data import world
 from chatfoundry.generation import GenerationConfig, generate_batch
-from chatfoundry.tokenizer import chat_stop_ids, encode_chat, special_id
+from chatfoundry.tokenizer import chat_stop_ids, encode_batch_ids, encode_chat, special_id
 
 
 def chat_answers(model, tokenizer, conversations: Sequence[list[dict]], max_new_tokens: int = 48,
@@ -43,17 +46,60 @@ def greedy_texts(model, tokenizer, ids: Sequence[list[int]], stop_ids: list[int]
     return replies
 
 
+def quiz_prompt(task: world.Task, examples: Sequence[world.Task]) -> str:
+    """The quiz form of the pretraining corpus (world.quiz_document): worked questions, then the question."""
+    return "".join(f"Question: {e.prompt}\nAnswer: {e.reference}\n" for e in examples) + f"Question: {task.prompt}\nAnswer:"
+
+
+def quiz_prompts(tokenizer, tasks: Sequence[world.Task], shots: int, block: int, room: int,
+                 seed: int = 0) -> list[tuple[list[int], list[world.Task]]]:
+    """Each task's prompt ids in the quiz form and its worked questions: `shots` of its family
+    from the train split, the first ones dropped while the prompt leaves fewer than `room` of the
+    `block` tokens to answer in. A fresh document, as in pretraining: after <|eos|>."""
+    eos = special_id(tokenizer, "eos")
+    rng = random.Random(f"{seed}:shots")
+    pools = {f: world.tasks("train", f, 200, seed) for f in {t.family for t in tasks}} if shots else {}
+    out = []
+    for task in tasks:
+        examples = rng.sample(pools[task.family], min(shots, len(pools[task.family]))) if shots else []
+        while True:
+            ids = ([eos] if eos is not None else []) + encode_batch_ids(tokenizer, [quiz_prompt(task, examples)])[0]
+            if len(ids) + room <= block or not examples:
+                break
+            examples = examples[1:]
+        out.append((ids, examples))
+    return out
+
+
+def quiz_answers(model, tokenizer, tasks: Sequence[world.Task], shots: int = 0, seed: int = 0, max_new_tokens: int = 48,
+                 batch_size: int = 64) -> tuple[list[str], list[int]]:
+    """A base model's greedy answers in the quiz form after `shots` worked questions (`quiz_prompts`),
+    read to the end of the answer's line: (answers, worked questions each prompt holds)."""
+    prompts = quiz_prompts(tokenizer, tasks, shots, model.config.block_size, max_new_tokens, seed)
+    eos = special_id(tokenizer, "eos")
+    replies = greedy_texts(model, tokenizer, [ids for ids, _ in prompts], [eos] if eos is not None else [],
+                           max_new_tokens, batch_size)
+    return [r.split("\n")[0].strip() for r in replies], [len(examples) for _, examples in prompts]
+
+
 def evaluate_world(model, tokenizer, split: str = "test", per_family: int = 100,
                    families: Sequence[str] = world.FAMILIES, system: str | None = None, seed: int = 0,
-                   max_new_tokens: int = 48, batch_size: int = 64, tool_questions: int = 0) -> dict:
+                   max_new_tokens: int = 48, batch_size: int = 64, tool_questions: int = 0,
+                   shots: int | None = None) -> dict:
     """{"split", "families": {name: {n, exact_match, gold_reward, abstain_rate}}, "overall", "answers"},
-    and with `tool_questions` "tool_use" (see `evaluate_tool_use`)."""
+    and with `tool_questions` "tool_use" (see `evaluate_tool_use`). With `shots`, a base model in
+    the quiz form (`quiz_answers`), and "shots" and "shots_used" (the mean that fit the context)."""
     tasks = [t for family in families for t in world.tasks(split, family, per_family, seed)]
-    head = [{"role": "system", "content": system}] if system else []
-    replies = chat_answers(model, tokenizer, [head + [{"role": "user", "content": t.prompt}] for t in tasks],
-                           max_new_tokens, batch_size)
+    report: dict = {"split": split}
+    if shots is None:
+        head = [{"role": "system", "content": system}] if system else []
+        replies = chat_answers(model, tokenizer, [head + [{"role": "user", "content": t.prompt}] for t in tasks],
+                               max_new_tokens, batch_size)
+    else:
+        replies, used = quiz_answers(model, tokenizer, tasks, shots, seed, max_new_tokens, batch_size)
+        report.update(shots=shots, shots_used=round(sum(used) / max(len(used), 1), 2))
     scores = [world.score(t, r) for t, r in zip(tasks, replies)]
-    report: dict = {"split": split, "families": {}}
+    report["families"] = {}
     for family in families:
         mine = [s for t, s in zip(tasks, scores) if t.family == family]
         report["families"][family] = world.score_summary(mine)
@@ -114,6 +160,9 @@ def format_report(report: dict) -> str:
     lines = [f"{'family':<14}{'n':>5}{'exact match':>13}{'gold reward':>13}{'abstains':>10}"]
     for name, s in [*report["families"].items(), ("overall", report["overall"])]:
         lines.append(f"{name:<14}{s['n']:>5}{s['exact_match']:>13.3f}{s['gold_reward']:>13.3f}{s['abstain_rate']:>10.3f}")
+    if "shots" in report:
+        lines.append(f"asked in the quiz form, {report['shots']}-shot ({report['shots_used']:g} worked questions fit "
+                     "the context on average)")
     if "tool_use" in report:
         t = report["tool_use"]
         for name, g in (("calculator questions", t), ("small arithmetic", t["small"])):
