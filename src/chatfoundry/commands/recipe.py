@@ -1,5 +1,5 @@
 """The recipe's stages as commands: pipeline, pretrain, sft, finetune-seq2seq, label, rm, ppo, dpo,
-grpo, best-of-n, calibrate, finetune-head. Each parses its config (defaults < a resumed run's config.yaml < --config < flags) and
+grpo, best-of-n, calibrate, scaling, finetune-head. Each parses its config (defaults < a resumed run's config.yaml < --config < flags) and
 calls its stage's `run`.
 """
 
@@ -27,7 +27,7 @@ def _stage(sub, name: str, cls: type, run, help: str, description: str, aliases:
 
 
 def add_parsers(sub) -> None:
-    from chatfoundry import align_compare, pipeline
+    from chatfoundry import align_compare, pipeline, scaling
     from chatfoundry.eval import calibration
     from chatfoundry.train import best_of_n, dpo, grpo, head, label, ppo, pretrain, reward, seq2seq, sft
 
@@ -128,6 +128,17 @@ def add_parsers(sub) -> None:
                        "it), and scores best-of-k for k = 1, 2, 4, ..., n on the held-out prompts: the gold "
                        "reward of the pick where the prompts have a verifier, at KL log k - (k - 1) / k.",
            resumable=False, overwrite_help="replace what --out holds")
+    p = _stage(sub, "scaling", scaling.ScalingConfig, scaling.run,
+               help="a scaling law on your corpus: an IsoFLOP sweep of pretrain runs, L(N, D) fitted, a larger run predicted",
+               description="For each compute budget (--budgets, training FLOPs), pretrain models of each width "
+                           "(--widths) on the tokens the budget buys them, each an ordinary pretrain run under "
+                           "--out/runs/ (a finished run is skipped: the sweep resumes). Fits Chinchilla's "
+                           "approach 2 (IsoFLOP minima) and approach 3 (L = E + A/N^alpha + B/D^beta, with bootstrap "
+                           "intervals), then trains one run --predict times the largest budget at the law's "
+                           "compute-optimal width and reports the predicted loss against the actual one. Writes "
+                           "scaling.json, isoflop.png, law.png and optimal.png.",
+               resumable=False, overwrite_help="train every run again")
+    p.set_defaults(func=lambda args: _scaling(args, scaling))
     _stage(sub, "calibrate", calibration.CalibrateConfig, calibration.run,
            help="does a model know what it does not know? calibration on multiple choice, and hallucination",
            description="Ask each checkpoint held-out multiple-choice questions of the world (facts and arithmetic "
@@ -157,3 +168,9 @@ def _ppo(args, ppo) -> dict:
             raise UserError("--eval_only: trains nothing; drop --resume and --overwrite")
         return ppo.evaluate_run(stage_config(ppo.PPOConfig, args))
     return ppo.run(stage_config(ppo.PPOConfig, args), resume=args.resume, overwrite=args.overwrite)
+
+
+def _scaling(args, scaling) -> dict:
+    result = scaling.run(resolve_config(scaling.ScalingConfig, args), overwrite=args.overwrite)
+    print(scaling.format_result(result))
+    return result
