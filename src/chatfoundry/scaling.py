@@ -51,8 +51,8 @@ class ScalingConfig:
     data: list[str] = field(default_factory=list)  # text files or folders; empty: the built-in corpus
     corpus_chars: int = builtin.DEFAULT_CHARS  # size of the built-in corpus
     tokenizer: str = "char"  # the tokens every run shares: char, or bpe (a 2,048-token vocabulary)
-    budgets: list[float] = field(default_factory=lambda: [1e11, 3e11, 1e12])  # training FLOPs of each swept run
-    widths: list[int] = field(default_factory=lambda: [16, 32, 48, 64])  # n_embd of each model size
+    budgets: list[float] = field(default_factory=lambda: [3e11, 1e12, 3e12])  # training FLOPs of each swept run
+    widths: list[int] = field(default_factory=lambda: [16, 32, 48, 64, 96])  # n_embd of each model size
     n_layer: int = 4  # every model's depth
     head_dim: int = 16  # heads = width / head_dim
     block_size: int = 64  # tokens per training sequence
@@ -246,7 +246,7 @@ def bootstrap(runs: list[Run], losses: list[float], cfg: ScalingConfig, best: di
     from the full fit and a few grid starts around it."""
     rng = np.random.default_rng(cfg.seed)
     N, D, L = (np.array(v, float) for v in ([r.params for r in runs], [r.tokens(cfg) for r in runs], losses))
-    at = np.array([math.log(best["A"]), math.log(best["B"]), math.log(best["E"]), best["alpha"], best["beta"]])
+    at = np.array([math.log(max(best[k], 1e-12)) for k in ("A", "B", "E")] + [best["alpha"], best["beta"]])
     starts = np.stack([at, at + [2, 2, 0, 0.2, 0.2], [5, 5, 0, 0.5, 0.5]])
     draws = []
     for _ in range(cfg.bootstrap):
