@@ -90,3 +90,15 @@ def test_bad_input_is_one_line(tmp_path, capsys, extra, message):
     code, _, err = run_cli(["scaling", "--out", str(out), *args, *extra], capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_a_share_of_the_sweep_trains_without_fitting(tmp_path, capsys):
+    out = tmp_path / "sc"
+    code, stdout, err = run_cli(["scaling", "--out", str(out), "--corpus_chars", "20000", "--widths", "16", "32",
+                                 "--n_layer", "1", "--block_size", "16", "--batch_size", "4", "--budgets", "2e8",
+                                 "--min_steps", "2", "--eval_batches", "2", "--sweep_only", "--device", "cpu", "--json"],
+                                capsys)
+    assert code == 0, err
+    r = last_json(stdout)
+    assert [x["name"] for x in r["runs"]] == ["c2e+08_d16", "c2e+08_d32"] and "fit" not in r
+    assert (out / "runs" / "c2e+08_d16" / "summary.json").is_file() and not (out / "scaling.json").exists()

@@ -62,10 +62,14 @@ class ScalingConfig:
     predict: float = 4.0  # the checked run's budget, as a multiple of the largest swept one (0: none)
     bootstrap: int = 50  # resamples of the runs for the fitted parameters' 90% intervals (0: none)
     eval_batches: int = 40  # validation batches behind each run's final loss
+    # Train these budgets' runs and stop before the fits: a share of the sweep for one process of
+    # several on the same --out; a last call with every budget fits (and skips the finished runs)
+    sweep_only: bool = False
 
     def validate(self) -> None:
-        require(len(self.budgets) >= 3, "budgets", f"give at least 3 compute budgets, got {len(self.budgets)}")
-        require(len(self.widths) >= 4, "widths", f"give at least 4 model widths, got {len(self.widths)}")
+        if not self.sweep_only:
+            require(len(self.budgets) >= 3, "budgets", f"give at least 3 compute budgets, got {len(self.budgets)}")
+            require(len(self.widths) >= 4, "widths", f"give at least 4 model widths, got {len(self.widths)}")
         require(all(b > 0 for b in self.budgets), "budgets", "must be > 0")
         for w in self.widths:
             require(w > 0 and w % self.head_dim == 0, "widths", f"{w} is not a multiple of head_dim {self.head_dim}")
@@ -281,6 +285,10 @@ def run(cfg: ScalingConfig, overwrite: bool = False, log=print) -> dict:
     log(f"scaling: {len(runs)} runs, budgets {', '.join(f'{b:.3g}' for b in sorted(cfg.budgets))} FLOPs, widths "
         f"{', '.join(map(str, sorted(cfg.widths)))}, {vocab} tokens; {sum(r.budget for r in runs):.3g} FLOPs in all")
     losses = [train(cfg, r, out, tokenizer, log) for r in runs]
+    if cfg.sweep_only:
+        return {"out": str(out), "runs": [{"name": r.name, "budget": r.budget, "width": r.width, "params": r.params,
+                                           "tokens": r.tokens(cfg), "val_loss": round(x, 5)} for r, x in zip(runs, losses)],
+                "wall_s": round(time.perf_counter() - t0, 1)}
 
     N, D, L = (np.array(v, float) for v in ([r.params for r in runs], [r.tokens(cfg) for r in runs], losses))
     params = fit_law(N, D, L)

@@ -172,5 +172,6 @@ def _ppo(args, ppo) -> dict:
 
 def _scaling(args, scaling) -> dict:
     result = scaling.run(resolve_config(scaling.ScalingConfig, args), overwrite=args.overwrite)
-    print(scaling.format_result(result))
+    if "fit" in result:
+        print(scaling.format_result(result))
     return result
