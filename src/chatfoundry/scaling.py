@@ -34,6 +34,7 @@ from chatfoundry.config import require, save_config
 from chatfoundry.data import builtin
 from chatfoundry.errors import UserError
 from chatfoundry.models.decoder import DecoderConfig, DecoderLM, flops_per_token
+from chatfoundry.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer, train_tokenizer_from_files
 from chatfoundry.train import pretrain
 from chatfoundry.train.stage import single_process
 
@@ -163,8 +164,6 @@ def train(cfg: ScalingConfig, run: Run, out: Path, tokenizer: Path, log) -> floa
 def shared_tokenizer(cfg: ScalingConfig, out: Path):
     """One tokenizer for every run (so every loss is in the same units): out/tokenizer, or trained
     on the data now (saved once the sweep's plan holds)."""
-    from chatfoundry.tokenizer import load_tokenizer, train_tokenizer, train_tokenizer_from_files
-
     if (out / "tokenizer" / "tokenizer.json").is_file():
         return load_tokenizer(out / "tokenizer")
     return (train_tokenizer_from_files(cfg.data, cfg.tokenizer, 2048) if cfg.data else
@@ -273,8 +272,6 @@ def run(cfg: ScalingConfig, overwrite: bool = False, log=print) -> dict:
         for done in out.glob(f"runs/*/{SUMMARY}"):
             done.unlink()
         (out / "prediction.json").unlink(missing_ok=True)
-    from chatfoundry.tokenizer import save_tokenizer
-
     tok = shared_tokenizer(cfg, out)
     vocab, tokenizer = tok.get_vocab_size(), out / "tokenizer"
     runs = plan(cfg, vocab, sorted(cfg.budgets), sorted(cfg.widths))  # a bad budget stops here, before any file
@@ -285,19 +282,17 @@ def run(cfg: ScalingConfig, overwrite: bool = False, log=print) -> dict:
     log(f"scaling: {len(runs)} runs, budgets {', '.join(f'{b:.3g}' for b in sorted(cfg.budgets))} FLOPs, widths "
         f"{', '.join(map(str, sorted(cfg.widths)))}, {vocab} tokens; {sum(r.budget for r in runs):.3g} FLOPs in all")
     losses = [train(cfg, r, out, tokenizer, log) for r in runs]
+    table = [{"name": r.name, "budget": r.budget, "width": r.width, "params": r.params, "tokens": r.tokens(cfg),
+              "val_loss": round(x, 5)} for r, x in zip(runs, losses)]
     if cfg.sweep_only:
-        return {"out": str(out), "runs": [{"name": r.name, "budget": r.budget, "width": r.width, "params": r.params,
-                                           "tokens": r.tokens(cfg), "val_loss": round(x, 5)} for r, x in zip(runs, losses)],
-                "wall_s": round(time.perf_counter() - t0, 1)}
+        return {"out": str(out), "runs": table, "wall_s": round(time.perf_counter() - t0, 1)}
 
     N, D, L = (np.array(v, float) for v in ([r.params for r in runs], [r.tokens(cfg) for r in runs], losses))
     params = fit_law(N, D, L)
     opt = optimum(params)
     iso = isoflop(runs, losses)
     intervals = bootstrap(runs, losses, cfg, params)
-    result = {"out": str(out), "runs": [{"name": r.name, "budget": r.budget, "width": r.width, "params": r.params,
-                                          "tokens": r.tokens(cfg), "val_loss": round(x, 5)} for r, x in zip(runs, losses)],
-              "fit": {k: round(v, 5) for k, v in params.items()}, "fit_intervals": intervals,
+    result = {"out": str(out), "runs": table, "fit": {k: round(v, 5) for k, v in params.items()}, "fit_intervals": intervals,
               "optimal": {"a": round(opt["a"], 4), "b": round(opt["b"], 4)},
               "isoflop": {"a": round(iso["a"], 4), "b": round(iso["b"], 4),
                           "minima": [{k: v for k, v in m.items() if k != "parabola"} for m in iso["minima"]]},
