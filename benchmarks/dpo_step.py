@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, machine_info  # noqa: E402
+from _common import REPO, machine_info, write_report  # noqa: E402
 
 from chatfoundry import checkpoint as ckpt  # noqa: E402
 from chatfoundry.convert import to_hf  # noqa: E402
@@ -140,8 +139,7 @@ def main() -> None:
         result[name] = {k: round(statistics.median(s[k] for s in best) * 1000, 2) for k in best[0]}
         result[name] = {k.replace("_s", "_ms"): v for k, v in result[name].items()}
     result["speedup"] = round(result["trl"]["total_ms"] / result["ours"]["total_ms"], 2)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_report(result, args.out)
     for name in rounds:
         print(f"{name:5s} " + "  ".join(f"{k} {v:.1f}" for k, v in result[name].items()))
     print(f"ours is {result['speedup']:.2f}x TRL's DPOTrainer per step (batch {args.batch} pairs, "

@@ -21,6 +21,7 @@ timeout still leaves the earlier ones.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -79,7 +80,7 @@ def train(args, device: torch.device) -> dict:
 
     def step(name):
         model, loss_fn, opt, backends = contenders[name]
-        with torch.autocast(device.type, dtype=torch.bfloat16), (sdpa_kernel(backends) if backends else _null()):
+        with torch.autocast(device.type, dtype=torch.bfloat16), (sdpa_kernel(backends) if backends else contextlib.nullcontext()):
             loss = loss_fn(model, x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
@@ -120,12 +121,6 @@ def train(args, device: torch.device) -> dict:
     print(f"  ours / transformers: {out['ratio']:.2f}x (target >= 1.1x); ours MFU {c['ours+compile']['mfu']:.1%} "
           "(target >= 45%)", flush=True)
     return out
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def decode(args, device: torch.device) -> dict:

@@ -19,7 +19,6 @@ and the 8 optimizer steps), medians each, so they need not add up.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, machine_info  # noqa: E402
+from _common import REPO, machine_info, write_report  # noqa: E402
 
 from chatfoundry import checkpoint as ckpt  # noqa: E402
 from chatfoundry.convert import to_hf  # noqa: E402
@@ -155,8 +154,7 @@ def main() -> None:
     for name, runs in rounds.items():
         result[name] = {**min(runs, key=lambda r: r["iteration_s"]), "rounds_s": [r["iteration_s"] for r in runs]}
     result["speedup"] = round(result["trl"]["iteration_s"] / result["ours"]["iteration_s"], 2)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_report(result, args.out)
     for name in rounds:
         print(f"{name:5s} " + "  ".join(f"{k} {v}" for k, v in result[name].items()))
     print(f"ours {result['ours']['iteration_s']:.2f} s, TRL {result['trl']['iteration_s']:.2f} s per iteration: "

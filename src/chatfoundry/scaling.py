@@ -138,7 +138,7 @@ def pretrain_config(cfg: ScalingConfig, run: Run, out: Path, tokenizer: Path) ->
     p = pretrain.PretrainConfig(out=str(out / "runs" / run.name), seed=cfg.seed, device=cfg.device)
     p.data = replace(p.data, files=list(cfg.data), corpus_chars=cfg.corpus_chars)
     p.tokenizer = replace(p.tokenizer, path=str(tokenizer))
-    p.model = replace(model_config(cfg, run.width, 0), vocab_size=0)
+    p.model = model_config(cfg, run.width, 0)  # vocab_size 0: the tokenizer's
     p.train = replace(p.train, steps=run.steps, batch_size=cfg.batch_size, block_size=cfg.block_size, lr=cfg.lr,
                       warmup_steps=max(1, min(100, run.steps // 10)), eval_every=run.steps, save_every=run.steps,
                       eval_batches=cfg.eval_batches, log_every=max(1, run.steps // 20))

@@ -45,7 +45,7 @@ from chatfoundry.tokenizer import chat_stop_ids
 from chatfoundry.train import stage
 from chatfoundry.train.loop import Epochs
 from chatfoundry.train.rollout import (Rollout, RolloutConfig, load_chat_model, load_policy, load_reward, prompt_pool, response_logits, rollout,
-                                       select, spread, token_logprobs, warp)
+                                       resume_iterations, select, spread, token_logprobs, warp)
 
 
 @dataclass
@@ -194,11 +194,7 @@ def _run(r: stage.Run, source: tasks.Source, policy: DecoderLM, ref: DecoderLM, 
     generator = torch.Generator().manual_seed(cfg.seed)
     start = 0
     if resume:
-        state = ckpt.load_trainer_state(out)
-        require(cfg.iterations >= int(state["iteration"]), "iterations",
-                f"{cfg.iterations} is below the checkpoint's iteration {state['iteration']}")
-        optimizer.load_state_dict(state["optimizer"])
-        order.set_state(state["order"])
+        state = resume_iterations(out, cfg.iterations, optimizer, order)
         generator.set_state(state["generator"])
         start = int(state["iteration"])
 

@@ -251,7 +251,7 @@ def save_shards(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, r
     torch.distributed.checkpoint into a staging folder that `save_checkpoint` moves into the new
     checkpoint, and the whole weights gathered for its model.safetensors."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
     if not sharded(model):
         return Shards()
@@ -259,7 +259,7 @@ def save_shards(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, r
     if rt.is_main:
         shutil.rmtree(staging, ignore_errors=True)
     rt.barrier()
-    model_state, optim_state = _state_dicts(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=staging)
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return Shards(staging, weights if rt.is_main else None)
@@ -268,18 +268,12 @@ def save_shards(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, r
 def load_shards(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """The model's and optimizer's shards back from `save_shards`'s folder (the same number of processes)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model_state, optim_state = _state_dicts(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=folder)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-
-
-def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer):
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    return get_state_dict(model, optimizer)
 
 
 # ---------------------------------------------------------------- the loop

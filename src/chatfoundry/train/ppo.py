@@ -55,7 +55,7 @@ from chatfoundry.tokenizer import chat_stop_ids, encode_batch_ids, special_id, t
 from chatfoundry.train import stage
 from chatfoundry.train.loop import Epochs
 from chatfoundry.train.rollout import (Rollout, RolloutConfig, load_chat_model, load_reward, prompt_pool, response_logits, rollout,
-                                       select, spread, token_logprobs, values_of, warp)
+                                       resume_iterations, select, spread, token_logprobs, values_of, warp)
 
 CRITIC = "critic"
 
@@ -329,11 +329,7 @@ def _run(r: stage.Run, source: tasks.Source, policy, ref, critic, reward, tok) -
     ptx = PretrainRows(tok, min(block, 128), cfg.seed + 1) if cfg.ptx_coef else None
     start = 0
     if resume:
-        state = ckpt.load_trainer_state(out)
-        require(cfg.iterations >= int(state["iteration"]), "iterations",
-                f"{cfg.iterations} is below the checkpoint's iteration {state['iteration']}")
-        optimizer.load_state_dict(state["optimizer"])
-        order.set_state(state["order"])
+        state = resume_iterations(out, cfg.iterations, optimizer, order)
         kl_ctl.value, penalty.value = float(state["kl_coef"]), float(state["penalty_beta"])
         if isinstance(kl_ctl, core.AdaptiveKL):
             kl_ctl.reached = bool(state.get("kl_reached", False))
@@ -341,11 +337,7 @@ def _run(r: stage.Run, source: tasks.Source, policy, ref, critic, reward, tok) -
         if ptx is not None and state["ptx_rows"]:
             ptx.next(int(state["ptx_rows"]))
 
-    r.prepare(("metrics.jsonl", "ppo.png", "eval.json", CRITIC))
-    if not resume and r.overwrite:
-        import shutil
-
-        shutil.rmtree(out / CRITIC, ignore_errors=True)
+    r.prepare(("metrics.jsonl", "ppo.png", "eval.json", CRITIC))  # an overwritten run's critic/ goes too
     metrics = MetricsLog(out / "metrics.jsonl", start if resume else None)
     n_params = sum(p.numel() for p in policy.parameters())
     log(f"ppo: policy and reference from {cfg.init} ({n_params:,} parameters), reward {cfg.reward}; "

@@ -221,6 +221,17 @@ def load_policy(out, ref: DecoderLM, tok, resume: bool, init: str, device) -> De
     return policy.requires_grad_(True)
 
 
+def resume_iterations(out, iterations: int, optimizer: torch.optim.Optimizer, order) -> dict:
+    """A resumed RL run's trainer state, its optimizer and prompt order restored; "iteration" is
+    where to go on (checked against the run's `iterations`)."""
+    state = ckpt.load_trainer_state(out)
+    require(iterations >= int(state["iteration"]), "iterations",
+            f"{iterations} is below the checkpoint's iteration {state['iteration']}")
+    optimizer.load_state_dict(state["optimizer"])
+    order.set_state(state["order"])
+    return state
+
+
 def load_reward(spec: str, source: tasks.Source, tok, ref: DecoderLM, init: str, device):
     """The frozen reward `spec` names: a reward model (rm:PATH) checked against the policy's
     tokenizer and context, the source's verifier, or a Python function (a batch `tasks.Reward`)."""
