@@ -249,9 +249,12 @@ class Shards:
 def save_shards(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime) -> Shards:
     """Under FSDP, on every process (collectives): the model's and optimizer's shards through
     torch.distributed.checkpoint into a staging folder that `save_checkpoint` moves into the new
-    checkpoint, and the whole weights gathered for its model.safetensors."""
+    checkpoint; the main process then reads the whole weights back from those files for its
+    model.safetensors. Reading, not gathering: gloo's all-gather behind a full state dict
+    (get_model_state_dict(full_state_dict=True)) corrupted the heap about once in 500 saves on
+    CPU (docs/log.md, 2026-12-06), and the files are already there."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     if not sharded(model):
         return Shards()
@@ -260,9 +263,12 @@ def save_shards(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, r
         shutil.rmtree(staging, ignore_errors=True)
     rt.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=staging)
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return Shards(staging, weights if rt.is_main else None)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=staging)  # returns once all are written
+    if not rt.is_main:
+        return Shards(staging, None)
+    whole = {"model": {k: torch.empty(v.shape, dtype=v.dtype) for k, v in model_state.items()}}
+    dcp.load(whole, checkpoint_id=staging, no_dist=True)  # the shards resharded into whole tensors, in this process
+    return Shards(staging, whole["model"])
 
 
 def load_shards(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:

@@ -163,7 +163,11 @@ def rollout(policy: DecoderLM, ref: DecoderLM, critic: RewardModel | None, rewar
     """
     stop = chat_stop_ids(tok)
     prompt_ids = [encode_chat(tok, list(p.messages)) for p in prompts]
-    gen = GenerationConfig(max_new_tokens=max_new_tokens or cfg.max_new_tokens, do_sample=True,
+    room = policy.config.block_size - max(map(len, prompt_ids))  # prompt and response are scored in one window
+    if room < 1:
+        raise UserError(f"a prompt of {policy.config.block_size - room} tokens leaves no room for an answer in the "
+                        f"model's block_size {policy.config.block_size}")
+    gen = GenerationConfig(max_new_tokens=min(max_new_tokens or cfg.max_new_tokens, room), do_sample=True,
                            temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
                            eos_token_id=stop, seed=seed)
     was_training = policy.training
