@@ -9,15 +9,24 @@ from typing import Any
 
 import matplotlib
 
+from chatfoundry.errors import UserError
+
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 
 class MetricsLog:
-    """Appends records to metrics.jsonl; on resume drops what a killed run logged past the checkpoint."""
+    """Appends records to metrics.jsonl; on resume drops what a killed run logged past the checkpoint.
 
-    def __init__(self, path: str | Path, resume_step: int | None = None, enabled: bool = True):
-        self.path, self.enabled = Path(path), enabled
+    With `tensorboard`, each record's numbers also go to TensorBoard event files beside it (the
+    optional `tensorboard` extra): tagged by name, under the record's text fields ("train/arithmetic/
+    accuracy"), at its `step` or `iteration`. A fresh run clears the folder's old event files; a
+    resumed one purges their steps past the checkpoint, as metrics.jsonl drops its lines.
+    """
+
+    def __init__(self, path: str | Path, resume_step: int | None = None, enabled: bool = True,
+                 tensorboard: bool = False):
+        self.path, self.enabled, self.tb = Path(path), enabled, None
         if not enabled:
             return
         if resume_step is None:
@@ -25,11 +34,43 @@ class MetricsLog:
         elif self.path.exists():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if tensorboard:
+            self.tb = summary_writer(self.path.parent, resume_step)
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record.get("step", record.get("iteration", 0))
+            prefix = "".join(f"{v}/" for v in record.values() if isinstance(v, str))
+            for key, value in record.items():
+                if key not in ("step", "iteration") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(prefix + key, value, step)
+            self.tb.flush()  # a killed run keeps what it logged, as metrics.jsonl does
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def summary_writer(folder: Path, resume_step: int | None = None):
+    """TensorBoard's SummaryWriter on `folder`."""
+    SummaryWriter = summary_writer_class()
+    if resume_step is None:
+        for old in folder.glob("events.out.tfevents.*"):
+            old.unlink()
+    return SummaryWriter(str(folder), purge_step=None if resume_step is None else resume_step + 1)
+
+
+def summary_writer_class():
+    """torch's SummaryWriter, or one clear line saying what to install (checked before a run starts)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("log: tensorboard needs the tensorboard package: pip install 'chatfoundry[tensorboard]'") from None
+    return SummaryWriter
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

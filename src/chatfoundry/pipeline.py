@@ -23,6 +23,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from chatfoundry import checkpoint as ckpt
 from chatfoundry.config import save_config
@@ -42,6 +43,7 @@ class PipelineConfig:
     out: str = "runs/pipeline"  # holds a folder per stage (each stage's out is set to it), config.yaml, report.md
     seed: int = 1337  # every stage's seed
     device: str = "auto"  # every stage's device
+    log: Literal["jsonl", "tensorboard"] = "jsonl"  # every stage's: tensorboard writes TensorBoard event files too
     pretrain: pretrain.PretrainConfig = field(default_factory=pretrain.PretrainConfig)
     sft: sft.SFTConfig = field(default_factory=lambda: sft.SFTConfig(init=WIRED))
     label: label.LabelConfig = field(default_factory=lambda: label.LabelConfig(init=WIRED))
@@ -69,7 +71,7 @@ def stage_configs(cfg: PipelineConfig) -> dict:
     stages = {"pretrain": (cfg.pretrain, pretrain.run), "sft": (cfg.sft, sft.run), "label": (cfg.label, label.run),
               "rm": (cfg.rm, reward.run), "ppo": (cfg.ppo, ppo.run), "calibrate": (cfg.calibrate, calibration.run)}
     for stage_cfg, _ in stages.values():
-        stage_cfg.seed, stage_cfg.device = cfg.seed, cfg.device
+        stage_cfg.seed, stage_cfg.device, stage_cfg.log = cfg.seed, cfg.device, cfg.log
     return stages
 
 

@@ -26,6 +26,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ class ScalingConfig:
     out: str = "runs/scaling"  # holds runs/ (a pretrain run per budget and width), scaling.json and the plots
     seed: int = 1337  # every run's seed
     device: str = "auto"
+    log: Literal["jsonl", "tensorboard"] = "jsonl"  # tensorboard: each run's TensorBoard event files beside its metrics.jsonl
     data: list[str] = field(default_factory=list)  # text files or folders; empty: the built-in corpus
     corpus_chars: int = builtin.DEFAULT_CHARS  # size of the built-in corpus
     tokenizer: str = "char"  # the tokens every run shares: char, or bpe (a 2,048-token vocabulary)
@@ -135,7 +137,7 @@ def plan(cfg: ScalingConfig, vocab: int, budgets: list[float], widths: list[int]
 
 
 def pretrain_config(cfg: ScalingConfig, run: Run, out: Path, tokenizer: Path) -> pretrain.PretrainConfig:
-    p = pretrain.PretrainConfig(out=str(out / "runs" / run.name), seed=cfg.seed, device=cfg.device)
+    p = pretrain.PretrainConfig(out=str(out / "runs" / run.name), seed=cfg.seed, device=cfg.device, log=cfg.log)
     p.data = replace(p.data, files=list(cfg.data), corpus_chars=cfg.corpus_chars)
     p.tokenizer = replace(p.tokenizer, path=str(tokenizer))
     p.model = model_config(cfg, run.width, 0)  # vocab_size 0: the tokenizer's

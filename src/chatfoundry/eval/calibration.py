@@ -50,7 +50,7 @@ from chatfoundry.config import require
 from chatfoundry.data import world
 from chatfoundry.errors import UserError
 from chatfoundry.eval.world import chat_answers, quiz_answers
-from chatfoundry.metrics import MetricsLog, plot_bars
+from chatfoundry.metrics import plot_bars
 from chatfoundry.scoring import row_logprobs
 from chatfoundry.tokenizer import chat_stop_ids, encode_batch_ids, encode_chat, special_id
 from chatfoundry.train import stage
@@ -412,7 +412,7 @@ def _run(r: stage.Run, models: list[tuple[str, str, bool]], measured: dict, fit:
             rep["change"] = {"vs": reference, **changes(raws[rep["name"]], raws[reference], cfg.bins, cfg.bootstrap,
                                                         cfg.seed)}
     r.prepare(("calibration.json", "metrics.jsonl", "reliability.png", "hallucination.png"))
-    log_ = MetricsLog(out / "metrics.jsonl")
+    log_ = r.metrics()
     for rep in reports:
         log_.write({"checkpoint": rep["name"], **{k: v for k, v in rep.items() if not isinstance(v, (dict, list))},
                     "ece_scaled": rep["scaled"]["ece"],

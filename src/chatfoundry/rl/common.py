@@ -363,12 +363,13 @@ class Run:
     algorithms, not evaluation schedules)."""
 
     def __init__(self, env_id: str, env_kwargs: dict, steps: int, seed: int, out: Path | None,
-                 eval_every: int = 0, eval_episodes: int = 10, progress: bool = True):
+                 eval_every: int = 0, eval_episodes: int = 10, progress: bool = True, tensorboard: bool = False):
         from tqdm.auto import tqdm
 
         self.env_id, self.env_kwargs, self.steps, self.seed = env_id, env_kwargs, steps, seed
         self.eval_every, self.eval_episodes, self.next_eval = eval_every, eval_episodes, eval_every or steps + 1
-        self.metrics = MetricsLog(Path(out or ".") / "metrics.jsonl", enabled=out is not None)
+        self.metrics = MetricsLog(Path(out or ".") / "metrics.jsonl", enabled=out is not None,
+                                  tensorboard=tensorboard)
         self.records: list[dict[str, Any]] = []
         self.bar = tqdm(total=steps, unit="step", disable=not progress, dynamic_ncols=True, leave=False)
         self.returns: list[float] = []  # every training episode's return, for the bar
@@ -412,4 +413,5 @@ class Run:
         self.train_time += time.perf_counter() - self._t
         self._t = time.perf_counter()
         self.bar.close()
+        self.metrics.close()
         return self.train_time

@@ -22,7 +22,7 @@ import torch
 
 from chatfoundry.config import build_config, cli_overrides, load_yaml, require, to_dict
 from chatfoundry.errors import UserError
-from chatfoundry.metrics import plot_curves
+from chatfoundry.metrics import plot_curves, summary_writer_class
 from chatfoundry.rl import dqn, ppo, qlearning, reinforce, trpo
 from chatfoundry.rl.common import (AGENT_FILE, WEIGHTS_FILE, Run, evaluate, load_agent_files, load_policy, make_env,
                                    parse_env_kwargs, policy_act, resolve_env_id, save_agent)
@@ -43,6 +43,7 @@ class RLConfig:
     eval_every: int = 0  # env steps between evaluations during training (0: only the final one)
     threads: int = 1  # torch threads: small MLPs run fastest on one
     progress: bool = True  # show a progress bar (with the recent mean episode return) while training
+    log: Literal["jsonl", "tensorboard"] = "jsonl"  # tensorboard: TensorBoard event files beside metrics.jsonl too
     ppo: ppo.ClassicPPOConfig = field(default_factory=ppo.ClassicPPOConfig)  # ppo and ppo-kl
     trpo: trpo.TRPOConfig = field(default_factory=trpo.TRPOConfig)
     reinforce: reinforce.ReinforceConfig = field(default_factory=reinforce.ReinforceConfig)
@@ -162,6 +163,8 @@ def run(cfg: RLConfig, overwrite: bool = False, log: Callable[[str], None] = pri
         require(cfg.steps >= batch, "steps", f"{cfg.algo} needs at least n_envs x n_steps = {batch} steps, got {cfg.steps}")
     out = Path(cfg.out)
     _check_output(out, overwrite)
+    if cfg.log == "tensorboard":
+        summary_writer_class()
 
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.jsonl", "eval.json", "returns.png", "losses.png", AGENT_FILE, WEIGHTS_FILE):
@@ -174,7 +177,8 @@ def run(cfg: RLConfig, overwrite: bool = False, log: Callable[[str], None] = pri
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        record = Run(env_id, env_kwargs, cfg.steps, cfg.seed, out, cfg.eval_every, cfg.eval_episodes, cfg.progress)
+        record = Run(env_id, env_kwargs, cfg.steps, cfg.seed, out, cfg.eval_every, cfg.eval_episodes, cfg.progress,
+                     tensorboard=cfg.log == "tensorboard")
         if cfg.algo in ("ppo", "ppo-kl"):
             tensors, model = ppo.train(record, section, kl_penalty=cfg.algo == "ppo-kl")
         else:

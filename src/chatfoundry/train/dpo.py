@@ -37,7 +37,7 @@ from chatfoundry.data import tasks
 from chatfoundry.data.formats import Comparison, load_comparison_splits, pairs as ranked_pairs
 from chatfoundry.errors import UserError
 from chatfoundry.eval.policy import PolicyEvalConfig, Settings, evaluate, format_eval, summary_of
-from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
+from chatfoundry.metrics import plot_curves, read_metrics
 from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.scoring import encode_responses
 from chatfoundry.tokenizer import chat_stop_ids, special_id
@@ -268,7 +268,7 @@ def _run(r: stage.Run, policy: DecoderLM, ref: DecoderLM, tokenizer, source, tra
         + (f" ({cut} replies cut to the context of {block})" if cut else "") + f", {len(val_pairs):,} held out; "
         f"{cfg.loss} loss, beta {cfg.beta}; {cfg.train.steps} steps of {cfg.train.batch_size} pairs = {epochs:.1f} "
         f"epochs; the reference's log-probabilities in {ref_s:.1f} s; device {rt.device}")
-    metrics = MetricsLog(out / "metrics.jsonl", start_step if resume else None)
+    metrics = r.metrics(start_step)
     micro = cfg.train.micro_batch_size or cfg.train.batch_size
 
     def micro_batches():

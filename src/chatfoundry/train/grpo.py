@@ -38,7 +38,7 @@ from chatfoundry import checkpoint as ckpt
 from chatfoundry.config import require
 from chatfoundry.data import tasks
 from chatfoundry.eval.policy import PolicyEvalConfig, Settings, evaluate, format_eval, summary_of
-from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
+from chatfoundry.metrics import plot_curves, read_metrics
 from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.rl import core
 from chatfoundry.tokenizer import chat_stop_ids
@@ -207,7 +207,7 @@ def _run(r: stage.Run, source: tasks.Source, policy: DecoderLM, ref: DecoderLM, 
     # The first rollout before the folder is touched: a reward that fails, fails with nothing written.
     first = sample(start) if start < cfg.iterations else None
     r.prepare(("metrics.jsonl", "grpo.png", "eval.json"))
-    metrics = MetricsLog(out / "metrics.jsonl", start if resume else None)
+    metrics = r.metrics(start)
     log(f"grpo: policy and reference from {cfg.init}, reward {cfg.reward}; {cfg.iterations} iterations of "
         f"{cfg.rollout.batch_size} prompts x {cfg.group} samples (<= {cfg.rollout.max_new_tokens} tokens) from "
         f"{len(pool):,} train prompts ({source.name}); {cfg.advantage} advantages"

@@ -31,7 +31,7 @@ from chatfoundry.config import require
 from chatfoundry.data import world
 from chatfoundry.data.formats import load_labelled
 from chatfoundry.errors import UserError
-from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
+from chatfoundry.metrics import plot_curves, read_metrics
 from chatfoundry.models.encoder import EncoderClassifier
 from chatfoundry.textenc import encode_texts, pad_rows
 from chatfoundry.tokenizer import encoder_ids
@@ -170,7 +170,7 @@ def _run(r: stage.Run, body_model, tokenizer, train, val, test, labels, source, 
         log(f"finetune-head: {cfg.task}, {len(labels)} output{'s' if len(labels) > 1 else ''}; {len(train):,} "
             f"training texts from {source}" + (f" ({cut} cut to {max_len} tokens)" if cut else "")
             + f"; {len(val):,} for validation, {len(test):,} held out; device {rt.device}")
-    metrics = MetricsLog(out / "metrics.jsonl", enabled=rt.is_main)
+    metrics = r.metrics()
     train_model = wrap(model, rt)
 
     def micro_batches():

@@ -40,7 +40,7 @@ from chatfoundry.data import tasks, world
 from chatfoundry.data.formats import Comparison, comparison_to_record, write_jsonl
 from chatfoundry.errors import UserError
 from chatfoundry.generation import GenerationConfig, generate_batch
-from chatfoundry.metrics import MetricsLog, plot_bars, read_metrics
+from chatfoundry.metrics import plot_bars, read_metrics
 from chatfoundry.scoring import score_texts
 from chatfoundry.tokenizer import chat_stop_ids, encode_chat
 from chatfoundry.train import stage
@@ -217,7 +217,7 @@ def _run(r: stage.Run, source: tasks.Source) -> dict:
     r.prepare(("train.jsonl", "val.jsonl", "metrics.jsonl", "label.png"))
 
     summary: dict = {"out": str(out), "k": cfg.k, "labeler": cfg.labeler, "prompts": source.name, "splits": {}}
-    metrics = MetricsLog(out / "metrics.jsonl")
+    metrics = r.metrics()
     splits = [("train", cfg.train_prompts, False), ("val", cfg.val_prompts, True)]
     for split, n, held_out in splits:
         if not n:

@@ -47,7 +47,7 @@ from chatfoundry.config import require
 from chatfoundry.data import builtin, tasks
 from chatfoundry.errors import UserError
 from chatfoundry.eval.policy import PolicyEvalConfig, Settings, evaluate, format_eval, summary_of
-from chatfoundry.metrics import MetricsLog, read_metrics
+from chatfoundry.metrics import read_metrics
 from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.models.heads import RewardModel
 from chatfoundry.rl import core
@@ -338,7 +338,7 @@ def _run(r: stage.Run, source: tasks.Source, policy, ref, critic, reward, tok) -
             ptx.next(int(state["ptx_rows"]))
 
     r.prepare(("metrics.jsonl", "ppo.png", "eval.json", CRITIC))  # an overwritten run's critic/ goes too
-    metrics = MetricsLog(out / "metrics.jsonl", start if resume else None)
+    metrics = r.metrics(start)
     n_params = sum(p.numel() for p in policy.parameters())
     log(f"ppo: policy and reference from {cfg.init} ({n_params:,} parameters), reward {cfg.reward}; "
         f"{cfg.iterations} iterations of {cfg.rollout.batch_size} responses (<= {cfg.rollout.max_new_tokens} tokens) "

@@ -36,7 +36,7 @@ from chatfoundry.data import builtin
 from chatfoundry.data.shards import (BlockSampler, build_shards, default_cache_dir, files_key, publish,
                                      read_documents, resolve_inputs)
 from chatfoundry.errors import UserError
-from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
+from chatfoundry.metrics import plot_curves, read_metrics
 from chatfoundry.models import encoder as enc
 from chatfoundry.models.decoder import DecoderConfig, DecoderLM, flops_per_token, num_params
 from chatfoundry.models.seq2seq import Seq2SeqConfig, Seq2SeqLM
@@ -248,7 +248,7 @@ def _run(r: stage.Run, key: str, documents) -> dict:
 
     if rt.is_main:
         r.prepare(("metrics.jsonl", "samples.txt", "loss.png", "accuracy.png"))
-    metrics = MetricsLog(out / "metrics.jsonl", start_step if resume else None, enabled=rt.is_main)
+    metrics = r.metrics(start_step)
     if mlm:
         params, flops = enc.num_params(model), enc.flops_per_token(cfg.encoder, block, cfg.mlm.mask_prob)
         what = f"BERT-style encoder (masked LM, {cfg.mlm.mask_prob:.0%} of tokens), {flops / 1e6:.1f} MFLOPs/token (training)"

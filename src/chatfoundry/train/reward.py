@@ -32,7 +32,7 @@ from chatfoundry import checkpoint as ckpt
 from chatfoundry.config import require
 from chatfoundry.data.formats import Comparison, load_comparison_splits
 from chatfoundry.errors import UserError
-from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
+from chatfoundry.metrics import plot_curves, read_metrics
 from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.models.heads import RewardModel
 from chatfoundry.scoring import encode_responses, row_logprobs, score_rows
@@ -300,7 +300,7 @@ def _run(r: stage.Run, model, tokenizer, train, val, extras, source) -> dict:
         log(f"rm: {len(items):,} comparisons from {source} (~{pairs:,.0f} ranked pairs"
             + (f", {cut} responses cut to the context of {block}" if cut else "") + f"), {len(val_items):,} held out; "
             f"{cfg.train.steps} steps of {cfg.train.batch_size} comparisons = {epochs:.1f} epochs; device {rt.device}")
-    metrics = MetricsLog(out / "metrics.jsonl", start_step if resume else None, enabled=rt.is_main)
+    metrics = r.metrics(start_step)
 
     train_model = wrap(model, rt, cfg.compile)
 

@@ -26,7 +26,7 @@ from chatfoundry.data import corpus, world
 from chatfoundry.data.formats import read_jsonl
 from chatfoundry.errors import UserError
 from chatfoundry.generation import GenerationConfig, generate_seq2seq
-from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
+from chatfoundry.metrics import plot_curves, read_metrics
 from chatfoundry.models.seq2seq import Seq2SeqLM
 from chatfoundry.tokenizer import encode_batch_ids, special_id
 from chatfoundry.train import stage
@@ -248,7 +248,7 @@ def _run(r: stage.Run, model, tokenizer, train_pairs, val_pairs, test_pairs, fre
         log(f"finetune-seq2seq: {len(rows):,} pairs from {source}" + (f" ({cut} cut to {block} tokens)" if cut else "")
             + f"; {len(val_rows):,} for validation, {len(test_pairs):,} held out; batch {cfg.train.batch_size} = "
             f"{micro} x {accum} steps x {rt.world} processes; device {rt.device}")
-    metrics = MetricsLog(out / "metrics.jsonl", start_step if resume else None, enabled=rt.is_main)
+    metrics = r.metrics(start_step)
     train_model = wrap(model, rt, False)
 
     def micro_batches():

@@ -27,7 +27,7 @@ from chatfoundry.data import builtin, world
 from chatfoundry.data.formats import Example, load_sft
 from chatfoundry.errors import UserError
 from chatfoundry.eval.world import evaluate_world, format_report, write_report
-from chatfoundry.metrics import MetricsLog, plot_curves, read_metrics
+from chatfoundry.metrics import plot_curves, read_metrics
 from chatfoundry.tokenizer import SPECIAL_TOKENS, chat_stop_ids, encode_batch_ids, special_id
 from chatfoundry.train import stage
 from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, fit, make_optimizer, restore, save_shards, shard,
@@ -282,7 +282,7 @@ def _run(r: stage.Run, model, tokenizer, train_examples, val_examples, source, d
         if data:
             log(f"sft: the demonstrations' gold reward {data['gold_reward']:.3f} ("
                 + ", ".join(f"{w} {d['share']:.0%}: {d['gold_reward']:.3f}" for w, d in data["writers"].items()) + ")")
-    metrics = MetricsLog(out / "metrics.jsonl", start_step if resume else None, enabled=rt.is_main)
+    metrics = r.metrics(start_step)
 
     train_model = wrap(model, rt, cfg.compile)
 

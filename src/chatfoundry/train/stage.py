@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,7 @@ import torch.distributed as dist
 from chatfoundry import checkpoint
 from chatfoundry.config import save_config
 from chatfoundry.errors import UserError
+from chatfoundry.metrics import MetricsLog, summary_writer_class
 
 
 @dataclass
@@ -40,6 +41,7 @@ class StageConfig:
     out: str = "runs/stage"  # the run folder: checkpoint/, config.yaml, metrics.jsonl and the plots
     seed: int = 1337  # seeds everything the stage draws at random: data order and splits, weights, samples
     device: str = "auto"  # cpu, cuda, cuda:N or auto (cuda if there is one, else cpu)
+    log: Literal["jsonl", "tensorboard"] = "jsonl"  # tensorboard: TensorBoard event files beside metrics.jsonl too
 
 
 @dataclass
@@ -54,11 +56,19 @@ class Run:
     overwrite: bool
     log: Callable[[str], None]
     t0: float = field(default_factory=time.perf_counter)
+    logs: list[MetricsLog] = field(default_factory=list)  # closed when the run ends
 
     def prepare(self, artifacts: tuple[str, ...]) -> None:
         """The folder, ready to write (on the main process)."""
         if self.rt.is_main:
             prepare_output(self.out, self.cfg, self.resume, self.overwrite, artifacts)
+
+    def metrics(self, resume_step: int | None = None) -> MetricsLog:
+        """metrics.jsonl, written by the main process (with TensorBoard's files under `--log tensorboard`);
+        a resumed run keeps its records up to `resume_step`."""
+        self.logs.append(MetricsLog(self.out / "metrics.jsonl", resume_step if self.resume else None,
+                                    enabled=self.rt.is_main, tensorboard=self.cfg.log == "tensorboard"))
+        return self.logs[-1]
 
     def wall_s(self) -> float:
         return round(time.perf_counter() - self.t0, 2)
@@ -71,8 +81,15 @@ def start(name: str, cfg: Any, resume: bool = False, overwrite: bool = False, lo
     t0 = time.perf_counter()
     out = Path(cfg.out)
     check_output(out, resume, overwrite)
+    if cfg.log == "tensorboard":
+        summary_writer_class()
     with runtime(name, cfg.device, dtype, one_process) as rt:
-        yield Run(name, cfg, out, rt, resume, overwrite, log, t0)
+        run = Run(name, cfg, out, rt, resume, overwrite, log, t0)
+        try:
+            yield run
+        finally:
+            for metrics in run.logs:
+                metrics.close()
 
 
 @contextlib.contextmanager
