@@ -16,6 +16,7 @@ def _stage(sub, name: str, cls: type, run, help: str, description: str, aliases:
     takes --resume and reads a resumed run's config.yaml; the others restart or --overwrite."""
     p = sub.add_parser(name, help=help, description=description)
     add_config_args(p, cls, aliases=aliases)
+    p.set_defaults(config_class=cls)  # for tools that resolve a command line's config without running it
     if resumable:
         run_flags(p)
         p.set_defaults(func=lambda args: run(stage_config(cls, args), resume=args.resume, overwrite=args.overwrite))

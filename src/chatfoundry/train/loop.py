@@ -251,8 +251,8 @@ def save_shards(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, r
     torch.distributed.checkpoint into a staging folder that `save_checkpoint` moves into the new
     checkpoint; the main process then reads the whole weights back from those files for its
     model.safetensors. Reading, not gathering: gloo's all-gather behind a full state dict
-    (get_model_state_dict(full_state_dict=True)) corrupted the heap about once in 500 saves on
-    CPU (docs/log.md, 2026-12-06), and the files are already there."""
+    (get_model_state_dict(full_state_dict=True)) corrupted the heap in 2 of 52 stress runs on CPU
+    (docs/log.md, 2026-12-06), and the files are already there."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
