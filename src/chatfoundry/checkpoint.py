@@ -33,6 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from chatfoundry import adapters
 from chatfoundry.errors import UserError
 from chatfoundry.models import hf_encoder
 from chatfoundry.models.decoder import DecoderConfig, DecoderLM
@@ -62,18 +63,21 @@ def _fsync(path: Path) -> None:
 def save_checkpoint(path: str | Path, model: DecoderLM | RewardModel | EncoderLM | Encoder | EncoderClassifier | Seq2SeqLM,
                     tokenizer, trainer_state: dict[str, Any] | None = None,
                     generation: dict[str, Any] | None = None, weights: dict[str, torch.Tensor] | None = None,
-                    shards: Path | None = None) -> Path:
+                    shards: Path | None = None, adapter_of: Path | None = None) -> Path:
     """Write the folder at `path` (replacing an older one) so that a kill never leaves it half-written.
     A RewardModel is written as transformers' `...ForSequenceClassification`; encoders as BERT's
     classes (models/hf_encoder.py). An FSDP-sharded model gives its whole `weights` (gathered) and
-    the folder of its `shards` (torch.distributed.checkpoint's), moved in as `sharded/`."""
+    the folder of its `shards` (torch.distributed.checkpoint's), moved in as `sharded/`. A model
+    with LoRA adapters and `adapter_of` (its base checkpoint) is written as the adapter alone, in
+    peft's format (adapters.py), with the tokenizer and the generation config."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     cfg = model.config
     special = {name: special_id(tokenizer, name) for name in ("bos", "eos", "pad")}
-    weights = {k: v.detach().cpu() for k, v in (model.state_dict() if weights is None else weights).items()}
+    weights = {} if adapter_of is not None else \
+        {k: v.detach().cpu() for k, v in (model.state_dict() if weights is None else weights).items()}
     encoder = isinstance(model, (EncoderLM, Encoder, EncoderClassifier))
     if encoder:
         kind = hf_encoder.kind_of(model)
@@ -87,8 +91,11 @@ def save_checkpoint(path: str | Path, model: DecoderLM | RewardModel | EncoderLM
         generation = {"decoder_start_token_id": cfg.decoder_start_token_id, **(generation or {})}
     else:
         config, weights = to_hf_config(cfg, special), state_dict_to_hf(weights, cfg)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+    if adapter_of is not None:
+        adapters.save_adapter(tmp, model, adapter_of)
+    else:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
     save_tokenizer(tokenizer, tmp, model_max_length=cfg.max_position_embeddings if encoder else cfg.block_size,
                    encoder=encoder)
     if not isinstance(model, RewardModel) and not encoder:  # only a decoder LM generates
@@ -119,7 +126,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     full = path.resolve()  # "." and ".." have no name to put ".old" after
     old = full.with_name(full.name + ".old") if full.name else full  # "/" has no sibling
     for candidate in (path, path / CHECKPOINT, old, path / (CHECKPOINT + ".old")):
-        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
+        if ((candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file()) \
+                or adapters.is_adapter(candidate):
             return candidate
     if not path.exists():
         raise UserError(f"{path}: no such checkpoint folder")
@@ -260,6 +268,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     config says which family: a decoder LM, or with `seq2seq` (callers that handle both) also
     an encoder-decoder (T5)."""
     ckpt = resolve_checkpoint(path)
+    if adapters.is_adapter(ckpt):  # a LoRA run: its base, the adapter merged in
+        model = adapters.merge(adapters.load_adapter(ckpt, load_model(adapter_base(ckpt))[0]))
+        return model.to(device).eval(), load_tokenizer(ckpt)
     hf, cfg = _read_config(ckpt)
     if "chatfoundry_reward" in hf:
         raise UserError(f"{ckpt}: a reward model, not a language model (it scores text: chatfoundry score)")
@@ -271,6 +282,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     else:
         model = _load(ckpt, cfg, lambda: DecoderLM(cfg), lambda w: state_dict_from_hf(w, cfg))
     return model.to(device).eval(), load_tokenizer(ckpt)
+
+
+def adapter_base(ckpt: Path) -> Path:
+    """The base checkpoint an adapter folder names (adapter_config.json's base_model_name_or_path)."""
+    base, _ = adapters.read_adapter_config(ckpt)
+    if not base.exists():
+        raise UserError(f"{ckpt / adapters.ADAPTER_CONFIG}: its base model {base} is not there (moved or deleted?)")
+    return base
 
 
 def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[RewardModel, Any]:
@@ -302,4 +321,5 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
 
 
 def model_config(path: str | Path) -> DecoderConfig | Seq2SeqConfig:
-    return _read_config(resolve_checkpoint(path))[1]
+    ckpt = resolve_checkpoint(path)
+    return _read_config(adapter_base(ckpt) if adapters.is_adapter(ckpt) else ckpt)[1]

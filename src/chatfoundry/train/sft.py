@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -21,7 +22,8 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from chatfoundry import checkpoint as ckpt
+from chatfoundry import adapters, checkpoint as ckpt
+from chatfoundry.adapters import LoraConfig
 from chatfoundry.config import require
 from chatfoundry.data import builtin, world
 from chatfoundry.data.formats import Example, load_sft
@@ -93,6 +95,11 @@ class SFTConfig(stage.StageConfig):
     # Under torchrun: ddp keeps a whole copy of the model and AdamW on every process; fsdp (FSDP2)
     # shards the weights, gradients and AdamW's moments across the processes
     dist: Literal["ddp", "fsdp"] = "ddp"
+    # lora: train low-rank adapters beside the attention and MLP projections, the base frozen; the
+    # checkpoint is the adapter alone, in peft's format, naming init as its base (adapters.py)
+    peft: Literal["none", "lora"] = "none"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    merge: bool = False  # with --peft lora: also write the base with the adapter folded in, a plain checkpoint in OUT/merged
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     train: TrainConfig = field(default_factory=_sft_train)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -100,6 +107,8 @@ class SFTConfig(stage.StageConfig):
     def validate(self) -> None:
         require(bool(self.init), "init", "give the pretrained checkpoint to finetune (--init DIR)")
         require(self.dtype in ("fp32", "bf16"), "dtype", f"must be fp32 or bf16, got {self.dtype!r}")
+        require(self.peft == "none" or self.dist == "ddp", "peft", "LoRA under --dist fsdp is not supported yet")
+        require(not self.merge or self.peft == "lora", "merge", "merges a LoRA adapter: give --peft lora")
 
 
 # ---------------------------------------------------------------- tokens and the loss mask
@@ -247,7 +256,14 @@ def _examples(cfg: SFTConfig) -> tuple[list[Example], list[Example], str, dict |
 def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
     """Finetune as configured; returns the summary that `--json` prints."""
     with stage.start("sft", cfg, resume, overwrite, log, dtype=cfg.dtype) as r:
-        model, tokenizer = ckpt.load_model(ckpt.resolve_checkpoint(r.out) if resume else cfg.init)
+        if cfg.peft == "lora":
+            base = adapters.plain_base(cfg.init)
+            model, tokenizer = ckpt.load_model(base)
+            torch.manual_seed(cfg.seed)  # the adapters' A are drawn at random (B starts at 0)
+            model = adapters.load_adapter(ckpt.resolve_checkpoint(r.out), model, cfg.lora) if resume else \
+                adapters.add_lora(model, cfg.lora)
+        else:
+            model, tokenizer = ckpt.load_model(ckpt.resolve_checkpoint(r.out) if resume else cfg.init)
         return _run(r, model, tokenizer, *_examples(cfg))
 
 
@@ -279,6 +295,10 @@ def _run(r: stage.Run, model, tokenizer, train_examples, val_examples, source, d
             + (f", {cut} cut to the context of {block}" if cut else "") + f"); {len(val_rows):,} for validation; "
             f"batch {cfg.train.batch_size} ({'packed' if cfg.data.packing else 'padded'}) = {micro} x {accum} steps "
             f"x {rt.world} processes{' (FSDP)' if sharded(model) else ''}; device {rt.device}")
+        if adapters.has_lora(model):
+            n, total = adapters.trainable(model)
+            log(f"sft: LoRA r {cfg.lora.r} on {', '.join(adapters.targets(model))}: {n:,} of {total:,} parameters "
+                f"trainable ({n / total:.2%}), the base frozen")
         if data:
             log(f"sft: the demonstrations' gold reward {data['gold_reward']:.3f} ("
                 + ", ".join(f"{w} {d['share']:.0%}: {d['gold_reward']:.3f}" for w, d in data["writers"].items()) + ")")
@@ -316,7 +336,8 @@ def _run(r: stage.Run, model, tokenizer, train_examples, val_examples, source, d
             ckpt.save_checkpoint(out / ckpt.CHECKPOINT, model, tokenizer,
                                  trainer_state(step, optimizer, batches=batches.state()),
                                  generation={"eos_token_id": chat_stop_ids(tokenizer)}, weights=shards.weights,
-                                 shards=shards.folder)
+                                 shards=shards.folder,
+                                 adapter_of=adapters.plain_base(cfg.init) if adapters.has_lora(model) else None)
         rt.barrier()
 
     sample = rows[:1000]  # the mean padded-batch size, for the tokens/s figure
@@ -331,6 +352,12 @@ def _run(r: stage.Run, model, tokenizer, train_examples, val_examples, source, d
     summary = {"out": str(out), "checkpoint": str(out / ckpt.CHECKPOINT), "steps": cfg.train.steps,
                "examples": len(rows), "train_loss": last.get("loss"), "val_loss": last.get("val_loss"),
                "train_s": round(train_s, 2)}
+    if adapters.has_lora(model):
+        summary["trainable_params"], summary["params"] = adapters.trainable(model)
+        if cfg.merge and rt.is_main:
+            ckpt.save_checkpoint(out / "merged", adapters.merge(copy.deepcopy(model)), tokenizer,
+                                 generation={"eos_token_id": chat_stop_ids(tokenizer)})
+            summary["merged"] = str(out / "merged")
     if data:
         summary["data"] = data  # what the demonstrations are worth, by the gold reward SFT never sees
     if rt.is_main:
