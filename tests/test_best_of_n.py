@@ -9,6 +9,7 @@ import torch
 from chatfoundry.checkpoint import save_checkpoint
 from chatfoundry.data import world
 from chatfoundry.data.formats import load_comparisons, load_sft
+from chatfoundry.metrics import read_metrics
 from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.tokenizer import chat_stop_ids, train_tokenizer
 from chatfoundry.train.best_of_n import dense_ranks
@@ -55,6 +56,7 @@ def test_best_of_n_writes_ranked_samples_and_sft_chats_and_its_curve_rises(root,
     assert rewards == sorted(rewards) and rewards[-1] > rewards[0]  # the max of more samples
     assert all("gold_gain" in c for c in curve) and curve[0]["gold_gain"] == pytest.approx(0, abs=1e-9)
     assert (out / "best_of_n.png").is_file()
+    assert [(r["step"], r["reward"]) for r in read_metrics(out / "metrics.jsonl")] == [(c["k"], c["reward"]) for c in curve]
 
 
 def test_a_group_of_one_is_refused(root, tmp_path, capsys):

@@ -34,7 +34,7 @@ from chatfoundry.train.rollout import RolloutConfig, load_chat_model, load_rewar
 @dataclass
 class BestOfNConfig(stage.StageConfig):
     init: str = ""  # the SFT checkpoint (or run folder) that samples
-    out: str = "runs/best_of_n"  # output folder: samples.jsonl, best.jsonl, eval.json, best_of_n.png, config.yaml
+    out: str = "runs/best_of_n"  # output folder: samples.jsonl, best.jsonl, eval.json, metrics.jsonl, best_of_n.png, config.yaml
     # The reward that picks: rm:PATH (a reward model), verifier (the prompts' own) or python:MODULE:FUNC
     reward: str = ""
     prompts: str = "world"  # the task source: world, world:FAMILY,... or a JSONL prompt file
@@ -91,7 +91,8 @@ def _run(r: stage.Run, source: tasks.Source, model, reward, tok) -> dict:
             best.append({"messages": [dict(m) for m in p.messages] + [{"role": "assistant", "content": texts[order[0]]}]})
     if prompts and not rows:
         raise UserError(f"train_prompts: none of the {len(prompts)} prompts got samples the reward tells apart")
-    r.prepare(("samples.jsonl", "best.jsonl", "eval.json", "best_of_n.png"))
+    r.prepare(("samples.jsonl", "best.jsonl", "eval.json", "best_of_n.png", "metrics.jsonl"))
+    metrics = r.metrics()
     if prompts:
         write_jsonl(out / "samples.jsonl", rows)
         write_jsonl(out / "best.jsonl", best)
@@ -109,6 +110,7 @@ def _run(r: stage.Run, source: tasks.Source, model, reward, tok) -> dict:
                     title=f"Best-of-k by {cfg.reward}", ylabel="held-out mean", x="kl")
         for c in report["curve"]:
             log(f"  best-of-{c['k']}: " + ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("k", "parts")))
+            metrics.write({"step": c["k"], **{k: v for k, v in c.items() if k != "parts"}})  # the curve's x is k
     summary["wall_s"] = r.wall_s()
     return summary
 
