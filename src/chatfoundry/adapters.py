@@ -61,7 +61,6 @@ def _lora_layers(model: nn.Module):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
-
 def add_lora(model: DecoderLM, cfg: LoraConfig) -> DecoderLM:
     """`model` with LoRA on `cfg.targets` (in place), only the adapters trainable. A target that
     names no layer of the model is a UserError naming it.
@@ -98,7 +97,7 @@ def plain_base(init: str | Path) -> Path:
 
 
 def targets(model: nn.Module) -> list[str]:
-    """The projection names that carry an adapter."""
+    """The names of the layers that carry an adapter ("q_proj", ..., "lm_head")."""
     return sorted({name.rsplit(".", 1)[-1] for name, _ in _lora_layers(model)})
 
 
