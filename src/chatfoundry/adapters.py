@@ -16,6 +16,7 @@ keeping alpha / r. Our loader maps the names back; `merge` folds the update into
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,17 +84,6 @@ def add_lora(model: DecoderLM, cfg: LoraConfig) -> DecoderLM:
         p.requires_grad = "lora_" in name
     model.lora_config = cfg  # what save_adapter writes
     return model
-
-
-def plain_base(init: str | Path) -> Path:
-    """The checkpoint a LoRA run trains on and names as its base: a plain one, not an adapter."""
-    from chatfoundry.checkpoint import resolve_checkpoint
-
-    ckpt = resolve_checkpoint(init)
-    if is_adapter(ckpt):
-        raise UserError(f"init: {init} is a LoRA adapter; put a new adapter on a plain checkpoint "
-                        "(sft --peft lora --merge writes its merged model to OUT/merged)")
-    return ckpt
 
 
 def targets(model: nn.Module) -> list[str]:
@@ -236,9 +226,10 @@ def is_adapter(folder: Path) -> bool:
 
 def read_adapter_config(folder: Path) -> tuple[Path, LoraConfig]:
     """(the base checkpoint, our LoraConfig) from an adapter folder's adapter_config.json."""
-    from chatfoundry.checkpoint import read_json
-
-    raw = read_json(folder / ADAPTER_CONFIG)
+    try:
+        raw = json.loads((folder / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{folder / ADAPTER_CONFIG}: not readable JSON ({e})") from None
     if raw.get("peft_type") != "LORA":
         raise UserError(f"{folder / ADAPTER_CONFIG}: a {raw.get('peft_type')} adapter; chatfoundry loads LoRA ones")
     try:

@@ -17,6 +17,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -253,11 +254,20 @@ def _examples(cfg: SFTConfig) -> tuple[list[Example], list[Example], str, dict |
     return train, val, "the task world's crowd (" + ", ".join(cfg.data.crowd) + ")", reports["train"]
 
 
+def _lora_base(init: str) -> Path:
+    """The checkpoint a LoRA run trains on and names as its base: a plain one, not an adapter."""
+    base = ckpt.resolve_checkpoint(init)
+    if adapters.is_adapter(base):
+        raise UserError(f"init: {init} is a LoRA adapter; put a new adapter on a plain checkpoint "
+                        "(sft --peft lora --merge writes its merged model to OUT/merged)")
+    return base
+
+
 def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
     """Finetune as configured; returns the summary that `--json` prints."""
     with stage.start("sft", cfg, resume, overwrite, log, dtype=cfg.dtype) as r:
         if cfg.peft == "lora":
-            base = adapters.plain_base(cfg.init)
+            base = _lora_base(cfg.init)
             model, tokenizer = ckpt.load_model(base)
             torch.manual_seed(cfg.seed)  # the adapters' A are drawn at random (B starts at 0)
             model = adapters.load_adapter(ckpt.resolve_checkpoint(r.out), model, cfg.lora) if resume else \
@@ -337,7 +347,7 @@ def _run(r: stage.Run, model, tokenizer, train_examples, val_examples, source, d
                                  trainer_state(step, optimizer, batches=batches.state()),
                                  generation={"eos_token_id": chat_stop_ids(tokenizer)}, weights=shards.weights,
                                  shards=shards.folder,
-                                 adapter_of=adapters.plain_base(cfg.init) if adapters.has_lora(model) else None)
+                                 adapter_of=_lora_base(cfg.init) if adapters.has_lora(model) else None)
         rt.barrier()
 
     sample = rows[:1000]  # the mean padded-batch size, for the tokens/s figure
