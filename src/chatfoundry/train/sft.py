@@ -96,8 +96,8 @@ class SFTConfig(stage.StageConfig):
     # Under torchrun: ddp keeps a whole copy of the model and AdamW on every process; fsdp (FSDP2)
     # shards the weights, gradients and AdamW's moments across the processes
     dist: Literal["ddp", "fsdp"] = "ddp"
-    # lora: train low-rank adapters beside the attention and MLP projections, the base frozen; the
-    # checkpoint is the adapter alone, in peft's format, naming init as its base (adapters.py)
+    # lora: train low-rank adapters beside the attention and MLP projections and the output layer,
+    # the base frozen; the checkpoint is the adapter alone, in peft's format, naming init as its base
     peft: Literal["none", "lora"] = "none"
     lora: LoraConfig = field(default_factory=LoraConfig)
     merge: bool = False  # with --peft lora: also write the base with the adapter folded in, a plain checkpoint in OUT/merged
@@ -299,7 +299,7 @@ def _run(r: stage.Run, model, tokenizer, train_examples, val_examples, source, d
         start_step = int(state["step"])
 
     if rt.is_main:
-        r.prepare(("metrics.jsonl", "loss.png", "eval.json", "eval.png"))
+        r.prepare(("metrics.jsonl", "loss.png", "eval.json", "eval.png", "merged"))
         learned = sum(sum(t != -100 for t in y) for _, y in rows)
         log(f"sft: {len(rows):,} conversations from {source} ({learned:,} tokens to learn"
             + (f", {cut} cut to the context of {block}" if cut else "") + f"); {len(val_rows):,} for validation; "
