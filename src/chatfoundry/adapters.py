@@ -148,16 +148,21 @@ def _fused_name(layer: str, cfg: DecoderConfig) -> str:
         else f"transformer.h.{n}.attn.c_attn"
 
 
+def _key(module: str, part: str) -> str:
+    """peft's saved name of a module's lora_A or lora_B weight."""
+    return f"base_model.model.{module}.lora_{part}.weight"
+
+
 def to_hf(model: DecoderLM) -> tuple[dict[str, torch.Tensor], dict[str, int], list[str]]:
     """The adapter under transformers' module names: (peft state dict, module -> rank where it is
     not r, the adapted modules)."""
     cfg, r = model.config, model.lora_config.r
-    fused = hf_architecture(cfg) in ("gpt_neox", "gpt2")
+    arch = hf_architecture(cfg)
+    fused = arch in ("gpt_neox", "gpt2")
     state, ranks, modules = {}, {}, []
 
     def put(module: str, a: torch.Tensor, b: torch.Tensor) -> None:
-        state[f"base_model.model.{module}.lora_A.weight"] = a.detach().cpu().contiguous()
-        state[f"base_model.model.{module}.lora_B.weight"] = b.detach().cpu().contiguous()
+        state[_key(module, "A")], state[_key(module, "B")] = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
         modules.append(module)
 
     ours = _ours(model)
@@ -174,7 +179,7 @@ def to_hf(model: DecoderLM) -> tuple[dict[str, torch.Tensor], dict[str, int], li
             for j, p in enumerate(parts):
                 if p:
                     blocks[j][:, j * r:(j + 1) * r] = p[1]
-            b = _neox_fuse(blocks, cfg.n_head) if hf_architecture(cfg) == "gpt_neox" else torch.cat(blocks)
+            b = _neox_fuse(blocks, cfg.n_head) if arch == "gpt_neox" else torch.cat(blocks)
             module = _fused_name(layer, cfg)
             put(module, a, b)
             ranks[module] = 3 * r
@@ -191,7 +196,7 @@ def from_hf(model: DecoderLM, state: dict[str, torch.Tensor]) -> dict[str, torch
         if arch in ("gpt_neox", "gpt2") and short in ("q_proj", "k_proj", "v_proj"):
             module = _fused_name(name.rsplit(".self_attn.", 1)[0], cfg)
             j = "qkv".index(short[0])
-            a, b = state[f"base_model.model.{module}.lora_A.weight"], state[f"base_model.model.{module}.lora_B.weight"]
+            a, b = state[_key(module, "A")], state[_key(module, "B")]
             if arch == "gpt_neox":
                 rows = [p.flatten(0, 1) for p in b.unflatten(0, (cfg.n_head, 3, -1)).unbind(1)]
             else:
@@ -199,7 +204,7 @@ def from_hf(model: DecoderLM, state: dict[str, torch.Tensor]) -> dict[str, torch
             a_j, b_j = a[j * r:(j + 1) * r], rows[j][:, j * r:(j + 1) * r]
         else:
             module = _hf_module(name, cfg)
-            a_j, b_j = state[f"base_model.model.{module}.lora_A.weight"], state[f"base_model.model.{module}.lora_B.weight"]
+            a_j, b_j = state[_key(module, "A")], state[_key(module, "B")]
         out[f"{name}.lora_A.default.weight"], out[f"{name}.lora_B.default.weight"] = a_j, b_j
     return out
 

@@ -76,24 +76,23 @@ def save_checkpoint(path: str | Path, model: DecoderLM | RewardModel | EncoderLM
     tmp.mkdir(parents=True)
     cfg = model.config
     special = {name: special_id(tokenizer, name) for name in ("bos", "eos", "pad")}
-    weights = {} if adapter_of is not None else \
-        {k: v.detach().cpu() for k, v in (model.state_dict() if weights is None else weights).items()}
     encoder = isinstance(model, (EncoderLM, Encoder, EncoderClassifier))
-    if encoder:
-        kind = hf_encoder.kind_of(model)
-        config = hf_encoder.to_hf_config(cfg, kind, special, getattr(model, "head", None))
-        weights = hf_encoder.state_dict_to_hf(weights, kind)
-    elif isinstance(model, RewardModel):
-        config = reward_to_hf_config(cfg, special, {"offset": model.offset, **model.normalization})
-        weights = reward_state_dict_to_hf(weights, cfg)
-    elif isinstance(model, Seq2SeqLM):  # T5ForConditionalGeneration
-        config, weights = hf_t5.to_hf_config(cfg, special), hf_t5.state_dict_to_hf(weights, cfg)
-        generation = {"decoder_start_token_id": cfg.decoder_start_token_id, **(generation or {})}
-    else:
-        config, weights = to_hf_config(cfg, special), state_dict_to_hf(weights, cfg)
-    if adapter_of is not None:
+    if adapter_of is not None:  # a LoRA run: the adapter alone
         adapters.save_adapter(tmp, model, adapter_of)
     else:
+        weights = {k: v.detach().cpu() for k, v in (model.state_dict() if weights is None else weights).items()}
+        if encoder:
+            kind = hf_encoder.kind_of(model)
+            config = hf_encoder.to_hf_config(cfg, kind, special, getattr(model, "head", None))
+            weights = hf_encoder.state_dict_to_hf(weights, kind)
+        elif isinstance(model, RewardModel):
+            config = reward_to_hf_config(cfg, special, {"offset": model.offset, **model.normalization})
+            weights = reward_state_dict_to_hf(weights, cfg)
+        elif isinstance(model, Seq2SeqLM):  # T5ForConditionalGeneration
+            config, weights = hf_t5.to_hf_config(cfg, special), hf_t5.state_dict_to_hf(weights, cfg)
+            generation = {"decoder_start_token_id": cfg.decoder_start_token_id, **(generation or {})}
+        else:
+            config, weights = to_hf_config(cfg, special), state_dict_to_hf(weights, cfg)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
     save_tokenizer(tokenizer, tmp, model_max_length=cfg.max_position_embeddings if encoder else cfg.block_size,

@@ -340,14 +340,15 @@ def _run(r: stage.Run, model, tokenizer, train_examples, val_examples, source, d
         val = total / max(count, 1)
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
 
+    lora_base = _lora_base(cfg.init) if adapters.has_lora(model) else None  # what an adapter checkpoint names
+
     def save(step: int):
         shards = save_shards(out, model, optimizer, rt)
         if rt.is_main:
             ckpt.save_checkpoint(out / ckpt.CHECKPOINT, model, tokenizer,
                                  trainer_state(step, optimizer, batches=batches.state()),
                                  generation={"eos_token_id": chat_stop_ids(tokenizer)}, weights=shards.weights,
-                                 shards=shards.folder,
-                                 adapter_of=_lora_base(cfg.init) if adapters.has_lora(model) else None)
+                                 shards=shards.folder, adapter_of=lora_base)
         rt.barrier()
 
     sample = rows[:1000]  # the mean padded-batch size, for the tokens/s figure
