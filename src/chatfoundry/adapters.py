@@ -12,12 +12,18 @@ loads it. Where transformers fuses q, k and v into one projection (GPT-2, GPT-Ne
 updates are one rank-3r update of the fused one: A stacks the three A's, B places each B in its
 own block of columns (rows laid out as the fused weight's), `rank_pattern` and `alpha_pattern`
 keeping alpha / r. Our loader maps the names back; `merge` folds the update into the weights.
+
+Prompt tuning (Lester et al. 2021) trains n virtual tokens' input embeddings before every sequence,
+the whole model frozen. peft's prompt learning wraps a transformers model (it feeds
+`inputs_embeds`), so the few lines it takes live in our model (`DecoderLM.prompt`); the run saves
+peft's format (PROMPT_TUNING, `prompt_embeddings`), which PeftModel loads the same way.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -46,6 +52,14 @@ class LoraConfig:
         require(self.r > 0, "lora.r", f"must be > 0, got {self.r}")
         require(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
         require(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class PromptConfig:
+    tokens: int = 20  # virtual tokens: learned input embeddings before every sequence (the context loses as many)
+
+    def validate(self) -> None:
+        require(self.tokens > 0, "prompt.tokens", f"must be > 0, got {self.tokens}")
 
 
 def _peft():
@@ -86,6 +100,39 @@ def add_lora(model: DecoderLM, cfg: LoraConfig) -> DecoderLM:
     return model
 
 
+def rl_lora() -> LoraConfig:
+    """An RL stage's LoRA: no dropout, as TRL turns dropout off in its RL trainers, so that the
+    update's log-probabilities are the very function that sampled (PPO's first ratio is 1)."""
+    return LoraConfig(dropout=0.0)
+
+
+def describe(model: nn.Module) -> str:
+    """Where the adapters sit and how many parameters train, in one line."""
+    n, total = trainable(model)
+    what = f"LoRA r {model.lora_config.r} on {', '.join(targets(model))}" if has_lora(model) else \
+        f"prompt tuning, {model.prompt.shape[0]} virtual tokens"
+    return f"{what}: {n:,} of {total:,} parameters trainable ({n / total:.2%}), the base frozen"
+
+
+def add_prompt(model: DecoderLM, cfg: PromptConfig) -> DecoderLM:
+    """`model` with a soft prompt of `cfg.tokens` virtual tokens (in place), only the prompt
+    trainable; `config.block_size` becomes what the real tokens have left. The prompt starts as
+    the embeddings of randomly drawn vocabulary tokens (Lester et al.'s sampled-vocabulary init):
+    at the embeddings' scale, where peft's random init, N(0, 1), is ~50x larger than any of them."""
+    require(cfg.tokens < model.config.block_size, "prompt.tokens",
+            f"{cfg.tokens} virtual tokens leave no room in the model's context of {model.config.block_size}")
+    rows = torch.randint(model.config.vocab_size, (cfg.tokens,))
+    model.requires_grad_(False)
+    model.prompt = nn.Parameter(model.embed_tokens.weight.detach()[rows].clone())
+    model.config = replace(model.config, block_size=model.config.block_size - cfg.tokens)
+    return model
+
+
+def is_adapted(model: nn.Module) -> bool:
+    """Whether `model` carries LoRA adapters or a soft prompt (a run then saves only those)."""
+    return has_lora(model) or getattr(model, "prompt", None) is not None
+
+
 def targets(model: nn.Module) -> list[str]:
     """The names of the layers that carry an adapter ("q_proj", ..., "lm_head")."""
     return sorted({name.rsplit(".", 1)[-1] for name, _ in _lora_layers(model)})
@@ -95,10 +142,18 @@ def has_lora(model: nn.Module) -> bool:
     return hasattr(model, "lora_config")
 
 
-def set_adapters(model: nn.Module, enabled: bool) -> None:
-    """Switch every adapter on or off: off, the model is its base (an RL stage's reference)."""
-    for _, layer in _lora_layers(model):
-        layer.enable_adapters(enabled)
+def base_of(model: DecoderLM) -> DecoderLM:
+    """The base under a LoRA model as a plain `DecoderLM` holding the very same weight tensors: the
+    model with its adapters off (an RL stage's frozen reference), one copy of the weights in memory.
+    A model rather than a switch (TRL's `disable_adapter()`), so every caller of the reference
+    (scoring, KV-cache decoding, the evaluation) runs unchanged; the base never trains, so sharing
+    its tensors is exact."""
+    base = copy.deepcopy(model, {id(p): p for p in model.parameters()})  # modules copied, parameters shared
+    for name, layer in _lora_layers(base):
+        parent, _, child = name.rpartition(".")
+        setattr(base.get_submodule(parent), child, layer.get_base_layer())
+    del base.lora_config
+    return base.requires_grad_(False)
 
 
 def merge(model: DecoderLM) -> DecoderLM:
@@ -215,6 +270,14 @@ def from_hf(model: DecoderLM, state: dict[str, torch.Tensor]) -> dict[str, torch
 def save_adapter(folder: Path, model: DecoderLM, base: Path) -> None:
     """adapter_config.json and adapter_model.safetensors in peft's format, into `folder`."""
     peft = _peft()
+    if model.prompt is not None:
+        n, dim = model.prompt.shape
+        peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n, token_dim=dim, num_transformer_submodules=1,
+                                num_attention_heads=model.config.n_head, num_layers=model.config.n_layer,
+                                base_model_name_or_path=str(Path(base).resolve())).save_pretrained(str(folder))
+        save_file({"prompt_embeddings": model.prompt.detach().cpu().contiguous()}, folder / ADAPTER_WEIGHTS,
+                  metadata={"format": "pt"})
+        return
     state, ranks, modules = to_hf(model)
     lora = model.lora_config
     config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=modules,
@@ -229,15 +292,18 @@ def is_adapter(folder: Path) -> bool:
     return (folder / ADAPTER_CONFIG).is_file() and (folder / ADAPTER_WEIGHTS).is_file()
 
 
-def read_adapter_config(folder: Path) -> tuple[Path, LoraConfig]:
-    """(the base checkpoint, our LoraConfig) from an adapter folder's adapter_config.json."""
+def read_adapter_config(folder: Path) -> tuple[Path, LoraConfig | PromptConfig]:
+    """(the base checkpoint, our LoraConfig or PromptConfig) from an adapter folder's adapter_config.json."""
     try:
         raw = json.loads((folder / ADAPTER_CONFIG).read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{folder / ADAPTER_CONFIG}: not readable JSON ({e})") from None
-    if raw.get("peft_type") != "LORA":
-        raise UserError(f"{folder / ADAPTER_CONFIG}: a {raw.get('peft_type')} adapter; chatfoundry loads LoRA ones")
+    if raw.get("peft_type") not in ("LORA", "PROMPT_TUNING"):
+        raise UserError(f"{folder / ADAPTER_CONFIG}: a {raw.get('peft_type')} adapter; chatfoundry loads LoRA and "
+                        "prompt-tuning ones")
     try:
+        if raw["peft_type"] == "PROMPT_TUNING":
+            return Path(raw["base_model_name_or_path"]), PromptConfig(tokens=int(raw["num_virtual_tokens"]))
         modules = raw["target_modules"]
         targets = sorted({ours for m in (modules if isinstance(modules, list) else [modules]) for ours in _ours_of(m)})
         lora = LoraConfig(r=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0.0)),
@@ -263,11 +329,21 @@ def _ours_of(module: str) -> list[str]:
     return [last]
 
 
-def load_adapter(folder: Path, base_model: DecoderLM, lora: LoraConfig | None = None) -> DecoderLM:
-    """`base_model` with the adapter saved in `folder`, unmerged; `lora` (a resumed run's) says
+def load_adapter(folder: Path, base_model: DecoderLM, config: LoraConfig | PromptConfig | None = None) -> DecoderLM:
+    """`base_model` with the adapter saved in `folder`, unmerged; `config` (a resumed run's) says
     which projections carry one, else the adapter's config does."""
-    model = add_lora(base_model, lora or read_adapter_config(folder)[1])
+    config = config or read_adapter_config(folder)[1]
     state = load_file(folder / ADAPTER_WEIGHTS)
+    if isinstance(config, PromptConfig):
+        model = add_prompt(base_model, config)
+        prompt = state.get("prompt_embeddings")
+        if prompt is None or prompt.shape != model.prompt.shape:
+            raise UserError(f"{folder / ADAPTER_WEIGHTS}: no prompt_embeddings of shape {tuple(model.prompt.shape)}: "
+                            "the prompt was trained on another base")
+        with torch.no_grad():
+            model.prompt.copy_(prompt)
+        return model
+    model = add_lora(base_model, config)
     try:
         ours = from_hf(model, state)
     except KeyError as e:

@@ -22,10 +22,12 @@ device, before anything is allocated.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -267,8 +269,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     config says which family: a decoder LM, or with `seq2seq` (callers that handle both) also
     an encoder-decoder (T5)."""
     ckpt = resolve_checkpoint(path)
-    if adapters.is_adapter(ckpt):  # a LoRA run: its base, the adapter merged in
-        model = adapters.merge(adapters.load_adapter(ckpt, load_model(adapter_base(ckpt))[0]))
+    if adapters.is_adapter(ckpt):  # its base with the adapter: LoRA merged in, a soft prompt attached
+        model = adapters.load_adapter(ckpt, load_model(adapter_base(ckpt))[0])
+        model = adapters.merge(model) if adapters.has_lora(model) else model
         return model.to(device).eval(), load_tokenizer(ckpt)
     hf, cfg = _read_config(ckpt)
     if "chatfoundry_reward" in hf:
@@ -289,6 +292,21 @@ def adapter_base(ckpt: Path) -> Path:
     if not base.exists():
         raise UserError(f"{ckpt / adapters.ADAPTER_CONFIG}: its base model {base} is not there (moved or deleted?)")
     return base
+
+
+def plain_base(init: str) -> Path:
+    """The checkpoint a LoRA or prompt-tuning run trains on and names as its base: a plain one, not
+    an adapter."""
+    base = resolve_checkpoint(init)
+    if adapters.is_adapter(base):
+        raise UserError(f"init: {init} is an adapter; put a new one on a plain checkpoint "
+                        "(--merge writes a LoRA run's merged model to OUT/merged)")
+    return base
+
+
+def save_merged(path: str | Path, model: DecoderLM, tokenizer, generation: dict | None = None) -> Path:
+    """A LoRA model written as a plain checkpoint, its adapters folded in (`model` left as it is)."""
+    return save_checkpoint(path, adapters.merge(copy.deepcopy(model)), tokenizer, generation=generation)
 
 
 def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[RewardModel, Any]:
@@ -320,5 +338,9 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
 
 
 def model_config(path: str | Path) -> DecoderConfig | Seq2SeqConfig:
+    """The model's config as `load_model` gives it (a soft prompt's tokens taken from the context)."""
     ckpt = resolve_checkpoint(path)
-    return _read_config(adapter_base(ckpt) if adapters.is_adapter(ckpt) else ckpt)[1]
+    if not adapters.is_adapter(ckpt):
+        return _read_config(ckpt)[1]
+    cfg, spec = _read_config(adapter_base(ckpt))[1], adapters.read_adapter_config(ckpt)[1]
+    return replace(cfg, block_size=cfg.block_size - spec.tokens) if isinstance(spec, adapters.PromptConfig) else cfg

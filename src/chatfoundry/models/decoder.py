@@ -140,6 +140,8 @@ class DecoderLM(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = make_norm(cfg.norm, cfg.n_embd, cfg.norm_eps, cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False) if lm_head else None
+        # Prompt tuning's soft prompt (n, n_embd), None without: see hidden_states and adapters.py.
+        self.register_parameter("prompt", None)
         if lm_head and cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.apply(self._init_weights)
@@ -176,11 +178,28 @@ class DecoderLM(nn.Module):
         left-padded batch: positions then count each row's real tokens only, and no query
         attends to padding. `segments` (B, T) int marks packed sequences (no cache): a token sees
         only earlier tokens of its own segment, and positions restart at each segment.
+
+        A soft `prompt` (prompt tuning, Lester et al. 2021) is n learned input embeddings before
+        every sequence, as peft puts them: they hold positions 0..n-1 and the cache's first n
+        columns, while `idx`, `cache.pos`, `key_mask`, the output and `config.block_size` (which
+        adapters.add_prompt lowers by n) count the real tokens only, so no caller changes.
         """
-        T = idx.shape[1]
+        B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        x = self.embed_tokens(idx)
+        n = 0 if self.prompt is None else self.prompt.shape[0]
+        first = n if start == 0 else 0  # the soft prompt's outputs, dropped at the end
+        if n:
+            if segments is not None:
+                raise ValueError("a soft prompt goes before one sequence, not before each packed one")
+            if key_mask is not None:
+                key_mask = F.pad(key_mask, (n, 0), value=True)
+            if first:  # a new sequence: the soft prompt first
+                x, T = torch.cat([self.prompt.to(x.dtype).expand(B, -1, -1), x], dim=1), T + n
+            else:
+                start += n
         queries = torch.arange(start, start + T, device=idx.device)
         positions, mask = queries, None
         if key_mask is not None:
@@ -196,7 +215,6 @@ class DecoderLM(nn.Module):
             positions = queries - torch.where(starts, queries, 0).cummax(dim=-1).values
             causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
             mask = (causal & (segments[:, :, None] == segments[:, None, :]))[:, None]
-        x = self.embed_tokens(idx)
         rope = None
         if self.config.pos == "learned":
             x = x + self.embed_positions(positions)
@@ -206,14 +224,19 @@ class DecoderLM(nn.Module):
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
             rope = (cos[:, None], sin[:, None]) if positions.dim() == 2 else (cos, sin)  # (B, 1, T, d): per row
         x = self.drop(x)
+        if n and cache is not None:
+            caller_pos, cache.pos = cache.pos, start  # the layers write past the soft prompt's columns
         for i, block in enumerate(self.layers):
             x = block(x, rope, cache, i, mask)
-        return self.norm(x)
+        if n and cache is not None:
+            cache.pos = caller_pos
+        return self.norm(x[:, first:] if first else x)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = self.embed_tokens.weight
         cfg = self.config
-        return KVCache.allocate(cfg.n_layer, batch, cfg.n_kv_head, max_len or cfg.block_size, cfg.head_dim,
+        n = 0 if self.prompt is None else self.prompt.shape[0]  # the soft prompt's columns
+        return KVCache.allocate(cfg.n_layer, batch, cfg.n_kv_head, (max_len or cfg.block_size) + n, cfg.head_dim,
                                 p.device, p.dtype)
 
 

@@ -235,6 +235,9 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None,
     check_api_key(api_key)
     if max_choices < 1:
         raise UserError(f"--max_choices: must be >= 1, got {max_choices}")
+    if getattr(model, "prompt", None) is not None:  # the batcher lays rows out by column; a soft prompt has none
+        raise UserError(f"{model_name}: a prompt-tuned model; serve does not batch soft prompts yet "
+                        "(chat, eval and generate take it)")
     batcher = Batcher(model, tokenizer, max_batch=max_batch)
     app = FastAPI(title="chatfoundry", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher = batcher

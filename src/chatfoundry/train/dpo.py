@@ -31,7 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from chatfoundry import checkpoint as ckpt
+from chatfoundry import adapters, checkpoint as ckpt
+from chatfoundry.adapters import LoraConfig
 from chatfoundry.config import require
 from chatfoundry.data import tasks
 from chatfoundry.data.formats import Comparison, load_comparison_splits, pairs as ranked_pairs
@@ -43,7 +44,7 @@ from chatfoundry.scoring import encode_responses
 from chatfoundry.tokenizer import chat_stop_ids, special_id
 from chatfoundry.train import stage
 from chatfoundry.train.loop import Epochs, TrainConfig, fit, make_optimizer, pack, resume_step, trainer_state
-from chatfoundry.train.rollout import RolloutConfig, load_chat_model, load_policy
+from chatfoundry.train.rollout import RolloutConfig, memory_mb, policy_and_reference
 
 
 @dataclass
@@ -87,6 +88,11 @@ class DPOConfig(stage.StageConfig):
     prompts: str = "world"
     heldout: float = 0.1  # a prompt file: the share held out for the report (by a stable hash)
     eval_prompts: str = ""  # a prompt file: the held-out prompts instead, from this file
+    # lora: train low-rank adapters on the policy, init frozen; the reference is then init itself in
+    # the very same tensors (one copy of the weights, not two). The checkpoint is the adapter alone.
+    peft: Literal["none", "lora"] = "none"
+    lora: LoraConfig = field(default_factory=adapters.rl_lora)
+    merge: bool = False  # with --peft lora: also write the policy with its adapter folded in, in OUT/merged
     data: DPODataConfig = field(default_factory=DPODataConfig)
     train: TrainConfig = field(default_factory=_dpo_train)
     eval: PolicyEvalConfig = field(default_factory=_dpo_eval)
@@ -97,6 +103,7 @@ class DPOConfig(stage.StageConfig):
         require(0 < self.beta < math.inf, "beta", f"must be > 0, got {self.beta}")
         require(self.nll_coef >= 0, "nll_coef", f"must be >= 0, got {self.nll_coef}")
         require(bool(self.prompts), "prompts", "give the held-out prompts: world, world:FAMILY,... or a JSONL file")
+        require(not self.merge or self.peft == "lora", "merge", "merges a LoRA adapter: give --peft lora")
         micro = self.train.micro_batch_size or self.train.batch_size
         require(self.train.batch_size % micro == 0, "train.micro_batch_size",
                 f"{micro} does not divide train.batch_size {self.train.batch_size}")
@@ -238,12 +245,12 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False, log=print
     with stage.start("dpo", cfg, resume, overwrite, log, dtype=cfg.dtype, one_process=True) as r:
         source = tasks.source(cfg.prompts, cfg.heldout, cfg.eval_prompts) if cfg.eval.per_family else None
         train, val, extras, described = load_comparison_splits(cfg.data.files, cfg.data.val_fraction, cfg.seed)
-        ref, tokenizer = load_chat_model(cfg.init, r.rt.device, "DPO")
-        policy = load_policy(r.out, ref, tokenizer, resume, cfg.init, r.rt.device)
-        return _run(r, policy, ref.requires_grad_(False), tokenizer, source, train, val, extras, described)
+        policy, ref, tokenizer, base = policy_and_reference(cfg, r.out, resume, r.rt.device, "DPO")
+        return _run(r, policy, ref, tokenizer, base, source, train, val, extras, described)
 
 
-def _run(r: stage.Run, policy: DecoderLM, ref: DecoderLM, tokenizer, source, train, val, extras, described) -> dict:
+def _run(r: stage.Run, policy: DecoderLM, ref: DecoderLM, tokenizer, base, source, train, val, extras,
+         described) -> dict:
     cfg, rt, out, resume, log = r.cfg, r.rt, r.out, r.resume, r.log
     torch.manual_seed(cfg.seed)
     block = policy.config.block_size
@@ -262,12 +269,14 @@ def _run(r: stage.Run, policy: DecoderLM, ref: DecoderLM, tokenizer, source, tra
     optimizer = make_optimizer(policy, cfg.train, rt.device)
     start_step = resume_step(out, optimizer, cfg.train, order, resume)
 
-    r.prepare(("metrics.jsonl", "loss.png", "rewards.png", "eval.json"))
+    r.prepare(("metrics.jsonl", "loss.png", "rewards.png", "eval.json", "merged"))
     epochs = cfg.train.steps * cfg.train.batch_size / len(pairs)
     log(f"dpo: {len(pairs):,} pairs ({cfg.data.pairs}) from {described}"
         + (f" ({cut} replies cut to the context of {block})" if cut else "") + f", {len(val_pairs):,} held out; "
         f"{cfg.loss} loss, beta {cfg.beta}; {cfg.train.steps} steps of {cfg.train.batch_size} pairs = {epochs:.1f} "
         f"epochs; the reference's log-probabilities in {ref_s:.1f} s; device {rt.device}")
+    if base is not None:
+        log(f"dpo: {adapters.describe(policy)}; the reference is that base, in the same tensors")
     metrics = r.metrics(start_step)
     micro = cfg.train.micro_batch_size or cfg.train.batch_size
 
@@ -288,7 +297,7 @@ def _run(r: stage.Run, policy: DecoderLM, ref: DecoderLM, tokenizer, source, tra
 
     def save(step: int):
         ckpt.save_checkpoint(out / ckpt.CHECKPOINT, policy, tokenizer, trainer_state(step, optimizer, order=order.state()),
-                             generation={"eos_token_id": chat_stop_ids(tokenizer)})
+                             generation={"eos_token_id": chat_stop_ids(tokenizer)}, adapter_of=base)
 
     sample = range(min(len(pairs), 500))
     tokens_per_step = sum(len(pairs.chosen[i]) + len(pairs.rejected[i]) for i in sample) * cfg.train.batch_size // len(sample)
@@ -300,6 +309,12 @@ def _run(r: stage.Run, policy: DecoderLM, ref: DecoderLM, tokenizer, source, tra
     summary = {"out": str(out), "checkpoint": str(out / ckpt.CHECKPOINT), "steps": cfg.train.steps,
                "pairs": len(pairs), "train_loss": last.get("loss"), "train_s": round(train_s, 2),
                "reference_s": round(ref_s, 2)}
+    summary["memory_mb"] = memory_mb((policy, ref), optimizer)
+    if base is not None:
+        summary["trainable_params"], summary["params"] = adapters.trainable(policy)
+        if cfg.merge:
+            summary["merged"] = str(ckpt.save_merged(out / "merged", policy, tokenizer,
+                                                     {"eos_token_id": chat_stop_ids(tokenizer)}))
     policy.eval()
     plot_curves(read_metrics(out / "metrics.jsonl"), out / "loss.png", {"loss": "train loss", "val_loss": "held-out loss"},
                 title=f"DPO ({cfg.loss}, beta {cfg.beta})", ylabel="loss")

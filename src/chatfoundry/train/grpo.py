@@ -34,7 +34,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from chatfoundry import checkpoint as ckpt
+from chatfoundry import adapters, checkpoint as ckpt
+from chatfoundry.adapters import LoraConfig
 from chatfoundry.config import require
 from chatfoundry.data import tasks
 from chatfoundry.eval.policy import PolicyEvalConfig, Settings, evaluate, format_eval, summary_of
@@ -44,8 +45,8 @@ from chatfoundry.rl import core
 from chatfoundry.tokenizer import chat_stop_ids
 from chatfoundry.train import stage
 from chatfoundry.train.loop import Epochs
-from chatfoundry.train.rollout import (Rollout, RolloutConfig, load_chat_model, load_policy, load_reward, prompt_pool, response_logits, rollout,
-                                       resume_iterations, select, spread, token_logprobs, warp)
+from chatfoundry.train.rollout import (Rollout, RolloutConfig, load_reward, memory_mb, policy_and_reference, prompt_pool,
+                                       response_logits, resume_iterations, rollout, select, spread, token_logprobs, warp)
 
 
 @dataclass
@@ -88,6 +89,11 @@ class GRPOConfig(stage.StageConfig):
     clip: float = 0.2  # the ratio's clip range
     max_grad_norm: float = 1.0  # 0: off
     threads: int = 1  # torch CPU threads while training (the evaluation uses the default); 0: leave as is
+    # lora: train low-rank adapters on the policy, init frozen; the reference is then init itself in
+    # the very same tensors (one copy of the weights, not two). The checkpoint is the adapter alone.
+    peft: Literal["none", "lora"] = "none"
+    lora: LoraConfig = field(default_factory=adapters.rl_lora)
+    merge: bool = False  # with --peft lora: also write the policy with its adapter folded in, in OUT/merged
     rollout: RolloutConfig = field(default_factory=_grpo_rollout)
     kl: GRPOKLConfig = field(default_factory=GRPOKLConfig)
     eval: PolicyEvalConfig = field(default_factory=_grpo_eval)
@@ -101,6 +107,7 @@ class GRPOConfig(stage.StageConfig):
         for name in ("lr", "clip"):
             require(0 < getattr(self, name) < math.inf, name, f"must be > 0, got {getattr(self, name)}")
         require(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        require(not self.merge or self.peft == "lora", "merge", "merges a LoRA adapter: give --peft lora")
         require((self.rollout.batch_size * self.group) % self.minibatch_size == 0, "minibatch_size",
                 f"{self.minibatch_size} does not divide rollout.batch_size x group "
                 f"({self.rollout.batch_size * self.group})")
@@ -174,13 +181,12 @@ def run(cfg: GRPOConfig, resume: bool = False, overwrite: bool = False, log=prin
     """GRPO (or RLOO) as configured; returns the summary that `--json` prints."""
     with stage.start("grpo", cfg, resume, overwrite, log, one_process=True) as r:
         source = tasks.source(cfg.prompts, cfg.heldout, cfg.eval_prompts)
-        ref, tok = load_chat_model(cfg.init, r.rt.device, "GRPO")
+        policy, ref, tok, base = policy_and_reference(cfg, r.out, resume, r.rt.device, "GRPO")
         reward = load_reward(cfg.reward, source, tok, ref, cfg.init, r.rt.device)
-        policy = load_policy(r.out, ref, tok, resume, cfg.init, r.rt.device)
-        return _run(r, source, policy, ref.requires_grad_(False), reward, tok)
+        return _run(r, source, policy, ref, reward, tok, base)
 
 
-def _run(r: stage.Run, source: tasks.Source, policy: DecoderLM, ref: DecoderLM, reward, tok) -> dict:
+def _run(r: stage.Run, source: tasks.Source, policy: DecoderLM, ref: DecoderLM, reward, tok, base) -> dict:
     cfg, rt, out, resume, log = r.cfg, r.rt, r.out, r.resume, r.log
     default_threads = torch.get_num_threads()
     if cfg.threads and rt.device.type == "cpu":
@@ -189,7 +195,7 @@ def _run(r: stage.Run, source: tasks.Source, policy: DecoderLM, ref: DecoderLM, 
     block = policy.config.block_size
     pool = prompt_pool(source, cfg.rollout.pool, cfg.seed, tok, cfg.rollout.max_new_tokens, block)
     order = Epochs(len(pool), cfg.seed)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, eps=1e-6,
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, eps=1e-6,
                                   fused=rt.device.type in ("cuda", "cpu"))
     generator = torch.Generator().manual_seed(cfg.seed)
     start = 0
@@ -206,19 +212,21 @@ def _run(r: stage.Run, source: tasks.Source, policy: DecoderLM, ref: DecoderLM, 
 
     # The first rollout before the folder is touched: a reward that fails, fails with nothing written.
     first = sample(start) if start < cfg.iterations else None
-    r.prepare(("metrics.jsonl", "grpo.png", "eval.json"))
+    r.prepare(("metrics.jsonl", "grpo.png", "eval.json", "merged"))
     metrics = r.metrics(start)
     log(f"grpo: policy and reference from {cfg.init}, reward {cfg.reward}; {cfg.iterations} iterations of "
         f"{cfg.rollout.batch_size} prompts x {cfg.group} samples (<= {cfg.rollout.max_new_tokens} tokens) from "
         f"{len(pool):,} train prompts ({source.name}); {cfg.advantage} advantages"
         + (" (scaled)" if cfg.advantage == "grpo" and cfg.scale else "") + f", {cfg.norm} averaging, KL "
         f"{cfg.kl.coef} in the {cfg.kl.where}; {cfg.epochs} epochs of {cfg.minibatch_size}; device {rt.device}")
+    if base is not None:
+        log(f"grpo: {adapters.describe(policy)}; the reference is that base, in the same tensors")
 
     def save(iteration: int):
         ckpt.save_checkpoint(out / ckpt.CHECKPOINT, policy, tok,
                              {"iteration": iteration, "optimizer": optimizer.state_dict(), "order": order.state(),
                               "generator": generator.get_state()},
-                             generation={"eos_token_id": chat_stop_ids(tok)})
+                             generation={"eos_token_id": chat_stop_ids(tok)}, adapter_of=base)
 
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.iterations, initial=start, desc="grpo", unit="it", dynamic_ncols=True)
@@ -248,6 +256,11 @@ def _run(r: stage.Run, source: tasks.Source, policy: DecoderLM, ref: DecoderLM, 
     summary = {"out": str(out), "checkpoint": str(out / ckpt.CHECKPOINT), "iterations": cfg.iterations,
                "train_s": round(train_s, 2), "train_reward_last_fifth": round(float(np.mean([x["reward"] for x in tail])), 4),
                "train_kl": round(float(np.mean([x["kl"] for x in tail])), 4)}
+    summary["memory_mb"] = memory_mb((policy, ref, reward), optimizer)
+    if base is not None:
+        summary["trainable_params"], summary["params"] = adapters.trainable(policy)
+        if cfg.merge:
+            summary["merged"] = str(ckpt.save_merged(out / "merged", policy, tok, {"eos_token_id": chat_stop_ids(tok)}))
     if cfg.eval.per_family:
         torch.set_num_threads(default_threads)
         report = evaluate(policy, ref, reward, tok, Settings(cfg.eval, cfg.rollout, cfg.minibatch_size, "grpo"), source)

@@ -42,7 +42,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from chatfoundry import checkpoint as ckpt
+from chatfoundry import adapters, checkpoint as ckpt
+from chatfoundry.adapters import LoraConfig
 from chatfoundry.config import require
 from chatfoundry.data import builtin, tasks
 from chatfoundry.errors import UserError
@@ -54,8 +55,8 @@ from chatfoundry.rl import core
 from chatfoundry.tokenizer import chat_stop_ids, encode_batch_ids, special_id, tokenizer_hash
 from chatfoundry.train import stage
 from chatfoundry.train.loop import Epochs
-from chatfoundry.train.rollout import (Rollout, RolloutConfig, load_chat_model, load_reward, prompt_pool, response_logits, rollout,
-                                       resume_iterations, select, spread, token_logprobs, values_of, warp)
+from chatfoundry.train.rollout import (Rollout, RolloutConfig, load_reward, policy_and_reference, prompt_pool, response_logits,
+                                       memory_mb, resume_iterations, rollout, select, spread, token_logprobs, values_of, warp)
 
 CRITIC = "critic"
 
@@ -123,6 +124,11 @@ class PPOConfig(stage.StageConfig):
     max_grad_norm: float = 1.0  # gradient clipping, per network; 0: off
     ptx_coef: float = 0.0  # PPO-ptx: + ptx_coef * pretraining loss per step (InstructGPT's gamma)
     ptx_batch_size: int = 8  # pretraining rows per step when ptx_coef > 0
+    # lora: train low-rank adapters on the policy, init frozen; the reference is then init itself in
+    # the very same tensors (one copy of the weights, not two). The critic stays a whole network.
+    peft: Literal["none", "lora"] = "none"
+    lora: LoraConfig = field(default_factory=adapters.rl_lora)
+    merge: bool = False  # with --peft lora: also write the policy with its adapter folded in, in OUT/merged
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     kl: KLConfig = field(default_factory=KLConfig)
     eval: PolicyEvalConfig = field(default_factory=PolicyEvalConfig)
@@ -147,6 +153,7 @@ class PPOConfig(stage.StageConfig):
         require(0 <= self.gae_lambda <= 1, "gae_lambda", f"must be in [0, 1], got {self.gae_lambda}")
         require(self.rollout.batch_size % self.minibatch_size == 0, "minibatch_size",
                 f"{self.minibatch_size} does not divide rollout.batch_size {self.rollout.batch_size}")
+        require(not self.merge or self.peft == "lora", "merge", "merges a LoRA adapter: give --peft lora")
 
 
 def per_token_rewards(ro: Rollout, beta: float, cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -257,15 +264,12 @@ def ppo_update(policy: DecoderLM, critic: RewardModel, optimizer: torch.optim.Op
 
 
 def _load(cfg: PPOConfig, source: tasks.Source, resume: bool, out: Path, device):
-    """(policy, reference, critic, reward, tokenizer), checked against each other."""
-    ref, tok = load_chat_model(cfg.init, device, "PPO")
+    """(policy, reference, critic, reward, tokenizer, LoRA base or None), checked against each other."""
+    policy, ref, tok, base = policy_and_reference(cfg, out, resume, device, "PPO")
     reward = load_reward(cfg.reward, source, tok, ref, cfg.init, device)
-    ref.requires_grad_(False)
     if resume:
-        policy, _ = ckpt.load_model(out, device)
         critic, _ = ckpt.load_reward_model(out / CRITIC, device)
     else:
-        policy = copy.deepcopy(ref)
         if isinstance(reward, RewardModel):
             critic = copy.deepcopy(reward)  # the RM already reads these chats: a good start for V
         else:
@@ -273,9 +277,8 @@ def _load(cfg: PPOConfig, source: tasks.Source, resume: bool, out: Path, device)
         if cfg.critic_head == "zero" or not isinstance(reward, RewardModel):
             nn.init.zeros_(critic.score.weight)
             critic.offset = 0.0
-    policy.requires_grad_(True)
     critic.requires_grad_(True)
-    return policy, ref, critic, reward, tok
+    return policy, ref, critic, reward, tok, base
 
 
 def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
@@ -310,7 +313,7 @@ def evaluate_run(cfg: PPOConfig, log=print) -> dict:
     return summary
 
 
-def _run(r: stage.Run, source: tasks.Source, policy, ref, critic, reward, tok) -> dict:
+def _run(r: stage.Run, source: tasks.Source, policy, ref, critic, reward, tok, base) -> dict:
     cfg, rt, out, resume, log = r.cfg, r.rt, r.out, r.resume, r.log
     default_threads = torch.get_num_threads()
     if cfg.threads and rt.device.type == "cpu":
@@ -319,7 +322,7 @@ def _run(r: stage.Run, source: tasks.Source, policy, ref, critic, reward, tok) -
     block = policy.config.block_size
     pool = prompt_pool(source, cfg.rollout.pool, cfg.seed, tok, cfg.rollout.max_new_tokens, block)
     order = Epochs(len(pool), cfg.seed)
-    optimizer = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": cfg.lr},
+    optimizer = torch.optim.AdamW([{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr},
                                    {"params": list(critic.parameters()), "lr": cfg.critic_lr}],
                                   betas=(0.9, 0.95), weight_decay=0.0, eps=1e-6,
                                   fused=rt.device.type in ("cuda", "cpu"))
@@ -337,7 +340,7 @@ def _run(r: stage.Run, source: tasks.Source, policy, ref, critic, reward, tok) -
         if ptx is not None and state["ptx_rows"]:
             ptx.next(int(state["ptx_rows"]))
 
-    r.prepare(("metrics.jsonl", "ppo.png", "eval.json", CRITIC))  # an overwritten run's critic/ goes too
+    r.prepare(("metrics.jsonl", "ppo.png", "eval.json", CRITIC, "merged"))  # an overwritten run's critic/ goes too
     metrics = r.metrics(start)
     n_params = sum(p.numel() for p in policy.parameters())
     log(f"ppo: policy and reference from {cfg.init} ({n_params:,} parameters), reward {cfg.reward}; "
@@ -345,6 +348,8 @@ def _run(r: stage.Run, source: tasks.Source, policy, ref, critic, reward, tok) -
         f"from {len(pool):,} train prompts ({source.name}); {cfg.objective} objective, {cfg.epochs} epochs "
         f"of {cfg.minibatch_size}; "
         f"KL coef {cfg.kl.coef} ({cfg.kl.control}, target {cfg.kl.target} nats); device {rt.device}")
+    if base is not None:
+        log(f"ppo: {adapters.describe(policy)}; the reference is that base, in the same tensors")
 
     def save(iteration: int):
         state = {"iteration": iteration, "optimizer": optimizer.state_dict(), "order": order.state(),
@@ -353,7 +358,7 @@ def _run(r: stage.Run, source: tasks.Source, policy, ref, critic, reward, tok) -
                  "ptx_rows": ptx.drawn if ptx is not None else 0}
         ckpt.save_checkpoint(out / CRITIC, critic, tok)
         ckpt.save_checkpoint(out / ckpt.CHECKPOINT, policy, tok, state,
-                             generation={"eos_token_id": chat_stop_ids(tok)})
+                             generation={"eos_token_id": chat_stop_ids(tok)}, adapter_of=base)
 
     first = last = None
     bar = tqdm(total=cfg.iterations, initial=start, desc="ppo", unit="iter", dynamic_ncols=True, mininterval=1.0)
@@ -408,6 +413,11 @@ def _run(r: stage.Run, source: tasks.Source, policy, ref, critic, reward, tok) -
                                    "last_fifth": round(float(np.mean([r["rm_reward"] for r in tail])), 4)},
                "train_kl": round(float(np.mean([r["kl"] for r in tail])), 4), "kl_coef": round(kl_ctl.value, 6),
                "kl_budget": cfg.kl.budget}
+    summary["memory_mb"] = memory_mb((policy, ref, critic, reward), optimizer)
+    if base is not None:
+        summary["trainable_params"], summary["params"] = adapters.trainable(policy)
+        if cfg.merge:
+            summary["merged"] = str(ckpt.save_merged(out / "merged", policy, tok, {"eos_token_id": chat_stop_ids(tok)}))
     if source.has_verifier:
         summary["train_gold_reward"] = {"first": first and round(first["gold_reward"], 4),
                                         "last_fifth": round(float(np.mean([r["gold_reward"] for r in tail])), 4)}

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from chatfoundry import checkpoint as ckpt
+from chatfoundry import adapters, checkpoint as ckpt
 from chatfoundry.config import require
 from chatfoundry.data import tasks
 from chatfoundry.errors import UserError
@@ -215,14 +216,36 @@ def load_chat_model(init: str, device, stage: str):
     return model, tok
 
 
-def load_policy(out, ref: DecoderLM, tok, resume: bool, init: str, device) -> DecoderLM:
-    """The trainable policy: a copy of the reference, or a resumed run's checkpoint (same tokenizer)."""
-    if not resume:
-        return copy.deepcopy(ref).requires_grad_(True)
-    policy, policy_tok = ckpt.load_model(out, device)
-    if tokenizer_hash(policy_tok) != tokenizer_hash(tok):
-        raise UserError(f"{out}: the policy's tokenizer differs from the reference's ({init})")
-    return policy.requires_grad_(True)
+def policy_and_reference(cfg, out: Path, resume: bool, device, stage: str):
+    """(policy, frozen reference, tokenizer, base) of an RL stage whose config has `init`, `seed`,
+    `peft` and `lora`. Full finetuning: the reference is the init checkpoint, the policy a copy of
+    it or a resumed run's (same tokenizer); base is None. LoRA: the policy is the init with
+    adapters (new, or a resumed run's), the reference that model with its adapters off, in the
+    same weight tensors (one copy of the weights, not two); base is the checkpoint the saved
+    adapter names."""
+    if cfg.peft == "none":
+        ref, tok = load_chat_model(cfg.init, device, stage)
+        if not resume:
+            return copy.deepcopy(ref).requires_grad_(True), ref.requires_grad_(False), tok, None
+        policy, policy_tok = ckpt.load_model(out, device)
+        if tokenizer_hash(policy_tok) != tokenizer_hash(tok):
+            raise UserError(f"{out}: the policy's tokenizer differs from the reference's ({cfg.init})")
+        return policy.requires_grad_(True), ref.requires_grad_(False), tok, None
+    base = ckpt.plain_base(cfg.init)
+    model, tok = load_chat_model(str(base), device, stage)
+    torch.manual_seed(cfg.seed)  # the adapters' A are drawn at random (B starts at 0)
+    policy = adapters.load_adapter(ckpt.resolve_checkpoint(out), model, cfg.lora) if resume else \
+        adapters.add_lora(model, cfg.lora)
+    return policy.to(device), adapters.base_of(policy), tok, base
+
+
+def memory_mb(models, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """MiB held by the models' weights, each tensor once (a LoRA reference holds the policy's own),
+    and by the optimizer's state (AdamW's two moments per trained weight)."""
+    held = {t.data_ptr(): t.numel() * t.element_size() for m in models if isinstance(m, torch.nn.Module)
+            for t in [*m.parameters(), *m.buffers()]}
+    state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+    return {"weights": round(sum(held.values()) / 2**20, 2), "optimizer": round(state / 2**20, 2)}
 
 
 def resume_iterations(out, iterations: int, optimizer: torch.optim.Optimizer, order) -> dict:

@@ -12,19 +12,17 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn as nn
 
 from chatfoundry import adapters, checkpoint as ckpt
-from chatfoundry.adapters import LoraConfig
+from chatfoundry.adapters import LoraConfig, PromptConfig
 from chatfoundry.config import require
 from chatfoundry.data import builtin, world
 from chatfoundry.data.formats import Example, load_sft
@@ -96,10 +94,13 @@ class SFTConfig(stage.StageConfig):
     # Under torchrun: ddp keeps a whole copy of the model and AdamW on every process; fsdp (FSDP2)
     # shards the weights, gradients and AdamW's moments across the processes
     dist: Literal["ddp", "fsdp"] = "ddp"
-    # lora: train low-rank adapters beside the attention and MLP projections and the output layer,
-    # the base frozen; the checkpoint is the adapter alone, in peft's format, naming init as its base
-    peft: Literal["none", "lora"] = "none"
+    # lora: train low-rank adapters beside the attention and MLP projections and the output layer;
+    # prompt: train a soft prompt, virtual tokens' embeddings before every conversation (prompt
+    # tuning: raise train.lr, e.g. 3e-2). The base is frozen either way, and the checkpoint is the
+    # adapter alone, in peft's format, naming init as its base.
+    peft: Literal["none", "lora", "prompt"] = "none"
     lora: LoraConfig = field(default_factory=LoraConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     merge: bool = False  # with --peft lora: also write the base with the adapter folded in, a plain checkpoint in OUT/merged
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     train: TrainConfig = field(default_factory=_sft_train)
@@ -108,7 +109,9 @@ class SFTConfig(stage.StageConfig):
     def validate(self) -> None:
         require(bool(self.init), "init", "give the pretrained checkpoint to finetune (--init DIR)")
         require(self.dtype in ("fp32", "bf16"), "dtype", f"must be fp32 or bf16, got {self.dtype!r}")
-        require(self.peft == "none" or self.dist == "ddp", "peft", "LoRA under --dist fsdp is not supported yet")
+        require(self.peft == "none" or self.dist == "ddp", "peft", f"{self.peft} under --dist fsdp is not supported yet")
+        require(self.peft != "prompt" or not self.data.packing, "data.packing",
+                "a soft prompt goes before each conversation: prompt tuning trains on padded batches")
         require(not self.merge or self.peft == "lora", "merge", "merges a LoRA adapter: give --peft lora")
 
 
@@ -254,24 +257,16 @@ def _examples(cfg: SFTConfig) -> tuple[list[Example], list[Example], str, dict |
     return train, val, "the task world's crowd (" + ", ".join(cfg.data.crowd) + ")", reports["train"]
 
 
-def _lora_base(init: str) -> Path:
-    """The checkpoint a LoRA run trains on and names as its base: a plain one, not an adapter."""
-    base = ckpt.resolve_checkpoint(init)
-    if adapters.is_adapter(base):
-        raise UserError(f"init: {init} is a LoRA adapter; put a new adapter on a plain checkpoint "
-                        "(sft --peft lora --merge writes its merged model to OUT/merged)")
-    return base
-
-
 def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
     """Finetune as configured; returns the summary that `--json` prints."""
     with stage.start("sft", cfg, resume, overwrite, log, dtype=cfg.dtype) as r:
-        if cfg.peft == "lora":
-            base = _lora_base(cfg.init)
+        if cfg.peft != "none":
+            base = ckpt.plain_base(cfg.init)
             model, tokenizer = ckpt.load_model(base)
-            torch.manual_seed(cfg.seed)  # the adapters' A are drawn at random (B starts at 0)
-            model = adapters.load_adapter(ckpt.resolve_checkpoint(r.out), model, cfg.lora) if resume else \
-                adapters.add_lora(model, cfg.lora)
+            torch.manual_seed(cfg.seed)  # LoRA's A (B starts at 0) and the prompt's first tokens are drawn
+            spec = cfg.lora if cfg.peft == "lora" else cfg.prompt
+            model = adapters.load_adapter(ckpt.resolve_checkpoint(r.out), model, spec) if resume else \
+                (adapters.add_lora if cfg.peft == "lora" else adapters.add_prompt)(model, spec)
         else:
             model, tokenizer = ckpt.load_model(ckpt.resolve_checkpoint(r.out) if resume else cfg.init)
         return _run(r, model, tokenizer, *_examples(cfg))
@@ -305,10 +300,8 @@ def _run(r: stage.Run, model, tokenizer, train_examples, val_examples, source, d
             + (f", {cut} cut to the context of {block}" if cut else "") + f"); {len(val_rows):,} for validation; "
             f"batch {cfg.train.batch_size} ({'packed' if cfg.data.packing else 'padded'}) = {micro} x {accum} steps "
             f"x {rt.world} processes{' (FSDP)' if sharded(model) else ''}; device {rt.device}")
-        if adapters.has_lora(model):
-            n, total = adapters.trainable(model)
-            log(f"sft: LoRA r {cfg.lora.r} on {', '.join(adapters.targets(model))}: {n:,} of {total:,} parameters "
-                f"trainable ({n / total:.2%}), the base frozen")
+        if adapters.is_adapted(model):
+            log(f"sft: {adapters.describe(model)}")
         if data:
             log(f"sft: the demonstrations' gold reward {data['gold_reward']:.3f} ("
                 + ", ".join(f"{w} {d['share']:.0%}: {d['gold_reward']:.3f}" for w, d in data["writers"].items()) + ")")
@@ -340,7 +333,7 @@ def _run(r: stage.Run, model, tokenizer, train_examples, val_examples, source, d
         val = total / max(count, 1)
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
 
-    lora_base = _lora_base(cfg.init) if adapters.has_lora(model) else None  # what an adapter checkpoint names
+    adapter_of = ckpt.plain_base(cfg.init) if adapters.is_adapted(model) else None  # what an adapter checkpoint names
 
     def save(step: int):
         shards = save_shards(out, model, optimizer, rt)
@@ -348,7 +341,7 @@ def _run(r: stage.Run, model, tokenizer, train_examples, val_examples, source, d
             ckpt.save_checkpoint(out / ckpt.CHECKPOINT, model, tokenizer,
                                  trainer_state(step, optimizer, batches=batches.state()),
                                  generation={"eos_token_id": chat_stop_ids(tokenizer)}, weights=shards.weights,
-                                 shards=shards.folder, adapter_of=lora_base)
+                                 shards=shards.folder, adapter_of=adapter_of)
         rt.barrier()
 
     sample = rows[:1000]  # the mean padded-batch size, for the tokens/s figure
@@ -363,11 +356,10 @@ def _run(r: stage.Run, model, tokenizer, train_examples, val_examples, source, d
     summary = {"out": str(out), "checkpoint": str(out / ckpt.CHECKPOINT), "steps": cfg.train.steps,
                "examples": len(rows), "train_loss": last.get("loss"), "val_loss": last.get("val_loss"),
                "train_s": round(train_s, 2)}
-    if adapters.has_lora(model):
+    if adapters.is_adapted(model):
         summary["trainable_params"], summary["params"] = adapters.trainable(model)
         if cfg.merge and rt.is_main:
-            ckpt.save_checkpoint(out / "merged", adapters.merge(copy.deepcopy(model)), tokenizer,
-                                 generation={"eos_token_id": chat_stop_ids(tokenizer)})
+            ckpt.save_merged(out / "merged", model, tokenizer, generation={"eos_token_id": chat_stop_ids(tokenizer)})
             summary["merged"] = str(out / "merged")
     if data:
         summary["data"] = data  # what the demonstrations are worth, by the gold reward SFT never sees
