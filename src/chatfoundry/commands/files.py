@@ -48,7 +48,8 @@ def _convert_parser(sub) -> None:
     p = sub.add_parser("convert", help="import a Hugging Face GPT-2/Llama/Mistral/Qwen2/BERT/T5 folder, or export ours "
                                        "for transformers")
     way = p.add_mutually_exclusive_group(required=True)
-    way.add_argument("--from_hf", metavar="SRC", help="a local transformers model folder to import")
+    way.add_argument("--from_hf", metavar="SRC", help="a transformers model folder to import, or a Hub model "
+                                                       "ORG/NAME[@REVISION] (fetched into the hub cache unless there)")
     way.add_argument("--to_hf", metavar="SRC", help="our checkpoint (or run folder) to export")
     p.add_argument("--out", required=True, help="folder to write")
     json_flag(p)

@@ -26,6 +26,9 @@ silently would quietly change what the model learns. So does a line over MAX_LIN
 hundreds of times any context here), read no further than the bound: tokenizing one huge line
 takes ~150 bytes of memory per character. The per-object parsers raise ValueError
 without the location, so they also serve callers that hold objects rather than files.
+
+Wherever a file is read, `hf:ORG/DATASET[:split]` reads a Hugging Face Hub dataset's rows instead
+(hub.py), and an error names "hf:ORG/DATASET:split row N".
 """
 
 from __future__ import annotations
@@ -197,18 +200,28 @@ def load_labelled(paths: str | Path | list, task: str) -> list[tuple[str, str | 
 _T = TypeVar("_T")
 
 
+def records(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """(where, object) for each record: the lines of a JSONL file ("path:line"), or the rows of a
+    Hugging Face Hub dataset `hf:ORG/DATASET[:split]` ("hf:ORG/DATASET:split row N", hub.py)."""
+    if str(path).startswith("hf:"):
+        from chatfoundry import hub  # lazily: only hf: names need it
+
+        return hub.dataset_rows(str(path).removeprefix(hub.PREFIX))
+    return ((f"{path}:{lineno}", obj) for lineno, obj in read_jsonl(path))
+
+
 def _load(paths: str | Path | list, parse: Callable[[dict], _T]) -> list[_T]:
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
         raise UserError("no data files given")
     out: list[_T] = []
-    for path in map(Path, paths):
+    for path in paths:
         before = len(out)
-        for lineno, obj in read_jsonl(path):
+        for where, obj in records(path):
             try:
                 out.append(parse(obj))
             except ValueError as e:
-                raise UserError(f"{path}:{lineno}: {e}") from None
+                raise UserError(f"{where}: {e}") from None
         if len(out) == before:  # an empty file among several is almost surely a mistake
             raise UserError(f"{path}: no examples")
     return out

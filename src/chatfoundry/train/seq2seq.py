@@ -23,7 +23,7 @@ import torch
 from chatfoundry import checkpoint as ckpt
 from chatfoundry.config import require
 from chatfoundry.data import corpus, world
-from chatfoundry.data.formats import read_jsonl
+from chatfoundry.data.formats import records
 from chatfoundry.errors import UserError
 from chatfoundry.generation import GenerationConfig, generate_seq2seq
 from chatfoundry.metrics import plot_curves, read_metrics
@@ -134,10 +134,10 @@ def reversed_string(pair: Pair) -> str:
 
 def file_pairs(path: str) -> list[Pair]:
     pairs = []
-    for lineno, obj in read_jsonl(path):
+    for where, obj in records(path):  # a JSONL file or a Hub dataset (hf:ORG/DATASET)
         for key in ("input", "target"):
             if not isinstance(obj.get(key), str) or not obj[key].strip():
-                raise UserError(f"{path}:{lineno}: field {key!r} must be a non-empty string")
+                raise UserError(f"{where}: field {key!r} must be a non-empty string")
         pairs.append(Pair(obj["input"], obj["target"]))
     if len(pairs) < 2:
         raise UserError(f"{path}: needs at least 2 input/target pairs (some are held out), found {len(pairs)}")

@@ -37,7 +37,7 @@ from chatfoundry.train.loop import (Epochs, TrainConfig, accumulation, fit, make
 
 @dataclass
 class SFTDataConfig:
-    files: list[str] = field(default_factory=list)  # JSONL files (any SFT format); empty: the task world
+    files: list[str] = field(default_factory=list)  # JSONL files (any SFT format) or hf:ORG/DATASET[:split]; empty: the task world
     conversations: int = 8000  # world conversations drawn from its train split
     # World: who writes the demonstrations, as writer:weight (data/world.py WRITERS: careful,
     # terse, chatty, brusque, guesser, sloppy). careful:1 is the world of perfect demonstrations.
@@ -87,7 +87,7 @@ def _sft_train() -> TrainConfig:
 
 @dataclass
 class SFTConfig(stage.StageConfig):
-    init: str = ""  # the pretrained checkpoint (or run folder) to start from
+    init: str = ""  # the pretrained checkpoint (or run folder) to start from, or a Hub model hf:ORG/NAME[@REVISION]
     out: str = "runs/sft"  # run folder: checkpoint/, config.yaml, metrics.jsonl, loss.png, eval.json, eval.png
     dtype: str = "fp32"  # fp32 or bf16 (autocast)
     compile: bool = False  # torch.compile the model
