@@ -231,7 +231,7 @@ def policy_and_reference(cfg, out: Path, resume: bool, device, stage: str):
         if tokenizer_hash(policy_tok) != tokenizer_hash(tok):
             raise UserError(f"{out}: the policy's tokenizer differs from the reference's ({cfg.init})")
         return policy.requires_grad_(True), ref.requires_grad_(False), tok, None
-    base = ckpt.plain_base(cfg.init)
+    base = ckpt.adapter_base(ckpt.resolve_checkpoint(out)) if resume else ckpt.plain_base(cfg.init)
     model, tok = load_chat_model(str(base), device, stage)
     torch.manual_seed(cfg.seed)  # the adapters' A are drawn at random (B starts at 0)
     policy = adapters.load_adapter(ckpt.resolve_checkpoint(out), model, cfg.lora) if resume else \

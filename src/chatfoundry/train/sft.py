@@ -260,8 +260,9 @@ def _examples(cfg: SFTConfig) -> tuple[list[Example], list[Example], str, dict |
 def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
     """Finetune as configured; returns the summary that `--json` prints."""
     with stage.start("sft", cfg, resume, overwrite, log, dtype=cfg.dtype) as r:
+        base = None  # the checkpoint an adapter run trains on and names; a resumed run's adapter names it
         if cfg.peft != "none":
-            base = ckpt.plain_base(cfg.init)
+            base = ckpt.adapter_base(ckpt.resolve_checkpoint(r.out)) if resume else ckpt.plain_base(cfg.init)
             model, tokenizer = ckpt.load_model(base)
             torch.manual_seed(cfg.seed)  # LoRA's A (B starts at 0) and the prompt's first tokens are drawn
             spec = cfg.lora if cfg.peft == "lora" else cfg.prompt
@@ -269,10 +270,10 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, log=print
                 (adapters.add_lora if cfg.peft == "lora" else adapters.add_prompt)(model, spec)
         else:
             model, tokenizer = ckpt.load_model(ckpt.resolve_checkpoint(r.out) if resume else cfg.init)
-        return _run(r, model, tokenizer, *_examples(cfg))
+        return _run(r, model, tokenizer, base, *_examples(cfg))
 
 
-def _run(r: stage.Run, model, tokenizer, train_examples, val_examples, source, data) -> dict:
+def _run(r: stage.Run, model, tokenizer, adapter_of, train_examples, val_examples, source, data) -> dict:
     cfg, rt, out, resume, log = r.cfg, r.rt, r.out, r.resume, r.log
     torch.manual_seed(cfg.seed)
     block = cfg.train.block_size or model.config.block_size
@@ -333,7 +334,6 @@ def _run(r: stage.Run, model, tokenizer, train_examples, val_examples, source, d
         val = total / max(count, 1)
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
 
-    adapter_of = ckpt.plain_base(cfg.init) if adapters.is_adapted(model) else None  # what an adapter checkpoint names
 
     def save(step: int):
         shards = save_shards(out, model, optimizer, rt)
