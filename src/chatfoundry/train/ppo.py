@@ -55,8 +55,9 @@ from chatfoundry.rl import core
 from chatfoundry.tokenizer import chat_stop_ids, encode_batch_ids, special_id, tokenizer_hash
 from chatfoundry.train import stage
 from chatfoundry.train.loop import Epochs
-from chatfoundry.train.rollout import (Rollout, RolloutConfig, load_reward, policy_and_reference, prompt_pool, response_logits,
-                                       memory_mb, resume_iterations, rollout, select, spread, token_logprobs, values_of, warp)
+from chatfoundry.train.rollout import (Rollout, RolloutConfig, load_reward, memory_mb, policy_and_reference, prompt_pool,
+                                       response_logits, resume_iterations, rollout, select, spread, token_logprobs, values_of,
+                                       warp)
 
 CRITIC = "critic"
 
