@@ -311,9 +311,12 @@ def _question(family: str, kind: str, f: dict[str, str], prompt: str) -> Task | 
         if a is None or b is None or a == b or f["w"] not in ("larger", "smaller"):
             return None
         return number_question(a, b, f["w"] == "larger", prompt)
-    x, y = (f["x"], f["y"]) if "x" in f else (f["ax"].partition(" ")[2], f["ay"].partition(" ")[2])
-    if "ax" in f and (f["ax"], f["ay"]) != (article(x), article(y)):
-        return None
+    if "ax" in f:  # "an apple or a car": each with its own article
+        x, y = f["ax"].partition(" ")[2], f["ay"].partition(" ")[2]
+        if not (x and y) or (f["ax"], f["ay"]) != (article(x), article(y)):
+            return None
+    else:
+        x, y = f["x"], f["y"]
     for classes, more, less in COMPARE_TABLES:
         rank = {thing: i for i, c in enumerate(classes) for thing in c}
         if f["w"] in (more, less) and x in rank and y in rank and rank[x] != rank[y]:
