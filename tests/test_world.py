@@ -380,3 +380,17 @@ def test_export_writes_every_format_loadably(tmp_path):
     for line in (tmp_path / "test.jsonl").read_text().splitlines():
         rec = json.loads(line)
         assert rec["family"] in FAMILIES and rec["completion"]
+
+
+def test_parse_reads_every_drawn_question_back_and_nothing_the_world_does_not_ask(drawn):
+    for (split, family), tasks in drawn.items():
+        for t in tasks:
+            assert world.parse(t.prompt) == t, t
+    name = world.made_up_countries()[0]
+    assert world.parse(f"  What is the capital of {name}?  ").family == "unanswerable"
+    for other in ("What is 25 plus 3?", "What is 3 minus 9?", "What is 07 times 2?",  # outside the world's ranges
+                  "Which is larger, 5 or 5?", 'Reverse the word "xylophone".', "What is the capital of Atlantis?",
+                  'How many times does the letter "z" appear in "apple"?', "What is bigger: a ant or a cow?",
+                  "Which is bigger, the ant or the bee?", "Sort these words alphabetically: cat, cat, dog.",
+                  "What is bigger: horse or a cat?", "What is 7 times 8", ""):
+        assert world.parse(other) is None, other

@@ -1,4 +1,4 @@
-"""The recipe's stages as commands: pipeline, pretrain, sft, finetune-seq2seq, label, rm, ppo, dpo,
+"""The recipe's stages as commands: pipeline, pretrain, sft, finetune-seq2seq, label, self-instruct, rm, ppo, dpo,
 grpo, best-of-n, calibrate, scaling, finetune-head. Each parses its config (defaults < a resumed run's config.yaml < --config < flags) and
 calls its stage's `run`.
 """
@@ -30,7 +30,8 @@ def _stage(sub, name: str, cls: type, run, help: str, description: str, aliases:
 def add_parsers(sub) -> None:
     from chatfoundry import align_compare, pipeline, scaling
     from chatfoundry.eval import calibration
-    from chatfoundry.train import best_of_n, dpo, grpo, head, label, ppo, pretrain, reward, seq2seq, sft
+    from chatfoundry.train import (best_of_n, dpo, grpo, head, label, ppo, pretrain, reward, self_instruct, seq2seq,
+                                   sft)
 
     _stage(sub, "pipeline", pipeline.PipelineConfig, pipeline.run,
            help="the whole recipe on the built-in world: pretrain, SFT, label, RM, PPO, report",
@@ -81,6 +82,19 @@ def add_parsers(sub) -> None:
                        "response, **fields) -> float). Writes train.jsonl and held-out val.jsonl in the "
                        "rankings format `chatfoundry rm` reads.",
            resumable=False, overwrite_help="replace labels already in --out")
+    _stage(sub, "self-instruct", self_instruct.SelfInstructConfig, self_instruct.run,
+           help="Self-Instruct / Alpaca: a teacher writes new instructions and answers them; filtered, as SFT data",
+           description="Show the writer (--writer, default the --teacher) a few seed instructions (--seed_tasks: "
+                       "world, or a JSONL file of {\"instruction\"} or {\"prompt\"} lines) as a list of "
+                       "\"Question: ...\" lines and let it write the next; drop malformed instructions, world "
+                       "questions of the held-out splits, ones the world cannot read back (--unverifiable) and "
+                       "near-duplicates (ROUGE-L above --rouge); the teacher answers the rest greedily, and "
+                       "malformed answers and answers the world's verifier marks wrong are dropped. Writes "
+                       "data.jsonl in Alpaca's format (instruction, input, output) for `chatfoundry sft --data`, "
+                       "and reports the teacher tokens and CPU-seconds spent, each filter's drops and the data's "
+                       "diversity.",
+           aliases={"--seed-tasks": "seed_tasks"},
+           resumable=False, overwrite_help="replace the data already in --out")
     _stage(sub, "rm", reward.RMConfig, reward.run,
            help="train a reward model on ranked comparisons (K-wise Bradley-Terry)",
            description="Start from the SFT checkpoint's body with a scalar head and learn to order "

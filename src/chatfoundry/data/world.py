@@ -32,6 +32,7 @@ import hashlib
 import itertools
 import random
 import re
+import string
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -71,10 +72,12 @@ _ARITH_PROMPTS = ("What is {a} {word} {b}?", "What is {a} {sym} {b}?", "Calculat
 
 
 def arithmetic_task(rng: random.Random) -> Task:
-    a, op, b, c = corpus.sample_arithmetic(rng)
-    word = _OP_WORDS[op][0]
-    prompt = rng.choice(_ARITH_PROMPTS).format(a=a, b=b, word=word, sym=op)
-    key = f"{a}{op}{b}"
+    a, op, b, _ = corpus.sample_arithmetic(rng)
+    return arithmetic_question(a, op, b, rng.choice(_ARITH_PROMPTS).format(a=a, b=b, word=_OP_WORDS[op][0], sym=op))
+
+
+def arithmetic_question(a: int, op: str, b: int, prompt: str) -> Task:
+    c, word, key = corpus.OPERATIONS[op][1](a, b), _OP_WORDS[op][0], f"{a}{op}{b}"
     group = f"{min(a, b)}{op}{max(a, b)}" if op in "+*" else key  # 7+5 and 5+7 share a split
     kind = {"+": "add", "-": "subtract", "*": "multiply"}[op]
     return Task("arithmetic", kind, group, key, prompt, str(c), f"{a} {word} {b} is {c}.")
@@ -83,41 +86,47 @@ def arithmetic_task(rng: random.Random) -> Task:
 # ---------------------------------------------------------------- strings
 
 
+_STRING_PROMPTS = {
+    "reverse": ('Reverse the word "{w}".', 'Spell "{w}" backwards.', 'What is "{w}" backwards?'),
+    "uppercase": ('Write "{w}" in capital letters.', 'What is "{w}" in uppercase?', 'Convert "{w}" to uppercase.'),
+    "length": ('How many letters are in the word "{w}"?', 'How long is the word "{w}"?', 'Count the letters in "{w}".'),
+    "count": ('How many times does the letter "{l}" appear in "{w}"?', 'Count the letter "{l}" in the word "{w}".'),
+    "sort": ("Sort these words alphabetically: {words}.", "Put these words in alphabetical order: {words}.",
+             "Sort the words {words} in alphabetical order."),
+}
+
+
 def strings_task(rng: random.Random) -> Task:
     kind = rng.choice(("reverse", "uppercase", "length", "count", "sort"))
     if kind == "sort":
         words = tuple(rng.sample(SPELLING_WORDS, 3))
-        ordered = sorted(words)
-        prompt = rng.choice(("Sort these words alphabetically: {}.", "Put these words in alphabetical order: {}.",
-                             "Sort the words {} in alphabetical order.")).format(", ".join(words))
-        group = "sort:" + ",".join(ordered)
-        return Task("strings", kind, group, group, prompt, ", ".join(ordered),
-                    f"In alphabetical order: {', '.join(ordered)}.", words)
-    word, letter = rng.choice(SPELLING_WORDS), ""
-    key = f"{kind}:{word}"
+        return strings_question(kind, rng.choice(_STRING_PROMPTS[kind]).format(words=", ".join(words)), words=words)
+    word = rng.choice(SPELLING_WORDS)
+    letter = rng.choice(sorted(set(word))) if kind == "count" else ""
+    return strings_question(kind, rng.choice(_STRING_PROMPTS[kind]).format(w=word, l=letter), word, letter)
+
+
+def strings_question(kind: str, prompt: str, word: str = "", letter: str = "", words: tuple[str, ...] = ()) -> Task:
+    """A strings task: `word` (and for count the `letter`), or for sort the three `words` as asked."""
+    if kind == "sort":
+        ordered = ", ".join(sorted(words))
+        group = "sort:" + ordered.replace(", ", ",")
+        return Task("strings", kind, group, group, prompt, ordered, f"In alphabetical order: {ordered}.", words)
     if kind == "reverse":
         answer = word[::-1]
-        prompt = rng.choice(('Reverse the word "{w}".', 'Spell "{w}" backwards.', 'What is "{w}" backwards?'))
         reference = f'The word "{word}" backwards is "{answer}".'
     elif kind == "uppercase":
         answer = word.upper()
-        prompt = rng.choice(('Write "{w}" in capital letters.', 'What is "{w}" in uppercase?',
-                             'Convert "{w}" to uppercase.'))
         reference = f'"{word}" in capital letters is "{answer}".'
     elif kind == "length":
         answer = str(len(word))
-        prompt = rng.choice(('How many letters are in the word "{w}"?', 'How long is the word "{w}"?',
-                             'Count the letters in "{w}".'))
         reference = f'The word "{word}" has {answer} letters.'
     else:
-        letter = rng.choice(sorted(set(word)))
         n = word.count(letter)
         answer = str(n)
-        prompt = rng.choice(('How many times does the letter "{l}" appear in "{w}"?',
-                             'Count the letter "{l}" in the word "{w}".'))
         reference = f'The letter "{letter}" appears {n} {"time" if n == 1 else "times"} in "{word}".'
-        key = f"{kind}:{word}:{letter}"
-    return Task("strings", kind, f"word:{word}", key, prompt.format(w=word, l=letter), answer, reference)
+    key = f"{kind}:{word}:{letter}" if kind == "count" else f"{kind}:{word}"
+    return Task("strings", kind, f"word:{word}", key, prompt, answer, reference)
 
 
 # ---------------------------------------------------------------- facts and unanswerable questions
@@ -141,14 +150,15 @@ _UNKNOWN_KINDS = ("capital", "continent", "language", "currency")
 
 
 def facts_task(rng: random.Random) -> Task:
-    facts = load_facts()
-    fact = rng.choice(facts)
+    fact = rng.choice(load_facts())
     kind = rng.choice(tuple(_FACT_PROMPTS))
+    return facts_question(fact, kind, rng.choice(_FACT_PROMPTS[kind]).format(**vars(fact)))
+
+
+def facts_question(fact: corpus.Fact, kind: str, prompt: str) -> Task:
     answer = getattr(fact, kind)  # each kind is named after the field it asks for
-    values = vars(fact)
-    return Task("facts", kind, f"country:{fact.country}", f"{kind}:{fact.country}",
-                rng.choice(_FACT_PROMPTS[kind]).format(**values), answer, _FACT_REFERENCES[kind].format(**values),
-                _rivals(kind, answer))
+    return Task("facts", kind, f"country:{fact.country}", f"{kind}:{fact.country}", prompt, answer,
+                _FACT_REFERENCES[kind].format(**vars(fact)), _rivals(kind, answer))
 
 
 @lru_cache(maxsize=None)
@@ -180,8 +190,10 @@ def _known_values() -> tuple[str, ...]:
 def unanswerable_task(rng: random.Random) -> Task:
     name = rng.choice(made_up_countries())
     kind = rng.choice(_UNKNOWN_KINDS)
-    values = {"country": name}
-    prompt = rng.choice(_FACT_PROMPTS[kind]).format(**values)
+    return unanswerable_question(name, kind, rng.choice(_FACT_PROMPTS[kind]).format(country=name))
+
+
+def unanswerable_question(name: str, kind: str, prompt: str) -> Task:
     return Task("unanswerable", kind, f"made-up:{name}", f"{kind}:{name}", prompt, "",
                 "I do not know. I have never heard of that country.")
 
@@ -192,31 +204,125 @@ _MORE = ("larger", "bigger", "greater", "faster", "heavier")
 _LESS = ("smaller", "less", "slower", "lighter")
 
 
+_NUMBER_PROMPTS = ("Which is {w}, {a} or {b}?", "Which number is {w}: {a} or {b}?")
+_THING_PROMPTS = ("Which is {w}, the {x} or the {y}?", "What is {w}: {ax} or {ay}?")
+
+
 def compare_task(rng: random.Random) -> Task:
     if rng.random() < 0.4:
         a, b = rng.sample(range(101), 2)
         more = rng.random() < 0.5
         word = "larger" if more else "smaller"
-        big, small = max(a, b), min(a, b)
-        answer = str(big if more else small)
-        prompt = rng.choice(("Which is {w}, {a} or {b}?", "Which number is {w}: {a} or {b}?")).format(w=word, a=a, b=b)
-        reference = f"{big} is larger than {small}." if more else f"{small} is smaller than {big}."
-        group = f"numbers:{small}:{big}"
-        return Task("compare", "number", group, f"{group}:{word}", prompt, answer, reference, (str(a), str(b)))
+        return number_question(a, b, more, rng.choice(_NUMBER_PROMPTS).format(w=word, a=a, b=b))
     classes, more_word, less_word = rng.choice(COMPARE_TABLES)
     big, small = sample_ordered_pair(rng, classes)
     more = rng.random() < 0.5
     word = more_word if more else less_word
     first, second = (big, small) if rng.random() < 0.5 else (small, big)
-    prompt = rng.choice(("Which is {w}, the {x} or the {y}?", "What is {w}: {ax} or {ay}?")).format(
-        w=word, x=first, y=second, ax=article(first), ay=article(second))
-    reference = f"The {big} is {more_word} than the {small}." if more else f"The {small} is {less_word} than the {big}."
+    prompt = rng.choice(_THING_PROMPTS).format(w=word, x=first, y=second, ax=article(first), ay=article(second))
+    return thing_question(big, small, word, more, prompt)
+
+
+def number_question(a: int, b: int, more: bool, prompt: str) -> Task:
+    """Which of two numbers (as asked: a first) is larger (`more`) or smaller."""
+    big, small = max(a, b), min(a, b)
+    word = "larger" if more else "smaller"
+    reference = f"{big} is larger than {small}." if more else f"{small} is smaller than {big}."
+    group = f"numbers:{small}:{big}"
+    return Task("compare", "number", group, f"{group}:{word}", prompt, str(big if more else small), reference,
+                (str(a), str(b)))
+
+
+def thing_question(big: str, small: str, word: str, more: bool, prompt: str) -> Task:
+    """Which of two things is `word` ("bigger" when `more`, "smaller" when not)."""
+    reference = f"The {big} is {word} than the {small}." if more else f"The {small} is {word} than the {big}."
     group = f"things:{small}:{big}"
     return Task("compare", "thing", group, f"{group}:{word}", prompt, big if more else small, reference, (big, small))
 
 
 SAMPLERS = {"arithmetic": arithmetic_task, "strings": strings_task, "facts": facts_task,
             "compare": compare_task, "unanswerable": unanswerable_task}
+
+
+# ---------------------------------------------------------------- reading a question back
+
+
+def parse(prompt: str) -> Task | None:
+    """The world's question that `prompt` asks, as a Task (so the verifier can score any answer to
+    it), or None where the world could not have asked it: another phrasing, a word, country or thing
+    it does not know, numbers outside its ranges. The samplers' templates read backwards, so
+    `parse(t.prompt) == t` for every task the world draws, whatever its split."""
+    text = prompt.strip()
+    for family, kind, pattern in _patterns():
+        m = pattern.fullmatch(text)
+        if m and (task := _question(family, kind, m.groupdict(), text)) is not None:
+            return task
+    return None
+
+
+@lru_cache(maxsize=1)
+def _patterns() -> tuple[tuple[str, str, re.Pattern], ...]:
+    """(family, kind, regex) for every template; a field reads any text (numbers: digits), checked after."""
+    def regex(template: str) -> re.Pattern:
+        parts = []
+        for literal, name, _, _ in string.Formatter().parse(template):
+            parts.append(re.escape(literal))
+            if name:
+                parts.append(rf"(?P<{name}>\d+)" if name in "ab" else rf"(?P<{name}>.+?)")
+        return re.compile("".join(parts))
+
+    templates = ([("arithmetic", "", t) for t in _ARITH_PROMPTS]
+                 + [("strings", k, t) for k, ts in _STRING_PROMPTS.items() for t in ts]
+                 + [("facts", k, t) for k, ts in _FACT_PROMPTS.items() for t in ts]
+                 + [("compare", "number", t) for t in _NUMBER_PROMPTS]
+                 + [("compare", "thing", t) for t in _THING_PROMPTS])
+    return tuple((family, kind, regex(t)) for family, kind, t in templates)
+
+
+def _question(family: str, kind: str, f: dict[str, str], prompt: str) -> Task | None:
+    """The task a template's fields `f` describe, or None where the world does not ask it."""
+    def number(text: str, top: int) -> int | None:
+        return int(text) if text == str(int(text)) and int(text) <= top else None  # "07" is no world number
+
+    if family == "arithmetic":
+        a, b = number(f["a"], corpus.ARITHMETIC_MAX), number(f["b"], corpus.ARITHMETIC_MAX)
+        op = f.get("sym") or {words[0]: o for o, words in _OP_WORDS.items()}.get(f["word"])
+        if a is None or b is None or op not in _OP_WORDS or (op == "-" and a < b):
+            return None
+        return arithmetic_question(a, op, b, prompt)
+    if family == "strings":
+        if kind == "sort":
+            words = tuple(f["words"].split(", "))
+            ok = len(set(words)) == len(words) == 3 and set(words) <= set(SPELLING_WORDS)
+            return strings_question(kind, prompt, words=words) if ok else None
+        word, letter = f["w"], f.get("l", "")
+        ok = word in SPELLING_WORDS and (kind != "count" or letter in word)
+        return strings_question(kind, prompt, word, letter) if ok else None
+    if family == "facts":
+        if kind == "country":
+            fact = next((x for x in load_facts() if x.capital == f["capital"]), None)
+            return facts_question(fact, kind, prompt) if fact else None
+        fact = next((x for x in load_facts() if x.country == f["country"]), None)
+        if fact:
+            return facts_question(fact, kind, prompt)
+        return unanswerable_question(f["country"], kind, prompt) if f["country"] in made_up_countries() else None
+    if kind == "number":
+        a, b = number(f["a"], 100), number(f["b"], 100)
+        if a is None or b is None or a == b or f["w"] not in ("larger", "smaller"):
+            return None
+        return number_question(a, b, f["w"] == "larger", prompt)
+    if "ax" in f:  # "an apple or a car": each with its own article
+        x, y = f["ax"].partition(" ")[2], f["ay"].partition(" ")[2]
+        if not (x and y) or (f["ax"], f["ay"]) != (article(x), article(y)):
+            return None
+    else:
+        x, y = f["x"], f["y"]
+    for classes, more, less in COMPARE_TABLES:
+        rank = {thing: i for i, c in enumerate(classes) for thing in c}
+        if f["w"] in (more, less) and x in rank and y in rank and rank[x] != rank[y]:
+            big, small = (x, y) if rank[x] > rank[y] else (y, x)
+            return thing_question(big, small, f["w"], f["w"] == more, prompt)
+    return None
 
 
 # ---------------------------------------------------------------- datasets
