@@ -121,7 +121,7 @@ def _cli(argv: list[str]) -> int:
 
 def test_self_instruct_writes_alpaca_jsonl_that_sft_reads(teacher, tmp_path, capsys):
     out = tmp_path / "si"
-    code, stdout, err = run_cli(["self-instruct", "--teacher", str(teacher / "sft"), "--seed-tasks",
+    code, stdout, err = run_cli(["self-instruct", "--teacher", str(teacher / "sft"), "--seed_tasks",
                                  str(teacher / "seeds.jsonl"), "--n", "6", "--max_written", "128", "--shots", "3",
                                  "--max_answer_tokens", "24", "--out", str(out), "--device", "cpu", "--json"], capsys)
     assert code == 0, err

@@ -93,7 +93,6 @@ def add_parsers(sub) -> None:
                        "data.jsonl in Alpaca's format (instruction, input, output) for `chatfoundry sft --data`, "
                        "and reports the teacher tokens and CPU-seconds spent, each filter's drops and the data's "
                        "diversity.",
-           aliases={"--seed-tasks": "seed_tasks"},
            resumable=False, overwrite_help="replace the data already in --out")
     _stage(sub, "rm", reward.RMConfig, reward.run,
            help="train a reward model on ranked comparisons (K-wise Bradley-Terry)",

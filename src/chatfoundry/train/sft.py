@@ -50,10 +50,11 @@ class SFTDataConfig:
     tool_conversations: int = 5000
     val_fraction: float = 0.05  # user files: share held out for validation loss (the world has a val split)
     packing: bool = False  # pack conversations into full rows instead of padding each
-    # World only: the share of training examples that are pretraining documents (plain text, every
+    # The share of training examples that are documents of the built-in corpus (plain text, every
     # token learned), as InstructGPT's PPO-ptx mixes pretraining into RL. Without it SFT teaches
     # the model to answer only about what SFT showed it: held-out facts 0.11 -> 0.80 (README).
-    pretrain_mix: float = 0.5
+    # None: 0.5 on the world, 0 on files (the corpus is the world's; a file's model may not know it).
+    pretrain_mix: float | None = None
 
     def validate(self) -> None:
         require(self.conversations > 0, "data.conversations", f"must be > 0, got {self.conversations}")
@@ -65,7 +66,8 @@ class SFTDataConfig:
         for name in ("system_prob", "multi_turn_prob"):
             require(0 <= getattr(self, name) <= 1, f"data.{name}", f"must be in [0, 1], got {getattr(self, name)}")
         require(0 < self.val_fraction < 0.5, "data.val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
-        require(0 <= self.pretrain_mix < 1, "data.pretrain_mix", f"must be in [0, 1), got {self.pretrain_mix}")
+        require(self.pretrain_mix is None or 0 <= self.pretrain_mix < 1, "data.pretrain_mix",
+                f"must be in [0, 1), or none; got {self.pretrain_mix}")
 
 
 @dataclass
@@ -231,11 +233,19 @@ def world_demonstrations(cfg: SFTConfig, split: str, n: int, with_tools: int,
 
 def _examples(cfg: SFTConfig) -> tuple[list[Example], list[Example], str, dict | None]:
     """(train, validation, source description, the world's demonstrations' worth: `world.crowd_report`)."""
+    def mix(train: list[Example], share: float) -> list[Example]:
+        n = round(len(train) * share / (1 - share))
+        docs = builtin.generate_documents(cfg.seed + 1)
+        return train + [Example(text=next(docs)) for _ in range(n)]
+
     if cfg.data.files:
         examples = load_sft(cfg.data.files)
         random.Random(cfg.seed).shuffle(examples)
         n_val = max(1, int(len(examples) * cfg.data.val_fraction)) if len(examples) > 1 else 0
-        return examples[n_val:], examples[:n_val], f"{len(examples)} examples from files", None
+        train, source = examples[n_val:], f"{len(examples)} examples from files"
+        if cfg.data.pretrain_mix:
+            train, source = mix(train, cfg.data.pretrain_mix), source + " and the built-in corpus"
+        return train, examples[:n_val], source, None
 
     crowd = world.parse_crowd(cfg.data.crowd)
 
@@ -249,10 +259,9 @@ def _examples(cfg: SFTConfig) -> tuple[list[Example], list[Example], str, dict |
         return [Example(messages=tuple(m)) for m in convs]
 
     train = world_examples("train", cfg.data.conversations, cfg.data.tool_conversations)
-    if cfg.data.pretrain_mix:
-        n = round(len(train) * cfg.data.pretrain_mix / (1 - cfg.data.pretrain_mix))
-        docs = builtin.generate_documents(cfg.seed + 1)
-        train += [Example(text=next(docs)) for _ in range(n)]
+    share = 0.5 if cfg.data.pretrain_mix is None else cfg.data.pretrain_mix
+    if share:
+        train = mix(train, share)
     val = world_examples("val", max(64, cfg.data.conversations // 20), cfg.data.tool_conversations // 20)
     return train, val, "the task world's crowd (" + ", ".join(cfg.data.crowd) + ")", reports["train"]
 
