@@ -356,15 +356,17 @@ def test_off_topic_answers_keep_the_answer_but_change_the_subject():
 def test_export_writes_every_format_loadably(tmp_path):
     counts = builtin.export(tmp_path, conversations_n=200, test_per_family=20, corpus_chars=20_000)
     names = ["corpus.jsonl", "sft_train.jsonl", "sft_val.jsonl", "prompt_completion_train.jsonl",
-             "alpaca_train.jsonl", "sft_tools_train.jsonl", "preference_train.jsonl", "rankings_train.jsonl",
-             "test.jsonl", "calculator_test.jsonl"]
+             "alpaca_train.jsonl", "sft_tools_train.jsonl", "quiz_train.jsonl", "preference_train.jsonl",
+             "rankings_train.jsonl", "test.jsonl", "calculator_test.jsonl"]
     assert sorted(counts) == sorted(names)
     for name in names:
         lines = (tmp_path / name).read_text(encoding="utf-8").splitlines()
         assert counts[name] == len(lines) > 0, name
     assert counts["sft_train.jsonl"] == 200 and counts["test.jsonl"] == 5 * 20
-    for name in names[:6]:
+    for name in names[:7]:
         assert len(load_sft(tmp_path / name)) == counts[name]
+    quiz = json.loads((tmp_path / "quiz_train.jsonl").read_text().splitlines()[0])["text"]
+    assert quiz.startswith("Question: ") and "\nAnswer: " in quiz  # the corpus' quiz form, as `eval --shots` asks
     assert len(load_comparisons(tmp_path / "preference_train.jsonl")) == counts["preference_train.jsonl"]
     assert len(load_comparisons(tmp_path / "rankings_train.jsonl")) == counts["rankings_train.jsonl"]
     writers = [json.loads(line)["writer"] for line in (tmp_path / "sft_train.jsonl").read_text().splitlines()]

@@ -115,6 +115,8 @@ def export(out: str | Path, conversations_n: int = 8000, test_per_family: int = 
                                   for t in world.calculator_tasks("test", test_per_family, seed)),
         "prompt_completion_train.jsonl": ({"prompt": t.prompt, "completion": t.reference} for t in singles),
         "alpaca_train.jsonl": ({"instruction": t.prompt, "input": "", "output": t.reference} for t in singles),
+        # the corpus' own quiz form, as plain text: a base model's format (prompt tuning, `eval --shots`)
+        "quiz_train.jsonl": ({"text": f"Question: {t.prompt}\nAnswer: {t.reference}"} for t in singles),
         "preference_train.jsonl": (preference(t) for t in singles),
         "rankings_train.jsonl": (ranked(t) for t in singles),
         "test.jsonl": ({"prompt": t.prompt, "completion": t.reference, "family": t.family, "kind": t.kind,
