@@ -123,11 +123,7 @@ def save_checkpoint(path: str | Path, model: DecoderLM | RewardModel | EncoderLM
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, given it or the run folder holding it; recovers from a kill mid-swap.
-    `hf:ORG/NAME[@REVISION]` names a Hub model, converted once into a cached checkpoint (hub.py)."""
-    if str(path).startswith("hf:"):
-        from chatfoundry import hub  # lazily: only hf: names need it
-
-        return hub.checkpoint(str(path).removeprefix(hub.PREFIX))
+    (A Hub name, hf:ORG/NAME, is resolved before: hub.resolve, where a command or stage reads it.)"""
     path = Path(path)
     full = path.resolve()  # "." and ".." have no name to put ".old" after
     old = full.with_name(full.name + ".old") if full.name else full  # "/" has no sibling

@@ -3,8 +3,8 @@
 In: a local transformers folder (config.json; model.safetensors, sharded safetensors with their
 index, or pytorch_model.bin read with weights_only=True; tokenizer.json) of a GPT-2, GPT-NeoX
 (sequential block, full rotary), Llama, Mistral, Qwen2 or T5 (T5ForConditionalGeneration) model, or
-a BERT (BertForMaskedLM, BertModel, BertForSequenceClassification), becomes one of our checkpoints;
-so does a Hub model named ORG/NAME, its snapshot fetched into the hub cache (hub.py).
+a BERT (BertForMaskedLM, BertModel, BertForSequenceClassification), becomes one of our checkpoints
+(the command takes a Hub model named ORG/NAME too: hub.py fetches its folder).
 Out: our checkpoint written for transformers; GPT-2-, GPT-NeoX-, Llama- and T5-shaped models already
 are, so the export checks the shape and leaves the trainer state behind.
 
@@ -16,7 +16,6 @@ generation stops at the source's end-of-sequence token and T5 inputs end with it
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -30,7 +29,6 @@ from chatfoundry.models.hf import check_types, config_from_hf, hf_architecture, 
 from chatfoundry.models.seq2seq import Seq2SeqLM
 from chatfoundry.tokenizer import load_tokenizer, set_special_names, special_id
 
-_HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+(@\S+)?")  # ORG/NAME[@REVISION]
 
 
 def _hf_weights(src: Path) -> dict[str, torch.Tensor]:
@@ -89,13 +87,7 @@ def _keep_special_ids(src: Path, hf: dict, tokenizer) -> dict[str, int | None]:
 
 
 def from_hf(src: str | Path, out: str | Path) -> dict:
-    """Import a transformers folder as our checkpoint at `out`; returns a summary. `src` may name a
-    Hub model instead, hf:ORG/NAME[@REVISION] or, where no such local folder is, ORG/NAME as
-    transformers reads it: its snapshot in the hub cache, fetched there if it is not (hub.py)."""
-    if str(src).startswith("hf:") or (not Path(src).exists() and _HUB_NAME.fullmatch(str(src))):
-        from chatfoundry import hub  # lazily: only Hub names need it
-
-        src = hub.model_snapshot(str(src).removeprefix(hub.PREFIX))
+    """Import a transformers folder as our checkpoint at `out`; returns a summary."""
     src = Path(src)
     if not (src / "config.json").is_file():
         raise UserError(f"{src}: no config.json (a Hugging Face model folder is expected)")

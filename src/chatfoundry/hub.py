@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -35,6 +36,17 @@ MODEL_FILES = ["config.json", "generation_config.json", "model*.safetensors", "m
                "tokenizer.json", "tokenizer_config.json"]
 # Data files datasets reads as rows, and the README whose YAML names a dataset's configs and splits.
 DATA_FILES = ["README.md", "*.parquet", "*.arrow", "*.jsonl", "*.json", "*.csv"]
+
+
+_NAME = re.compile(r"[\w.-]+/[\w.-]+(@\S+)?")  # ORG/NAME[@REVISION]
+
+
+def model_folder(src: str) -> Path:
+    """A transformers model folder: `src` itself, or the snapshot of the Hub model it names,
+    hf:ORG/NAME[@REVISION] or, where no such local folder is, ORG/NAME as transformers reads it."""
+    if src.startswith(PREFIX) or (not Path(src).exists() and _NAME.fullmatch(src)):
+        return model_snapshot(src.removeprefix(PREFIX))
+    return Path(src)
 
 
 def model_snapshot(name: str) -> Path:
@@ -72,6 +84,13 @@ def checkpoint(name: str) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def resolve(path: str) -> str:
+    """A Hub model name, hf:ORG/NAME[@REVISION], as the folder of its converted checkpoint; any
+    other path as it is. Commands and stages call it where they read a model's name, above
+    checkpoint.py: the converter this needs itself loads and saves through checkpoint.py."""
+    return str(checkpoint(path.removeprefix(PREFIX))) if str(path).startswith(PREFIX) else path
 
 
 def dataset_rows(spec: str) -> Iterator[tuple[str, dict]]:

@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from chatfoundry.config import load_yaml, resolve_config
+from chatfoundry import hub
 from chatfoundry.errors import UserError
 
 
@@ -116,7 +117,7 @@ def generation_model(args):
     from chatfoundry.textgen import prompt_ids
     from chatfoundry.train.seq2seq import encode_inputs
 
-    model, tokenizer = load_model(args.ckpt, args.device, seq2seq=True)
+    model, tokenizer = load_model(hub.resolve(args.ckpt), args.device, seq2seq=True)
     model = maybe_compile(model, args)
     if not isinstance(model, Seq2SeqLM):
         ids = prompt_ids(tokenizer, args.prompt, model.config.block_size, "--prompt")

@@ -57,9 +57,10 @@ def _convert_parser(sub) -> None:
 
 
 def _convert(args) -> dict:
+    from chatfoundry import hub
     from chatfoundry.convert import from_hf, to_hf
 
-    result = from_hf(args.from_hf, args.out) if args.from_hf else to_hf(args.to_hf, args.out)
+    result = from_hf(hub.model_folder(args.from_hf), args.out) if args.from_hf else to_hf(args.to_hf, args.out)
     kind = " sequence-classification (reward model)" if result.get("reward_model") else ""
     print(f"wrote {result['out']} ({result['architecture'] or 'chatfoundry'}{kind} layout)")
     if result.get("note"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from chatfoundry.commands.common import compile_flag, decode_result, generation_flags, generation_model, json_flag, maybe_compile
+from chatfoundry import hub
 from chatfoundry.errors import UserError
 
 
@@ -78,7 +79,7 @@ def _eval(args) -> dict:
         raise UserError("--shots: must be >= 0" if args.shots < 0 else
                         f"--shots asks a base model in the quiz form; --{'system' if args.system else 'tool_questions'} "
                         "is for a chat model")
-    model, tokenizer = load_model(args.ckpt, args.device)
+    model, tokenizer = load_model(hub.resolve(args.ckpt), args.device)
     report = evaluate_world(model, tokenizer, args.split, args.per_family, families, args.system,
                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                             tool_questions=args.tool_questions, shots=args.shots)
@@ -132,7 +133,7 @@ def _chat(args) -> dict:
     unknown = [n for n in names if n not in TOOLS]
     if unknown:
         raise UserError(f"--tools: unknown tool {unknown[0]!r}: built in are {', '.join(TOOLS)}")
-    model, tokenizer = load_model(args.ckpt, args.device)
+    model, tokenizer = load_model(hub.resolve(args.ckpt), args.device)
     model = maybe_compile(model, args)
     if names and special_id(tokenizer, "tool") is None:
         raise UserError(f"--tools: {args.ckpt}: the tokenizer has no {SPECIAL_TOKENS['tool']} token to call tools with")
@@ -173,7 +174,7 @@ def _serve(args) -> dict:
     max_choices = MAX_CHOICES if args.max_choices is None else args.max_choices
     if max_choices < 1:
         raise UserError(f"--max_choices: must be >= 1, got {max_choices}")
-    model, tokenizer = load_model(args.ckpt, args.device)
+    model, tokenizer = load_model(hub.resolve(args.ckpt), args.device)
     model = maybe_compile(model, args)
     import uvicorn
 
@@ -206,7 +207,7 @@ def _sample(args) -> dict:
             raise UserError(f"--{name}: must be >= 0")
     if args.temperature < 0:
         raise UserError("--temperature: must be >= 0")
-    model, tokenizer = load_model(args.ckpt, args.device)
+    model, tokenizer = load_model(hub.resolve(args.ckpt), args.device)
     texts = generate_text(model, tokenizer, args.prompt, args.num_samples, args.max_new_tokens, args.temperature,
                           args.top_k, args.seed)
     for i, text in enumerate(texts):
@@ -330,7 +331,7 @@ def _fill_mask(args) -> dict:
         raise UserError(f"--top_k: must be > 0, got {args.top_k}")
     if MASK not in args.text:
         raise UserError(f"--text: has no {MASK} to fill (e.g. \"Paris is the capital of {MASK}.\")")
-    model, tokenizer = load_encoder(args.ckpt, args.device, kinds=("mlm",))
+    model, tokenizer = load_encoder(hub.resolve(args.ckpt), args.device, kinds=("mlm",))
     per_mask = fill_mask(model, tokenizer, args.text, args.top_k)
     for i, predictions in enumerate(per_mask):
         if not args.json:
@@ -361,7 +362,7 @@ def _embed(args) -> dict:
     bad = [i for i, t in enumerate(args.text) if not t.strip()]
     if bad:
         raise UserError(f"--text #{bad[0] + 1}: is empty")
-    model, tokenizer = load_encoder(args.ckpt, args.device)
+    model, tokenizer = load_encoder(hub.resolve(args.ckpt), args.device)
     body = model.body if hasattr(model, "body") else model
     vectors = embed_texts(body, tokenizer, args.text, args.pooling)
     if not args.json:

@@ -27,10 +27,12 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from chatfoundry import checkpoint
+from chatfoundry import checkpoint, hub
 from chatfoundry.config import save_config
 from chatfoundry.errors import UserError
 from chatfoundry.metrics import MetricsLog, summary_writer_class
+
+MODEL_FIELDS = ("init", "teacher", "writer")  # the config fields that name a model (hf:ORG/NAME resolves in start)
 
 
 @dataclass
@@ -79,6 +81,9 @@ def start(name: str, cfg: Any, resume: bool = False, overwrite: bool = False, lo
           dtype: str = "fp32", one_process: bool = False) -> Iterator[Run]:
     """Check the run folder, then set up the runtime; `one_process` refuses torchrun (label, ppo)."""
     t0 = time.perf_counter()
+    for name_field in MODEL_FIELDS:  # a Hub model by name: its converted folder, which config.yaml then records
+        if isinstance(getattr(cfg, name_field, None), str):
+            setattr(cfg, name_field, hub.resolve(getattr(cfg, name_field)))
     out = Path(cfg.out)
     check_output(out, resume, overwrite)
     if cfg.log == "tensorboard":
