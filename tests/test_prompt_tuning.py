@@ -143,6 +143,16 @@ def test_what_prompt_tuning_refuses_is_one_line(base_run, tmp_path, capsys):
     assert code == 2 and "prompt.tokens: 96 virtual tokens leave no room in the model's context of 96" in err
     assert not (tmp_path / "x").exists()
 
+    # The stages that sample through rollouts (packed rows) take no soft prompt yet.
+    model, tok = ckpt.load_model(base_run)
+    ckpt.save_checkpoint(tmp_path / "tuned", adapters.add_prompt(model, adapters.PromptConfig(tokens=8)), tok,
+                         adapter_of=base_run / "checkpoint")
+    for stage, name in (("grpo", "GRPO"), ("best-of-n", "best-of-n")):
+        code, _, err = run_cli([stage, "--init", str(tmp_path / "tuned"), "--reward", "verifier", "--out",
+                                str(tmp_path / "g"), "--device", "cpu"], capsys)
+        assert code == 2 and f"a prompt-tuned model; {name} takes a plain checkpoint or a LoRA one" in err, err
+    assert not (tmp_path / "g").exists()
+
     from chatfoundry.serve.api import create_app
 
     tok = tiny_chat_tokenizer()

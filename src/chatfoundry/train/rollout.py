@@ -213,8 +213,8 @@ def load_chat_model(init: str, device, stage: str):
     model, tok = ckpt.load_model(init, device)
     if not chat_stop_ids(tok) or special_id(tok, "end") is None:
         raise UserError(f"{init}: the tokenizer lacks the chat tokens <|end|> and <|eos|>; {stage} needs a chat model")
-    if model.prompt is not None:
-        raise UserError(f"{init}: a prompt-tuned model; {stage} starts from a plain checkpoint or a LoRA one")
+    if model.prompt is not None:  # rollouts score packed rows, and a soft prompt goes before one sequence only
+        raise UserError(f"{init}: a prompt-tuned model; {stage} takes a plain checkpoint or a LoRA one")
     return model, tok
 
 

@@ -242,7 +242,7 @@ def _examples(cfg: SFTConfig) -> tuple[list[Example], list[Example], str, dict |
         examples = load_sft(cfg.data.files)
         random.Random(cfg.seed).shuffle(examples)
         n_val = max(1, int(len(examples) * cfg.data.val_fraction)) if len(examples) > 1 else 0
-        train, source = examples[n_val:], f"{len(examples)} examples from files"
+        train, source = examples[n_val:], f"{len(examples)} examples from {', '.join(map(str, cfg.data.files))}"
         if cfg.data.pretrain_mix:
             train, source = mix(train, cfg.data.pretrain_mix), source + " and the built-in corpus"
         return train, examples[:n_val], source, None
