@@ -128,6 +128,11 @@ def add_prompt(model: DecoderLM, cfg: PromptConfig) -> DecoderLM:
     return model
 
 
+def attach(model: DecoderLM, spec: LoraConfig | PromptConfig) -> DecoderLM:
+    """`model` with new adapters as `spec` says: LoRA layers, or a soft prompt."""
+    return add_lora(model, spec) if isinstance(spec, LoraConfig) else add_prompt(model, spec)
+
+
 def is_adapted(model: nn.Module) -> bool:
     """Whether `model` carries LoRA adapters or a soft prompt (a run then saves only those)."""
     return has_lora(model) or getattr(model, "prompt", None) is not None

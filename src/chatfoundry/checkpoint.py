@@ -45,7 +45,7 @@ from chatfoundry.models.heads import RewardModel
 from chatfoundry.models.seq2seq import Seq2SeqConfig, Seq2SeqLM
 from chatfoundry.models.hf import (check_types, from_hf_config, reward_state_dict_from_hf, reward_state_dict_to_hf,
                                    reward_to_hf_config, state_dict_from_hf, state_dict_to_hf, to_hf_config)
-from chatfoundry.tokenizer import load_tokenizer, save_tokenizer, special_id
+from chatfoundry.tokenizer import chat_stop_ids, load_tokenizer, save_tokenizer, special_id
 
 CHECKPOINT = "checkpoint"
 SHARDS = "sharded"  # in a checkpoint saved under FSDP: every process's shards of the model and optimizer
@@ -305,9 +305,27 @@ def plain_base(init: str) -> Path:
     return base
 
 
-def save_merged(path: str | Path, model: DecoderLM, tokenizer, generation: dict | None = None) -> Path:
-    """A LoRA model written as a plain checkpoint, its adapters folded in (`model` left as it is)."""
-    return save_checkpoint(path, adapters.merge(copy.deepcopy(model)), tokenizer, generation=generation)
+def load_adapted(init: str, out: Path, resume: bool, spec: adapters.LoraConfig | adapters.PromptConfig, seed: int,
+                 device: str | torch.device = "cpu") -> tuple[DecoderLM, Any, Path]:
+    """(model with adapters, tokenizer, base) of a LoRA or prompt-tuning run: new adapters as `spec`
+    says on `init`, a plain checkpoint; or, resumed, the run's own adapter on the base it names."""
+    adapter = resolve_checkpoint(out) if resume else None
+    base = adapter_base(adapter) if resume else plain_base(init)
+    model, tokenizer = load_model(base, device)
+    torch.manual_seed(seed)  # LoRA's A (B starts at 0) and a soft prompt's first tokens are drawn
+    model = adapters.load_adapter(adapter, model, spec) if resume else adapters.attach(model, spec)
+    return model, tokenizer, base
+
+
+def adapter_outputs(out: Path, model: DecoderLM, tokenizer, merge: bool) -> dict:
+    """An adapter run's summary fields: its trainable and total parameters, and with `merge` the
+    folder OUT/merged, where the model is written as a plain checkpoint, LoRA folded in."""
+    n, total = adapters.trainable(model)
+    if not merge:
+        return {"trainable_params": n, "params": total}
+    merged = save_checkpoint(out / "merged", adapters.merge(copy.deepcopy(model)), tokenizer,
+                             generation={"eos_token_id": chat_stop_ids(tokenizer)})
+    return {"trainable_params": n, "params": total, "merged": str(merged)}
 
 
 def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[RewardModel, Any]:

@@ -311,10 +311,7 @@ def _run(r: stage.Run, policy: DecoderLM, ref: DecoderLM, tokenizer, base, sourc
                "reference_s": round(ref_s, 2)}
     summary["memory_mb"] = memory_mb((policy, ref), optimizer)
     if base is not None:
-        summary["trainable_params"], summary["params"] = adapters.trainable(policy)
-        if cfg.merge:
-            summary["merged"] = str(ckpt.save_merged(out / "merged", policy, tokenizer,
-                                                     {"eos_token_id": chat_stop_ids(tokenizer)}))
+        summary.update(ckpt.adapter_outputs(out, policy, tokenizer, cfg.merge))
     policy.eval()
     plot_curves(read_metrics(out / "metrics.jsonl"), out / "loss.png", {"loss": "train loss", "val_loss": "held-out loss"},
                 title=f"DPO ({cfg.loss}, beta {cfg.beta})", ylabel="loss")

@@ -258,9 +258,7 @@ def _run(r: stage.Run, source: tasks.Source, policy: DecoderLM, ref: DecoderLM, 
                "train_kl": round(float(np.mean([x["kl"] for x in tail])), 4)}
     summary["memory_mb"] = memory_mb((policy, ref, reward), optimizer)
     if base is not None:
-        summary["trainable_params"], summary["params"] = adapters.trainable(policy)
-        if cfg.merge:
-            summary["merged"] = str(ckpt.save_merged(out / "merged", policy, tok, {"eos_token_id": chat_stop_ids(tok)}))
+        summary.update(ckpt.adapter_outputs(out, policy, tok, cfg.merge))
     if cfg.eval.per_family:
         torch.set_num_threads(default_threads)
         report = evaluate(policy, ref, reward, tok, Settings(cfg.eval, cfg.rollout, cfg.minibatch_size, "grpo"), source)

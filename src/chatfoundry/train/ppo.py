@@ -416,9 +416,7 @@ def _run(r: stage.Run, source: tasks.Source, policy, ref, critic, reward, tok, b
                "kl_budget": cfg.kl.budget}
     summary["memory_mb"] = memory_mb((policy, ref, critic, reward), optimizer)
     if base is not None:
-        summary["trainable_params"], summary["params"] = adapters.trainable(policy)
-        if cfg.merge:
-            summary["merged"] = str(ckpt.save_merged(out / "merged", policy, tok, {"eos_token_id": chat_stop_ids(tok)}))
+        summary.update(ckpt.adapter_outputs(out, policy, tok, cfg.merge))
     if source.has_verifier:
         summary["train_gold_reward"] = {"first": first and round(first["gold_reward"], 4),
                                         "last_fifth": round(float(np.mean([r["gold_reward"] for r in tail])), 4)}

@@ -211,11 +211,15 @@ def rollout(policy: DecoderLM, ref: DecoderLM, critic: RewardModel | None, rewar
 def load_chat_model(init: str, device, stage: str):
     """(model, tokenizer) of the chat checkpoint an RL stage starts from, checked for the chat tokens."""
     model, tok = ckpt.load_model(init, device)
+    _check_chat(model, tok, init, stage)
+    return model, tok
+
+
+def _check_chat(model: DecoderLM, tok, init: str, stage: str) -> None:
     if not chat_stop_ids(tok) or special_id(tok, "end") is None:
         raise UserError(f"{init}: the tokenizer lacks the chat tokens <|end|> and <|eos|>; {stage} needs a chat model")
     if model.prompt is not None:  # rollouts score packed rows, and a soft prompt goes before one sequence only
         raise UserError(f"{init}: a prompt-tuned model; {stage} takes a plain checkpoint or a LoRA one")
-    return model, tok
 
 
 def policy_and_reference(cfg, out: Path, resume: bool, device, stage: str):
@@ -233,11 +237,8 @@ def policy_and_reference(cfg, out: Path, resume: bool, device, stage: str):
         if tokenizer_hash(policy_tok) != tokenizer_hash(tok):
             raise UserError(f"{out}: the policy's tokenizer differs from the reference's ({cfg.init})")
         return policy.requires_grad_(True), ref.requires_grad_(False), tok, None
-    base = ckpt.adapter_base(ckpt.resolve_checkpoint(out)) if resume else ckpt.plain_base(cfg.init)
-    model, tok = load_chat_model(str(base), device, stage)
-    torch.manual_seed(cfg.seed)  # the adapters' A are drawn at random (B starts at 0)
-    policy = adapters.load_adapter(ckpt.resolve_checkpoint(out), model, cfg.lora) if resume else \
-        adapters.add_lora(model, cfg.lora)
+    policy, tok, base = ckpt.load_adapted(cfg.init, out, resume, cfg.lora, cfg.seed, device)
+    _check_chat(policy, tok, str(base), stage)
     return policy.to(device), adapters.base_of(policy), tok, base
 
 

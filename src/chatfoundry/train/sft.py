@@ -269,14 +269,10 @@ def _examples(cfg: SFTConfig) -> tuple[list[Example], list[Example], str, dict |
 def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
     """Finetune as configured; returns the summary that `--json` prints."""
     with stage.start("sft", cfg, resume, overwrite, log, dtype=cfg.dtype) as r:
-        base = None  # the checkpoint an adapter run trains on and names; a resumed run's adapter names it
+        base = None  # the checkpoint an adapter run trains on and names
         if cfg.peft != "none":
-            base = ckpt.adapter_base(ckpt.resolve_checkpoint(r.out)) if resume else ckpt.plain_base(cfg.init)
-            model, tokenizer = ckpt.load_model(base)
-            torch.manual_seed(cfg.seed)  # LoRA's A (B starts at 0) and the prompt's first tokens are drawn
             spec = cfg.lora if cfg.peft == "lora" else cfg.prompt
-            model = adapters.load_adapter(ckpt.resolve_checkpoint(r.out), model, spec) if resume else \
-                (adapters.add_lora if cfg.peft == "lora" else adapters.add_prompt)(model, spec)
+            model, tokenizer, base = ckpt.load_adapted(cfg.init, r.out, resume, spec, cfg.seed)
         else:
             model, tokenizer = ckpt.load_model(ckpt.resolve_checkpoint(r.out) if resume else cfg.init)
         return _run(r, model, tokenizer, base, *_examples(cfg))
@@ -343,7 +339,6 @@ def _run(r: stage.Run, model, tokenizer, adapter_of, train_examples, val_example
         val = total / max(count, 1)
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
 
-
     def save(step: int):
         shards = save_shards(out, model, optimizer, rt)
         if rt.is_main:
@@ -365,11 +360,8 @@ def _run(r: stage.Run, model, tokenizer, adapter_of, train_examples, val_example
     summary = {"out": str(out), "checkpoint": str(out / ckpt.CHECKPOINT), "steps": cfg.train.steps,
                "examples": len(rows), "train_loss": last.get("loss"), "val_loss": last.get("val_loss"),
                "train_s": round(train_s, 2)}
-    if adapters.is_adapted(model):
-        summary["trainable_params"], summary["params"] = adapters.trainable(model)
-        if cfg.merge and rt.is_main:
-            ckpt.save_merged(out / "merged", model, tokenizer, generation={"eos_token_id": chat_stop_ids(tokenizer)})
-            summary["merged"] = str(out / "merged")
+    if adapter_of is not None:
+        summary.update(ckpt.adapter_outputs(out, model, tokenizer, cfg.merge and rt.is_main))
     if data:
         summary["data"] = data  # what the demonstrations are worth, by the gold reward SFT never sees
     if rt.is_main:
