@@ -3,6 +3,8 @@ questions of the same family from the train split, as many as the context holds.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -70,3 +72,16 @@ def test_bad_shots_are_one_line(base, capsys, extra, message):
     ckpt, _ = base
     code, _, err = run_cli(["eval", "--ckpt", str(ckpt), *extra], capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_scores_the_multi_step_questions_of_cot(base, capsys, tmp_path):
+    ckpt, _ = base
+    code, stdout, err = run_cli(["eval", "--ckpt", str(ckpt), "--shots", "1", "--families", "multistep",
+                                 "--per_family", "3", "--max_new_tokens", "8", "--out", str(tmp_path), "--json"], capsys)
+    assert code == 0, err
+    summary = last_json(stdout)
+    assert set(summary["families"]) == {"multistep"} and summary["overall"]["n"] == 3
+    answers = json.loads((tmp_path / "eval.json").read_text())["answers"]
+    assert {a["prompt"] for a in answers} == {t.prompt for t in world.tasks("test", world.MULTISTEP, 3)}
+    code, _, err = run_cli(["eval", "--ckpt", str(ckpt), "--families", "multi_step"], capsys)
+    assert code == 2 and "is not one of arithmetic" in err and "multistep" in err, err

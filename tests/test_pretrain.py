@@ -411,6 +411,27 @@ def test_folder_of_text_files_with_bpe_and_cached_shards(tmp_path, capsys, monke
     assert train_bin.stat().st_mtime_ns == mtime
 
 
+def test_a_jsonl_corpus_is_a_document_per_line(tmp_path):
+    """`world export`'s corpus.jsonl (and Hub text datasets): each line's "text" is a document,
+    with <|eos|> after it as after each built-in document; a line without one names its place."""
+    from chatfoundry.data.shards import read_documents, tokenize_documents
+    from chatfoundry.errors import UserError
+    from chatfoundry.tokenizer import special_id, train_tokenizer
+
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("One.", "Two\nlines.", "Three.")))
+    plain = tmp_path / "notes.txt"
+    plain.write_text('{"text": "read as it is"}\n')
+    docs = list(read_documents([path, plain]))
+    assert docs == ["One.", "Two\nlines.", "Three.", '{"text": "read as it is"}\n']
+    tok = train_tokenizer(iter(docs), "char")
+    ids = tokenize_documents(tok, iter(docs[:3]))
+    assert list(ids).count(special_id(tok, "eos")) == 3
+    path.write_text('{"text": "fine"}\n{"txt": "a typo"}\n')
+    with pytest.raises(UserError, match=r"corpus.jsonl:2: a corpus line needs a \"text\" string"):
+        list(read_documents([path]))
+
+
 def test_a_tokenizer_another_run_cached_meanwhile_is_kept(tmp_path, capsys, monkeypatch):
     """Two runs on one cache may train the same tokenizer at once. Each writes its own temporary
     folder; the one that lands second keeps the first's entry (they once shared one temporary

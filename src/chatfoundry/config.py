@@ -15,6 +15,7 @@ import difflib
 import functools
 import inspect
 import io
+import os
 import textwrap
 import tokenize
 import types
@@ -25,6 +26,15 @@ from typing import Any, Literal
 import yaml
 
 from chatfoundry.errors import UserError
+
+
+def default_cache_dir() -> Path:
+    """Where token shards, trained tokenizers and converted Hub models are cached: $CHATFOUNDRY_CACHE,
+    else $XDG_CACHE_HOME/chatfoundry, else ~/.cache/chatfoundry."""
+    root = os.environ.get("CHATFOUNDRY_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "chatfoundry")
+    return Path(root)
+
 
 _SUPPRESS = argparse.SUPPRESS
 

@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from chatfoundry.config import default_cache_dir
 from chatfoundry.errors import UserError
 
 PREFIX = "hf:"
@@ -63,7 +64,6 @@ def model_snapshot(name: str) -> Path:
 def checkpoint(name: str) -> Path:
     """The Hub model `ORG/NAME[@REVISION]` as our checkpoint: its snapshot, converted on first use."""
     from chatfoundry.convert import from_hf
-    from chatfoundry.data.shards import default_cache_dir
 
     snapshot = model_snapshot(name)
     # Named by the snapshot's commit (its folder's name): a commit never changes, so its conversion

@@ -38,13 +38,14 @@ def _score(args) -> dict:
 
 
 def _eval_parser(sub) -> None:
-    from chatfoundry.data.world import FAMILIES, SPLITS
+    from chatfoundry.data.world import FAMILIES, MULTISTEP, SPLITS
 
     p = sub.add_parser("eval", help="score a chat checkpoint (or a base one, k-shot) on the task world (exact match, gold reward)")
     p.add_argument("--ckpt", required=True, help="checkpoint folder (or the run folder holding it)")
     p.add_argument("--split", choices=SPLITS, default="test")
     p.add_argument("--per_family", type=int, default=100, help="questions per family")
-    p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of " + ", ".join(FAMILIES))
+    p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of " + ", ".join(FAMILIES)
+                   + f", or {MULTISTEP} (the multi-step questions of `cot`)")
     p.add_argument("--system", default=None, help="a system message to put before each question")
     p.add_argument("--tool_questions", type=int, default=0,
                    help="also score N held-out calculator questions with the calculator on offer and without")
@@ -63,13 +64,14 @@ def _eval_parser(sub) -> None:
 
 def _eval(args) -> dict:
     from chatfoundry.checkpoint import load_model
-    from chatfoundry.data.world import FAMILIES
+    from chatfoundry.data.world import FAMILIES, MULTISTEP
     from chatfoundry.eval.world import evaluate_world, format_report, write_report
 
     families = [f.strip() for f in args.families.split(",") if f.strip()]
-    unknown = [f for f in families if f not in FAMILIES]
+    unknown = [f for f in families if f not in (*FAMILIES, MULTISTEP)]
     if unknown or not families:
-        raise UserError(f"--families: {unknown[0] if unknown else 'empty'!r} is not one of {', '.join(FAMILIES)}")
+        raise UserError(f"--families: {unknown[0] if unknown else 'empty'!r} is not one of "
+                        f"{', '.join((*FAMILIES, MULTISTEP))}")
     for name in ("per_family", "max_new_tokens", "batch_size"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name}: must be > 0")

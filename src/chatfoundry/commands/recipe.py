@@ -1,5 +1,5 @@
 """The recipe's stages as commands: pipeline, pretrain, sft, finetune-seq2seq, label, self-instruct, rm, ppo, dpo,
-grpo, best-of-n, calibrate, scaling, finetune-head. Each parses its config (defaults < a resumed run's config.yaml < --config < flags) and
+grpo, best-of-n, calibrate, scaling, cot, finetune-head. Each parses its config (defaults < a resumed run's config.yaml < --config < flags) and
 calls its stage's `run`.
 """
 
@@ -28,7 +28,7 @@ def _stage(sub, name: str, cls: type, run, help: str, description: str, aliases:
 
 
 def add_parsers(sub) -> None:
-    from chatfoundry import align_compare, pipeline, scaling
+    from chatfoundry import align_compare, cot, pipeline, scaling
     from chatfoundry.eval import calibration
     from chatfoundry.train import (best_of_n, dpo, grpo, head, label, ppo, pretrain, reward, self_instruct, seq2seq,
                                    sft)
@@ -153,6 +153,18 @@ def add_parsers(sub) -> None:
                            "scaling.json, isoflop.png, law.png and optimal.png.",
                resumable=False, overwrite_help="train every run again")
     p.set_defaults(func=lambda args: _scaling(args, scaling))
+    p = _stage(sub, "cot", cot.CotConfig, cot.run,
+               help="chain of thought, measured: SFT on worked against direct answers to multi-step questions, per size",
+               description="Write a corpus of the arithmetic table and multi-step questions (train split) answered "
+                           "directly or worked, and per model size (--sizes) and seed (--seeds): pretrain on it, ask "
+                           "the base model the held-out questions zero-shot with and without \"Let's think step by "
+                           "step.\", then SFT it twice on the same questions, answered directly and worked out step "
+                           "by step, and score both on the held-out questions (exact match of the final number; "
+                           "whether the steps check). Every run is an ordinary pretrain or sft run under "
+                           "--out/SIZE/seedS/ (a finished one is skipped: the comparison resumes). Writes cot.json "
+                           "and cot.png.",
+               resumable=False, overwrite_help="train every run again")
+    p.set_defaults(func=lambda args: _cot(args, cot))
     _stage(sub, "calibrate", calibration.CalibrateConfig, calibration.run,
            help="does a model know what it does not know? calibration on multiple choice, and hallucination",
            description="Ask each checkpoint held-out multiple-choice questions of the world (facts and arithmetic "
@@ -182,6 +194,12 @@ def _ppo(args, ppo) -> dict:
             raise UserError("--eval_only: trains nothing; drop --resume and --overwrite")
         return ppo.evaluate_run(stage_config(ppo.PPOConfig, args))
     return ppo.run(stage_config(ppo.PPOConfig, args), resume=args.resume, overwrite=args.overwrite)
+
+
+def _cot(args, cot) -> dict:
+    result = cot.run(resolve_config(cot.CotConfig, args), overwrite=args.overwrite)
+    print(cot.format_result(result))
+    return result
 
 
 def _scaling(args, scaling) -> dict:

@@ -20,16 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from chatfoundry.config import default_cache_dir
+from chatfoundry.data.formats import read_jsonl
 from chatfoundry.errors import UserError
 from chatfoundry.tokenizer import encode_batch_ids, special_id, tokenizer_hash
 
 CHUNK_CHARS = 1 << 16  # encode in ~64 KB pieces cut at line ends: parallel in Rust, bounded memory
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("CHATFOUNDRY_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "chatfoundry")
-    return Path(root)
 
 
 def resolve_inputs(paths: list[str]) -> list[Path]:
@@ -53,18 +49,30 @@ def resolve_inputs(paths: list[str]) -> list[Path]:
 
 
 def read_documents(files: list[Path]) -> Iterator[str]:
-    """One document per file. An empty corpus is an error a user should hear about."""
+    """One document per text file, or per line of a .jsonl file (its "text", as `world export`'s
+    corpus.jsonl and Hub text datasets hold them). An empty corpus is an error a user should hear about."""
     any_text = False
     for f in files:
-        try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(f"{f}: not UTF-8 text (byte {e.start})") from None
-        if text.strip():
-            any_text = True
-            yield text
+        for text in _jsonl_texts(f) if f.suffix == ".jsonl" else [_read_text(f)]:
+            if text.strip():
+                any_text = True
+                yield text
     if not any_text:
         raise UserError(f"{', '.join(map(str, files))}: corpus is empty")
+
+
+def _read_text(f: Path) -> str:
+    try:
+        return f.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{f}: not UTF-8 text (byte {e.start})") from None
+
+
+def _jsonl_texts(f: Path) -> Iterator[str]:
+    for lineno, obj in read_jsonl(f):
+        if not isinstance(obj.get("text"), str):
+            raise UserError(f"{f}:{lineno}: a corpus line needs a \"text\" string")
+        yield obj["text"]
 
 
 def _chunks(text: str) -> list[str]:

@@ -240,8 +240,101 @@ def thing_question(big: str, small: str, word: str, more: bool, prompt: str) -> 
     return Task("compare", "thing", group, f"{group}:{word}", prompt, big if more else small, reference, (big, small))
 
 
+# ---------------------------------------------------------------- multi-step questions (chain of thought)
+# Not one of FAMILIES: the default pipeline neither trains nor scores them; `chatfoundry cot` does.
+# Every step is a line of the corpus's table (operands 0..12), so a model that knows the table can
+# work any of them out step by step, while a direct answer has to compose the steps in one pass.
+
+MULTISTEP = "multistep"
+_EXPRESSION_PROMPTS = ("What is {e}?", "Calculate {e}.", "How much is {e}?", "{e} = ?", "Please compute {e}.")
+# A story per shape of computation, told in the order it is computed; then the question.
+_STORIES = {
+    "+-": "{name} had {0} {things}. {He} found {1} more and gave {2} away.",
+    "-+": "{name} had {0} {things}. {He} gave {1} away and then found {2} more.",
+    "*-": "{name} had {0} bags with {1} {things} in each. {He} gave {2} {things} away.",
+    "*+": "{name} had {0} bags with {1} {things} in each, and found {2} more {things}.",
+    "+-+": "{name} had {0} {things}. {He} found {1} more, gave {2} away and then found {3} more.",
+    "-+-": "{name} had {0} {things}. {He} gave {1} away, found {2} more and then gave {3} away.",
+}
+_STORY_QUESTIONS = ("How many {things} does {name} have now?", "How many {things} does {he} have now?")
+
+
+def steps_of(numbers: tuple[int, ...], ops: str) -> list[tuple[int, str, int, int]] | None:
+    """The steps (x, op, y, result) that compute `numbers` joined by `ops`, products first and then
+    left to right; None where a step leaves the table (an operand above 12, a negative difference)."""
+    numbers, ops, steps = list(numbers), list(ops), []
+    while ops:
+        i = ops.index("*") if "*" in ops else 0
+        x, op, y = numbers[i], ops[i], numbers[i + 1]
+        if max(x, y) > corpus.ARITHMETIC_MAX or (op == "-" and x < y):
+            return None
+        steps.append((x, op, y, corpus.OPERATIONS[op][1](x, y)))
+        numbers[i:i + 2], _ = [steps[-1][3]], ops.pop(i)
+    return steps
+
+
+def multistep_task(rng: random.Random) -> Task:
+    """A question of two or three steps: an expression ("What is 3 + 4 * 2?") or a story ("Hugo had
+    7 pencils. He found 5 more and gave 3 away. How many pencils does he have now?")."""
+    story = rng.random() < 0.5
+    while True:
+        ops = rng.choice(tuple(_STORIES)) if story else "".join(rng.choice("+-*") for _ in range(rng.choice((2, 2, 3))))
+        numbers = tuple(rng.randint(2 if story else 0, corpus.ARITHMETIC_MAX) for _ in range(len(ops) + 1))
+        steps = steps_of(numbers, ops)
+        if steps and (not story or all(z >= 2 for *_, z in steps)):  # a story keeps its things plural
+            break
+    if not story:
+        return multistep_question(numbers, ops, rng.choice(_EXPRESSION_PROMPTS))
+    who, things = corpus._person(rng), rng.choice(corpus.OBJECT_PLURALS)
+    return multistep_question(numbers, ops, rng.choice(_STORY_QUESTIONS), who["name"], who["he"], things)
+
+
+def multistep_question(numbers: tuple[int, ...], ops: str, question: str, name: str = "", he: str = "",
+                       things: str = "") -> Task:
+    """The expression `numbers` joined by `ops`, asked with `question` (a template of {e}), or with
+    a `name` the story of `_STORIES[ops]` about `things`, then `question`. Its group is the
+    computation ("3+4*2"): an expression and a story that compute the same are held out together."""
+    result = steps_of(numbers, ops)[-1][3]
+    computation = "".join(f"{n}{op}" for n, op in zip(numbers, ops)) + str(numbers[-1])
+    if not name:
+        expression = " ".join(f"{n} {op}" for n, op in zip(numbers, ops)) + f" {numbers[-1]}"
+        return Task(MULTISTEP, "expression", computation, f"expression:{computation}", question.format(e=expression),
+                    str(result), f"{expression} is {result}.")
+    fields = dict(name=name, He=he.capitalize(), he=he, things=things)
+    prompt = _STORIES[ops].format(*numbers, **fields) + " " + question.format(**fields)
+    return Task(MULTISTEP, "story", computation, f"story:{name}:{things}:{computation}", prompt, str(result),
+                f"{name} has {result} {things} now.")
+
+
+def computation(task: Task) -> tuple[tuple[int, ...], str]:
+    """A multi-step question's numbers and operations, from its group ("3+4*2")."""
+    return tuple(int(n) for n in re.findall(r"\d+", task.group)), "".join(re.findall(r"[-+*]", task.group))
+
+
+def worked(task: Task) -> str:
+    """The worked answer to a multi-step question: each step as an equation, then the direct answer
+    ("4 * 2 = 8. 3 + 8 = 11. 3 + 4 * 2 is 11.")."""
+    return " ".join(f"{x} {op} {y} = {z}." for x, op, y, z in steps_of(*computation(task))) + " " + task.reference
+
+
+_EQUATION = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")
+
+
+def stated_steps(response: str) -> list[tuple[int, str, int, int]]:
+    """The equations "x op y = z" a response states, in order."""
+    return [(int(x), op, int(y), int(z)) for x, op, y, z in _EQUATION.findall(response)]
+
+
+def steps_valid(task: Task, response: str) -> bool:
+    """Whether a worked answer's steps check: as many equations as the question has steps, each one
+    right, the last giving the answer (a direct answer states none, and fails)."""
+    stated = stated_steps(response)
+    return (len(stated) == len(steps_of(*computation(task))) and str(stated[-1][3]) == task.answer
+            and all(corpus.OPERATIONS[op][1](x, y) == z for x, op, y, z in stated))
+
+
 SAMPLERS = {"arithmetic": arithmetic_task, "strings": strings_task, "facts": facts_task,
-            "compare": compare_task, "unanswerable": unanswerable_task}
+            "compare": compare_task, "unanswerable": unanswerable_task, MULTISTEP: multistep_task}
 
 
 # ---------------------------------------------------------------- reading a question back

@@ -28,6 +28,7 @@ FLAVOURS = {
 
 # Sizes by name: (n_layer, n_head, n_embd, block_size). Parameter counts depend on the vocabulary.
 PRESETS = {
+    "micro": (4, 4, 64, 128),     # ~0.3M: a size below the default, for comparisons across sizes (`cot`)
     "tiny": (4, 4, 128, 128),     # ~1M parameters with a 2k vocabulary: the CPU default
     "mini": (6, 8, 256, 256),     # ~7M: the throughput benchmark's size
     "small": (8, 8, 512, 512),    # ~30M
@@ -42,7 +43,7 @@ class DecoderConfig:
 
     PRESET_KEYS = ("preset", "flavour")  # applied before other overrides (see config.build_config)
 
-    preset: str = "tiny"  # size by name (tiny, mini, small, gpt2, 1b): sets n_layer, n_head, n_embd, block_size
+    preset: str = "tiny"  # size by name (micro, tiny, mini, small, gpt2, 1b): sets n_layer, n_head, n_embd, block_size
     # sets pos, norm, mlp, bias, tie_embeddings and norm_eps (FLAVOURS); llama: n_kv_head = n_head / 2
     flavour: Literal["gpt2", "neox", "llama"] = "gpt2"
     vocab_size: int = 0  # 0: the tokenizer's size
