@@ -147,7 +147,8 @@ TRAVEL_TEMPLATES = (
 )
 
 
-def _person(rng: random.Random, avoid: str = "") -> dict[str, str]:
+def person(rng: random.Random, avoid: str = "") -> dict[str, str]:
+    """A child of the stories (not named `avoid`): name and pronouns, for the templates' fields."""
     female = rng.random() < 0.5
     names = FEMALE_NAMES if female else MALE_NAMES
     name = rng.choice(names)
@@ -175,7 +176,7 @@ def fact_document(rng: random.Random, facts: list[Fact]) -> str:
             sentences.append(f"{first.country} and {rng.choice(same).country} are both in {first.continent}.")
         return " ".join(sentences)
     fact = rng.choice(facts)
-    who = _person(rng)
+    who = person(rng)
     count = rng.randint(2, len(TRAVEL_TEMPLATES))
     return " ".join(t.format(**vars(fact), **who) for t in TRAVEL_TEMPLATES[:count])
 
@@ -208,7 +209,7 @@ def sample_arithmetic(rng: random.Random) -> tuple[int, str, int, int]:
 
 
 def _word_problem(rng: random.Random) -> str:
-    who = _person(rng)
+    who = person(rng)
     things = rng.choice(OBJECT_PLURALS)
     a = rng.randint(3, 15)
     if rng.random() < 0.5:
@@ -316,8 +317,8 @@ ENDING_TEMPLATES = (
 
 def story_document(rng: random.Random) -> str:
     """4-6 sentences: intro, maybe a habit, an event with its follow-ups in order, an ending."""
-    hero = _person(rng)
-    friend = _person(rng, avoid=hero["name"])["name"]
+    hero = person(rng)
+    friend = person(rng, avoid=hero["name"])["name"]
     spots = rng.sample(HIDING_SPOTS, 3)
     slots = dict(hero, friend=friend, home=rng.choice(HOMES), adj=rng.choice(PERSON_ADJECTIVES),
                  relative=rng.choice(RELATIVES), place=rng.choice(TOWN_PLACES), pet=rng.choice(PETS),

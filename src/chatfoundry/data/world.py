@@ -269,7 +269,8 @@ def steps_of(numbers: tuple[int, ...], ops: str) -> list[tuple[int, str, int, in
         if max(x, y) > corpus.ARITHMETIC_MAX or (op == "-" and x < y):
             return None
         steps.append((x, op, y, corpus.OPERATIONS[op][1](x, y)))
-        numbers[i:i + 2], _ = [steps[-1][3]], ops.pop(i)
+        numbers[i:i + 2] = [steps[-1][3]]  # the result takes the two operands' place
+        del ops[i]
     return steps
 
 
@@ -285,7 +286,7 @@ def multistep_task(rng: random.Random) -> Task:
             break
     if not story:
         return multistep_question(numbers, ops, rng.choice(_EXPRESSION_PROMPTS))
-    who, things = corpus._person(rng), rng.choice(corpus.OBJECT_PLURALS)
+    who, things = corpus.person(rng), rng.choice(corpus.OBJECT_PLURALS)
     return multistep_question(numbers, ops, rng.choice(_STORY_QUESTIONS), who["name"], who["he"], things)
 
 
