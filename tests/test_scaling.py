@@ -58,6 +58,8 @@ def test_scaling_sweeps_fits_predicts_and_resumes(tmp_path, capsys):
     r = last_json(stdout)
     assert set(r["fit"]) == {"E", "A", "B", "alpha", "beta"} and set(r["optimal"]) == {"a", "b"}
     assert {"predicted_loss", "actual_loss", "rel_error"} <= set(r["prediction"]) and r["prediction"]["budget"] == 1.6e9
+    lo, hi = r["prediction"]["interval"]  # the bootstrap's refitted laws at the larger run
+    assert lo <= hi and r["prediction"]["inside_interval"] == (lo <= r["prediction"]["actual_loss"] <= hi)
     assert len(r["runs"]) == 12 and all(x["val_loss"] > 0 for x in r["runs"])
     assert {"a", "b", "minima"} <= set(r["isoflop"]) and set(r["fit_intervals"]) >= {"E", "alpha", "a"}
     for name in ("isoflop.png", "law.png", "optimal.png", "scaling.json", "config.yaml", "prediction.json"):

@@ -10,8 +10,8 @@
                     log of the loss, L-BFGS from a grid of starts), with bootstrap intervals over the
                     runs; then a = beta / (alpha + beta), b = alpha / (alpha + beta)
     prediction      one larger run (`--predict` times the largest budget) at the width the law calls
-                    compute-optimal: the law's loss for it, written down before it trains, against
-                    the loss it reaches
+                    compute-optimal: the law's loss for it and its 90% interval over the bootstrap's
+                    refitted laws, written down before it trains, against the loss it reaches
 
 N counts the parameters outside the token and position embeddings (and a tied head), as Kaplan et
 al. did; the FLOPs are `flops_per_token`'s exact count (the head and attention included), not 6N.
@@ -54,17 +54,19 @@ class ScalingConfig:
     data: list[str] = field(default_factory=list)  # text files or folders; empty: the built-in corpus
     corpus_chars: int = builtin.DEFAULT_CHARS  # size of the built-in corpus
     tokenizer: str = "char"  # the tokens every run shares: char, or bpe (a 2,048-token vocabulary)
-    budgets: list[float] = field(default_factory=lambda: [3e11, 1e12, 3e12])  # training FLOPs of each swept run
+    budgets: list[float] = field(default_factory=lambda: [1e11, 3e11, 1e12])  # training FLOPs of each swept run
     widths: list[int] = field(default_factory=lambda: [16, 32, 48, 64, 96])  # n_embd of each model size
     n_layer: int = 4  # every model's depth
     head_dim: int = 16  # heads = width / head_dim
     block_size: int = 64  # tokens per training sequence
-    batch_size: int = 32  # sequences per step
+    # Sequences per step: small, so that a run's loss depends on its tokens and not on how they are batched
+    # (at 32, halving the batch at equal tokens lowered the losses 14-22%: the runs were short of steps)
+    batch_size: int = 4
     lr: float = 3e-3  # peak learning rate (warmup, then cosine to a tenth, over each run's own length)
     min_steps: int = 20  # a budget must give every width at least this many steps
     predict: float = 4.0  # the checked run's budget, as a multiple of the largest swept one (0: none)
-    bootstrap: int = 50  # resamples of the runs for the fitted parameters' 90% intervals (0: none)
-    eval_batches: int = 40  # validation batches behind each run's final loss
+    bootstrap: int = 50  # resamples of the runs for the 90% intervals of the fitted parameters and the prediction (0: none)
+    eval_batches: int = 320  # validation batches behind each run's final loss (320 x 4 x 64: 82K tokens)
     # Train these budgets' runs and stop before the fits: a share of the sweep for one process of
     # several on the same --out; a last call with every budget fits (and skips the finished runs)
     sweep_only: bool = False
@@ -246,9 +248,9 @@ def isoflop(runs: list[Run], losses: list[float]) -> dict:
     return {"a": float(a), "b": float(b), "minima": minima}
 
 
-def bootstrap(runs: list[Run], losses: list[float], cfg: ScalingConfig, best: dict) -> dict:
+def bootstrap(runs: list[Run], losses: list[float], cfg: ScalingConfig, best: dict) -> tuple[dict, list[dict]]:
     """90% intervals of the law's parameters and exponents over resamples of the runs, each refitted
-    from the full fit and a few grid starts around it."""
+    from the full fit and a few grid starts around it; and the refitted laws (the prediction's interval)."""
     rng = np.random.default_rng(cfg.seed)
     N, D, L = (np.array(v, float) for v in ([r.params for r in runs], [r.tokens(cfg) for r in runs], losses))
     at = np.array([math.log(max(best[k], 1e-12)) for k in ("A", "B", "E")] + [best["alpha"], best["beta"]])
@@ -258,7 +260,8 @@ def bootstrap(runs: list[Run], losses: list[float], cfg: ScalingConfig, best: di
         i = rng.integers(0, len(L), len(L))
         p = fit_law(N[i], D[i], L[i], starts)
         draws.append({**p, **{k: optimum(p)[k] for k in ("a", "b")}})
-    return {k: [round(float(np.percentile([d[k] for d in draws], q)), 4) for q in (5, 95)] for k in draws[0]} if draws else {}
+    intervals = {k: [round(float(np.percentile([d[k] for d in draws], q)), 4) for q in (5, 95)] for k in draws[0]} if draws else {}
+    return intervals, draws
 
 
 # ---------------------------------------------------------------- the command
@@ -293,7 +296,7 @@ def run(cfg: ScalingConfig, overwrite: bool = False, log=print) -> dict:
     params = fit_law(N, D, L)
     opt = optimum(params)
     iso = isoflop(runs, losses)
-    intervals = bootstrap(runs, losses, cfg, params)
+    intervals, draws = bootstrap(runs, losses, cfg, params)
     result = {"out": str(out), "runs": table, "fit": {k: round(v, 5) for k, v in params.items()}, "fit_intervals": intervals,
               "optimal": {"a": round(opt["a"], 4), "b": round(opt["b"], 4)},
               "isoflop": {"a": round(iso["a"], 4), "b": round(iso["b"], 4),
@@ -305,7 +308,7 @@ def run(cfg: ScalingConfig, overwrite: bool = False, log=print) -> dict:
         f"D^{params['beta']:.3f}; compute-optimal N ~ C^{opt['a']:.3f}, D ~ C^{opt['b']:.3f} (approach 3), "
         f"C^{iso['a']:.3f} and C^{iso['b']:.3f} (approach 2); Chinchilla 0.46 / 0.54 and 0.50 / 0.50")
     if cfg.predict:
-        result["prediction"] = predict(cfg, params, opt, vocab, out, tokenizer, log)
+        result["prediction"] = predict(cfg, params, opt, vocab, out, tokenizer, log, draws)
     plot(runs, losses, iso, params, opt, result.get("prediction"), cfg, out)
     result["figures"] = [str(out / f) for f in ("isoflop.png", "law.png", "optimal.png")]
     result["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -313,23 +316,31 @@ def run(cfg: ScalingConfig, overwrite: bool = False, log=print) -> dict:
     return result
 
 
-def predict(cfg: ScalingConfig, params: dict, opt: dict, vocab: int, out: Path, tokenizer: Path, log) -> dict:
+def predict(cfg: ScalingConfig, params: dict, opt: dict, vocab: int, out: Path, tokenizer: Path, log,
+            draws: list[dict] = ()) -> dict:
     """The law's loss for a run `predict` times the largest budget at its compute-optimal width
-    (the nearest multiple of head_dim), written to prediction.json before the run trains."""
+    (the nearest multiple of head_dim), and its 90% interval over the bootstrap's refitted laws,
+    written to prediction.json before the run trains."""
     budget = cfg.predict * max(cfg.budgets)
     target = opt["G"] * (budget / 6) ** opt["a"]
     candidates = range(cfg.head_dim, 64 * cfg.head_dim + 1, cfg.head_dim)
     width = min(candidates, key=lambda w: abs(math.log(non_embedding_params(model_config(cfg, w, vocab)) / target)))
     (run_,) = plan(replace(cfg, min_steps=1), vocab, [budget], [width])
     predicted = float(law(params, run_.params, run_.tokens(cfg)))
-    (out / "prediction.json").write_text(json.dumps({"run": run_.name, "predicted_loss": predicted}, indent=1))
+    spread = [float(law(d, run_.params, run_.tokens(cfg))) for d in draws]
+    interval = [round(float(np.percentile(spread, q)), 5) for q in (5, 95)] if spread else None
+    (out / "prediction.json").write_text(json.dumps({"run": run_.name, "predicted_loss": predicted, "interval": interval},
+                                                    indent=1))
     log(f"prediction: {budget:.3g} FLOPs at width {width} (N {run_.params:,}, D {run_.tokens(cfg):,}): the law "
-        f"says {predicted:.4f}; training it")
+        f"says {predicted:.4f}" + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "") + "; training it")
     actual = train(cfg, run_, out, tokenizer, log)
     rel = abs(predicted - actual) / actual
-    log(f"prediction: {predicted:.4f}, actual {actual:.4f}: {rel:.2%} off")
+    inside = interval is not None and interval[0] <= actual <= interval[1]
+    log(f"prediction: {predicted:.4f}, actual {actual:.4f}: {rel:.2%} off" +
+        (f"; {'inside' if inside else 'outside'} the law's 90% interval" if interval else ""))
     return {"budget": budget, "width": width, "params": run_.params, "tokens": run_.tokens(cfg),
-            "predicted_loss": round(predicted, 5), "actual_loss": round(actual, 5), "rel_error": round(rel, 5)}
+            "predicted_loss": round(predicted, 5), "actual_loss": round(actual, 5), "rel_error": round(rel, 5),
+            "interval": interval, "inside_interval": inside if interval else None}
 
 
 def plot(runs, losses, iso, params, opt, prediction, cfg, out: Path) -> None:
@@ -358,8 +369,13 @@ def plot(runs, losses, iso, params, opt, prediction, cfg, out: Path) -> None:
     fitted = law(params, [r.params for r in runs], [r.tokens(cfg) for r in runs])
     ax.plot(losses, fitted, "o", label="swept runs")
     if prediction:
-        ax.plot([prediction["actual_loss"]], [prediction["predicted_loss"]], "rs", label="the larger run")
-    lo, hi = min(losses + list(fitted)) * 0.98, max(losses + list(fitted)) * 1.02
+        iv = prediction.get("interval")  # it need not hold the prediction: a few resamples may all miss it
+        ax.plot([prediction["actual_loss"]], [prediction["predicted_loss"]], "rs",
+                label="the larger run" + (" (the law's 90% interval)" if iv else ""))
+        if iv:
+            ax.vlines(prediction["actual_loss"], *iv, colors="r")
+    shown = losses + list(fitted) + ([prediction["actual_loss"], prediction["predicted_loss"]] if prediction else [])
+    lo, hi = min(shown) * 0.98, max(shown) * 1.02
     ax.plot([lo, hi], [lo, hi], "k--", lw=1)
     ax.set(xlabel="actual validation loss", ylabel="L(N, D) fitted",
            title=f"L = {params['E']:.2f} + {params['A']:.3g}/N^{params['alpha']:.2f} + {params['B']:.3g}/D^{params['beta']:.2f}")
@@ -397,6 +413,9 @@ def format_result(r: dict) -> str:
              f"{r['tokens_per_param']:g} tokens per parameter at the largest swept budget"]
     if "prediction" in r:
         p = r["prediction"]
-        lines.append(f"prediction at {p['budget']:.3g} FLOPs: {p['predicted_loss']:.4f}, actual {p['actual_loss']:.4f} "
-                     f"({p['rel_error']:.2%} off)")
+        iv = p.get("interval")
+        lines.append(f"prediction at {p['budget']:.3g} FLOPs: {p['predicted_loss']:.4f}"
+                     + (f" (90% interval [{iv[0]:.4f}, {iv[1]:.4f}])" if iv else "")
+                     + f", actual {p['actual_loss']:.4f} ({p['rel_error']:.2%} off"
+                     + (f"; {'inside' if p['inside_interval'] else 'outside'} the interval)" if iv else ")"))
     return "\n".join(lines)
