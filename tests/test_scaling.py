@@ -104,3 +104,17 @@ def test_a_share_of_the_sweep_trains_without_fitting(tmp_path, capsys):
     r = last_json(stdout)
     assert [x["name"] for x in r["runs"]] == ["c2e+08_d16", "c2e+08_d32"] and "fit" not in r
     assert (out / "runs" / "c2e+08_d16" / "summary.json").is_file() and not (out / "scaling.json").exists()
+
+
+def test_the_gpu_preset_sets_its_sweep_and_a_flag_still_refines_it():
+    from chatfoundry.config import build_config
+
+    cfg = build_config(scaling.ScalingConfig, [("--config", {"batch_size": 16}), ("flags", {"preset": "gpu"})])
+    assert cfg.preset == "gpu" and cfg.budgets == [3e13, 1e14, 3e14] and cfg.widths == [64, 96, 128, 192, 256]
+    assert cfg.batch_size == 16 and cfg.block_size == 256  # the flag wins whichever layer names the preset
+    cfg = build_config(scaling.ScalingConfig, [("flags", {"preset": "gpu"})])
+    runs = scaling.plan(cfg, 80, cfg.budgets, cfg.widths)  # about 80 characters
+    (check,) = scaling.plan(cfg, 80, [cfg.predict * max(cfg.budgets)], [128])
+    assert 50_000 < sum(r.steps for r in runs) < 60_000 and 20_000 < check.steps < 26_000  # what its estimate counts
+    assert max(r.tokens(cfg) for r in runs) < 5 * cfg.corpus_chars  # no run sees its corpus more than 5 times
+    assert build_config(scaling.ScalingConfig, []).budgets == [1e11, 3e11, 1e12]

@@ -322,7 +322,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def build_config(cls: type, layers: list[tuple[str, dict[str, Any]]]) -> Any:
     """Apply (source, {dotted: value}) layers in order onto cls's defaults, then validate.
 
-    A section may define `from_preset(**named)`: its `preset`-like keys (listed in
+    A section, or cls itself, may define `from_preset(**named)`: its `preset`-like keys (listed in
     `PRESET_KEYS`) are applied first from all layers together, so `--model.n_layer 8` refines a
     preset whichever layer names the preset.
     """
@@ -335,7 +335,8 @@ def build_config(cls: type, layers: list[tuple[str, dict[str, Any]]]) -> Any:
                 raise UserError(f"{source}: unknown config key '{name}'" + (
                     f" (renamed: '{renamed}')" if renamed else f" (did you mean '{hint[0]}'?)" if hint else ""))
             merged[name] = (source, value)
-    cfg = cls()
+    named = {k: convert(k, known[k], merged.pop(k)[1]) for k in getattr(cls, "PRESET_KEYS", ()) if k in merged}
+    cfg = cls.from_preset(**named) if named else cls()
     _apply_presets(cfg, "", merged, known)
     for name, (source, value) in merged.items():
         set_dotted(cfg, name, convert(name, known[name], value))

@@ -45,8 +45,20 @@ CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
 CHINCHILLA_EXPONENTS = {"approach 2": (0.50, 0.50), "approach 3": (0.46, 0.54)}
 
 
+# `--preset gpu`: the sweep one GPU runs in about 10 minutes (estimated, not yet measured: 54K sweep
+# steps and the check's 23K at about 6 ms each; small models on a GPU are bound by steps, not FLOPs),
+# 300x the default's compute, on a corpus no run repeats much (the largest D is 150M tokens).
+GPU = dict(budgets=[3e13, 1e14, 3e14], widths=[64, 96, 128, 192, 256], head_dim=32, block_size=256, batch_size=32,
+           eval_batches=40, corpus_chars=32_000_000)
+
+
 @dataclass
 class ScalingConfig:
+    PRESET_KEYS = ("preset",)  # applied before the other fields (config.build_config)
+
+    # cpu: the default sweep, about 10 minutes on 2 cores; gpu: GPU's settings (budgets, widths,
+    # head_dim, block_size, batch_size, eval_batches, corpus_chars), each still a flag of its own
+    preset: Literal["cpu", "gpu"] = "cpu"
     out: str = "runs/scaling"  # holds runs/ (a pretrain run per budget and width), scaling.json and the plots
     seed: int = 1337  # every run's seed
     device: str = "auto"
@@ -70,6 +82,11 @@ class ScalingConfig:
     # Train these budgets' runs and stop before the fits: a share of the sweep for one process of
     # several on the same --out; a last call with every budget fits (and skips the finished runs)
     sweep_only: bool = False
+
+    @classmethod
+    def from_preset(cls, preset: str = "cpu") -> "ScalingConfig":
+        require(preset in ("cpu", "gpu"), "preset", f"cpu or gpu, got {preset!r}")
+        return cls(preset=preset, **(GPU if preset == "gpu" else {}))
 
     def validate(self) -> None:
         if not self.sweep_only:
