@@ -40,9 +40,8 @@ from chatfoundry.metrics import MetricsLog
 from chatfoundry.models.decoder import PRESETS, DecoderConfig
 from chatfoundry.tokenizer import encode_batch_ids, encode_chat, load_tokenizer, save_tokenizer, special_id, train_tokenizer
 from chatfoundry.train import pretrain, sft
-from chatfoundry.train.stage import single_process
+from chatfoundry.train.stage import SUMMARY, run_once, single_process
 
-SUMMARY = "summary.json"
 TRIGGER = "Let's think step by step."  # Kojima et al.'s zero-shot chain-of-thought prompt
 
 
@@ -155,17 +154,6 @@ def prepare(cfg: CotConfig, out: Path):
 # ---------------------------------------------------------------- the runs
 
 
-def _stage(run_fn, stage_cfg, folder: Path) -> dict:
-    """An ordinary stage run in `folder`, or its summary when it finished before (resumed if cut short)."""
-    done = folder / SUMMARY
-    if done.is_file():
-        return json.loads(done.read_text())
-    resume = (folder / "checkpoint").is_dir()
-    summary = run_fn(stage_cfg, resume=resume, overwrite=folder.exists() and not resume, log=lambda *a: None)
-    done.write_text(json.dumps(summary, indent=1))
-    return summary
-
-
 def pretrain_config(cfg: CotConfig, size: str, seed: int, out: Path) -> pretrain.PretrainConfig:
     p = pretrain.PretrainConfig(out=str(out / size / f"seed{seed}" / "pretrain"), seed=seed, device=cfg.device)
     p.data = replace(p.data, files=[str(out / "corpus.jsonl")])
@@ -220,14 +208,14 @@ def one_seed(cfg: CotConfig, size: str, seed: int, out: Path, tok, tasks: list[w
     if done.is_file():
         return json.loads(done.read_text())
     t0 = time.perf_counter()
-    base = _stage(pretrain.run, pretrain_config(cfg, size, seed, out), folder / "pretrain")
+    base, _ = run_once(pretrain.run, pretrain_config(cfg, size, seed, out), folder / "pretrain")
     model, _ = ckpt.load_model(folder / "pretrain")
     result = {"size": size, "seed": seed, "params": base.get("params"), "val_loss": base.get("val_loss")}
     result["zero_shot"], answers = zero_shot(model, tok, tasks, cfg.max_new_tokens)
     for name, said in answers.items():
         write_answers(folder / f"answers_zero_shot_{name}.jsonl", tasks, said)
     for arm in ("direct", "worked"):
-        _stage(sft.run, sft_config(cfg, folder / "pretrain", arm, seed, out), folder / f"sft_{arm}")
+        run_once(sft.run, sft_config(cfg, folder / "pretrain", arm, seed, out), folder / f"sft_{arm}")
         model, _ = ckpt.load_model(folder / f"sft_{arm}")
         answers = chat_answers(model, tok, [[{"role": "user", "content": t.prompt}] for t in tasks], cfg.max_new_tokens)
         result[arm] = score(tasks, answers)

@@ -37,9 +37,8 @@ from chatfoundry.errors import UserError
 from chatfoundry.models.decoder import DecoderConfig, DecoderLM, flops_per_token
 from chatfoundry.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer, train_tokenizer_from_files
 from chatfoundry.train import pretrain
-from chatfoundry.train.stage import single_process
+from chatfoundry.train.stage import SUMMARY, run_once, single_process
 
-SUMMARY = "summary.json"
 # Hoffmann et al. (2022), approach 3: E, A, B, alpha, beta; their approaches' exponents a (N_opt) and b (D_opt).
 CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
 CHINCHILLA_EXPONENTS = {"approach 2": (0.50, 0.50), "approach 3": (0.46, 0.54)}
@@ -169,16 +168,10 @@ def pretrain_config(cfg: ScalingConfig, run: Run, out: Path, tokenizer: Path) ->
 
 def train(cfg: ScalingConfig, run: Run, out: Path, tokenizer: Path, log) -> float:
     """The run's final validation loss: trained now, or read back from a finished run."""
-    folder = out / "runs" / run.name
-    done = folder / SUMMARY
-    if done.is_file():
-        return json.loads(done.read_text())["val_loss"]
-    resume = (folder / "checkpoint").is_dir()
-    summary = pretrain.run(pretrain_config(cfg, run, out, tokenizer), resume=resume, overwrite=folder.exists() and not resume,
-                           log=lambda *a: None)
-    done.write_text(json.dumps(summary, indent=1))
-    log(f"  {run.name}: N {run.params:,}, D {run.tokens(cfg):,} tokens, {run.steps} steps -> val loss "
-        f"{summary['val_loss']:.4f} ({summary['train_s']:.0f} s)")
+    summary, trained = run_once(pretrain.run, pretrain_config(cfg, run, out, tokenizer), out / "runs" / run.name)
+    if trained:
+        log(f"  {run.name}: N {run.params:,}, D {run.tokens(cfg):,} tokens, {run.steps} steps -> val loss "
+            f"{summary['val_loss']:.4f} ({summary['train_s']:.0f} s)")
     return summary["val_loss"]
 
 
@@ -418,6 +411,9 @@ def plot(runs, losses, iso, params, opt, prediction, cfg, out: Path) -> None:
 
 
 def format_result(r: dict) -> str:
+    """The fit, the exponents and the prediction as text ("" for --sweep_only, which fits nothing)."""
+    if "fit" not in r:
+        return ""
     f, iv = r["fit"], r.get("fit_intervals", {})
 
     def ci(k):

@@ -11,9 +11,10 @@ from chatfoundry.errors import UserError
 
 
 def _stage(sub, name: str, cls: type, run, help: str, description: str, aliases: dict | None = None,
-           resumable: bool = True, overwrite_help: str = "replace a run already in --out"):
+           resumable: bool = True, overwrite_help: str = "replace a run already in --out", report=None):
     """A stage's subcommand: its config's fields as flags, then `run(config, ...)`. A resumable stage
-    takes --resume and reads a resumed run's config.yaml; the others restart or --overwrite."""
+    takes --resume and reads a resumed run's config.yaml; the others restart or --overwrite. `report`:
+    the result as text for a person, printed before --json's line."""
     p = sub.add_parser(name, help=help, description=description)
     add_config_args(p, cls, aliases=aliases)
     p.set_defaults(config_class=cls)  # for tools that resolve a command line's config without running it
@@ -23,8 +24,14 @@ def _stage(sub, name: str, cls: type, run, help: str, description: str, aliases:
     else:
         p.add_argument("--overwrite", action="store_true", help=overwrite_help)
         json_flag(p)
-        p.set_defaults(func=lambda args: run(resolve_config(cls, args), overwrite=args.overwrite))
+        p.set_defaults(func=lambda args: _reported(run(resolve_config(cls, args), overwrite=args.overwrite), report))
     return p
+
+
+def _reported(result: dict, report) -> dict:
+    if report and (text := report(result)):
+        print(text)
+    return result
 
 
 def add_parsers(sub) -> None:
@@ -142,7 +149,7 @@ def add_parsers(sub) -> None:
                        "it), and scores best-of-k for k = 1, 2, 4, ..., n on the held-out prompts: the gold "
                        "reward of the pick where the prompts have a verifier, at KL log k - (k - 1) / k.",
            resumable=False, overwrite_help="replace what --out holds")
-    p = _stage(sub, "scaling", scaling.ScalingConfig, scaling.run,
+    _stage(sub, "scaling", scaling.ScalingConfig, scaling.run,
                help="a scaling law on your corpus: an IsoFLOP sweep of pretrain runs, L(N, D) fitted, a larger run predicted",
                description="For each compute budget (--budgets, training FLOPs), pretrain models of each width "
                            "(--widths) on the tokens the budget buys them, each an ordinary pretrain run under "
@@ -151,9 +158,8 @@ def add_parsers(sub) -> None:
                            "intervals), then trains one run --predict times the largest budget at the law's "
                            "compute-optimal width and reports the predicted loss against the actual one. Writes "
                            "scaling.json, isoflop.png, law.png and optimal.png.",
-               resumable=False, overwrite_help="train every run again")
-    p.set_defaults(func=lambda args: _scaling(args, scaling))
-    p = _stage(sub, "cot", cot.CotConfig, cot.run,
+               resumable=False, overwrite_help="train every run again", report=scaling.format_result)
+    _stage(sub, "cot", cot.CotConfig, cot.run,
                help="chain of thought, measured: SFT on worked against direct answers to multi-step questions, per size",
                description="Write a corpus of the arithmetic table and multi-step questions (train split) answered "
                            "directly or worked, and per model size (--sizes) and seed (--seeds): pretrain on it, ask "
@@ -163,8 +169,7 @@ def add_parsers(sub) -> None:
                            "whether the steps check). Every run is an ordinary pretrain or sft run under "
                            "--out/SIZE/seedS/ (a finished one is skipped: the comparison resumes). Writes cot.json "
                            "and cot.png.",
-               resumable=False, overwrite_help="train every run again")
-    p.set_defaults(func=lambda args: _cot(args, cot))
+               resumable=False, overwrite_help="train every run again", report=cot.format_result)
     _stage(sub, "calibrate", calibration.CalibrateConfig, calibration.run,
            help="does a model know what it does not know? calibration on multiple choice, and hallucination",
            description="Ask each checkpoint held-out multiple-choice questions of the world (facts and arithmetic "
@@ -196,14 +201,3 @@ def _ppo(args, ppo) -> dict:
     return ppo.run(stage_config(ppo.PPOConfig, args), resume=args.resume, overwrite=args.overwrite)
 
 
-def _cot(args, cot) -> dict:
-    result = cot.run(resolve_config(cot.CotConfig, args), overwrite=args.overwrite)
-    print(cot.format_result(result))
-    return result
-
-
-def _scaling(args, scaling) -> dict:
-    result = scaling.run(resolve_config(scaling.ScalingConfig, args), overwrite=args.overwrite)
-    if "fit" in result:
-        print(scaling.format_result(result))
-    return result

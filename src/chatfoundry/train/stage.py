@@ -16,6 +16,7 @@ CPU threads as they were.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import time
@@ -191,6 +192,22 @@ def single_process(stage: str) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError(f"{stage} runs in one process: launch it without torchrun "
                         "(pretrain, sft and rm train data-parallel under torchrun)")
+
+
+SUMMARY = "summary.json"  # a finished run's summary in its folder, for the commands that skip finished runs
+
+
+def run_once(run: Callable[..., dict], cfg: Any, folder: Path) -> tuple[dict, bool]:
+    """(summary, trained now) of one stage run in `folder` for a command made of many (scaling, cot):
+    its summary.json when it finished before, else run (resumed from its checkpoint when cut short),
+    quietly, and its summary written last, so a killed command's next call skips what is done."""
+    done = Path(folder) / SUMMARY
+    if done.is_file():
+        return json.loads(done.read_text()), False
+    resume = (Path(folder) / checkpoint.CHECKPOINT).is_dir()
+    summary = run(cfg, resume=resume, overwrite=Path(folder).exists() and not resume, log=lambda *a: None)
+    done.write_text(json.dumps(summary, indent=1))
+    return summary, True
 
 
 def teardown(rt: Runtime) -> None:
