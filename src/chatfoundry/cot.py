@@ -40,7 +40,7 @@ from chatfoundry.metrics import MetricsLog
 from chatfoundry.models.decoder import PRESETS, DecoderConfig
 from chatfoundry.tokenizer import encode_batch_ids, encode_chat, load_tokenizer, save_tokenizer, special_id, train_tokenizer
 from chatfoundry.train import pretrain, sft
-from chatfoundry.train.stage import SUMMARY, run_once, single_process
+from chatfoundry.train.stage import SUMMARY, run_once, setup_runtime, single_process
 
 TRIGGER = "Let's think step by step."  # Kojima et al.'s zero-shot chain-of-thought prompt
 
@@ -201,7 +201,7 @@ def write_answers(path: Path, tasks: list[world.Task], answers: list[str]) -> No
                         "steps_valid": world.steps_valid(t, a)} for t, a in zip(tasks, answers)])
 
 
-def one_seed(cfg: CotConfig, size: str, seed: int, out: Path, tok, tasks: list[world.Task], log) -> dict:
+def one_seed(cfg: CotConfig, size: str, seed: int, out: Path, tok, tasks: list[world.Task], device, log) -> dict:
     """Pretrain, zero-shot, both SFT arms and their scores for one size and seed (read back when done)."""
     folder = out / size / f"seed{seed}"
     done = folder / "result.json"
@@ -209,14 +209,14 @@ def one_seed(cfg: CotConfig, size: str, seed: int, out: Path, tok, tasks: list[w
         return json.loads(done.read_text())
     t0 = time.perf_counter()
     base, _ = run_once(pretrain.run, pretrain_config(cfg, size, seed, out), folder / "pretrain")
-    model, _ = ckpt.load_model(folder / "pretrain")
+    model, _ = ckpt.load_model(folder / "pretrain", device)
     result = {"size": size, "seed": seed, "params": base.get("params"), "val_loss": base.get("val_loss")}
     result["zero_shot"], answers = zero_shot(model, tok, tasks, cfg.max_new_tokens)
     for name, said in answers.items():
         write_answers(folder / f"answers_zero_shot_{name}.jsonl", tasks, said)
     for arm in ("direct", "worked"):
         run_once(sft.run, sft_config(cfg, folder / "pretrain", arm, seed, out), folder / f"sft_{arm}")
-        model, _ = ckpt.load_model(folder / f"sft_{arm}")
+        model, _ = ckpt.load_model(folder / f"sft_{arm}", device)
         answers = chat_answers(model, tok, [[{"role": "user", "content": t.prompt}] for t in tasks], cfg.max_new_tokens)
         result[arm] = score(tasks, answers)
         write_answers(folder / f"answers_{arm}.jsonl", tasks, answers)
@@ -269,6 +269,7 @@ def run(cfg: CotConfig, overwrite: bool = False, log=print) -> dict:
     if overwrite and out.exists():
         for done in [*out.glob(f"*/seed*/*/{SUMMARY}"), *out.glob("*/seed*/result.json")]:
             done.unlink()
+    device = setup_runtime(cfg.device).device  # where the models answer (each run picks its own the same way)
     tok = prepare(cfg, out)
     save_config(cfg, out / "config.yaml")
     tasks = held_out(cfg)
@@ -278,7 +279,7 @@ def run(cfg: CotConfig, overwrite: bool = False, log=print) -> dict:
     metrics = MetricsLog(out / "metrics.jsonl")  # a record per size and seed, as each finishes (or is read back)
     for size in cfg.sizes:
         for seed in cfg.seeds:
-            results.append(one_seed(cfg, size, seed, out, tok, tasks, log))
+            results.append(one_seed(cfg, size, seed, out, tok, tasks, device, log))
             metrics.write({"size": size, "seed": seed, **{k: results[-1][k] for k in ("direct", "worked", "zero_shot")}})
     result = {"out": str(out), "test_questions": len(tasks), "sizes": summarize(results, cfg)}
     plot(result["sizes"], out / "cot.png")
