@@ -148,7 +148,10 @@ def build_shards(tokenizer, source_key: str, documents: "callable", val_fraction
 
 
 def files_key(files: list[Path]) -> str:
-    return "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    # ":lines": a .jsonl file is read a document per line since 2026-12-07, not as raw text; the
+    # mark keeps the shards and tokenizers cached from its raw text from being used again
+    return "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" + (":lines" if f.suffix == ".jsonl" else "")
+                    for f in files)
 
 
 class BlockSampler:
