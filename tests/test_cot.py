@@ -31,6 +31,7 @@ def test_every_step_is_a_line_of_the_table_and_the_worked_answer_checks():
         assert world.stated_steps(world.worked(task)) == steps  # products first, then left to right
         assert world.steps_valid(task, world.worked(task)) and world.is_correct(task, world.worked(task))
         assert world.is_correct(task, task.reference) and not world.steps_valid(task, task.reference)
+        assert world.gold_reward(task, world.worked(task)) == world.gold_reward(task, task.reference) == 1.0
     assert kinds == {"expression", "story"}
 
 

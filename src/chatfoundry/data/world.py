@@ -817,7 +817,9 @@ def score(task: Task, response: str) -> Score:
     abstained = _IGNORANCE.search(text) is not None
     content = 1.0 if correct else 0.25 if abstained else 0.0
     sentence = bool(re.match(r"[A-Z0-9\"']", text)) and text[-1] in ".!?"
-    concise = len(text.split()) <= 2 * len(task.reference.split()) + 4
+    # A multi-step question's worked answer is as good an answer as the direct one: measured against it
+    longest = worked(task) if task.family == MULTISTEP else task.reference
+    concise = len(text.split()) <= 2 * len(longest.split()) + 4
     polite = _RUDE.search(text) is None
     reward = 0.7 * content + 0.1 * sentence + 0.1 * concise + 0.1 * polite
     return Score(correct, abstained, sentence, concise, polite, round(reward, 6))
