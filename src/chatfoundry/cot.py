@@ -38,7 +38,8 @@ from chatfoundry.errors import UserError
 from chatfoundry.eval.world import chat_answers, greedy_texts
 from chatfoundry.metrics import MetricsLog
 from chatfoundry.models.decoder import PRESETS, DecoderConfig
-from chatfoundry.tokenizer import encode_batch_ids, encode_chat, load_tokenizer, save_tokenizer, special_id, train_tokenizer
+from chatfoundry.tokenizer import (SPECIAL_TOKENS, encode_batch_ids, encode_chat, load_tokenizer, save_tokenizer,
+                                   special_id, train_tokenizer)
 from chatfoundry.train import pretrain, sft
 from chatfoundry.train.stage import SUMMARY, run_once, setup_runtime, single_process
 
@@ -76,7 +77,9 @@ class CotConfig:
         for name in ("corpus_chars", "pretrain_steps", "pretrain_batch", "sft_questions", "sft_steps", "test_questions",
                      "max_new_tokens"):
             require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
-        require(self.vocab_size > 300, "vocab_size", f"must be > 300 (256 bytes and the special tokens), got {self.vocab_size}")
+        floor = 256 + len(SPECIAL_TOKENS)  # byte-level BPE's alphabet and the special tokens, as pretrain requires
+        require(self.vocab_size > floor, "vocab_size", f"must be > {floor} (256 bytes and the special tokens), got "
+                f"{self.vocab_size}")
         require(self.pretrain_lr > 0 and self.sft_lr > 0, "pretrain_lr", "learning rates must be > 0")
 
 
@@ -134,7 +137,8 @@ def prepare(cfg: CotConfig, out: Path):
     else:
         texts = corpus_texts(cfg)
         tok = train_tokenizer(iter(texts), "bpe", cfg.vocab_size)
-    longest = max(len(encode_chat(tok, ex["messages"])) for ex in sft_examples(replace(cfg, sft_questions=2000), True))
+    arms = {arm: sft_examples(cfg, arm == "worked") for arm in ("direct", "worked")}
+    longest = max(len(encode_chat(tok, ex["messages"])) for ex in arms["worked"])
     for size in cfg.sizes:
         block = PRESETS[size][3]
         if longest > block:
@@ -143,9 +147,9 @@ def prepare(cfg: CotConfig, out: Path):
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "corpus.jsonl").is_file():
         write_jsonl(out / "corpus.jsonl", [{"text": t} for t in texts or corpus_texts(cfg)])
-    for arm in ("direct", "worked"):
+    for arm, examples in arms.items():
         if not (out / f"sft_{arm}.jsonl").is_file():
-            write_jsonl(out / f"sft_{arm}.jsonl", sft_examples(cfg, arm == "worked"))
+            write_jsonl(out / f"sft_{arm}.jsonl", examples)
     if not (out / "tokenizer" / "tokenizer.json").is_file():
         save_tokenizer(tok, out / "tokenizer")
     return tok
