@@ -22,6 +22,11 @@ HF_MODELS = {
         vocab_size=VOCAB, hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=32, use_parallel_residual=False, hidden_act="gelu_new", tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 5000.0, "partial_rotary_factor": 1.0}),
+    # GPT-NeoX's own GELU, the exact one (our neox flavour's default).
+    "gpt_neox_exact_gelu": lambda: transformers.GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=32, use_parallel_residual=False, hidden_act="gelu", tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}),
     "llama_gqa_untied": lambda: transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False, rope_theta=5000.0),
@@ -104,12 +109,14 @@ def test_export_refuses_a_shape_transformers_lacks(tmp_path, capsys, tokenizer):
     assert code == 2 and "sinusoidal" in err
 
 
-def test_gpt2_block_with_rotary_exports_as_gpt_neox(tmp_path, capsys, tokenizer):
+@pytest.mark.parametrize("mlp, act", [("gelu", "gelu_new"), ("gelu_exact", "gelu")])
+def test_gpt2_block_with_rotary_exports_as_gpt_neox(mlp, act, tmp_path, capsys, tokenizer):
+    # GPT-2's block with rotary positions (the neox flavour), with GPT-2's tanh GELU or GPT-NeoX's exact one.
     from chatfoundry.checkpoint import save_checkpoint
     from chatfoundry.models.decoder import DecoderLM
     from conftest import randomize, tiny_config
 
-    model = randomize(DecoderLM(tiny_config("gpt2", vocab_size=VOCAB, pos="rope", rope_theta=500.0))).eval()
+    model = randomize(DecoderLM(tiny_config("neox", vocab_size=VOCAB, mlp=mlp, rope_theta=500.0))).eval()
     save_checkpoint(tmp_path / "ours", model, tokenizer)
     with torch.no_grad():
         expected = model(IDS)[0]
@@ -117,6 +124,7 @@ def test_gpt2_block_with_rotary_exports_as_gpt_neox(tmp_path, capsys, tokenizer)
     assert code == 0, err
     theirs, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert type(theirs).__name__ == "GPTNeoXForCausalLM" and theirs.config.tie_word_embeddings
+    assert theirs.config.hidden_act == act
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
         torch.testing.assert_close(theirs.eval()(IDS).logits, expected, atol=1e-4, rtol=0)

@@ -330,6 +330,18 @@ def test_cli_run_writes_artifacts_is_deterministic_and_resumes_exactly(models, t
     assert [r["step"] for r in metrics(tmp_path / "c")] == [1, 2, 3]
 
 
+def test_sfts_side_of_the_evaluation_beside_training_gives_the_same_report(models, tmp_path, capsys):
+    # With a core to spare on CPU, SFT's side of the held-out evaluation runs in a second process
+    # while PPO trains on one thread: the report is the one computed after training.
+    torch.set_num_threads(2)  # one_torch_thread puts it back
+    base = ["ppo", "--init", str(models / "sft"), "--reward", f"rm:{models / 'rm'}", *FAST]
+    code, out, err = run_cli([*base, "--out", str(tmp_path / "a"), "--json"], capsys)
+    assert code == 0 and "runs in a second process" in out + err, err
+    inline = cli_ok([*base, "--out", str(tmp_path / "b"), "--eval_beside", "false"], capsys)
+    same = lambda s: {k: v for k, v in s.items() if k not in ("out", "checkpoint", "train_s", "wall_s")}  # noqa: E731
+    assert same(last_json(out)) == same(inline) and inline["best_of_n"] and inline["sft_tempered"]
+
+
 def test_kl_penalty_objective_and_ptx_run(models, tmp_path, capsys):
     s = cli_ok(["ppo", "--init", str(models / "sft"), "--reward", f"rm:{models / 'rm'}", "--out", str(tmp_path / "k"),
                 *FAST,

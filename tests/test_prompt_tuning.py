@@ -97,7 +97,7 @@ def base_run(tmp_path_factory):
 SFT = ["--train.batch_size", "8", "--train.warmup_steps", "1", "--train.eval_every", "10", "--train.save_every", "10",
        "--train.log_every", "1", "--train.lr", "3e-2", "--train.min_lr_ratio", "1", "--data.conversations", "128",
        "--eval.per_family", "2", "--eval.max_new_tokens", "8", "--device", "cpu", "--peft", "prompt",
-       "--prompt.tokens", "8", "--data.packing", "false"]
+       "--prompt.tokens", "8"]  # padded batches: SFT's default for a soft prompt (data.packing none)
 
 
 def test_prompt_tuning_trains_the_prompt_alone_and_resumes_exactly(base_run, tmp_path, capsys, monkeypatch):

@@ -26,7 +26,7 @@ from chatfoundry.generation import GenerationConfig, generate
 from chatfoundry.metrics import read_metrics
 from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.tokenizer import load_tokenizer, render_chat, special_id, train_tokenizer
-from chatfoundry.train.sft import Batches, encode, to_rows
+from chatfoundry.train.sft import Batches, SFTConfig, encode, to_rows
 
 from conftest import TINY, cli_subprocess_cmd, last_json, randomize, run_cli, tiny_config
 
@@ -183,6 +183,9 @@ def test_packed_rows_are_full_width_and_split_no_sequence():
             for x, y in row:
                 assert (x, y) == rows[x[0] - 1], "a sequence was split or mixed"
                 seen.append(x[0])
+        # First fit: the step ends only when the next sequence has room in no row.
+        free = [12 - sum(len(x) for x, _ in row) for row in segments_of(batch)]
+        assert len(rows[b.order.peek()][0]) > max(free)
     assert len(seen) > len(rows)  # several per row, into a second epoch
     assert sorted(seen[:len(rows)]) == list(range(1, len(rows) + 1))  # an epoch holds every row once
 
@@ -358,3 +361,19 @@ def test_world_export(tmp_path, capsys):
     for name, n in files.items():
         assert n > 0 and len((out / name).read_text().splitlines()) == n, name
     assert load_sft(out / "sft_train.jsonl")
+
+
+def test_packing_is_the_default_and_prompt_tuning_pads():
+    from chatfoundry.cli import build_parser
+    from chatfoundry.config import resolve_config
+
+    def resolve(*argv):
+        cfg = resolve_config(SFTConfig, build_parser().parse_args(["sft", "--init", "x", *argv]))
+        cfg.validate()
+        return cfg
+
+    assert resolve().data.packing is True and resolve().train.batch_size == 16  # rows of the context
+    assert resolve("--peft", "prompt").data.packing is False  # a soft prompt goes before each conversation
+    assert resolve("--data.packing", "false").data.packing is False
+    assert resolve("--data.packing").data.packing is True  # an optional bool is a bare flag too
+    assert SFTConfig(init="x").packed and not SFTConfig(init="x", peft="prompt").packed  # unvalidated, in code

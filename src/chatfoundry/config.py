@@ -270,7 +270,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, aliases: dict[st
         choices = _choices(tp)
         if choices:
             help_text += f"; one of {', '.join(map(str, choices))}"
-        if tp is bool:
+        if _non_optional(tp) is bool:  # a bare --flag is true
             action = group.add_argument(*flags, dest=name, nargs="?", const="true", default=_SUPPRESS,
                                         metavar="BOOL", help=help_text)
         elif typing.get_origin(tp) is list:

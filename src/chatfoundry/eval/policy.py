@@ -125,14 +125,15 @@ def best_of_n(sampled: Sampled, n: int) -> tuple[np.ndarray, list]:
     return np.vectorize(lambda sc: sc.reward, otypes=[float])(chosen).mean(1), list(chosen.flatten())
 
 
-def evaluate(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: Settings, source: tasks.Source) -> dict:
+def evaluate(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: Settings, source: tasks.Source,
+             reference: Reference | None = None) -> dict:
     """The held-out prompts answered by the trained policy and by SFT (the reference), before and
     after: `heldout_prompts` and, with samples, `kl_heldout`. A reward (a reward model or a
     function; None: none, as for DPO) adds `reward_heldout_sft` and `reward_heldout_<name>`, the
     mean reward of greedy answers, and best-of-n. The world adds its gold reward
-    (`evaluate_world_prompts`)."""
+    (`evaluate_world_prompts`, which takes SFT's side as `reference` where it was computed already)."""
     if isinstance(source, tasks.WorldSource):
-        report = evaluate_world_prompts(policy, ref, reward, tok, cfg, source.families)
+        report = evaluate_world_prompts(policy, ref, reward, tok, cfg, source.families, reference)
     else:
         report = evaluate_prompts(policy, ref, reward, tok, cfg, source.held_out())
     report["heldout_prompts"] = report["prompts"]
@@ -175,8 +176,45 @@ def evaluate_prompts(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: Settin
     return report
 
 
+@dataclass
+class Reference:
+    """The reference's (SFT's) side of a world evaluation: it does not depend on the policy, so a
+    stage may compute it before or while it trains (PPO does, in a second process: `reference_side`
+    is most of the evaluation's decoding)."""
+
+    greedy: dict  # {"report": evaluate_world's, "gold": per prompt, "rm": per prompt}
+    sampled: Sampled | None  # groups x eval.samples answers per prompt (None: eval.samples 0)
+    tempered: list[Sampled]  # eval.samples answers per prompt at each of eval.temperatures
+
+
+def _world_prompts(cfg: Settings, families) -> tuple[list[world.Task], list[tasks.Prompt]]:
+    questions = [t for f in families for t in world.tasks("test", f, cfg.eval.per_family, 0)]
+    return questions, [tasks.world_prompt(t) for t in questions]
+
+
+def _greedy(model: DecoderLM, reward, tok, cfg: Settings, families, prompts: list[tasks.Prompt]) -> dict:
+    rep = evaluate_world(model, tok, "test", cfg.eval.per_family, families, seed=0,
+                         max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+    return {"report": rep, "gold": [a["gold_reward"] for a in rep["answers"]],
+            "rm": _rm_scores(reward, tok, prompts, [a["response"] for a in rep["answers"]])}
+
+
+def reference_side(ref: DecoderLM, reward, tok, cfg: Settings, families: tuple[str, ...] = world.FAMILIES) -> Reference:
+    """SFT's greedy answers to the world's held-out prompts, its samples (enough groups for the
+    largest best-of-n) and its cooler samples, scored."""
+    ref.eval()
+    _, prompts = _world_prompts(cfg, families)
+    if not cfg.eval.samples:
+        return Reference(_greedy(ref, reward, tok, cfg, families, prompts), None, [])
+    groups = max([1] + [math.ceil(b / cfg.eval.samples) for b in cfg.eval.best_of])
+    return Reference(_greedy(ref, reward, tok, cfg, families, prompts),
+                     sampled_answers(ref, ref, reward, tok, prompts, cfg.rollout, cfg, groups),
+                     [sampled_answers(ref, ref, reward, tok, prompts, replace(cfg.rollout, temperature=t), cfg)
+                      for t in cfg.eval.temperatures])
+
+
 def evaluate_world_prompts(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: Settings,
-                           families: tuple[str, ...] = world.FAMILIES) -> dict:
+                           families: tuple[str, ...] = world.FAMILIES, reference: Reference | None = None) -> dict:
     """The world's held-out test prompts, answered by the trained policy and by SFT (the reference).
 
     Greedy answers (as `chat` and `eval` give): gold reward (mean and standard error; the
@@ -186,19 +224,13 @@ def evaluate_world_prompts(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: 
     over tokens of log p - log pi_ref on the sampled distribution's own samples). Best-of-n by the
     RM from SFT's samples (`eval.best_of`), at the analytic KL log n - (n - 1) / n: what an RL
     method should approach. Then SFT sampled cooler (`eval.temperatures`): the gain and KL that
-    sharpening alone gives, with no RM. Each carries the gold reward's parts.
+    sharpening alone gives, with no RM. Each carries the gold reward's parts. SFT's side is
+    `reference` when it was computed already (`reference_side`), else computed here.
     """
     policy.eval()
-    questions = [t for f in families for t in world.tasks("test", f, cfg.eval.per_family, 0)]
-    prompts = [tasks.world_prompt(t) for t in questions]
-    greedy = {}
-    for name, model in (("policy", policy), ("sft", ref)):
-        rep = evaluate_world(model, tok, "test", cfg.eval.per_family, families, seed=0,
-                             max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
-        responses = [a["response"] for a in rep["answers"]]
-        greedy[name] = {"report": rep, "gold": [a["gold_reward"] for a in rep["answers"]],
-                        "rm": _rm_scores(reward, tok, prompts, responses)}
-    g, s = greedy["policy"], greedy["sft"]
+    questions, prompts = _world_prompts(cfg, families)
+    reference = reference or reference_side(ref, reward, tok, cfg, families)
+    g, s = _greedy(policy, reward, tok, cfg, families, prompts), reference.greedy
     diff = np.asarray(g["gold"]) - np.asarray(s["gold"])
     gm, gse = _mean_se(g["gold"])
     sm, sse = _mean_se(s["gold"])
@@ -215,9 +247,8 @@ def evaluate_world_prompts(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: 
               "families": g["report"]["families"], "sft_families": s["report"]["families"]}
     if cfg.eval.samples:
         n = cfg.eval.samples
-        groups = max([1] + [math.ceil(b / n) for b in cfg.eval.best_of])
         sampled = {"policy": sampled_answers(policy, ref, reward, tok, prompts, cfg.rollout, cfg),
-                   "sft": sampled_answers(ref, ref, reward, tok, prompts, cfg.rollout, cfg, groups)}
+                   "sft": reference.sampled}
         paired = sampled["sft"].gold[:, :n]  # the SFT samples drawn with the policy's seeds
         for name, prefix in (("policy", ""), ("sft", "sft_")):
             x = sampled[name]
@@ -262,8 +293,7 @@ def evaluate_world_prompts(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: 
                                         "gold_gain_se": round(bse, 4), "kl": round(math.log(b) - (b - 1) / b, 4),
                                         "parts": world.score_summary(chosen)["parts"]})
         report["sft_tempered"] = []
-        for t in cfg.eval.temperatures:
-            x = sampled_answers(ref, ref, reward, tok, prompts, replace(cfg.rollout, temperature=t), cfg)
+        for t, x in zip(cfg.eval.temperatures, reference.tempered):
             dm, dse = gain(x.gold.mean(1))
             report["sft_tempered"].append({"temperature": t, "gold_reward_sampled": round(float(x.gold.mean()), 4),
                                            "gold_gain_sampled": round(dm, 4), "gold_gain_sampled_se": round(dse, 4),

@@ -55,7 +55,8 @@ class DecoderConfig:
     intermediate_size: int = 0  # 0: 4 * n_embd for GELU, ~8/3 * n_embd for SwiGLU (same parameter count)
     pos: Literal["learned", "sinusoidal", "rope"] = "learned"  # positions: a learned table, fixed sinusoids or rotary
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # before each sublayer and after the last block
-    mlp: Literal["gelu", "swiglu"] = "gelu"  # feed-forward: GELU (tanh approximation) or gated SwiGLU
+    # feed-forward: GELU's tanh approximation (GPT-2's), exact GELU (GPT-NeoX's own) or gated SwiGLU
+    mlp: Literal["gelu", "gelu_exact", "swiglu"] = "gelu"
     bias: bool = True  # biases in the linear layers and LayerNorms
     qkv_bias: bool = False  # q/k/v projections biased even when `bias` is off (Qwen2)
     tie_embeddings: bool = True  # the output layer reuses the token embedding matrix

@@ -21,8 +21,8 @@ from chatfoundry.models.decoder import DecoderConfig, DecoderLM
 
 
 def hf_architecture(cfg: DecoderConfig) -> str | None:
-    if (cfg.norm, cfg.mlp) == ("layernorm", "gelu") and cfg.bias and cfg.n_kv_head == cfg.n_head:
-        if cfg.pos == "learned" and cfg.tie_embeddings:
+    if cfg.norm == "layernorm" and cfg.mlp in ("gelu", "gelu_exact") and cfg.bias and cfg.n_kv_head == cfg.n_head:
+        if cfg.pos == "learned" and cfg.tie_embeddings and cfg.mlp == "gelu":
             return "gpt2"
         if cfg.pos == "rope":
             return "gpt_neox"
@@ -45,7 +45,8 @@ def to_hf_config(cfg: DecoderConfig, special: dict[str, int | None] | None = Non
         rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": 1.0}
         hf = {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "vocab_size": cfg.vocab_size,
               "hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layer,
-              "num_attention_heads": cfg.n_head, "hidden_act": "gelu_new", "max_position_embeddings": cfg.block_size,
+              "num_attention_heads": cfg.n_head, "max_position_embeddings": cfg.block_size,
+              "hidden_act": "gelu" if cfg.mlp == "gelu_exact" else "gelu_new",
               "layer_norm_eps": cfg.norm_eps, "use_parallel_residual": False, "attention_bias": True,
               "rope_parameters": rope, "rotary_pct": 1.0, "rotary_emb_base": cfg.rope_theta,  # the last two: 4.x
               "attention_dropout": cfg.dropout, "hidden_dropout": cfg.dropout, "classifier_dropout": cfg.dropout,
@@ -297,14 +298,14 @@ def config_from_hf(hf: dict, source: str = "config.json") -> DecoderConfig:
         need(not hf.get("use_parallel_residual", True), "use_parallel_residual (attention and MLP side by side) "
              "is not supported")
         need(rope["partial_rotary_factor"] == 1.0, "partial rotary embeddings (rotary_pct < 1) are not supported")
-        need(hf.get("hidden_act", "gelu") in ("gelu_new", "gelu_pytorch_tanh"), f"hidden_act {hf.get('hidden_act')!r} "
-             "is not GPT-2's tanh GELU")
+        act = {"gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}.get(hf.get("hidden_act", "gelu"))
+        need(act is not None, f"hidden_act {hf.get('hidden_act')!r} is not supported (gelu, gelu_new)")
         need(hf.get("attention_bias", True), "attention without biases is not supported")
         return DecoderConfig(preset="imported", flavour="neox", vocab_size=hf["vocab_size"],
                              block_size=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
                              n_head=hf["num_attention_heads"], n_kv_head=hf["num_attention_heads"],
                              n_embd=hf["hidden_size"], intermediate_size=hf["intermediate_size"], pos="rope",
-                             norm="layernorm", mlp="gelu", bias=True,
+                             norm="layernorm", mlp=act, bias=True,
                              tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                              rope_theta=float(rope["rope_theta"]), norm_eps=hf.get("layer_norm_eps", 1e-5))
     raise ValueError(f"{source}: model_type {kind!r} is not supported (gpt2, gpt_neox, llama, mistral, qwen2)")

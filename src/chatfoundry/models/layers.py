@@ -39,14 +39,15 @@ def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """Feed-forward block. Plain: down(act(up x)), GPT-2's "gelu" (tanh GELU) or T5 v1.0's "relu".
-    Gated: down(act(gate x) * up x), Llama's "swiglu" (SiLU) or T5 v1.1's "geglu" (tanh GELU)."""
+    """Feed-forward block. Plain: down(act(up x)), GPT-2's "gelu" (tanh GELU), GPT-NeoX's
+    "gelu_exact" (erf GELU) or T5 v1.0's "relu". Gated: down(act(gate x) * up x), Llama's "swiglu"
+    (SiLU) or T5 v1.1's "geglu" (tanh GELU)."""
 
     def __init__(self, dim: int, hidden: int, kind: str, bias: bool):
         super().__init__()
-        assert kind in ("gelu", "relu", "swiglu", "geglu"), kind
+        assert kind in ("gelu", "gelu_exact", "relu", "swiglu", "geglu"), kind
         self.swiglu = kind in ("swiglu", "geglu")  # gated
-        self.act = F.silu if kind == "swiglu" else F.relu if kind == "relu" else _gelu_tanh
+        self.act = {"swiglu": F.silu, "relu": F.relu, "gelu_exact": F.gelu}.get(kind, _gelu_tanh)
         if self.swiglu:
             self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)

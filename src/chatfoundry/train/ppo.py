@@ -32,7 +32,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import multiprocessing
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -47,7 +49,8 @@ from chatfoundry.adapters import LoraConfig
 from chatfoundry.config import require
 from chatfoundry.data import builtin, tasks
 from chatfoundry.errors import UserError
-from chatfoundry.eval.policy import PolicyEvalConfig, Settings, evaluate, format_eval, summary_of
+from chatfoundry.eval.policy import (PolicyEvalConfig, Reference, Settings, evaluate, format_eval, reference_side,
+                                     summary_of)
 from chatfoundry.metrics import read_metrics
 from chatfoundry.models.decoder import DecoderLM
 from chatfoundry.models.heads import RewardModel
@@ -101,6 +104,10 @@ class PPOConfig(stage.StageConfig):
     # mostly waits, and on a busy 2-core machine two threads spin against each other (measured
     # ~40x slower). The held-out evaluation, 512 rows a batch, uses torch's default (1.5x faster).
     threads: int = 1  # 0: torch's default
+    # CPU, one training thread and a core to spare: SFT's side of the held-out evaluation (its greedy
+    # answers, samples for best-of-n, cooler samples: most of the evaluation's decoding; it does not
+    # depend on the policy) runs in a second process while PPO trains, instead of after it.
+    eval_beside: bool = True
     iterations: int = 40  # rollout + update rounds
     critic_head: Literal["rm", "zero"] = "rm"  # the value head starts as the RM's head, or at zero
     save_every: int = 0  # iterations between checkpoints (for --resume); 0: at the end only
@@ -314,7 +321,37 @@ def evaluate_run(cfg: PPOConfig, log=print) -> dict:
     return summary
 
 
+def _reference_job(cfg: PPOConfig) -> Reference:
+    """In the second process: SFT's side of the held-out evaluation, on one thread."""
+    torch.set_num_threads(1)
+    source = tasks.source(cfg.prompts, cfg.heldout, cfg.eval_prompts)
+    ref, tok = ckpt.load_model(cfg.init, "cpu")
+    return reference_side(ref, load_reward(cfg.reward, source, tok, ref, cfg.init, "cpu"), tok, _settings(cfg),
+                          source.families)
+
+
+def _reference_beside(cfg: PPOConfig, rt, source: tasks.Source) -> tuple[ProcessPoolExecutor | None, Future | None]:
+    """Start `_reference_job` in a second process where a core would otherwise idle while PPO trains."""
+    if not (cfg.eval_beside and cfg.eval.per_family and isinstance(source, tasks.WorldSource)
+            and rt.device.type == "cpu" and cfg.threads == 1 and torch.get_num_threads() >= 2):
+        return None, None
+    # spawn, not fork: a forked child of a process whose OpenMP pool is running can hang in it.
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    return pool, pool.submit(_reference_job, cfg)
+
+
 def _run(r: stage.Run, source: tasks.Source, policy, ref, critic, reward, tok, base) -> dict:
+    pool, beside = _reference_beside(r.cfg, r.rt, source)
+    if beside is not None:
+        r.log("ppo: SFT's side of the held-out evaluation runs in a second process while PPO trains")
+    try:
+        return _train(r, source, policy, ref, critic, reward, tok, base, beside)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def _train(r: stage.Run, source: tasks.Source, policy, ref, critic, reward, tok, base, beside: Future | None) -> dict:
     cfg, rt, out, resume, log = r.cfg, r.rt, r.out, r.resume, r.log
     default_threads = torch.get_num_threads()
     if cfg.threads and rt.device.type == "cpu":
@@ -424,7 +461,7 @@ def _run(r: stage.Run, source: tasks.Source, policy, ref, critic, reward, tok, b
         summary["kl"] = summary["train_kl"]
     if cfg.eval.per_family:
         torch.set_num_threads(default_threads)  # it decodes 512 rows at a time: the threads pay here
-        report = evaluate(policy, ref, reward, tok, _settings(cfg), source)
+        report = evaluate(policy, ref, reward, tok, _settings(cfg), source, beside and beside.result())
         (out / "eval.json").write_text(json.dumps(report, indent=1))
         summary.update(summary_of(report))
         log(format_eval(report))

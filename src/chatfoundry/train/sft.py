@@ -49,7 +49,11 @@ class SFTDataConfig:
     # 2,500, 48% on 5,000 (docs/log.md).
     tool_conversations: int = 5000
     val_fraction: float = 0.05  # user files: share held out for validation loss (the world has a val split)
-    packing: bool = False  # pack conversations into full rows instead of padding each
+    # Pack conversations into full rows of the context (each attends only to itself) instead of
+    # padding each to the batch's longest, which wasted 55% of the default's tokens. None: packed,
+    # except for prompt tuning (a soft prompt goes before each conversation). Packed, train.batch_size
+    # counts rows: 16 rows of 128 tokens hold about 35 of the world's conversations.
+    packing: bool | None = None
     # The share of training examples that are documents of the built-in corpus (plain text, every
     # token learned), as InstructGPT's PPO-ptx mixes pretraining into RL. Without it SFT teaches
     # the model to answer only about what SFT showed it: held-out facts 0.11 -> 0.80 (README).
@@ -83,8 +87,10 @@ class EvalConfig:
 
 
 def _sft_train() -> TrainConfig:
-    return TrainConfig(steps=400, batch_size=32, lr=1e-3, warmup_steps=20, eval_every=100, eval_batches=4,
-                       save_every=400)
+    # 500 steps of 16 packed rows: the validation loss of 400 padded steps of 32 (0.239 against
+    # 0.241), in two thirds of the time; 400 packed steps fell short (0.250).
+    return TrainConfig(steps=500, batch_size=16, lr=1e-3, warmup_steps=20, eval_every=100, eval_batches=4,
+                       save_every=500)
 
 
 @dataclass
@@ -108,10 +114,15 @@ class SFTConfig(stage.StageConfig):
     train: TrainConfig = field(default_factory=_sft_train)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    @property
+    def packed(self) -> bool:
+        return self.data.packing if self.data.packing is not None else self.peft != "prompt"
+
     def validate(self) -> None:
         require(bool(self.init), "init", "give the pretrained checkpoint to finetune (--init DIR)")
         require(self.dtype in ("fp32", "bf16"), "dtype", f"must be fp32 or bf16, got {self.dtype!r}")
         require(self.peft == "none" or self.dist == "ddp", "peft", f"{self.peft} under --dist fsdp is not supported yet")
+        self.data.packing = self.packed  # resolved, as the run's config.yaml shows it
         require(self.peft != "prompt" or not self.data.packing, "data.packing",
                 "a soft prompt goes before each conversation: prompt tuning trains on padded batches")
         require(not self.merge or self.peft == "lora", "merge", "merges a LoRA adapter: give --peft lora")
@@ -183,7 +194,8 @@ def summed_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 class Batches:
     """Shuffled epochs over the rows; each step takes `batch_size` sequences (padded) or rows of
-    `block` tokens holding several packed sequences. State is (epoch, position): resume is exact."""
+    `block` tokens holding several packed sequences (first fit, in order). State is (epoch,
+    position): resume is exact."""
 
     def __init__(self, rows: list[tuple[list[int], list[int]]], batch_size: int, block: int, pad_id: int,
                  seed: int, packing: bool):
@@ -207,17 +219,22 @@ class Batches:
         idx = torch.full((self.batch_size, self.block), self.pad_id)
         tgt = torch.full((self.batch_size, self.block), -100)
         seg = torch.zeros((self.batch_size, self.block), dtype=torch.long)
+        used, count = [0] * self.batch_size, [0] * self.batch_size
+        # First fit, in the epoch's order: each sequence goes into the first row with room for it, and
+        # the step ends at the first that fits in none (it opens the next step). Filling one row at a
+        # time left 29% of the default's rows empty; first fit leaves 10%, at the same compute.
+        while True:
+            x, y = self.rows[self.order.peek()]
+            r = next((i for i, u in enumerate(used) if u + len(x) <= self.block), None)
+            if r is None:
+                break
+            self._next_row()
+            u = used[r]
+            idx[r, u:u + len(x)], tgt[r, u:u + len(y)] = torch.tensor(x), torch.tensor(y)
+            seg[r, u:u + len(x)] = count[r]
+            used[r], count[r] = u + len(x), count[r] + 1
         for r in range(self.batch_size):
-            used, s = 0, 0
-            while True:  # fill the row; a sequence that does not fit waits for the next row
-                x, y = self.rows[self.order.peek()]
-                if used + len(x) > self.block:
-                    break
-                self._next_row()
-                idx[r, used:used + len(x)], tgt[r, used:used + len(y)] = torch.tensor(x), torch.tensor(y)
-                seg[r, used:used + len(x)] = s
-                used, s = used + len(x), s + 1
-            seg[r, used:] = s  # padding: a segment of its own that no real token sees
+            seg[r, used[r]:] = count[r]  # padding: a segment of its own that no real token sees
         return {"idx": idx, "targets": tgt, "segments": seg}
 
 
@@ -290,7 +307,7 @@ def _run(r: stage.Run, model, tokenizer, adapter_of, train_examples, val_example
         raise UserError("data: no example has an assistant token left to learn within the context")
     micro, accum = accumulation(cfg.train, rt)
     pad_id = special_id(tokenizer, "pad") or 0
-    batches = Batches(rows, cfg.train.batch_size, block, pad_id, cfg.seed, cfg.data.packing)
+    batches = Batches(rows, cfg.train.batch_size, block, pad_id, cfg.seed, cfg.packed)
     model = shard(model.to(rt.device).train(), rt, cfg.dist)
     optimizer = make_optimizer(model, cfg.train, rt.device)
     start_step = 0
@@ -304,7 +321,7 @@ def _run(r: stage.Run, model, tokenizer, adapter_of, train_examples, val_example
         learned = sum(sum(t != -100 for t in y) for _, y in rows)
         log(f"sft: {len(rows):,} conversations from {source} ({learned:,} tokens to learn"
             + (f", {cut} cut to the context of {block}" if cut else "") + f"); {len(val_rows):,} for validation; "
-            f"batch {cfg.train.batch_size} ({'packed' if cfg.data.packing else 'padded'}) = {micro} x {accum} steps "
+            f"batch {cfg.train.batch_size} ({'packed rows' if cfg.packed else 'padded'}) = {micro} x {accum} steps "
             f"x {rt.world} processes{' (FSDP)' if sharded(model) else ''}; device {rt.device}")
         if adapters.is_adapted(model):
             log(f"sft: {adapters.describe(model)}")
@@ -353,7 +370,7 @@ def _run(r: stage.Run, model, tokenizer, adapter_of, train_examples, val_example
     train_start = time.perf_counter()
     last = fit(train_model, optimizer, rt, cfg.train, micro_batches=micro_batches, loss_fn=loss_fn,
                evaluate=evaluate if val_rows else (lambda step: {}), save=save, log=metrics,
-               tokens_per_step=block * cfg.train.batch_size if cfg.data.packing else tokens_per_step,
+               tokens_per_step=block * cfg.train.batch_size if cfg.packed else tokens_per_step,
                start_step=start_step, desc="sft")
     train_s = time.perf_counter() - train_start
 
