@@ -175,8 +175,8 @@ def sft_config(cfg: CotConfig, base: Path, arm: str, seed: int, out: Path) -> sf
     # Padded batches of 32 questions, as cot.md's figures were measured.
     s.data = replace(s.data, files=[str(out / f"sft_{arm}.jsonl")], pretrain_mix=0.0, packing=False)
     steps = cfg.sft_steps
-    s.train = replace(s.train, steps=steps, batch_size=32, lr=cfg.sft_lr, warmup_steps=min(20, steps // 10), eval_every=steps,
-                      save_every=steps, log_every=max(1, steps // 50))
+    s.train = replace(s.train, steps=steps, batch_size=32, lr=cfg.sft_lr, warmup_steps=min(20, steps // 10),
+                      eval_every=steps, save_every=steps, log_every=max(1, steps // 50))
     s.eval = replace(s.eval, per_family=0)  # the world's families are not what this measures
     return s
 

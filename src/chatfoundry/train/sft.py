@@ -50,9 +50,9 @@ class SFTDataConfig:
     tool_conversations: int = 5000
     val_fraction: float = 0.05  # user files: share held out for validation loss (the world has a val split)
     # Pack conversations into full rows of the context (each attends only to itself) instead of
-    # padding each to the batch's longest, which wasted 55% of the default's tokens. None: packed,
+    # padding each to the batch's longest, which left 55% of the default's tokens pad. None: packed,
     # except for prompt tuning (a soft prompt goes before each conversation). Packed, train.batch_size
-    # counts rows: 16 rows of 128 tokens hold about 35 of the world's conversations.
+    # counts rows: 16 rows of 128 tokens hold about 34 of the world's conversations.
     packing: bool | None = None
     # The share of training examples that are documents of the built-in corpus (plain text, every
     # token learned), as InstructGPT's PPO-ptx mixes pretraining into RL. Without it SFT teaches
