@@ -31,9 +31,8 @@ from chatfoundry.data.world import PARTS
 from chatfoundry.errors import UserError
 from chatfoundry.eval.policy import PolicyEvalConfig
 from chatfoundry.train import best_of_n, dpo, grpo, ppo
-from chatfoundry.train.stage import single_process
+from chatfoundry.train.stage import SUMMARY, single_process
 
-SUMMARY = "summary.json"
 
 
 @dataclass

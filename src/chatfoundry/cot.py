@@ -23,7 +23,6 @@ A finished run is skipped, so an interrupted comparison resumes.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import dataclass, field, replace
@@ -35,6 +34,7 @@ from chatfoundry.config import require, save_config
 from chatfoundry.data import corpus, world
 from chatfoundry.data.formats import write_jsonl
 from chatfoundry.errors import UserError
+from chatfoundry.eval.policy import mean_se
 from chatfoundry.eval.world import chat_answers, greedy_texts
 from chatfoundry.metrics import MetricsLog
 from chatfoundry.models.decoder import PRESETS, DecoderConfig
@@ -234,12 +234,6 @@ def one_seed(cfg: CotConfig, size: str, seed: int, out: Path, tok, tasks: list[w
     return result
 
 
-def mean_se(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    se = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) if len(xs) > 1 else 0.0
-    return round(m, 4), round(se, 4)
-
-
 def summarize(results: list[dict], cfg: CotConfig) -> dict:
     """sizes.<preset>.{direct, worked, gap, worked_steps_valid, zero_shot.{plain, step_by_step, gap,
     plain_worked}}: each per seed, their mean and its SE (paired for the gaps: both arms share a base)."""
@@ -249,7 +243,7 @@ def summarize(results: list[dict], cfg: CotConfig) -> dict:
 
         def arm(get) -> dict:
             m, se = mean_se([get(r) for r in rs])
-            return {"per_seed": {str(r["seed"]): get(r) for r in rs}, "mean": m, "se": se}
+            return {"per_seed": {str(r["seed"]): get(r) for r in rs}, "mean": round(m, 4), "se": round(se, 4)}
 
         sizes[size] = {"params": rs[0]["params"],
                        "direct": arm(lambda r: r["direct"]["exact_match"]),

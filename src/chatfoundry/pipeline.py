@@ -32,9 +32,8 @@ from chatfoundry.errors import UserError
 from chatfoundry.eval import calibration
 from chatfoundry.metrics import plot_bars, read_metrics
 from chatfoundry.train import label, ppo, pretrain, reward, sft
-from chatfoundry.train.stage import single_process
+from chatfoundry.train.stage import SUMMARY, single_process
 
-SUMMARY = "summary.json"
 WIRED = "<pipeline>"  # a stage's input and output folders, set by the pipeline from `out`
 
 

@@ -58,7 +58,8 @@ class Settings:
     name: str = "ppo"  # the method, in the report's keys and lines
 
 
-def _mean_se(xs) -> tuple[float, float]:
+def mean_se(xs) -> tuple[float, float]:
+    """The mean and its standard error."""
     xs = np.asarray(xs, dtype=float)
     return float(xs.mean()), float(xs.std(ddof=1) / math.sqrt(len(xs))) if len(xs) > 1 else 0.0
 
@@ -154,7 +155,7 @@ def evaluate_prompts(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: Settin
                                  cfg.eval.batch_size)
         greedy[name] = {"responses": responses, "rm": _rm_scores(reward, tok, prompts, responses)}
     g, s = greedy["policy"]["rm"], greedy["sft"]["rm"]
-    dm, dse = _mean_se(np.asarray(g) - np.asarray(s))
+    dm, dse = mean_se(np.asarray(g) - np.asarray(s))
     report = {"prompts": len(prompts), "decoding": "greedy"}
     if reward is not None:
         report.update({"rm_reward": round(float(np.mean(g)), 4), "sft_rm_reward": round(float(np.mean(s)), 4),
@@ -162,7 +163,7 @@ def evaluate_prompts(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: Settin
     if cfg.eval.samples:
         sampled = {name: sampled_answers(model, ref, reward, tok, prompts, cfg.rollout, cfg)
                    for name, model in (("policy", policy), ("sft", ref))}
-        dm, dse = _mean_se(sampled["policy"].rm.mean(1) - sampled["sft"].rm.mean(1))
+        dm, dse = mean_se(sampled["policy"].rm.mean(1) - sampled["sft"].rm.mean(1))
         report["samples"] = cfg.eval.samples
         if reward is not None:
             report.update({"rm_reward_sampled": round(float(sampled["policy"].rm.mean()), 4),
@@ -204,11 +205,11 @@ def reference_side(ref: DecoderLM, reward, tok, cfg: Settings, families: tuple[s
     largest best-of-n) and its cooler samples, scored."""
     ref.eval()
     _, prompts = _world_prompts(cfg, families)
+    greedy = _greedy(ref, reward, tok, cfg, families, prompts)
     if not cfg.eval.samples:
-        return Reference(_greedy(ref, reward, tok, cfg, families, prompts), None, [])
+        return Reference(greedy, None, [])
     groups = max([1] + [math.ceil(b / cfg.eval.samples) for b in cfg.eval.best_of])
-    return Reference(_greedy(ref, reward, tok, cfg, families, prompts),
-                     sampled_answers(ref, ref, reward, tok, prompts, cfg.rollout, cfg, groups),
+    return Reference(greedy, sampled_answers(ref, ref, reward, tok, prompts, cfg.rollout, cfg, groups),
                      [sampled_answers(ref, ref, reward, tok, prompts, replace(cfg.rollout, temperature=t), cfg)
                       for t in cfg.eval.temperatures])
 
@@ -232,9 +233,9 @@ def evaluate_world_prompts(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: 
     reference = reference or reference_side(ref, reward, tok, cfg, families)
     g, s = _greedy(policy, reward, tok, cfg, families, prompts), reference.greedy
     diff = np.asarray(g["gold"]) - np.asarray(s["gold"])
-    gm, gse = _mean_se(g["gold"])
-    sm, sse = _mean_se(s["gold"])
-    dm, dse = _mean_se(diff)
+    gm, gse = mean_se(g["gold"])
+    sm, sse = mean_se(s["gold"])
+    dm, dse = mean_se(diff)
     report = {"prompts": len(questions), "decoding": "greedy",
               "gold_reward": round(gm, 4), "gold_reward_se": round(gse, 4),
               "sft_gold_reward": round(sm, 4), "sft_gold_reward_se": round(sse, 4),
@@ -252,7 +253,7 @@ def evaluate_world_prompts(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: 
         paired = sampled["sft"].gold[:, :n]  # the SFT samples drawn with the policy's seeds
         for name, prefix in (("policy", ""), ("sft", "sft_")):
             x = sampled[name]
-            m, se = _mean_se(x.gold[:, :n].mean(1))
+            m, se = mean_se(x.gold[:, :n].mean(1))
             report[f"{prefix}gold_reward_sampled"], report[f"{prefix}gold_reward_sampled_se"] = round(m, 4), round(se, 4)
             if reward is not None:
                 report[f"{prefix}rm_reward_sampled"] = round(float(x.rm[:, :n].mean()), 4)
@@ -263,17 +264,17 @@ def evaluate_world_prompts(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: 
         # Exact match of sampled answers (what a verifiable reward counts), paired per prompt.
         right = {name: np.vectorize(lambda sc: float(sc.correct), otypes=[float])(x.scores[:, :n]).mean(1)
                  for name, x in sampled.items()}
-        em, em_se = _mean_se(right["policy"] - right["sft"])
+        em, em_se = mean_se(right["policy"] - right["sft"])
         report["exact_match_sampled_gain"], report["exact_match_sampled_gain_se"] = round(em, 4), round(em_se, 4)
         # Strict: right and in the house format too (a full, concise sentence). Exact match alone is
         # lenient about the form, so a gain in gold reward from the format alone shows up here only.
         strict = {name: np.vectorize(lambda sc: float(sc.correct and sc.sentence and sc.concise),
                                      otypes=[float])(x.scores[:, :n]).mean(1) for name, x in sampled.items()}
-        sm_, sse_ = _mean_se(strict["policy"] - strict["sft"])
+        sm_, sse_ = mean_se(strict["policy"] - strict["sft"])
         report.update({"exact_match_strict_sampled_sft": round(float(strict["sft"].mean()), 4),
                        "exact_match_strict_sampled": round(float(strict["policy"].mean()), 4),
                        "exact_match_strict_sampled_gain": round(sm_, 4), "exact_match_strict_sampled_gain_se": round(sse_, 4)})
-        gain = lambda golds: _mean_se(golds - paired.mean(1))  # noqa: E731  (paired, per prompt)
+        gain = lambda golds: mean_se(golds - paired.mean(1))  # noqa: E731  (paired, per prompt)
         dm, dse = gain(sampled["policy"].gold.mean(1))
         report.update({"samples": n, "gold_gain_sampled": round(dm, 4),
                        "gold_gain_sampled_se": round(dse, 4), "gold_gain_sampled_in_se": round(dm / dse, 2) if dse > 0 else None})
@@ -288,7 +289,7 @@ def evaluate_world_prompts(policy: DecoderLM, ref: DecoderLM, reward, tok, cfg: 
         report["best_of_n"] = []
         for b in cfg.eval.best_of if reward is not None else ():  # by the reward model
             golds, chosen = best_of_n(sampled["sft"], b)
-            bm, bse = _mean_se(golds - everything)
+            bm, bse = mean_se(golds - everything)
             report["best_of_n"].append({"n": b, "gold_reward": round(float(golds.mean()), 4), "gold_gain": round(bm, 4),
                                         "gold_gain_se": round(bse, 4), "kl": round(math.log(b) - (b - 1) / b, 4),
                                         "parts": world.score_summary(chosen)["parts"]})
